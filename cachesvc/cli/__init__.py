@@ -1,0 +1,24 @@
+"""The ``cachesvc`` console script. Each command group lives in its own module here."""
+
+from __future__ import annotations
+
+import typer
+
+from cachesvc.cli import key as _key
+from cachesvc.cli import serve as _serve
+
+app = typer.Typer(
+    name="cachesvc",
+    help="A response and prefix cache for LLM inference that can prove it is right.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(_key.app, name="key")
+_serve.register(app)
+
+
+def main() -> None:
+    from cachesvc.logs import configure_logging
+
+    configure_logging()
+    app()

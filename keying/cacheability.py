@@ -1,0 +1,54 @@
+"""Whether a request's output is reproducible, and so safe to serve from a cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keying.canonical import CanonicalRequest
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Cacheability:
+    """``cacheable`` with the reason; a non-cacheable request bypasses the cache."""
+
+    cacheable: bool
+    reason: str
+
+
+#: Fields whose presence means the output depends on the live world, not on the request alone.
+LIVE_DATA_FIELDS = ("web_search_options",)
+
+
+def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -> Cacheability:
+    """Decide cacheability. Non-reproducible requests bypass unless the tenant opted in."""
+    reason = _nondeterminism(request)
+    if reason is None:
+        seed = request.fields.get("seed")
+        if seed is not None:
+            return Cacheability(cacheable=True, reason=f"seeded: seed={seed}")
+        return Cacheability(cacheable=True, reason="deterministic: temperature=0")
+    if allow_nondeterministic:
+        return Cacheability(cacheable=True, reason=f"opted in: {reason}")
+    return Cacheability(cacheable=False, reason=reason)
+
+
+def _nondeterminism(request: CanonicalRequest) -> str | None:
+    f = request.fields
+    for name in LIVE_DATA_FIELDS:
+        if f.get(name) is not None:
+            return f"live data: {name} makes the answer depend on when it is asked"
+    seed = f.get("seed")
+    temperature = f.get("temperature", 1)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        return "nondeterministic: temperature is not a number"
+    if seed is not None:
+        return None
+    if temperature > 0:
+        return f"nondeterministic: temperature={temperature} > 0 and no seed"
+    n = f.get("n", 1)
+    if n != 1:
+        return f"nondeterministic: n={n} > 1 and no seed"
+    best_of = f.get("best_of", 1)
+    if best_of != 1:
+        return f"nondeterministic: best_of={best_of} > 1 and no seed"
+    return None

@@ -1,0 +1,116 @@
+"""Key material: everything that decides an answer, framed; and the two digests over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from keying.cacheability import Cacheability, assess
+from keying.canonical import CanonicalRequest, KeyLimits, RequestKind, canonicalize
+from keying.errors import InvalidRequestError
+from keying.framing import (
+    DEFAULT_MATERIAL_SECRET,
+    frame_presorted,
+    material_digest,
+    response_digest,
+)
+from keying.scope import Scope
+from keying.types import MaterialDigest, ResponseDigest
+
+MATERIAL_VERSION = "llmcache-key/v1"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyParams:
+    """What the server knows about a request that the body must not decide."""
+
+    scope: Scope
+    epoch: int = 0
+    adapter: str | None = None
+    kind: RequestKind | None = None
+    allow_nondeterministic: bool = False
+    secret: bytes = DEFAULT_MATERIAL_SECRET
+    limits: KeyLimits = KeyLimits()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyResult:
+    """A request's key: entry name, verification digest, canonical form and cacheability."""
+
+    digest: ResponseDigest
+    material_digest: MaterialDigest
+    material: bytes
+    canonical: CanonicalRequest
+    scope: Scope
+    epoch: int
+    adapter: str | None
+    cacheability: Cacheability
+
+    @property
+    def model(self) -> str:
+        return self.canonical.model
+
+    def explain(self) -> dict[str, Any]:
+        """A JSON-ready account of the key, for ``cachesvc key explain``."""
+        from keying.canonical import UNKEYED_FIELDS
+
+        return {
+            "digest": self.digest.hex(),
+            "material_digest": self.material_digest.hex(),
+            "cacheable": self.cacheability.cacheable,
+            "reason": self.cacheability.reason,
+            "scope": self.scope.label,
+            "model": self.canonical.model,
+            "epoch": self.epoch,
+            "adapter": self.adapter,
+            "kind": self.canonical.kind,
+            "keyed": self.canonical.fields,
+            "unkeyed": list(self.canonical.unkeyed),
+            "unkeyed_policy": sorted(UNKEYED_FIELDS),
+            "material_version": MATERIAL_VERSION,
+            "material_bytes": len(self.material),
+        }
+
+
+def encode_material(
+    *, scope: Scope, model: str, epoch: int, adapter: str | None, request: CanonicalRequest
+) -> bytes:
+    """Frame the key material. Each component is tagged by name and position."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise InvalidRequestError("epoch", f"{epoch!r} is not a non-negative integer",
+                                  "pass the model's epoch from the registry")
+    if adapter is not None and not isinstance(adapter, str):
+        raise InvalidRequestError("adapter", "must be a string or absent", "pass an adapter id")
+    return frame_presorted(
+        [
+            MATERIAL_VERSION,
+            ["scope", scope.as_material()],
+            ["model", model],
+            ["epoch", epoch],
+            ["adapter", adapter],
+            ["kind", request.kind],
+            ["request", request.fields],
+        ]
+    )
+
+
+def build_key(body: Any, params: KeyParams) -> KeyResult:
+    """Canonicalise ``body`` and build its key under ``params``. Pure; raises on bad input."""
+    canonical = canonicalize(body, params.kind, params.limits)
+    material = encode_material(
+        scope=params.scope,
+        model=canonical.model,
+        epoch=params.epoch,
+        adapter=params.adapter,
+        request=canonical,
+    )
+    return KeyResult(
+        digest=response_digest(material),
+        material_digest=material_digest(material, params.secret),
+        material=material,
+        canonical=canonical,
+        scope=params.scope,
+        epoch=params.epoch,
+        adapter=params.adapter,
+        cacheability=assess(canonical, allow_nondeterministic=params.allow_nondeterministic),
+    )
