@@ -1,0 +1,66 @@
+"""Errors raised by the service. Each maps to one HTTP status in ``cachesvc.api.errors``."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, fix: str | None = None) -> None:
+        self.message = message
+        self.field = field
+        self.fix = fix
+        super().__init__(message)
+
+
+class AuthError(ServiceError, PermissionError):
+    """Raised when the bearer key is missing or does not name a tenant (or the admin)."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class BadRequestError(ServiceError, ValueError):
+    """Raised when a request is malformed; ``field`` names the part and ``fix`` the remedy."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class TooLargeError(ServiceError, ValueError):
+    """Raised when a request body or an entry exceeds a configured limit."""
+
+    status = 413
+    code = "too_large"
+
+
+class UnprocessableError(ServiceError, ValueError):
+    """Raised when a well-formed request cannot be honoured (bad fill token, TTL too long)."""
+
+    status = 422
+    code = "unprocessable"
+
+
+class OnlyIfCachedMissError(ServiceError, LookupError):
+    """Raised for ``Cache-Control: only-if-cached`` when there is no usable entry."""
+
+    status = 504
+    code = "not_cached"
+
+
+class UpstreamError(ServiceError, ConnectionError):
+    """Raised when the upstream answers with an error or cannot be reached.
+
+    ``status`` and ``body`` are the upstream's own, passed through to the client unchanged.
+    """
+
+    code = "upstream_error"
+
+    def __init__(self, status: int, body: dict, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+        self.headers = headers or {}

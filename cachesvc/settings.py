@@ -1,0 +1,246 @@
+"""The service's configuration: a TOML file, overridden by ``CACHESVC_*`` environment variables.
+
+Precedence, highest first: values passed to :func:`load_settings` in code, environment variables
+(``CACHESVC_REDIS__URL``, ``CACHESVC_ADMIN__API_KEY``, ... with ``__`` between levels), the TOML
+file (``--config`` or ``CACHESVC_CONFIG``), then the defaults below. ``examples/cachesvc.toml``
+documents every field with a comment.
+
+With no file at all the service runs standalone: one demo tenant (its key is generated and
+printed at start-up), the embedded store, and the in-process reference engine as upstream.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "CACHESVC_CONFIG"
+DEMO_TENANT = "demo"
+
+
+class _Section(BaseModel):
+    # NOTE: unknown keys are errors, so a misspelt setting fails at start-up instead of being
+    # silently ignored (a typo in `cache_nondeterministic` must not change what is cached).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamSettings(_Section):
+    """Where misses go. No ``url``: the reference engine runs in this process."""
+
+    url: str | None = None
+    api_key: str | None = Field(default=None, description="Bearer key sent to the upstream.")
+    model: str = Field(
+        default="smollm2",
+        description='In-process engine model: "smollm2" (SmolLM2-135M-Instruct) or "random-tiny".',
+    )
+    device: str = Field(default="auto", description='In-process engine device: "auto", "cpu", "cuda".')
+    timeout_s: float = Field(default=120.0, gt=0)
+    #: Model version reported to the registry for the in-process engine at start-up.
+    version: str = "1"
+
+
+class RedisSettings(_Section):
+    """The response store. No ``url`` and no ``nodes``: the embedded in-process store."""
+
+    url: str | None = Field(
+        default=None,
+        description="redis://host:port/db, rediss://..., or redis+cluster://host:port for Cluster.",
+    )
+    nodes: list[str] = Field(
+        default_factory=list, description='Cluster startup nodes, e.g. ["10.0.0.1:7000", ...].'
+    )
+    #: Bound on every single store call; a slower call counts as a store error (a miss).
+    timeout_ms: int = Field(default=50, gt=0, le=60_000)
+
+    @property
+    def store_url(self) -> str | None:
+        if self.nodes:
+            return "redis+cluster://" + ",".join(self.nodes)
+        return self.url
+
+
+class EmbeddedStoreSettings(_Section):
+    max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+
+
+class BreakerSettings(_Section):
+    """Circuit breaker around the store: open after ``failures`` errors in a row."""
+
+    failures: int = Field(default=5, ge=1)
+    #: How long an open breaker waits before letting one probe call through.
+    reset_after_s: float = Field(default=1.0, gt=0)
+
+
+class AdminSettings(_Section):
+    api_key: str | None = Field(default=None, description="Bearer key for /admin/*; none: off.")
+
+
+class TenantSettings(_Section):
+    id: str = Field(min_length=1, max_length=200)
+    api_keys: list[str] = Field(min_length=1)
+    scope: Literal["tenant", "user"] = "tenant"
+    cache_nondeterministic: bool = False
+    ttl_seconds: int = Field(default=86_400, gt=0)
+    canaries: list[str] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if len(k) < 16:
+                raise ValueError("every api key must be at least 16 characters")
+        return keys
+
+
+class AuditSettings(_Section):
+    """Read by the shadow auditor (``audit/``)."""
+
+    enabled: bool = True
+    sample_rate: float = Field(default=0.01, ge=0, le=1)
+    fill_sample_rate: float = Field(default=0.01, ge=0, le=1)
+    queue_size: int = Field(default=1000, ge=1)
+    findings_path: str | None = Field(
+        default=None, description="Findings file for the embedded store; default <state_dir>/."
+    )
+    oracle: Literal["engine", "upstream", "none"] = "engine"
+
+
+class LimitSettings(_Section):
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    max_entry_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: Upper bound on any tenant's ttl_seconds; a larger one is refused at start-up.
+    max_ttl_seconds: int = Field(default=30 * 86_400, gt=0)
+
+
+class CacheSettings(_Section):
+    #: Secret for fill tokens and the material digest; generated per process when absent, which
+    #: is wrong for several workers or replicas: set it (env CACHESVC_CACHE__SECRET) there.
+    secret: str | None = None
+    fill_token_ttl_s: float = Field(default=300.0, gt=0)
+    #: How long concurrent identical misses wait for the one fill before calling upstream too.
+    single_flight_wait_s: float = Field(default=120.0, gt=0)
+    #: Re-read the model registry at least this often (bound on a lost rollout event).
+    registry_refresh_s: float = Field(default=2.0, gt=0)
+    #: Check the entry's epoch against a fresh registry read on every hit.
+    strict_epoch: bool = False
+
+
+class LoggingSettings(_Section):
+    level: str = "INFO"
+    json_logs: bool | None = Field(default=None, alias="json")
+    #: Put prompt and response text into logs. Off: logs carry digests, scopes and sizes only.
+    log_content: bool = False
+
+
+class Settings(BaseSettings):
+    """The whole configuration. See ``examples/cachesvc.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CACHESVC_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: str = Field(default_factory=lambda: str(Path.home() / ".local/state/cachesvc"))
+    upstream: UpstreamSettings = UpstreamSettings()
+    redis: RedisSettings = RedisSettings()
+    embedded: EmbeddedStoreSettings = EmbeddedStoreSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    admin: AdminSettings = AdminSettings()
+    tenants: list[TenantSettings] = Field(default_factory=list)
+    audit: AuditSettings = AuditSettings()
+    limits: LimitSettings = LimitSettings()
+    cache: CacheSettings = CacheSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        seen_ids: set[str] = set()
+        seen_keys: set[str] = set()
+        for t in self.tenants:
+            if t.id in seen_ids:
+                raise ValueError(f"tenants: id {t.id!r} appears twice; give each tenant one entry")
+            seen_ids.add(t.id)
+            for k in t.api_keys:
+                if k in seen_keys or (self.admin.api_key and k == self.admin.api_key):
+                    raise ValueError(
+                        f"tenants[{t.id}].api_keys: a key is shared with another tenant or the "
+                        "admin; every key must identify exactly one caller"
+                    )
+                seen_keys.add(k)
+            if t.ttl_seconds > self.limits.max_ttl_seconds:
+                raise ValueError(
+                    f"tenants[{t.id}].ttl_seconds={t.ttl_seconds} exceeds "
+                    f"limits.max_ttl_seconds={self.limits.max_ttl_seconds}; lower it or raise "
+                    "the limit"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_PATH.get("path")
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+# The TOML path for the settings being built now; pydantic-settings reads sources from a
+# classmethod, so the path travels through here rather than as an argument.
+_CONFIG_PATH: dict[str, Path | None] = {"path": None}
+
+
+class ConfigError(ValueError):
+    """Raised when the config file is missing, unreadable or invalid; the message says where."""
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from ``path`` (or ``$CACHESVC_CONFIG``), the environment and ``overrides``."""
+    from pydantic import ValidationError
+
+    chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
+    p = Path(chosen) if chosen is not None else None
+    if p is not None and not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config with a TOML file")
+    _CONFIG_PATH["path"] = p
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, p)) from None
+    except Exception as exc:  # TOML syntax errors surface here
+        raise ConfigError(f"config file {str(p)!r}: {exc}") from None
+    finally:
+        _CONFIG_PATH["path"] = None
+
+
+def with_demo_tenant(settings: Settings) -> tuple[Settings, str | None]:
+    """Add the demo tenant when none is configured; return it with the generated key (or None)."""
+    if settings.tenants:
+        return settings, None
+    key = "sk-demo-" + secrets.token_urlsafe(24)
+    demo = TenantSettings(id=DEMO_TENANT, api_keys=[key])
+    return settings.model_copy(update={"tenants": [demo]}), key
+
+
+def _describe(exc: Any, path: Path | None) -> str:
+    where = f"config {str(path)!r}" if path else "settings"
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{where}: " + "; ".join(parts)
