@@ -348,8 +348,14 @@ def _prompt(v: Any, path: str, budget: _Budget) -> Any:
     if all(isinstance(x, str) for x in v):
         budget.spend(sum(len(x) + 1 for x in v), path)
         return v[0] if len(v) == 1 else list(v)
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        return [canon_number(x, f"{path}[{i}]") for i, x in enumerate(v)]
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        ids = [canon_number(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        for i, x in enumerate(ids):
+            if not isinstance(x, int) or x < 0:
+                raise InvalidRequestError(f"{path}[{i}]", f"{x!r} is not a token id",
+                                          "send non-negative integer token ids")
+        budget.spend(9 * len(ids), path)
+        return ids
     if all(isinstance(x, list) for x in v):
         rows = [_prompt(x, f"{path}[{i}]", budget) for i, x in enumerate(v)]
         if any(not isinstance(r, list) for r in rows):
