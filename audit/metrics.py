@@ -1,0 +1,38 @@
+"""Prometheus metrics of the auditor, on prometheus-client's default registry.
+
+They are created once per process at import; the service's ``/metrics`` shows them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+FINDINGS = Counter(
+    "llmcache_audit_findings_total",
+    "Audit findings recorded, by kind and by what produced them.",
+    ["kind", "source"],
+)
+SAMPLES = Counter(
+    "llmcache_audit_samples_total",
+    "Hits and fills offered to the shadow auditor, by what happened to them "
+    "(skipped: not sampled; queued; dropped: queue full; checked).",
+    ["event", "outcome"],
+)
+CHECKS = Counter(
+    "llmcache_audit_checks_total",
+    "Shadow checks run, by check and result (pass, finding, undecided, error).",
+    ["check", "result"],
+)
+QUEUE_DEPTH = Gauge("llmcache_audit_queue_depth", "Samples waiting for the shadow auditor.")
+CHECK_SECONDS = Histogram(
+    "llmcache_audit_check_seconds",
+    "Time the shadow auditor spends on one sample (all checks, recompute included).",
+    buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2.0, 10.0, 60.0),
+)
+SCANNED = Counter(
+    "llmcache_audit_scanned_entries_total", "Entries walked by the offline scan.", ["outcome"]
+)
+UNRECORDED = Counter(
+    "llmcache_audit_unrecorded_findings_total",
+    "Findings the journal could not store yet (kept in memory and retried).",
+)

@@ -1,0 +1,359 @@
+"""The shadow auditor: a sample of hits and fills, re-checked off the request path.
+
+The service hands every hit and fill to :meth:`ShadowAuditor.offer`, which decides with one
+random draw whether to sample it and, if so, puts it on a bounded queue without waiting. Under
+load a full queue drops the sample and counts it: the auditor never slows a request. One worker
+thread converts each sample (the service's event -> :class:`Sample`) and checks it:
+
+1. provenance against the request and the registry view it was served under (scope, model,
+   epoch, version, digest, material digest), and that the served answer is the stored one;
+2. the registry now: serving an epoch the registry had replaced more than ``stale_grace_s``
+   before the hit is ``stale`` (a replica that missed a rollout);
+3. canaries: another tenant's canary in the answer;
+4. recompute through the oracle: exact for deterministic requests on an exact oracle,
+   teacher-forced scoring otherwise (tolerance in :mod:`audit.oracle`).
+
+Stopping drains the queue (up to a deadline), then closes the recorder, so a normal stop loses
+neither samples already taken nor findings.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import structlog
+
+from keying import KeyResult, Scope
+
+from audit import metrics
+from audit.answer import Answer
+from audit.checks import check_canaries, check_served, check_unreadable
+from audit.errors import AuditConfigError, OracleError
+from audit.facts import EntryFacts, ModelState, UnreadableEntry
+from audit.finding import Draft, EntryRef, Finding
+from audit.oracle import Oracle, Tolerance, judge_exact, judge_scored
+from audit.recorder import Recorder
+
+log = structlog.get_logger("audit.shadow")
+
+EventKind = Literal["hit", "fill"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sample:
+    """One sampled hit or fill, in the auditor's plain types."""
+
+    event: EventKind
+    tenant: str
+    scope: Scope
+    request: Mapping[str, Any]
+    key: KeyResult
+    expected: ModelState
+    entry: EntryFacts | UnreadableEntry | None
+    served: Answer | None
+    at: float
+
+    def ref(self) -> EntryRef:
+        e = self.entry
+        return EntryRef(
+            storage_key=e.storage_key if e is not None else None,
+            node=e.node if e is not None else None,
+            digest=self.key.digest.hex(),
+            scope=(e.scope.label if isinstance(e, EntryFacts) else self.scope.label),
+            model=(e.model if isinstance(e, EntryFacts) else self.key.model),
+            epoch=(e.epoch if isinstance(e, EntryFacts) else self.key.epoch),
+        )
+
+
+class RegistryView(Protocol):
+    """The registry as the auditor reads it (synchronously, from its worker thread)."""
+
+    def current(self, model: str) -> ModelState | None: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShadowConfig:
+    """Sampling and checking settings (the service's ``[audit]`` section)."""
+
+    sample_rate: float = 0.01
+    fill_sample_rate: float = 0.01
+    queue_size: int = 1024
+    stale_grace_s: float = 30.0
+    recompute: bool = True
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    canaries: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "fill_sample_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise AuditConfigError(f"audit.{name}", f"{value!r} is not a fraction",
+                                       "use a number from 0 (off) to 1 (every event), e.g. 0.01")
+        if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise AuditConfigError("audit.queue_size", f"{self.queue_size!r} is not >= 1",
+                                   "use a positive number of samples, e.g. 1024")
+        if not self.stale_grace_s >= 0:
+            raise AuditConfigError("audit.stale_grace_s", f"{self.stale_grace_s!r} is not >= 0",
+                                   "use the registry refresh bound in seconds, e.g. 30")
+
+
+class ShadowAuditor(Generic[T]):
+    """Samples events of type ``T``, converts them with ``convert`` and checks them off-path."""
+
+    def __init__(
+        self,
+        *,
+        recorder: Recorder,
+        convert: Callable[[T], Sample],
+        config: ShadowConfig = ShadowConfig(),
+        oracle: Oracle | None = None,
+        registry: RegistryView | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        event_kind: Callable[[T], EventKind] | None = None,
+    ) -> None:
+        self.config = config
+        self.recorder = recorder
+        self._convert = convert
+        self._oracle = oracle
+        self._registry = registry
+        self._rng = rng if rng is not None else random.Random()
+        self._random = self._rng.random
+        self._clock = clock
+        self._event_kind = event_kind or (lambda item: getattr(item, "kind"))
+        self._queue: queue.Queue[T | None] = queue.Queue(maxsize=config.queue_size)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._first_seen: dict[tuple[str, int], float] = {}
+        # Counters (read by check_valid and the benchmark); the hot path touches two of them.
+        self.offered = 0
+        self.skipped = 0
+        self.enqueued = 0
+        self.dropped = 0
+        self.checked = 0
+        self.failed = 0
+        self.findings = 0
+        self._m_skip = {k: metrics.SAMPLES.labels(event=k, outcome="skipped") for k in ("hit", "fill")}
+        self._m_queue = {k: metrics.SAMPLES.labels(event=k, outcome="queued") for k in ("hit", "fill")}
+        self._m_drop = {k: metrics.SAMPLES.labels(event=k, outcome="dropped") for k in ("hit", "fill")}
+        self._m_done = {k: metrics.SAMPLES.labels(event=k, outcome="checked") for k in ("hit", "fill")}
+
+    # -- the request path ------------------------------------------------------------------
+
+    def offer(self, item: T) -> bool:
+        """Sample ``item`` and enqueue it without waiting; True when it was queued.
+
+        Never blocks and never raises into the caller.
+        """
+        try:
+            kind = self._event_kind(item)
+            rate = self.config.sample_rate if kind == "hit" else self.config.fill_sample_rate
+            self.offered += 1
+            if rate <= 0 or self._stopping or (rate < 1 and self._random() >= rate):
+                self.skipped += 1
+                self._m_skip.get(kind, self._m_skip["hit"]).inc()
+                return False
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self.dropped += 1
+                self._m_drop.get(kind, self._m_drop["hit"]).inc()
+                return False
+            self.enqueued += 1
+            self._m_queue.get(kind, self._m_queue["hit"]).inc()
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
+            return True
+        except Exception:  # pragma: no cover - defensive: the request path must never see us
+            log.exception("audit.shadow.offer_failed")
+            return False
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="shadow-auditor", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        """Stop taking samples, check what is queued (until ``timeout``), close the recorder."""
+        self._stopping = True
+        thread = self._thread
+        if thread is not None:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self._queue.put(None, timeout=max(0.01, deadline - time.monotonic()))
+                    break
+                except queue.Full:
+                    if time.monotonic() >= deadline:
+                        break
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error("audit.shadow.stop_timeout", queued=self._queue.qsize())
+            self._thread = None
+        # Whatever the worker could not reach is counted as dropped, never silently lost.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.dropped += 1
+                self.enqueued -= 1
+        self.recorder.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
+            self.process(item)
+
+    def process(self, item: T) -> list[Finding]:
+        """Convert and check one queued item; record its findings. Never raises."""
+        started = time.perf_counter()
+        kind = "hit"
+        try:
+            sample = self._convert(item)
+            kind = sample.event
+            found = self.check(sample)
+        except Exception:
+            with self._lock:
+                self.failed += 1
+            log.exception("audit.shadow.check_failed")
+            return []
+        finally:
+            metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
+        for finding in found:
+            self.recorder.record(finding)
+        with self._lock:
+            self.checked += 1
+            self.findings += len(found)
+        self._m_done[kind].inc()
+        return found
+
+    def drain(self, *, timeout: float = 30.0) -> None:
+        """Wait until the queue is empty and the worker idle (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                done = self.checked + self.failed
+            if self._queue.empty() and done >= self.enqueued:
+                return
+            time.sleep(0.005)
+        raise TimeoutError(f"shadow auditor did not drain in {timeout}s ({self._queue.qsize()} queued)")
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    def check(self, sample: Sample) -> list[Finding]:
+        """Every check on one sample; returns the findings (not yet recorded)."""
+        ref = sample.ref()
+        source = sample.event
+        drafts: list[Draft] = []
+        entry = sample.entry
+        if isinstance(entry, UnreadableEntry):
+            drafts += _counted("decode", check_unreadable(entry))
+        elif isinstance(entry, EntryFacts):
+            drafts += _counted("provenance", check_served(
+                entry, key=sample.key, scope=sample.scope,
+                expected_model=sample.expected.model, expected_version=sample.expected.version,
+                expected_epoch=sample.expected.epoch, served=sample.served,
+            ))
+            drafts += _counted("registry", self._check_registry(sample, entry))
+        answer = sample.served if sample.served is not None else (
+            entry.answer if isinstance(entry, EntryFacts) else None)
+        if answer is not None and self.config.canaries:
+            drafts += _counted("canary", check_canaries(
+                answer.text, owner=sample.scope, canaries=self.config.canaries))
+        if answer is not None and self.config.recompute and self._oracle is not None:
+            draft = self._recompute(sample, answer)
+            if draft is not None:
+                drafts.append(draft)
+        now = self._clock()
+        return [d.stamp(source=source, entry=ref, at=now) for d in _dedupe(drafts)]
+
+    def _check_registry(self, sample: Sample, entry: EntryFacts) -> list[Draft]:
+        if self._registry is None:
+            return []
+        try:
+            state = self._registry.current(entry.model)
+        except Exception as exc:
+            log.warning("audit.shadow.registry_unavailable", error=repr(exc))
+            metrics.CHECKS.labels(check="registry", result="error").inc()
+            return []
+        if state is None:
+            return []
+        now = self._clock()
+        seen = self._first_seen.setdefault((state.model, state.epoch), now)
+        # NOTE: ``seen`` is when *this auditor* first saw the epoch, never earlier than the real
+        # rollout, so the test below can only under-report: a hit is flagged only when the newer
+        # epoch was known for longer than the grace before the hit was served.
+        if entry.epoch < state.epoch and sample.at - seen > self.config.stale_grace_s:
+            return [Draft(kind="stale", summary="served an epoch the registry had replaced",
+                          evidence={"entry_epoch": entry.epoch, "registry_epoch": state.epoch,
+                                    "replaced_for_s": round(sample.at - seen, 3),
+                                    "grace_s": self.config.stale_grace_s})]
+        return []
+
+    def _recompute(self, sample: Sample, cached: Answer) -> Draft | None:
+        oracle = self._oracle
+        assert oracle is not None
+        kind = sample.key.canonical.kind
+        if kind not in ("chat", "completion"):
+            metrics.CHECKS.labels(check="recompute", result="undecided").inc()
+            return None
+        reason = sample.key.cacheability.reason
+        deterministic = reason.startswith("deterministic") or reason.startswith("seeded")
+        try:
+            fresh = oracle.complete(sample.request, kind, tenant=sample.tenant)
+            if deterministic and oracle.exact:
+                draft = judge_exact(cached, fresh)
+                metrics.CHECKS.labels(check="recompute_exact",
+                                      result="finding" if draft else "pass").inc()
+                return draft
+            if cached.same_as(fresh):
+                metrics.CHECKS.labels(check="recompute_scored", result="pass").inc()
+                return None
+            cached_lp = oracle.score(sample.request, kind, cached.first_text, tenant=sample.tenant)
+            fresh_lp = oracle.score(sample.request, kind, fresh.first_text, tenant=sample.tenant)
+        except OracleError as exc:
+            log.warning("audit.shadow.oracle_failed", error=str(exc))
+            metrics.CHECKS.labels(check="recompute", result="error").inc()
+            return None
+        verdict, draft, _ = judge_scored(cached_lp, fresh_lp, self.config.tolerance)
+        metrics.CHECKS.labels(check="recompute_scored", result=verdict).inc()
+        return draft
+
+    def check_valid(self) -> None:
+        """Counters add up and the queue is within its bound."""
+        assert self._queue.qsize() <= self.config.queue_size
+        assert self.offered == self.skipped + self.enqueued + self.dropped, (
+            self.offered, self.skipped, self.enqueued, self.dropped)
+        assert self.checked + self.failed <= self.enqueued
+        assert self.findings >= 0
+
+
+def _counted(check: str, drafts: list[Draft]) -> list[Draft]:
+    metrics.CHECKS.labels(check=check, result="finding" if drafts else "pass").inc()
+    return drafts
+
+
+def _dedupe(drafts: list[Draft]) -> list[Draft]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for d in drafts:
+        if (d.kind, d.summary) not in seen:
+            seen.add((d.kind, d.summary))
+            out.append(d)
+    return out
