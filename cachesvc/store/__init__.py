@@ -1,0 +1,181 @@
+"""Response storage: the entry envelope, the store contract, the embedded and Redis stores.
+
+``open_store(url)`` picks the store: no URL gives the embedded in-process store; ``redis://``,
+``rediss://`` or ``unix://`` a standalone Redis; ``redis+cluster://host:port[,host:port...]``
+(or ``nodes=[...]``) a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from cachesvc.store.base import (
+    PREFIX,
+    ResponseStore,
+    StorageKeyParts,
+    parse_storage_key,
+    scope_component,
+    storage_key,
+)
+from cachesvc.store.embedded import EmbeddedStore
+from cachesvc.store.envelope import Entry, decode_entry, encode_entry
+from cachesvc.store.errors import (
+    CorruptEntryError,
+    EntryDecodeError,
+    EntryTooLargeError,
+    ForeignEntryError,
+    InvalidEntryError,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailableError,
+    UnsupportedVersionError,
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoreLimits:
+    """Bounds every store honours. Timeouts are seconds."""
+
+    #: Embedded store: total bytes (keys, values and per-entry overhead).
+    max_bytes: int = 256 * 1024 * 1024
+    #: Largest encoded entry accepted by ``set``.
+    max_entry_bytes: int = 8 * 1024 * 1024
+    #: Redis: per-command socket timeout (a slow Redis becomes a miss after this).
+    socket_timeout: float = 0.25
+    #: Redis: connect timeout.
+    connect_timeout: float = 0.5
+    #: Redis: retries of a failed command on a fresh connection (0 = fail at once).
+    retries: int = 1
+    #: Redis: connection-pool size (per node for a cluster).
+    max_connections: int = 64
+    #: Embedded store clock (monotonic seconds).
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_entry_bytes", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise StoreConfigError(f"{name}: {value!r} must be a positive integer")
+        for name in ("socket_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise StoreConfigError(
+                    f"{name}: {value!r} must be a positive number of seconds (a store call must "
+                    "never wait without bound)"
+                )
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise StoreConfigError(f"retries: {self.retries!r} must be a non-negative integer")
+
+
+def _limits(kwargs: dict[str, Any]) -> StoreLimits:
+    known = {f.name for f in fields(StoreLimits)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise StoreConfigError(
+            f"unknown store limit(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return StoreLimits(**kwargs)
+
+
+def _parse_node(item: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(item, tuple):
+        return item[0], int(item[1])
+    host, sep, port = item.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise StoreConfigError(
+            f"redis.nodes: {item!r} is not host:port; write e.g. \"10.0.0.1:7000\""
+        )
+    return host.strip("[]"), int(port)
+
+
+def open_store(
+    url: str | None = None,
+    *,
+    nodes: Sequence[str | tuple[str, int]] | None = None,
+    **limits: Any,
+) -> ResponseStore:
+    """Open the store named by ``url`` (or the cluster named by ``nodes``) with ``limits``
+    (fields of :class:`StoreLimits`)."""
+    lim = _limits(limits)
+    if not url and not nodes:
+        return EmbeddedStore(
+            max_bytes=lim.max_bytes, max_entry_bytes=lim.max_entry_bytes, clock=lim.clock
+        )
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.backoff import NoBackoff
+    from redis.asyncio.retry import Retry
+
+    from cachesvc.store.redis_store import RedisStore
+
+    common: dict[str, Any] = {
+        "socket_timeout": lim.socket_timeout,
+        "socket_connect_timeout": lim.connect_timeout,
+        "retry": Retry(NoBackoff(), lim.retries),
+    }
+    if nodes or (url and urlsplit(url).scheme in ("redis+cluster", "rediss+cluster")):
+        startup: list[tuple[str, int]] = [_parse_node(n) for n in nodes or ()]
+        ssl = False
+        username = password = None
+        if url:
+            parts = urlsplit(url)
+            ssl = parts.scheme == "rediss+cluster"
+            netloc = parts.netloc
+            if "@" in netloc:
+                cred, _, netloc = netloc.rpartition("@")
+                user, _, pw = cred.partition(":")
+                username, password = unquote(user) or None, unquote(pw) or None
+            startup += [_parse_node(n) for n in netloc.split(",") if n]
+        if not startup:
+            raise StoreConfigError("redis.url: a cluster URL needs host:port, e.g. "
+                                   "redis+cluster://10.0.0.1:7000")
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in startup],
+            ssl=ssl,
+            username=username,
+            password=password,
+            max_connections=lim.max_connections,
+            # A degraded cluster still serves the slots it has: a missing node is a miss for
+            # its keys only.
+            require_full_coverage=False,
+            **common,
+        )
+        return RedisStore(client, max_entry_bytes=lim.max_entry_bytes)
+    assert url is not None
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise StoreConfigError(
+            f"redis.url: scheme {scheme!r} is not supported; use redis://host:port/db, "
+            "rediss://..., unix:///path.sock, or redis+cluster://host:port for Redis Cluster"
+        )
+    client = Redis.from_url(url, max_connections=lim.max_connections, **common)
+    return RedisStore(client, max_entry_bytes=lim.max_entry_bytes)
+
+
+__all__ = [
+    "PREFIX",
+    "CorruptEntryError",
+    "EmbeddedStore",
+    "Entry",
+    "EntryDecodeError",
+    "EntryTooLargeError",
+    "ForeignEntryError",
+    "InvalidEntryError",
+    "ResponseStore",
+    "StorageKeyParts",
+    "StoreConfigError",
+    "StoreError",
+    "StoreLimits",
+    "StoreUnavailableError",
+    "UnsupportedVersionError",
+    "decode_entry",
+    "encode_entry",
+    "open_store",
+    "parse_storage_key",
+    "scope_component",
+    "storage_key",
+]

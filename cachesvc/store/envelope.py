@@ -1,0 +1,223 @@
+"""The stored form of a cached response: a versioned msgpack envelope with a checksum and the
+entry's provenance.
+
+Layout (all integers big-endian)::
+
+    b"LLMC"  magic (4)   |  format version (1)  |  xxh3_64 checksum (8)  |  msgpack payload
+
+The checksum covers the magic, the version and the payload, so a flipped bit anywhere is
+caught. It detects damage, not forgery: forgery is what the material digest inside the payload
+(a keyed blake2b, checked on every hit) is for.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import xxhash
+
+from cachesvc.store.errors import (
+    CorruptEntryError,
+    ForeignEntryError,
+    InvalidEntryError,
+    UnsupportedVersionError,
+)
+from keying import Scope
+from keying.errors import InvalidRequestError
+
+MAGIC = b"LLMC"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">4sBQ")
+HEADER_SIZE = _HEADER.size  # 13
+DIGEST_SIZE = 16
+MATERIAL_DIGEST_SIZE = 32
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Entry:
+    """One cached response with its provenance. Exactly one of ``response`` / ``stream`` is set.
+
+    ``created_at`` is wall-clock Unix seconds (entries outlive processes); ``ttl`` is seconds or
+    ``None`` for no expiry. ``stream`` is the list of recorded SSE chunk dicts, replayed as is.
+    """
+
+    scope: Scope
+    model: str
+    model_version: str
+    epoch: int
+    created_at: float
+    ttl: float | None
+    digest: bytes
+    material_digest: bytes
+    response: dict[str, Any] | None = None
+    stream: list[dict[str, Any]] | None = None
+    adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scope, Scope):
+            raise InvalidEntryError("scope: must be a keying.Scope; build it with Scope.for_tenant")
+        for name in ("model", "model_version"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidEntryError(f"{name}: {value!r} is not a non-empty string")
+        if isinstance(self.epoch, bool) or not isinstance(self.epoch, int) or self.epoch < 0:
+            raise InvalidEntryError(
+                f"epoch: {self.epoch!r} is not a non-negative integer; use the registry's epoch"
+            )
+        if not _finite(self.created_at):
+            raise InvalidEntryError(f"created_at: {self.created_at!r} is not a finite number")
+        if self.ttl is not None and (not _finite(self.ttl) or self.ttl <= 0):
+            raise InvalidEntryError(f"ttl: {self.ttl!r} must be a positive number of seconds or None")
+        if not isinstance(self.digest, bytes) or len(self.digest) != DIGEST_SIZE:
+            raise InvalidEntryError(f"digest: must be {DIGEST_SIZE} bytes (KeyResult.digest)")
+        if (
+            not isinstance(self.material_digest, bytes)
+            or len(self.material_digest) != MATERIAL_DIGEST_SIZE
+        ):
+            raise InvalidEntryError(
+                f"material_digest: must be {MATERIAL_DIGEST_SIZE} bytes (KeyResult.material_digest)"
+            )
+        if (self.response is None) == (self.stream is None):
+            raise InvalidEntryError(
+                "response/stream: exactly one must be set (a JSON response or a recorded stream)"
+            )
+        if self.response is not None and not isinstance(self.response, dict):
+            raise InvalidEntryError("response: must be a dict (the JSON response body)")
+        if self.stream is not None and (
+            not isinstance(self.stream, list) or not all(isinstance(c, dict) for c in self.stream)
+        ):
+            raise InvalidEntryError("stream: must be a list of chunk dicts")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise InvalidEntryError("adapter: must be a string or None")
+
+    @property
+    def expires_at(self) -> float | None:
+        return None if self.ttl is None else self.created_at + self.ttl
+
+    def is_expired(self, now: float) -> bool:
+        """True once wall-clock ``now`` is at or past ``created_at + ttl``."""
+        return self.ttl is not None and now >= self.created_at + self.ttl
+
+    def age(self, now: float) -> float:
+        """Seconds since the entry was created (never negative, for the ``Age`` header)."""
+        return max(0.0, now - self.created_at)
+
+    def mismatch(
+        self,
+        *,
+        scope: Scope,
+        model: str,
+        epoch: int,
+        digest: bytes,
+        material_digest: bytes,
+        adapter: str | None = None,
+    ) -> str | None:
+        """Why this entry must not answer a request with this key, or None if it may.
+
+        The reason is an auditor finding kind: ``cross_scope``, ``stale`` (epoch or model),
+        ``collision`` (same name, different material).
+        """
+        if self.scope != scope:
+            return "cross_scope"
+        if self.model != model or self.epoch != epoch:
+            return "stale"
+        if self.digest != digest or self.material_digest != material_digest:
+            return "collision"
+        if self.adapter != adapter:
+            return "collision"
+        return None
+
+
+def _finite(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _checksum(version: int, payload: bytes) -> int:
+    h = xxhash.xxh3_64(MAGIC)
+    h.update(bytes((version,)))
+    h.update(payload)
+    return h.intdigest()
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """Serialise ``entry`` into an envelope."""
+    s = entry.scope
+    payload = msgpack.packb(
+        {
+            "s": [s.kind, s.tenant, s.user],
+            "m": entry.model,
+            "v": entry.model_version,
+            "e": entry.epoch,
+            "c": float(entry.created_at),
+            "t": None if entry.ttl is None else float(entry.ttl),
+            "d": entry.digest,
+            "md": entry.material_digest,
+            "a": entry.adapter,
+            "r": entry.response,
+            "st": entry.stream,
+        },
+        use_bin_type=True,
+    )
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, _checksum(FORMAT_VERSION, payload)) + payload
+
+
+def decode_entry(raw: bytes) -> Entry:
+    """Parse and verify an envelope.
+
+    Raises :class:`ForeignEntryError` (not ours), :class:`UnsupportedVersionError` (ours, another
+    format version) or :class:`CorruptEntryError` (truncated, checksum, schema). Never returns a
+    partially trusted entry.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ForeignEntryError(f"expected bytes, got {type(raw).__name__}")
+    raw = bytes(raw)
+    if raw[:4] != MAGIC:
+        if len(raw) < 4 and MAGIC.startswith(raw) and raw:
+            raise CorruptEntryError(f"truncated envelope: {len(raw)} bytes")
+        raise ForeignEntryError("bytes do not start with the LLMC envelope magic")
+    if len(raw) < HEADER_SIZE:
+        raise CorruptEntryError(f"truncated envelope: {len(raw)} bytes, header needs {HEADER_SIZE}")
+    _, version, checksum = _HEADER.unpack_from(raw)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"envelope format version {version}; this release reads version {FORMAT_VERSION}"
+        )
+    payload = raw[HEADER_SIZE:]
+    if _checksum(version, payload) != checksum:
+        raise CorruptEntryError("envelope checksum mismatch")
+    try:
+        obj = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise CorruptEntryError(f"payload is not valid msgpack: {exc}") from exc
+    return _from_payload(obj)
+
+
+def _from_payload(obj: Any) -> Entry:
+    if not isinstance(obj, dict):
+        raise CorruptEntryError("payload is not a map")
+    try:
+        kind, tenant, user = obj["s"]
+        scope = Scope(kind=kind, tenant=tenant, user=user)
+        return Entry(
+            scope=scope,
+            model=obj["m"],
+            model_version=obj["v"],
+            epoch=obj["e"],
+            created_at=obj["c"],
+            ttl=obj["t"],
+            digest=obj["d"],
+            material_digest=obj["md"],
+            adapter=obj["a"],
+            response=obj["r"],
+            stream=obj["st"],
+        )
+    except (KeyError, TypeError, ValueError, InvalidEntryError, InvalidRequestError) as exc:
+        raise CorruptEntryError(f"payload does not have the entry schema: {exc}") from exc
