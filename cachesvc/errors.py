@@ -64,3 +64,17 @@ class UpstreamError(ServiceError, ConnectionError):
         self.status = status
         self.body = body
         self.headers = headers or {}
+
+
+class StaleEpochError(ServiceError, LookupError):
+    """Raised when a fill token's model epoch has passed: a rollout happened since the lookup."""
+
+    status = 409
+    code = "stale_epoch"
+
+
+class NotFoundError(ServiceError, LookupError):
+    """Raised when an admin call names a tenant or model the service does not know."""
+
+    status = 404
+    code = "not_found"

@@ -1,0 +1,1 @@
+"""HTTP routers: the proxy, the cache API, admin, and health/metrics."""

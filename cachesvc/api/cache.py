@@ -1,0 +1,123 @@
+"""``POST /v1/cache/lookup`` and ``POST /v1/cache/store``: the cache for gateways that call the
+model themselves. A store needs the signed fill token its lookup returned."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from cachesvc import metrics
+from cachesvc.api.deps import ServicesDep, TenantDep
+from cachesvc.api.schemas import (
+    ERROR_RESPONSES,
+    LookupRequest,
+    LookupResponse,
+    StoreRequest,
+    StoreResponse,
+)
+from cachesvc.cache_control import parse_cache_control
+from cachesvc.errors import BadRequestError, StaleEpochError, TooLargeError, UnprocessableError
+from cachesvc.fill_token import FillGrant
+from cachesvc.response_cache import FillTarget, Payload
+from cachesvc.streaming import stream_complete
+from keying import Scope, detect_kind
+
+router = APIRouter(prefix="/v1/cache", tags=["cache"])
+
+_STALE = {409: {"description": "The token's model epoch has passed (a rollout happened)."}}
+
+
+def _kind(body: LookupRequest) -> str:
+    if body.kind is not None:
+        return body.kind
+    detected = detect_kind(body.request)
+    if detected not in ("chat", "completion"):
+        raise BadRequestError("cannot tell whether the request is a chat or a completion",
+                              field="kind", fix='set "kind": "chat" or "completion"')
+    return detected
+
+
+@router.post("/lookup", response_model=LookupResponse, responses=ERROR_RESPONSES,
+             response_model_exclude_none=True)
+async def lookup(body: LookupRequest, request: Request, services: ServicesDep,
+                 tenant: TenantDep) -> LookupResponse:
+    """Look a request up. A miss carries a fill token for storing the model's answer."""
+    cc = parse_cache_control(request.headers.get("cache-control"))
+    keyed = await services.cache.key(tenant, body.request, _kind(body))
+    result = await services.cache.lookup(keyed, cc, route="cache_api")
+    if result.status == "hit":
+        assert result.payload is not None
+        metrics.HITS.labels(tenant.id).inc()
+        services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
+        return LookupResponse(
+            status="hit", reason=result.reason, age=result.age,
+            response=result.payload.as_body(keyed.kind),
+            chunks=(result.payload.as_chunks(keyed.kind, include_usage=keyed.include_usage)
+                    if keyed.stream else None))
+    if result.status == "bypass":
+        return LookupResponse(status="bypass", reason=result.reason)
+    metrics.MISSES.labels(tenant.id).inc()
+    token = None
+    if not cc.no_store:
+        token = services.signer.sign(
+            tenant=tenant.id, scope=keyed.scope.as_material(), digest=bytes(keyed.key.digest),
+            material_digest=bytes(keyed.key.material_digest), model=keyed.key.model,
+            epoch=keyed.epoch, stream=keyed.stream, ttl_seconds=tenant.ttl_seconds)
+    return LookupResponse(status="miss", reason=result.reason, fill_token=token)
+
+
+@router.post("/store", response_model=StoreResponse,
+             responses={**ERROR_RESPONSES, **_STALE})
+async def store(body: StoreRequest, services: ServicesDep, tenant: TenantDep) -> StoreResponse:
+    """Store the model's answer under the key its fill token names."""
+    grant = services.signer.verify(body.fill_token)
+    if grant.tenant != tenant.id:
+        raise UnprocessableError("fill_token was issued to another tenant", field="fill_token",
+                                 fix="store with the token your own lookup returned")
+    payload = _payload(body)
+    version, epoch = await services.versions.current(grant.model)
+    if epoch != grant.epoch:
+        raise StaleEpochError(f"model {grant.model!r} moved from epoch {grant.epoch} to {epoch} "
+                         "since the lookup", field="fill_token",
+                         fix="look the request up again under the new model version")
+    scope = Scope(kind=grant.scope[0], tenant=grant.scope[1], user=grant.scope[2])  # type: ignore[arg-type]
+    keyed = None
+    if body.request is not None:
+        keyed = await services.cache.key(tenant, body.request, _kind(
+            LookupRequest(request=body.request)))
+        if bytes(keyed.key.digest) != grant.digest or keyed.scope != scope:
+            raise UnprocessableError("request does not key to the fill token's entry",
+                                     field="request", fix="send the request you looked up")
+    target = FillTarget(scope=scope, digest=grant.digest, material_digest=grant.material_digest,
+                        model=grant.model, version=version, epoch=grant.epoch, adapter=None,
+                        ttl_seconds=grant.ttl_seconds)
+    why = await services.cache.fill(target, payload, source="cache_api", keyed=keyed)
+    if why == "too_large":
+        raise TooLargeError(f"the entry exceeds limits.max_entry_bytes="
+                            f"{services.settings.limits.max_entry_bytes}", field="response",
+                            fix="do not cache this response, or raise the limit")
+    if why == "unencodable":
+        raise UnprocessableError("the response cannot be stored", field="response",
+                                 fix="send the model's JSON body as returned")
+    return StoreResponse(stored=why is None, reason=why)
+
+
+def _payload(body: StoreRequest) -> Payload:
+    if (body.response is None) == (body.chunks is None):
+        raise UnprocessableError("send exactly one of response and chunks", field="response",
+                                 fix="put the JSON body in response, or stream chunks in chunks")
+    if body.response is not None:
+        choices = body.response.get("choices")
+        if not isinstance(choices, list) or not choices or not all(
+                isinstance(c, dict) and c.get("finish_reason") is not None for c in choices):
+            raise UnprocessableError(
+                "response has no complete choices (each needs a finish_reason)",
+                field="response.choices", fix="store only a complete model response")
+        return Payload(stream=False, body=body.response)
+    assert body.chunks is not None
+    if not stream_complete(body.chunks):
+        raise UnprocessableError("the stream did not end normally (no finish_reason)",
+                                 field="chunks", fix="store only a stream that completed")
+    return Payload(stream=True, chunks=body.chunks)
+
+
+_: FillGrant

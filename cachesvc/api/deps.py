@@ -1,0 +1,101 @@
+"""FastAPI dependencies. Long-lived objects live on ``app.state.services`` (built in the app's
+lifespan); tests swap any of these with ``app.dependency_overrides``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from cachesvc.errors import AuthError, BadRequestError, TooLargeError
+from cachesvc.fill_token import FillTokenSigner
+from cachesvc.response_cache import ResponseCache
+from cachesvc.settings import Settings
+from cachesvc.single_flight import SingleFlight
+from cachesvc.tenants import Tenant, TenantDirectory
+from cachesvc.upstream import Upstream
+
+
+@dataclass
+class Services:
+    settings: Settings
+    tenants: TenantDirectory
+    cache: ResponseCache
+    upstream: Upstream
+    flights: SingleFlight
+    signer: FillTokenSigner
+    versions: Any
+    backend: Any
+    purge: Any = None  # async (tenant) -> int, when the store supports it
+
+
+def get_services(request: Request) -> Services:
+    services = getattr(request.app.state, "services", None)
+    if services is None:  # pragma: no cover - only before lifespan ran
+        raise RuntimeError("the app's lifespan has not run; start it with uvicorn or TestClient")
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+_bearer = HTTPBearer(auto_error=False, description="A tenant API key from the config.")
+_admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey",
+                           description="The [admin] api_key from the config.")
+
+
+def _auth_header(creds: HTTPAuthorizationCredentials | None) -> str | None:
+    return f"{creds.scheme} {creds.credentials}" if creds is not None else None
+
+
+def current_tenant(
+    services: ServicesDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    return services.tenants.authenticate(_auth_header(creds))
+
+
+def require_admin(
+    services: ServicesDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
+) -> None:
+    services.tenants.authenticate_admin(_auth_header(creds))
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+AdminDep = Annotated[None, Depends(require_admin)]
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The request body as JSON, refusing bodies over ``limit`` bytes before reading them all."""
+    import orjson
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(part)
+    raw = b"".join(chunks)
+    if not raw:
+        raise BadRequestError("the request body is empty", field="body",
+                              fix="send a JSON object with Content-Type: application/json")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"the request body is not valid JSON ({exc.msg} at {exc.pos})",
+                              field="body", fix="send a valid JSON object") from None
+
+
+def _too_large(limit: int) -> TooLargeError:
+    return TooLargeError(f"the request body exceeds limits.max_request_bytes={limit}",
+                         field="body", fix="send a smaller request or raise the limit")
+
+
+def _unused(_: AuthError) -> None:  # keep the import visible to readers: auth errors are 401s
+    return None

@@ -1,0 +1,34 @@
+"""``/healthz`` (the process answers), ``/readyz`` (and reports the store), ``/metrics``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from cachesvc.api.deps import ServicesDep
+from cachesvc.api.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Liveness: the process is up and its event loop answers."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health)
+async def readyz(services: ServicesDep) -> Health:
+    """Readiness. A dead store does not make the service unready: it serves misses from the
+    upstream (``degraded``) and the breaker probes for the store's return."""
+    state = services.cache.guard.breaker.state
+    return Health(status="ok" if state == "closed" else "degraded", store=state,
+                  detail={"single_flights": len(services.flights)})
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format."}})
+async def metrics() -> Response:
+    """Prometheus metrics of every part (default registry)."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

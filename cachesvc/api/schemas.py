@@ -1,0 +1,158 @@
+"""Request and response models of the service's own endpoints, and OpenAPI fragments for the
+proxy (whose bodies are OpenAI's and are parsed by the key builder, not by pydantic)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    fix: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Bad input: `error.param` names the field."},
+    401: {"model": ErrorBody, "description": "Missing or unknown API key."},
+    413: {"model": ErrorBody, "description": "Body or entry over a configured limit."},
+    422: {"model": ErrorBody, "description": "Well-formed but cannot be honoured."},
+}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool",
+                                                       "developer"]},
+                   "content": {"type": "string"}},
+}
+_CHAT = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "seed": {"type": "integer"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"},
+        "user": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+_COMPLETION = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "prompt": {"type": "string"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "seed": {"type": "integer"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"},
+        "user": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+_RESPONSE = {"type": "object", "description": "The OpenAI response body (or an SSE stream "
+             "when `stream` is true).", "additionalProperties": True}
+_HEADERS = {
+    "X-Cache": {"description": "HIT, MISS or BYPASS.", "schema": {"type": "string"}},
+    "X-Cache-Reason": {"description": "Why it was a miss or a bypass.",
+                       "schema": {"type": "string"}},
+    "Age": {"description": "Seconds since the entry was stored (hits only).",
+            "schema": {"type": "integer"}},
+}
+
+
+def proxy_openapi(kind: str) -> dict[str, Any]:
+    schema = _CHAT if kind == "chat" else _COMPLETION
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        "parameters": [{"name": "Cache-Control", "in": "header", "required": False,
+                        "schema": {"type": "string"},
+                        "description": "no-cache, no-store, max-age=N, only-if-cached."}],
+        "responses": {
+            "200": {"description": "The answer; `X-Cache` says where it came from.",
+                    "headers": _HEADERS,
+                    "content": {"application/json": {"schema": _RESPONSE},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            "502": {"description": "The upstream failed (its error passes through).",
+                    "content": {"application/json": {"schema": {"type": "object"}}}},
+            "504": {"description": "only-if-cached and not cached, or upstream timeout.",
+                    "content": {"application/json": {"schema": {"type": "object"}}}},
+        },
+    }
+
+
+class LookupRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request: dict[str, Any] = Field(description="The OpenAI-style request body, as sent to the "
+                                    "model (chat or completion).")
+    kind: Literal["chat", "completion"] | None = Field(
+        default=None, description="Guessed from the request (messages: chat; prompt: completion).")
+
+
+class LookupResponse(BaseModel):
+    status: Literal["hit", "miss", "bypass"]
+    reason: str
+    response: dict[str, Any] | None = Field(default=None,
+                                            description="The cached body (hits).")
+    chunks: list[dict[str, Any]] | None = Field(
+        default=None, description="The cached stream chunks (hits for `stream: true`).")
+    age: int | None = None
+    fill_token: str | None = Field(default=None, description="Pass to /v1/cache/store (misses).")
+
+
+class StoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fill_token: str = Field(min_length=1, max_length=4096)
+    response: dict[str, Any] | None = Field(default=None, description="The model's JSON body.")
+    chunks: list[dict[str, Any]] | None = Field(
+        default=None, description="Or the model's stream chunks, in order, ending with the "
+        "finish_reason chunk.")
+    request: dict[str, Any] | None = Field(
+        default=None, description="Optional: the request again; if given it must key to the "
+        "token's entry, and the fill is reported to the auditor.")
+
+
+class StoreResponse(BaseModel):
+    stored: bool
+    reason: str | None = None
+
+
+class RolloutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(min_length=1, max_length=200)
+
+
+class ModelVersion(BaseModel):
+    model: str
+    version: str
+    epoch: int
+
+
+class ModelList(BaseModel):
+    models: list[ModelVersion]
+
+
+class PurgeResult(BaseModel):
+    tenant: str
+    deleted: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    store: str = "closed"
+    detail: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,132 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Long-lived objects (store, registry view, upstream, observers) are built in the lifespan from
+the settings, unless the caller passes them in (tests and embedders do). Routers live in
+``cachesvc/api/``; every dependency can be swapped with ``app.dependency_overrides``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from cachesvc.api.responses import OrjsonResponse
+
+from cachesvc import metrics
+from cachesvc.api import admin, cache, health, proxy
+from cachesvc.api import errors as api_errors
+from cachesvc.api.deps import Services
+from cachesvc.breaker import CircuitBreaker
+from cachesvc.events import CacheObserver
+from cachesvc.fill_token import FillTokenSigner
+from cachesvc.guarded_store import GuardedStore
+from cachesvc.response_cache import ResponseCache
+from cachesvc.settings import Settings
+from cachesvc.single_flight import SingleFlight
+from cachesvc.tenants import TenantDirectory
+
+log = structlog.get_logger()
+
+
+def service_secret(settings: Settings) -> bytes:
+    """The secret for fill tokens and material digests.
+
+    NOTE: every worker and replica sharing a store must use the same secret, or each one's
+    entries fail the others' material-digest check (safe, but all misses). Unset, it is read
+    from (or created once in) ``<state_dir>/secret``, which workers on one host share.
+    """
+    if settings.cache.secret:
+        return settings.cache.secret.encode()
+    path = Path(settings.state_dir) / "secret"
+    with contextlib.suppress(FileNotFoundError):
+        data = path.read_bytes().strip()
+        if len(data) >= 32:
+            return data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = secrets.token_hex(32).encode()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(fresh)
+    try:
+        os.link(tmp, path)  # first writer wins; the others read what it wrote
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_bytes().strip()
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream: Any = None,
+    backend: Any = None,
+    versions: Any = None,
+    observers: Sequence[CacheObserver] | None = None,
+) -> FastAPI:
+    """Build the app. Anything not passed is created from ``settings`` at start-up."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            services = await _build(settings, stack, upstream=upstream, backend=backend,
+                                    versions=versions, observers=observers)
+            app.state.services = services
+            log.info("cachesvc_ready", tenants=len(settings.tenants),
+                     store=settings.redis.store_url and "redis" or "embedded",
+                     upstream=settings.upstream.url or f"engine:{settings.upstream.model}")
+            yield
+            app.state.services = None
+
+    app = FastAPI(
+        title="cachesvc",
+        version="0.1.0",
+        summary="A response cache for LLM inference that can prove it is right.",
+        default_response_class=OrjsonResponse,
+        lifespan=lifespan,
+    )
+    api_errors.install(app)
+    app.include_router(proxy.router)
+    app.include_router(cache.router)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    return app
+
+
+async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstream: Any,
+                 backend: Any, versions: Any, observers: Sequence[CacheObserver] | None
+                 ) -> Services:
+    from cachesvc import wiring
+
+    secret = service_secret(settings)
+    if backend is None:
+        backend = await wiring.open_backend(settings)
+        stack.push_async_callback(backend.aclose)
+    if versions is None:
+        versions = await wiring.open_versions(settings, backend)
+        stack.push_async_callback(versions.aclose)
+    if upstream is None:
+        upstream = await wiring.open_upstream(settings, versions)
+        stack.push_async_callback(upstream.aclose)
+    if observers is None:
+        observers = await wiring.open_observers(settings, upstream, stack)
+    breaker = CircuitBreaker(
+        failures=settings.breaker.failures, reset_after_s=settings.breaker.reset_after_s,
+        on_change=lambda s: metrics.BREAKER_STATE.set(metrics.BREAKER_VALUES[s]))
+    metrics.BREAKER_STATE.set(0)
+    guard = GuardedStore(backend, timeout_s=settings.redis.timeout_ms / 1000, breaker=breaker)
+    rc = ResponseCache(backend=backend, guard=guard, versions=versions, secret=secret,
+                       observers=tuple(observers), max_entry_bytes=settings.limits.max_entry_bytes,
+                       max_request_bytes=settings.limits.max_request_bytes,
+                       strict_epoch=settings.cache.strict_epoch)
+    return Services(settings=settings, tenants=TenantDirectory(settings), cache=rc,
+                    upstream=upstream, flights=SingleFlight(),
+                    signer=FillTokenSigner(secret, ttl_s=settings.cache.fill_token_ttl_s),
+                    versions=versions, backend=backend)

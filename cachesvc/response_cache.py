@@ -1,0 +1,270 @@
+"""The cache's request-path logic, independent of HTTP: key, look up, verify, fill, observe.
+
+The proxy and the cache API routes both call this. It never raises because the store is unwell
+(store trouble is a miss), and it refuses to serve any entry whose provenance does not match the
+request exactly: scope, model, epoch and material digest are checked on every hit, so a digest
+collision, a stale entry or a corrupted value is a miss, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from cachesvc import metrics
+from cachesvc.backend import StoreBackend
+from cachesvc.cache_control import CacheControl
+from cachesvc.errors import BadRequestError
+from cachesvc.events import CacheEvent, CacheObserver
+from cachesvc.guarded_store import GuardedStore
+from cachesvc.store.envelope import Entry, decode_entry, encode_entry
+from cachesvc.store.errors import EntryDecodeError, InvalidEntryError
+from cachesvc.streaming import body_to_chunks, chunks_to_body, replay
+from cachesvc.tenants import Tenant
+from keying import InvalidRequestError, KeyLimits, KeyParams, KeyResult, Scope, build_key
+
+log = structlog.get_logger()
+
+Status = Literal["hit", "miss", "bypass"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FillTarget:
+    """Where a fill goes and the provenance it is stored with."""
+
+    scope: Scope
+    digest: bytes
+    material_digest: bytes
+    model: str
+    version: str
+    epoch: int
+    adapter: str | None
+    ttl_seconds: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Keyed:
+    """A request as this tenant sent it, with its key and the registry's view of its model."""
+
+    tenant: Tenant
+    scope: Scope
+    body: dict[str, Any]
+    kind: str
+    key: KeyResult
+    version: str
+    epoch: int
+    stream: bool
+    include_usage: bool
+
+    @property
+    def target(self) -> FillTarget:
+        return FillTarget(scope=self.scope, digest=bytes(self.key.digest),
+                          material_digest=bytes(self.key.material_digest), model=self.key.model,
+                          version=self.version, epoch=self.epoch, adapter=self.key.adapter,
+                          ttl_seconds=self.tenant.ttl_seconds)
+
+    @property
+    def flight_key(self) -> tuple[str, bytes, int]:
+        return (self.scope.label, bytes(self.key.digest), self.epoch)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Payload:
+    """What an entry holds: the upstream's body, or its stream chunks in order."""
+
+    stream: bool
+    body: dict[str, Any] | None = None
+    chunks: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def of(cls, entry: Entry) -> Payload:
+        if entry.stream is not None:
+            return cls(stream=True, chunks=entry.stream)
+        return cls(stream=False, body=entry.response)
+
+    def as_body(self, kind: str) -> dict[str, Any]:
+        return self.body if self.body is not None else chunks_to_body(self.chunks or [], kind)
+
+    def as_chunks(self, kind: str, *, include_usage: bool) -> list[dict[str, Any]]:
+        if self.chunks is not None:
+            return replay(self.chunks, include_usage=include_usage)  # type: ignore[return-value]
+        return body_to_chunks(self.body or {}, kind, include_usage=include_usage)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LookupResult:
+    status: Status
+    reason: str
+    payload: Payload | None = None
+    age: int | None = None
+    raw: bytes = b""
+    entry: Entry | None = None
+
+
+@dataclass
+class ResponseCache:
+    backend: StoreBackend
+    guard: GuardedStore
+    versions: Any  # cachesvc.models.ModelVersions
+    secret: bytes
+    observers: Sequence[CacheObserver] = field(default_factory=tuple)
+    max_entry_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = 1024 * 1024
+    strict_epoch: bool = False
+    clock: Callable[[], float] = time.time
+
+    async def key(self, tenant: Tenant, body: Any, kind: str) -> Keyed:
+        """Key ``body`` for ``tenant``; bad input raises ``BadRequestError`` naming the field."""
+        if not isinstance(body, dict):
+            raise BadRequestError("the request body must be a JSON object", field="body",
+                                  fix="send an OpenAI-style request object")
+        scope = tenant.scope_for(body)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequestError("`model` is missing or not a string", field="model",
+                                  fix='name the model, e.g. "model": "smollm2"')
+        version, epoch = await self.versions.current(model)
+        try:
+            key = build_key(body, KeyParams(
+                scope=scope, epoch=epoch, kind=kind,  # type: ignore[arg-type]
+                allow_nondeterministic=tenant.cache_nondeterministic, secret=self.secret,
+                limits=KeyLimits(max_bytes=self.max_request_bytes),
+            ))
+        except InvalidRequestError as exc:
+            raise BadRequestError(exc.problem, field=exc.field, fix=exc.fix) from None
+        stream = body.get("stream") is True
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        return Keyed(tenant=tenant, scope=scope, body=body, kind=kind, key=key, version=version,
+                     epoch=epoch, stream=stream, include_usage=include_usage)
+
+    async def lookup(self, keyed: Keyed, cc: CacheControl, *, route: str) -> LookupResult:
+        """Hit, miss or bypass for ``keyed``; a hit has been verified against the request."""
+        if not keyed.key.cacheability.cacheable:
+            return self._count(LookupResult(status="bypass",
+                                            reason=keyed.key.cacheability.reason), route)
+        if cc.no_cache:
+            return self._count(LookupResult(status="miss", reason="no-cache: lookup skipped"),
+                               route)
+        t0 = time.perf_counter()
+        try:
+            raw = await self.guard.call("get", lambda: self.backend.get(keyed.scope,
+                                                                        keyed.key.digest))
+            if self.guard.failed(raw):
+                return self._count(LookupResult(status="miss", reason="store unavailable"), route)
+            if raw is None:
+                return self._count(LookupResult(status="miss", reason="not cached"), route)
+            assert isinstance(raw, bytes)
+            result = await self._verify(keyed, raw, cc)
+            return self._count(result, route)
+        finally:
+            metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
+
+    async def _verify(self, keyed: Keyed, raw: bytes, cc: CacheControl) -> LookupResult:
+        try:
+            entry = decode_entry(raw)
+        except EntryDecodeError as exc:
+            return self._reject("corrupt", f"entry could not be decoded ({type(exc).__name__})",
+                                raw)
+        why = entry.mismatch(scope=keyed.scope, model=keyed.key.model, epoch=keyed.epoch,
+                             digest=bytes(keyed.key.digest),
+                             material_digest=bytes(keyed.key.material_digest),
+                             adapter=keyed.key.adapter)
+        if why is not None:
+            return self._reject(why, f"entry does not match the request ({why})", raw)
+        if self.strict_epoch:
+            _, fresh = await self.versions.current(keyed.key.model, fresh=True)
+            if fresh != entry.epoch:
+                return self._reject("stale", "entry's epoch has passed (strict check)", raw)
+        now = self.clock()
+        if entry.is_expired(now):
+            return LookupResult(status="miss", reason="expired", raw=raw)
+        age = int(entry.age(now))
+        if cc.max_age is not None and age > cc.max_age:
+            return LookupResult(status="miss", reason=f"older than max-age={cc.max_age}", raw=raw)
+        return LookupResult(status="hit", reason="verified", payload=Payload.of(entry), age=age,
+                            raw=raw, entry=entry)
+
+    def _reject(self, reason: str, message: str, raw: bytes) -> LookupResult:
+        metrics.REJECTED_ENTRIES.labels(reason).inc()
+        log.warning("entry_rejected", reason=reason, detail=message)
+        return LookupResult(status="miss", reason=f"entry rejected: {message}", raw=raw)
+
+    def _count(self, result: LookupResult, route: str) -> LookupResult:
+        metrics.LOOKUPS.labels(result.status, route).inc()
+        if result.status == "bypass":
+            metrics.BYPASSES.labels(_reason_label(result.reason)).inc()
+        return result
+
+    async def fill(self, target: FillTarget, payload: Payload, *, source: str,
+                   keyed: Keyed | None = None) -> str | None:
+        """Store ``payload`` at ``target``; None when stored, else why not (and a metric):
+        "too_large", "unencodable" or "store_unavailable".
+
+        ``keyed`` (the request that produced it) is passed on to observers when known.
+        """
+        try:
+            entry = Entry(
+                scope=target.scope, model=target.model, model_version=target.version,
+                epoch=target.epoch, created_at=self.clock(), ttl=float(target.ttl_seconds),
+                digest=target.digest, material_digest=target.material_digest,
+                adapter=target.adapter, response=payload.body, stream=payload.chunks,
+            )
+            raw = encode_entry(entry)
+        except (InvalidEntryError, TypeError, ValueError) as exc:
+            metrics.FILL_SKIPS.labels("unencodable").inc()
+            log.warning("fill_skipped", reason="unencodable", error=str(exc)[:200])
+            return "unencodable"
+        if len(raw) > self.max_entry_bytes:
+            metrics.FILL_SKIPS.labels("too_large").inc()
+            log.info("fill_skipped", reason="too_large", bytes=len(raw))
+            return "too_large"
+        res = await self.guard.call("put", lambda: self.backend.put(
+            target.scope, target.digest, raw, target.ttl_seconds))
+        if self.guard.failed(res):
+            metrics.FILL_SKIPS.labels("store_unavailable").inc()
+            return "store_unavailable"
+        metrics.FILLS.labels(source).inc()
+        if keyed is not None:
+            self.notify("fill", keyed, raw, entry, payload, source=source)
+        return None
+
+    def notify(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None,
+               payload: Payload, *, source: str = "", served_stream: bool | None = None) -> None:
+        """Tell every observer; never raises, never blocks beyond the observers' own enqueue."""
+        if not self.observers:
+            return
+        stream = keyed.stream if served_stream is None else served_stream
+        try:
+            if stream:
+                chunks = payload.as_chunks(keyed.kind, include_usage=keyed.include_usage)
+                response = None
+            else:
+                chunks, response = None, payload.as_body(keyed.kind)
+            event = CacheEvent(kind=kind, tenant=keyed.tenant.id,  # type: ignore[arg-type]
+                               scope=keyed.scope, request=keyed.body, key=keyed.key,
+                               expected_model=keyed.key.model, expected_version=keyed.version,
+                               expected_epoch=keyed.epoch, raw=raw,
+                               entry=entry,
+                               response=response, chunks=chunks, stream=stream, at=self.clock(),
+                               source=source)
+        except Exception:  # noqa: BLE001
+            metrics.OBSERVER_ERRORS.inc()
+            log.exception("observer_event_failed")
+            return
+        for obs in self.observers:
+            try:
+                obs.observe(event)
+            except Exception:  # noqa: BLE001 - an observer must never fail a request
+                metrics.OBSERVER_ERRORS.inc()
+                log.exception("observer_failed", observer=type(obs).__name__)
+
+
+def _reason_label(reason: str) -> str:
+    """A low-cardinality label for a bypass reason ("nondeterministic", "live data", ...)."""
+    return reason.split(":", 1)[0].strip()[:40] or "other"

@@ -1,0 +1,44 @@
+"""Builds the long-lived parts from the settings: store, registry view, upstream, observers.
+
+Kept apart from ``app.py`` so the app factory reads as a list of parts, and so each part's
+construction (which imports the other packages) happens only when that part is wanted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import structlog
+
+from cachesvc.events import CacheObserver
+from cachesvc.settings import Settings
+
+log = structlog.get_logger()
+
+
+async def open_backend(settings: Settings) -> Any:
+    from cachesvc.backend import MemoryBackend
+
+    return MemoryBackend()
+
+
+async def open_versions(settings: Settings, backend: Any) -> Any:
+    from cachesvc.models import MemoryVersions
+
+    return MemoryVersions()
+
+
+async def open_upstream(settings: Settings, versions: Any) -> Any:
+    from cachesvc.upstream import EngineUpstream, HttpUpstream
+
+    if settings.upstream.url:
+        return HttpUpstream(settings.upstream.url, api_key=settings.upstream.api_key,
+                            timeout_s=settings.upstream.timeout_s)
+    raise NotImplementedError("in-process engine")
+    return EngineUpstream(None)
+
+
+async def open_observers(settings: Settings, upstream: Any,
+                         stack: contextlib.AsyncExitStack) -> list[CacheObserver]:
+    return []
