@@ -67,7 +67,7 @@ def create_app(
     settings: Settings,
     *,
     upstream: Any = None,
-    backend: Any = None,
+    store: Any = None,
     versions: Any = None,
     observers: Sequence[CacheObserver] | None = None,
 ) -> FastAPI:
@@ -76,7 +76,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            services = await _build(settings, stack, upstream=upstream, backend=backend,
+            services = await _build(settings, stack, upstream=upstream, store=store,
                                     versions=versions, observers=observers)
             app.state.services = services
             log.info("cachesvc_ready", tenants=len(settings.tenants),
@@ -101,16 +101,16 @@ def create_app(
 
 
 async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstream: Any,
-                 backend: Any, versions: Any, observers: Sequence[CacheObserver] | None
+                 store: Any, versions: Any, observers: Sequence[CacheObserver] | None
                  ) -> Services:
     from cachesvc import wiring
 
     secret = service_secret(settings)
-    if backend is None:
-        backend = await wiring.open_backend(settings)
-        stack.push_async_callback(backend.aclose)
+    if store is None:
+        store = await wiring.open_store(settings)
+        stack.push_async_callback(store.close)
     if versions is None:
-        versions = await wiring.open_versions(settings, backend)
+        versions = await wiring.open_versions(settings, store)
         stack.push_async_callback(versions.aclose)
     if upstream is None:
         upstream = await wiring.open_upstream(settings, versions)
@@ -121,12 +121,12 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
         failures=settings.breaker.failures, reset_after_s=settings.breaker.reset_after_s,
         on_change=lambda s: metrics.BREAKER_STATE.set(metrics.BREAKER_VALUES[s]))
     metrics.BREAKER_STATE.set(0)
-    guard = GuardedStore(backend, timeout_s=settings.redis.timeout_ms / 1000, breaker=breaker)
-    rc = ResponseCache(backend=backend, guard=guard, versions=versions, secret=secret,
+    guard = GuardedStore(store, timeout_s=settings.redis.timeout_ms / 1000, breaker=breaker)
+    rc = ResponseCache(store=store, guard=guard, versions=versions, secret=secret,
                        observers=tuple(observers), max_entry_bytes=settings.limits.max_entry_bytes,
                        max_request_bytes=settings.limits.max_request_bytes,
                        strict_epoch=settings.cache.strict_epoch)
     return Services(settings=settings, tenants=TenantDirectory(settings), cache=rc,
                     upstream=upstream, flights=SingleFlight(),
                     signer=FillTokenSigner(secret, ttl_s=settings.cache.fill_token_ttl_s),
-                    versions=versions, backend=backend)
+                    versions=versions, store=store)

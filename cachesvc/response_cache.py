@@ -17,11 +17,11 @@ import orjson
 import structlog
 
 from cachesvc import metrics
-from cachesvc.backend import StoreBackend
 from cachesvc.cache_control import CacheControl
 from cachesvc.errors import BadRequestError
 from cachesvc.events import CacheEvent, CacheObserver
 from cachesvc.guarded_store import GuardedStore
+from cachesvc.store.base import ResponseStore, storage_key
 from cachesvc.store.envelope import Entry, decode_entry, encode_entry
 from cachesvc.store.errors import EntryDecodeError, InvalidEntryError
 from cachesvc.streaming import body_to_chunks, chunks_to_body, replay
@@ -46,6 +46,11 @@ class FillTarget:
     adapter: str | None
     ttl_seconds: int
 
+    @property
+    def storage_key(self) -> str:
+        return storage_key(scope=self.scope, model=self.model, epoch=self.epoch,
+                           digest=self.digest)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Keyed:
@@ -69,8 +74,13 @@ class Keyed:
                           ttl_seconds=self.tenant.ttl_seconds)
 
     @property
-    def flight_key(self) -> tuple[str, bytes, int]:
-        return (self.scope.label, bytes(self.key.digest), self.epoch)
+    def storage_key(self) -> str:
+        return storage_key(scope=self.scope, model=self.key.model, epoch=self.epoch,
+                           digest=bytes(self.key.digest))
+
+    @property
+    def flight_key(self) -> str:
+        return self.storage_key
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,7 +118,7 @@ class LookupResult:
 
 @dataclass
 class ResponseCache:
-    backend: StoreBackend
+    store: ResponseStore
     guard: GuardedStore
     versions: Any  # cachesvc.models.ModelVersions
     secret: bytes
@@ -153,8 +163,8 @@ class ResponseCache:
                                route)
         t0 = time.perf_counter()
         try:
-            raw = await self.guard.call("get", lambda: self.backend.get(keyed.scope,
-                                                                        keyed.key.digest))
+            skey = keyed.storage_key
+            raw = await self.guard.call("get", lambda: self.store.get(skey))
             if self.guard.failed(raw):
                 return self._count(LookupResult(status="miss", reason="store unavailable"), route)
             if raw is None:
@@ -224,8 +234,9 @@ class ResponseCache:
             metrics.FILL_SKIPS.labels("too_large").inc()
             log.info("fill_skipped", reason="too_large", bytes=len(raw))
             return "too_large"
-        res = await self.guard.call("put", lambda: self.backend.put(
-            target.scope, target.digest, raw, target.ttl_seconds))
+        skey = target.storage_key
+        res = await self.guard.call("put", lambda: self.store.set(
+            skey, raw, ttl=float(target.ttl_seconds)))
         if self.guard.failed(res):
             metrics.FILL_SKIPS.labels("store_unavailable").inc()
             return "store_unavailable"

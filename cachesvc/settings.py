@@ -60,7 +60,7 @@ class RedisSettings(_Section):
         default_factory=list, description='Cluster startup nodes, e.g. ["10.0.0.1:7000", ...].'
     )
     #: Bound on every single store call; a slower call counts as a store error (a miss).
-    timeout_ms: int = Field(default=50, gt=0, le=60_000)
+    timeout_ms: int = Field(default=200, gt=0, le=60_000)
 
     @property
     def store_url(self) -> str | None:

@@ -17,13 +17,21 @@ from cachesvc.settings import Settings
 log = structlog.get_logger()
 
 
-async def open_backend(settings: Settings) -> Any:
-    from cachesvc.backend import MemoryBackend
+async def open_store(settings: Settings) -> Any:
+    """The embedded store, or Redis (standalone or Cluster) when ``[redis]`` names one."""
+    from cachesvc.store import open_store as _open
 
-    return MemoryBackend()
+    timeout = settings.redis.timeout_ms / 1000
+    return _open(settings.redis.url, nodes=settings.redis.nodes or None,
+                 max_bytes=settings.embedded.max_bytes,
+                 max_entry_bytes=settings.limits.max_entry_bytes,
+                 socket_timeout=timeout, connect_timeout=max(timeout, 0.1),
+                 # NOTE: no retries inside the store: the request path's answer to a failed
+                 # call is a miss, and the circuit breaker decides when to try again.
+                 retries=0)
 
 
-async def open_versions(settings: Settings, backend: Any) -> Any:
+async def open_versions(settings: Settings, store: Any) -> Any:
     from cachesvc.models import MemoryVersions
 
     return MemoryVersions()

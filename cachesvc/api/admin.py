@@ -33,5 +33,5 @@ async def purge_tenant(tenant: str, services: ServicesDep, _: AdminDep) -> Purge
     if services.tenants.get(tenant) is None:
         raise NotFoundError(f"no tenant {tenant!r} in the config", field="tenant",
                             fix="use a tenant id from the [[tenants]] config")
-    deleted = await services.backend.purge_tenant(tenant)
+    deleted = await services.store.delete_tenant(tenant)
     return PurgeResult(tenant=tenant, deleted=deleted)

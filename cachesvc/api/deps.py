@@ -27,7 +27,7 @@ class Services:
     flights: SingleFlight
     signer: FillTokenSigner
     versions: Any
-    backend: Any
+    store: Any
     purge: Any = None  # async (tenant) -> int, when the store supports it
 
 
