@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cachesvc.cli import audit as _audit
 from cachesvc.cli import key as _key
 from cachesvc.cli import serve as _serve
 
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(_key.app, name="key")
+app.add_typer(_audit.app, name="audit")
 _serve.register(app)
 
 

@@ -1,0 +1,405 @@
+"""Adapters between the auditor (``audit/``) and the service: stores, envelopes, events,
+settings, the registry, oracles and the timing audit's HTTP prober.
+
+``audit`` works on its own plain types; this module is the only place that knows both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+
+from audit import (
+    Answer,
+    EntryFacts,
+    FileJournal,
+    Journal,
+    KeyField,
+    ModelState,
+    OracleError,
+    Recorder,
+    RedisJournal,
+    Sample,
+    ShadowAuditor,
+    ShadowConfig,
+    TimingProbeError,
+    UnreadableEntry,
+)
+from audit.oracle import RequestKind
+from cachesvc.events import CacheEvent
+from cachesvc.store.base import parse_storage_key, scope_component, storage_key
+from cachesvc.store.envelope import Entry, decode_entry
+from cachesvc.store.errors import CorruptEntryError, ForeignEntryError, UnsupportedVersionError
+from keying import escape_component
+
+log = structlog.get_logger("cachesvc.auditing")
+
+# -- entries -> facts ----------------------------------------------------------------------
+
+
+def facts_from_entry(entry: Entry, *, key: str, node: str | None = None) -> EntryFacts:
+    """The auditor's view of a decoded entry stored under ``key``."""
+    parts = parse_storage_key(key)
+    if parts is None:
+        expected = storage_key(scope=entry.scope, model=entry.model, epoch=entry.epoch,
+                               digest=entry.digest)
+        # Not our layout at all: report the whole key against the one the entry belongs under.
+        fields: tuple[KeyField, ...] = (KeyField(name="digest", in_key=key, in_entry=expected),)
+    else:
+        fields = (
+            KeyField(name="scope", in_key=parts.scope, in_entry=scope_component(entry.scope)),
+            KeyField(name="model", in_key=parts.model, in_entry=escape_component(entry.model)),
+            KeyField(name="epoch", in_key=str(parts.epoch), in_entry=str(entry.epoch)),
+            KeyField(name="digest", in_key=parts.digest.hex(), in_entry=entry.digest.hex()),
+        )
+    served = entry.stream if entry.stream is not None else entry.response
+    return EntryFacts(
+        storage_key=key, node=node, scope=entry.scope, model=entry.model,
+        version=entry.model_version, epoch=entry.epoch, digest=entry.digest,
+        material_digest=entry.material_digest, created_at=entry.created_at, ttl=entry.ttl,
+        key_fields=fields,
+        # NOTE: the envelope does not carry the key material today; when it does, the scan
+        # recomputes both digests from it (audit.checks.check_material).
+        material=getattr(entry, "material", None),
+        answer=Answer.of(served), has_answer=served is not None,
+    )
+
+
+def facts_from_raw(key: str, raw: bytes, *, node: str | None = None) -> EntryFacts | UnreadableEntry:
+    """Decode ``raw`` with the store's own codec (checksum verified) into facts."""
+    try:
+        entry = decode_entry(raw)
+    except CorruptEntryError as exc:
+        return UnreadableEntry(storage_key=key, node=node, reason="corrupt", error=str(exc),
+                               size=len(raw))
+    except ForeignEntryError as exc:
+        return UnreadableEntry(storage_key=key, node=node, reason="foreign", error=str(exc),
+                               size=len(raw))
+    except UnsupportedVersionError as exc:
+        return UnreadableEntry(storage_key=key, node=node, reason="unsupported", error=str(exc),
+                               size=len(raw))
+    return facts_from_entry(entry, key=key, node=node)
+
+
+async def scan_items(store: Any, *, batch: int = 500) -> AsyncIterator[EntryFacts | UnreadableEntry]:
+    """Every entry of ``store`` (every node of a cluster) as facts, for :class:`audit.Scanner`."""
+    async for key, raw in store.scan_entries(batch=batch):
+        k = key.decode() if isinstance(key, bytes) else key
+        yield facts_from_raw(k, raw)
+
+
+# -- events -> samples -----------------------------------------------------------------------
+
+
+def sample_from_event(event: CacheEvent) -> Sample:
+    """Convert a service event in the auditor's thread (never on the request path).
+
+    The raw bytes are decoded again here, independently of the service's own verification, and
+    the storage key is the one the request was looked up under, so an entry of another scope,
+    epoch or digest stored under this request's key shows up as a placement finding.
+    """
+    key = event.key
+    lookup_key = storage_key(scope=event.scope, model=key.model, epoch=key.epoch,
+                             digest=bytes(key.digest))
+    entry = facts_from_raw(lookup_key, event.raw) if event.raw else None
+    served = event.chunks if event.stream else event.response
+    return Sample(
+        event=event.kind, tenant=event.tenant, scope=event.scope, request=event.request,
+        key=key,
+        expected=ModelState(model=event.expected_model, version=event.expected_version,
+                            epoch=event.expected_epoch),
+        entry=entry, served=Answer.of(served) if served is not None else None, at=event.at,
+    )
+
+
+class ShadowObserver:
+    """The service's :class:`~cachesvc.events.CacheObserver`: hands events to the auditor."""
+
+    def __init__(self, auditor: ShadowAuditor[CacheEvent]) -> None:
+        self.auditor = auditor
+
+    def observe(self, event: CacheEvent) -> None:
+        self.auditor.offer(event)
+
+    def wants(self, kind: str) -> bool:
+        """Whether any event of ``kind`` could be sampled (lets a caller skip building it)."""
+        c = self.auditor.config
+        return (c.sample_rate if kind == "hit" else c.fill_sample_rate) > 0
+
+
+# -- registry -------------------------------------------------------------------------------
+
+
+def _model_state(model: str, value: Any) -> ModelState | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        version, epoch = value
+        return ModelState(model=model, version=str(version), epoch=int(epoch))
+    return ModelState(model=model, version=str(value.version), epoch=int(value.epoch))
+
+
+class LoopRegistryView:
+    """A synchronous view of an asyncio registry, for the auditor's worker thread.
+
+    ``registry.current(model)`` (async, returning ``(version, epoch)`` or an object with
+    ``version`` and ``epoch``) runs on the service's event loop, where its clients live.
+    """
+
+    def __init__(self, registry: Any, loop: asyncio.AbstractEventLoop, *, timeout: float = 2.0):
+        self._registry = registry
+        self._loop = loop
+        self._timeout = timeout
+
+    def current(self, model: str) -> ModelState | None:
+        fut = asyncio.run_coroutine_threadsafe(self._registry.current(model), self._loop)
+        return _model_state(model, fut.result(self._timeout))
+
+
+async def registry_snapshot(registry: Any, models: Sequence[str] = ()) -> dict[str, ModelState]:
+    """Every model the registry knows (``list()``), plus ``models``, as ModelState."""
+    out: dict[str, ModelState] = {}
+    lister = getattr(registry, "list", None)
+    if lister is not None:
+        for item in await lister():
+            if isinstance(item, Mapping):
+                m = str(item["model"])
+                out[m] = ModelState(model=m, version=str(item["version"]), epoch=int(item["epoch"]))
+            else:
+                out[item.model] = ModelState(model=item.model, version=str(item.version),
+                                             epoch=int(item.epoch))
+    for m in models:
+        if m not in out:
+            state = _model_state(m, await registry.current(m))
+            if state is not None:
+                out[m] = state
+    return out
+
+
+# -- journals -------------------------------------------------------------------------------
+
+
+def default_findings_path(state_dir: str) -> Path:
+    return Path(state_dir).expanduser() / "audit" / "findings.jsonl"
+
+
+def open_journal(*, redis_url: str | None, findings_path: str | Path, redis_prefix: str = "llmc:audit") -> Journal:
+    """A Redis-stream journal beside a Redis store, a file journal beside the embedded one."""
+    if not redis_url:
+        return FileJournal(findings_path)
+    import redis
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(redis_url).scheme
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        netloc = urlsplit(redis_url).netloc.rpartition("@")[2]
+        nodes = []
+        for item in netloc.split(","):
+            host, _, port = item.rpartition(":")
+            nodes.append(ClusterNode(host.strip("[]"), int(port)))
+        client: Any = RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"),
+                                   socket_timeout=2.0, socket_connect_timeout=2.0)
+    else:
+        client = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    return RedisJournal(client, prefix=redis_prefix)
+
+
+def make_recorder(journal: Journal, *, fallback_path: str | Path | None = None) -> Recorder:
+    fallback = FileJournal(fallback_path) if fallback_path is not None else None
+    return Recorder(journal, fallback=fallback)
+
+
+# -- oracles --------------------------------------------------------------------------------
+
+
+class _LoopThread:
+    """A private event loop in a thread, for calling async engine code from the auditor."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="audit-oracle",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+class EngineOracle:
+    """Recompute with the in-process reference engine, through the same OpenAI translation the
+    service uses (``cachesvc.engine_api``), so a deterministic request reproduces exactly."""
+
+    exact = True
+
+    def __init__(self, engine: Any, *, timeout: float = 120.0) -> None:
+        self.engine = engine
+        self._timeout = timeout
+        self._loop = _LoopThread()
+
+    def complete(self, request: Mapping[str, Any], kind: RequestKind, *, tenant: str) -> Answer:
+        from cachesvc import engine_api
+
+        body = dict(request)
+        body["stream"] = False
+        body.pop("stream_options", None)
+        try:
+            out = self._loop.run(engine_api.complete(self.engine, body, kind, tenant=tenant),
+                                 self._timeout)
+        except Exception as exc:
+            raise OracleError(f"engine recompute failed: {exc!r}") from exc
+        return Answer.of(out)
+
+    def score(self, request: Mapping[str, Any], kind: RequestKind, completion: str, *,
+              tenant: str) -> Sequence[float] | None:
+        try:
+            if kind == "chat":
+                prompt_ids = self.engine.chat_prompt_ids(list(request.get("messages") or []))
+            else:
+                prompt = request.get("prompt")
+                if not isinstance(prompt, str):
+                    return None
+                prompt_ids = self.engine.encode(prompt)
+            completion_ids = self.engine.encode(completion)
+            if not completion_ids:
+                return None
+            return list(self.engine.score(prompt_ids, completion_ids))
+        except Exception as exc:
+            raise OracleError(f"engine scoring failed: {exc!r}") from exc
+
+
+class UpstreamOracle:
+    """Recompute through an OpenAI-compatible upstream. Not exact by default: hosted models are
+    not bit-reproducible even at temperature 0, so a text difference alone is not a finding.
+    Scoring is not available through the chat API, so sampled answers stay undecided."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, exact: bool = False,
+                 timeout: float = 60.0, client: httpx.Client | None = None) -> None:
+        self.exact = exact
+        self._base = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = client or httpx.Client(timeout=timeout, headers=headers)
+
+    def complete(self, request: Mapping[str, Any], kind: RequestKind, *, tenant: str) -> Answer:
+        body = dict(request)
+        body["stream"] = False
+        body.pop("stream_options", None)
+        path = "/chat/completions" if kind == "chat" else "/completions"
+        try:
+            resp = self._client.post(self._base + path, json=body)
+        except httpx.HTTPError as exc:
+            raise OracleError(f"upstream {self._base}{path}: {exc!r}") from exc
+        if resp.status_code != 200:
+            raise OracleError(f"upstream {self._base}{path} answered {resp.status_code}")
+        return Answer.of(resp.json())
+
+    def score(self, request: Mapping[str, Any], kind: RequestKind, completion: str, *,
+              tenant: str) -> Sequence[float] | None:
+        return None
+
+
+# -- building the auditor from settings -----------------------------------------------------
+
+
+def canaries_of(settings: Any) -> dict[str, list[str]]:
+    return {t.id: list(t.canaries) for t in settings.tenants if t.canaries}
+
+
+def build_shadow_auditor(
+    settings: Any,
+    *,
+    oracle: Any = None,
+    registry_view: Any = None,
+    journal: Journal | None = None,
+    rng: Any = None,
+) -> ShadowAuditor[CacheEvent]:
+    """The shadow auditor the service runs, from its ``[audit]`` settings. Not started."""
+    a = settings.audit
+    findings_path = a.findings_path or default_findings_path(settings.state_dir)
+    if journal is None:
+        journal = open_journal(redis_url=settings.redis.url, findings_path=findings_path)
+    recorder = make_recorder(
+        journal, fallback_path=None if isinstance(journal, FileJournal) else findings_path)
+    config = ShadowConfig(
+        sample_rate=a.sample_rate, fill_sample_rate=a.fill_sample_rate, queue_size=a.queue_size,
+        stale_grace_s=max(30.0, 2 * float(getattr(settings.cache, "registry_refresh_s", 2.0))),
+        canaries=canaries_of(settings), recompute=oracle is not None and a.oracle != "none",
+    )
+    return ShadowAuditor(recorder=recorder, convert=sample_from_event, config=config,
+                         oracle=oracle if a.oracle != "none" else None, registry=registry_view,
+                         rng=rng)
+
+
+# -- the timing audit's prober --------------------------------------------------------------
+
+
+class HttpProber:
+    """One OpenAI-compatible request with one output token; returns seconds to the answer.
+
+    With ``max_tokens`` 1 the whole response time is the time to first token; a streamed
+    request would add SSE framing to both trial kinds alike and measure nothing more.
+    """
+
+    def __init__(self, url: str, *, model: str, endpoint: str = "chat", timeout: float = 60.0,
+                 clock: Callable[[], float] = time.perf_counter,
+                 client: httpx.Client | None = None) -> None:
+        if endpoint not in ("chat", "completion"):
+            raise ValueError(f"--endpoint {endpoint!r}: use chat or completion")
+        base = url.rstrip("/")
+        if not base.endswith("/v1"):
+            base += "/v1"
+        self.url = base + ("/chat/completions" if endpoint == "chat" else "/completions")
+        self.model = model
+        self.endpoint = endpoint
+        self._clock = clock
+        self._client = client or httpx.Client(timeout=timeout)
+
+    def body(self, prompt: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if self.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        return body
+
+    def __call__(self, *, key: str, prompt: str) -> float:
+        body = self.body(prompt)
+        headers = {"Authorization": f"Bearer {key}"}
+        t0 = self._clock()
+        try:
+            resp = self._client.post(self.url, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise TimingProbeError(
+                f"{self.url}: {exc!r}; check --url and that the server is up") from exc
+        elapsed = self._clock() - t0
+        if resp.status_code != 200:
+            raise TimingProbeError(
+                f"{self.url} answered {resp.status_code} for key ...{key[-4:]}: "
+                f"{resp.text[:200]}; check the key and --model")
+        return elapsed
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def discover_model(url: str, *, key: str, timeout: float = 10.0) -> str:
+    """The first model ``GET /v1/models`` lists, for ``--model`` left out."""
+    base = url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    try:
+        resp = httpx.get(base + "/models", headers={"Authorization": f"Bearer {key}"},
+                         timeout=timeout)
+        resp.raise_for_status()
+        return str(resp.json()["data"][0]["id"])
+    except Exception as exc:
+        raise TimingProbeError(
+            f"{base}/models did not name a model ({exc!r}); pass --model") from exc

@@ -1,0 +1,255 @@
+"""``cachesvc audit``: the offline scan, the timing audit and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from audit import (
+    AuditConfigError,
+    FindingsLogError,
+    Journal,
+    Recorder,
+    Scanner,
+    TimingConfig,
+    TimingProbeError,
+    levels_for_keys,
+    run_timing,
+)
+from audit.report import REPORT_FORMATS, build_report, render
+from audit.timing import summarize
+
+app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks, write reports.",
+                  no_args_is_help=True)
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", help="TOML config file (or env CACHESVC_CONFIG).")
+]
+FindingsOpt = Annotated[
+    str | None,
+    typer.Option("--findings", help="Findings file (overrides [audit] findings_path; "
+                                    "ignored when [redis] url is set)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=code)
+
+
+def _settings(config: str | None) -> Any:
+    from cachesvc.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _journal(settings: Any, findings: str | None) -> Journal:
+    from cachesvc.auditing import default_findings_path, open_journal
+
+    path = findings or settings.audit.findings_path or default_findings_path(settings.state_dir)
+    try:
+        return open_journal(redis_url=None if findings else settings.redis.url, findings_path=path)
+    except FindingsLogError as exc:
+        _fail(str(exc))
+    raise AssertionError  # unreachable
+
+
+async def _open_registry(settings: Any) -> Any:
+    """The model registry the service uses, or None where it cannot be reached from here."""
+    try:
+        from invalidation import registry as reg  # noqa: F401
+    except ImportError:
+        return None
+    opener = getattr(reg, "open_registry", None)
+    if opener is None:
+        return None
+    return await _maybe_await(opener(settings.redis.url))
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value):
+        return await value
+    return value
+
+
+@app.command("scan")
+def scan(
+    config: ConfigOpt = None,
+    findings: FindingsOpt = None,
+    batch: Annotated[int, typer.Option(min=1, help="Keys per SCAN round trip.")] = 500,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Walk every entry (every node of a cluster), check every invariant that needs no request,
+    record the findings, and exit 1 when there are any."""
+    settings = _settings(config)
+    if not settings.redis.url:
+        _fail("the embedded store lives inside the service process, so an offline scan cannot "
+              "reach it; set [redis] url (the scan walks Redis or every node of a cluster)")
+    result = asyncio.run(_scan(settings, _journal(settings, findings), batch=batch, quiet=quiet))
+    typer.echo(
+        f"scanned {result.entries} entries: {result.findings} findings "
+        f"{dict(result.findings_by_kind) or ''}, {result.unreadable} unreadable, "
+        f"{result.reclaimable} reclaimable (old epochs)"
+    )
+    if not result.material_checked:
+        typer.echo("note: entries carry no key material, so material digests were not "
+                   "recomputed (the shadow auditor checks them against live requests)", err=True)
+    raise typer.Exit(code=1 if result.findings else 0)
+
+
+async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cachesvc.auditing import canaries_of, registry_snapshot, scan_items
+    from cachesvc.store import open_store
+
+    store = open_store(settings.redis.url)
+    registry = await _open_registry(settings)
+    snapshot = await registry_snapshot(registry) if registry is not None else {}
+    if registry is None:
+        typer.echo("warning: no model registry reachable; epoch and version checks against the "
+                   "registry are skipped", err=True)
+    secret = settings.cache.secret.encode() if settings.cache.secret else None
+    recorder = Recorder(journal)
+    kwargs: dict[str, Any] = {"secret": secret} if secret else {}
+    scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings), **kwargs)
+    if registry is None:
+        scanner.registry = {}
+    try:
+        with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), disable=quiet, transient=False) as progress:
+            task = progress.add_task("scan", total=None)
+            result = await scanner.run(scan_items(store, batch=batch),
+                                       progress=lambda n: progress.update(task, completed=n))
+        journal.save_result("scan", result.as_dict())
+    finally:
+        recorder.close()
+        await store.close()
+        if registry is not None and hasattr(registry, "aclose"):
+            await registry.aclose()
+    return result
+
+
+@app.command("timing")
+def timing(
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible endpoint.")],
+    key_a: Annotated[str, typer.Option("--key-a", help="API key of the victim (tenant A).")],
+    key_b: Annotated[str | None, typer.Option("--key-b", help="API key of another tenant.")] = None,
+    key_a2: Annotated[
+        str | None, typer.Option("--key-a2", help="A second API key of tenant A.")
+    ] = None,
+    trials: Annotated[int, typer.Option(min=5, help="Hit/miss trial pairs per level.")] = 250,
+    model: Annotated[str | None, typer.Option(help="Model id; default: first of /v1/models.")] = None,
+    endpoint: Annotated[str, typer.Option(help="chat or completion.")] = "chat",
+    prompt_words: Annotated[int, typer.Option(min=10, help="Words per random prompt.")] = 300,
+    shared_fraction: Annotated[float, typer.Option(help="Prefix share of a hit probe.")] = 0.9,
+    alpha: Annotated[float, typer.Option(help="Significance level of the KS test.")] = 1e-4,
+    same_tenant_is_leak: Annotated[
+        bool, typer.Option(help="Treat same-tenant sharing as a leak (user-scoped tenants).")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed for prompts and trial order.")] = None,
+    config: ConfigOpt = None,
+    findings: FindingsOpt = None,
+    save: Annotated[bool, typer.Option(help="Store the result and findings for reports.")] = True,
+) -> None:
+    """Measure whether one caller can tell, by timing, that another caller's prompt is cached
+    (interleaved hit/miss trials, one-sided KS test). Exit 1 on a cross-tenant leak."""
+    from cachesvc.auditing import HttpProber, discover_model
+
+    try:
+        cfg = TimingConfig(trials=trials, prompt_words=prompt_words,
+                           shared_fraction=shared_fraction, alpha=alpha)
+        levels = levels_for_keys(key_a=key_a, key_b=key_b, key_a2=key_a2,
+                                 same_tenant_is_leak=same_tenant_is_leak)
+        chosen = model or discover_model(url, key=key_a)
+        prober = HttpProber(url, model=chosen, endpoint=endpoint)
+    except (AuditConfigError, TimingProbeError, ValueError) as exc:
+        _fail(str(exc))
+    from rich.progress import Progress
+
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task("timing trials", total=trials * len(levels))
+            result = run_timing(levels, prober, target=url, config=cfg,
+                                rng=random.Random(seed),
+                                progress=lambda d, t: progress.update(task, completed=d))
+    except TimingProbeError as exc:
+        _fail(str(exc))
+    finally:
+        prober.close()
+    for name, line in summarize(result).items():
+        typer.echo(f"{name:13s} {line}")
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    if save:
+        settings = _settings(config)
+        journal = _journal(settings, findings)
+        recorder = Recorder(journal)
+        for finding in result.findings(at=time.time()):
+            recorder.record(finding)
+        recorder.close()
+        journal.save_result("timing", result.as_dict())
+    raise typer.Exit(code=1 if result.leaks else 0)
+
+
+def _parse_since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[:-1].isdigit() and value[-1] in units:
+        return time.time() - int(value[:-1]) * units[value[-1]]
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since {value!r}: use an ISO time (2026-11-27T20:00Z), Unix seconds, or an age "
+              "such as 24h or 7d")
+        raise AssertionError from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+@app.command("report")
+def report(
+    format: Annotated[str, typer.Option("--format", help="html, md or json.")] = "md",
+    since: Annotated[
+        str | None, typer.Option(help="Only findings since: ISO time, Unix seconds, or 24h/7d.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    config: ConfigOpt = None,
+    findings: FindingsOpt = None,
+) -> None:
+    """Write a report from the stored findings and the last scan and timing results."""
+    if format not in REPORT_FORMATS:
+        _fail(f"--format {format!r}: use one of {', '.join(REPORT_FORMATS)}")
+    settings = _settings(config)
+    journal = _journal(settings, findings)
+    start = _parse_since(since)
+    try:
+        data = build_report(journal.findings(since=start), scan=journal.load_result("scan"),
+                            timing=journal.load_result("timing"), since=start,
+                            generated_at=time.time())
+    except FindingsLogError as exc:
+        _fail(str(exc))
+    text = render(data, format)  # type: ignore[arg-type]
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {output} ({data['summary']['findings']} findings)", err=True)
+    else:
+        sys.stdout.write(text)
