@@ -116,7 +116,7 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
         upstream = await wiring.open_upstream(settings, versions)
         stack.push_async_callback(upstream.aclose)
     if observers is None:
-        observers = await wiring.open_observers(settings, upstream, stack)
+        observers = await wiring.open_observers(settings, upstream, versions, stack)
     breaker = CircuitBreaker(
         failures=settings.breaker.failures, reset_after_s=settings.breaker.reset_after_s,
         on_change=lambda s: metrics.BREAKER_STATE.set(metrics.BREAKER_VALUES[s]))

@@ -47,6 +47,36 @@ async def open_upstream(settings: Settings, versions: Any) -> Any:
     return EngineUpstream(None)
 
 
-async def open_observers(settings: Settings, upstream: Any,
+async def open_observers(settings: Settings, upstream: Any, versions: Any,
                          stack: contextlib.AsyncExitStack) -> list[CacheObserver]:
-    return []
+    """The shadow auditor as an observer, started now and stopped at shutdown (``[audit]``)."""
+    if not settings.audit.enabled or (settings.audit.sample_rate == 0
+                                      and settings.audit.fill_sample_rate == 0):
+        return []
+    import asyncio
+
+    from cachesvc.auditing import (
+        EngineOracle,
+        LoopRegistryView,
+        ShadowObserver,
+        UpstreamOracle,
+        build_shadow_auditor,
+    )
+
+    oracle: Any = None
+    engine = getattr(upstream, "engine", None)
+    if settings.audit.oracle == "engine" and engine is not None:
+        oracle = EngineOracle(engine)
+    elif settings.audit.oracle == "upstream" and settings.upstream.url:
+        oracle = UpstreamOracle(settings.upstream.url, api_key=settings.upstream.api_key)
+    elif settings.audit.oracle != "none":
+        log.warning("audit_oracle_unavailable", oracle=settings.audit.oracle,
+                    detail="provenance checks only; set [audit] oracle to match the upstream")
+    auditor = build_shadow_auditor(
+        settings, oracle=oracle,
+        registry_view=LoopRegistryView(versions, asyncio.get_running_loop()))
+    auditor.start()
+    # NOTE: stop() drains the queue and may wait on registry reads that run on this loop, so
+    # it runs in a thread, not on the loop itself.
+    stack.push_async_callback(asyncio.to_thread, auditor.stop, timeout=5.0)
+    return [ShadowObserver(auditor)]
