@@ -1,28 +1,122 @@
-"""The registry as the request path sees it: model -> (version, epoch), rollouts, a listing."""
+"""The model registry as the request path sees it: ``model -> (version, epoch)``, rollouts.
+
+Reads come from this replica's :class:`invalidation.EpochView` (no round trip per request); it
+follows the durable rollout events and re-reads the registry at least every
+``[cache] registry_refresh_s`` seconds. Past that bound without a confirmed read (the registry
+is down), :meth:`ModelVersions.current` raises :class:`RegistryUnavailable` and the request
+bypasses the cache: better no cache than a possibly stale one.
+
+A model that was never rolled out has epoch 0 and version ``"unversioned"``: its entries
+become unreachable at its first rollout, like any other epoch change.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import structlog
 
-class MemoryVersions:
-    """Temporary in-process registry view (replaced by the invalidation adapter)."""
+from invalidation import (
+    EmbeddedRegistry,
+    EpochView,
+    InvalidationError,
+    InvalidModelNameError,
+    ModelRegistry,
+    StaleViewError,
+    UnknownModelError,
+)
 
-    def __init__(self) -> None:
-        self._m: dict[str, tuple[str, int]] = {}
-        self._next = 1
+from cachesvc.errors import BadRequestError, ServiceError
 
-    async def current(self, model: str, *, fresh: bool = False) -> tuple[str, int]:
-        return self._m.get(model, ("unversioned", 0))
+log = structlog.get_logger()
+
+UNVERSIONED = "unversioned"
+
+
+class RegistryUnavailable(ServiceError, ConnectionError):
+    """Raised when this replica cannot vouch for a model's epoch (registry unreachable for
+    longer than the refresh bound). The request bypasses the cache."""
+
+    status = 503
+    code = "registry_unavailable"
+
+
+class ModelVersions:
+    def __init__(self, registry: ModelRegistry, view: EpochView) -> None:
+        self.registry = registry
+        self.view = view
+
+    @classmethod
+    async def open(cls, registry: ModelRegistry, *, refresh_s: float, strict: bool,
+                   poll_s: float = 0.1) -> ModelVersions:
+        view = EpochView(registry, refresh_interval=refresh_s,
+                         poll_interval=min(poll_s, refresh_s / 4), strict=strict)
+        try:
+            await view.start()
+        except InvalidationError as exc:
+            # A registry that is down at start-up must not stop the service: the view keeps
+            # retrying in the background, and until then every request bypasses the cache.
+            log.warning("registry_unavailable_at_start", error=str(exc)[:200])
+            import asyncio
+
+            view._task = asyncio.create_task(view._run(), name="epoch-view")  # noqa: SLF001
+        return cls(registry, view)
+
+    async def current(self, model: str) -> tuple[str, int]:
+        try:
+            mv = self.view.current(model)
+        except UnknownModelError:
+            return UNVERSIONED, 0
+        except StaleViewError as exc:
+            raise RegistryUnavailable(str(exc)) from None
+        return mv.version, mv.epoch
+
+    async def is_current(self, model: str, epoch: int) -> bool:
+        """Strict check of one entry's epoch (a registry read in strict mode)."""
+        try:
+            return await self.view.is_current(model, epoch)
+        except UnknownModelError:
+            return epoch == 0
+        except InvalidationError:
+            return False
 
     async def rollout(self, model: str, version: str) -> tuple[str, int]:
-        epoch = self._next
-        self._next += 1
-        self._m[model] = (version, epoch)
-        return version, epoch
+        try:
+            result = await self.registry.rollout(model, version)
+        except InvalidModelNameError as exc:
+            raise BadRequestError(str(exc), field="version" if "version" in str(exc) else "model",
+                                  fix="use printable names without control characters") from None
+        except InvalidationError as exc:
+            raise RegistryUnavailable(f"rollout failed: {exc}") from None
+        try:
+            # Apply at once on this replica; the others learn it from the event stream.
+            await self.view.poll()
+        except InvalidationError:
+            pass
+        return result.current.version, result.current.epoch
 
     async def list(self) -> list[dict[str, Any]]:
-        return [{"model": m, "version": v, "epoch": e} for m, (v, e) in sorted(self._m.items())]
+        try:
+            models = await self.registry.list()
+        except InvalidationError as exc:
+            raise RegistryUnavailable(f"registry unavailable: {exc}") from None
+        return [{"model": m.model, "version": m.version, "epoch": m.epoch} for m in models]
+
+    def subscribe(self, listener: Callable[[str, int | None, int], Any]) -> Callable[[], None]:
+        return self.view.subscribe(listener)
 
     async def aclose(self) -> None:
-        return None
+        await self.view.stop()
+
+
+async def open_versions(store: Any, *, refresh_s: float, strict: bool) -> ModelVersions:
+    """The registry beside the store: in Redis when the store is Redis, else in process."""
+    client = getattr(store, "client", None)
+    if client is not None:
+        from invalidation import RedisRegistry
+
+        registry: ModelRegistry = RedisRegistry(client)
+    else:
+        registry = EmbeddedRegistry()
+    return await ModelVersions.open(registry, refresh_s=refresh_s, strict=strict)

@@ -18,7 +18,7 @@ import structlog
 
 from cachesvc import metrics
 from cachesvc.cache_control import CacheControl
-from cachesvc.errors import BadRequestError
+from cachesvc.errors import BadRequestError, ServiceError
 from cachesvc.events import CacheEvent, CacheObserver
 from cachesvc.guarded_store import GuardedStore
 from cachesvc.store.base import ResponseStore, storage_key
@@ -65,6 +65,7 @@ class Keyed:
     epoch: int
     stream: bool
     include_usage: bool
+    registry_ok: bool = True
 
     @property
     def target(self) -> FillTarget:
@@ -138,7 +139,12 @@ class ResponseCache:
         if not isinstance(model, str) or not model:
             raise BadRequestError("`model` is missing or not a string", field="model",
                                   fix='name the model, e.g. "model": "smollm2"')
-        version, epoch = await self.versions.current(model)
+        registry_ok = True
+        try:
+            version, epoch = await self.versions.current(model)
+        except ServiceError:
+            # NOTE: without a confirmed epoch no entry may be served or written: bypass.
+            registry_ok, version, epoch = False, "", 0
         try:
             key = build_key(body, KeyParams(
                 scope=scope, epoch=epoch, kind=kind,  # type: ignore[arg-type]
@@ -151,10 +157,14 @@ class ResponseCache:
         opts = body.get("stream_options")
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         return Keyed(tenant=tenant, scope=scope, body=body, kind=kind, key=key, version=version,
-                     epoch=epoch, stream=stream, include_usage=include_usage)
+                     epoch=epoch, stream=stream, include_usage=include_usage,
+                     registry_ok=registry_ok)
 
     async def lookup(self, keyed: Keyed, cc: CacheControl, *, route: str) -> LookupResult:
         """Hit, miss or bypass for ``keyed``; a hit has been verified against the request."""
+        if not keyed.registry_ok:
+            return self._count(LookupResult(status="bypass", reason="registry unavailable: "
+                                            "model epoch unconfirmed"), route)
         if not keyed.key.cacheability.cacheable:
             return self._count(LookupResult(status="bypass",
                                             reason=keyed.key.cacheability.reason), route)
@@ -188,8 +198,7 @@ class ResponseCache:
         if why is not None:
             return self._reject(why, f"entry does not match the request ({why})", raw)
         if self.strict_epoch:
-            _, fresh = await self.versions.current(keyed.key.model, fresh=True)
-            if fresh != entry.epoch:
+            if not await self.versions.is_current(keyed.key.model, entry.epoch):
                 return self._reject("stale", "entry's epoch has passed (strict check)", raw)
         now = self.clock()
         if entry.is_expired(now):

@@ -32,9 +32,10 @@ async def open_store(settings: Settings) -> Any:
 
 
 async def open_versions(settings: Settings, store: Any) -> Any:
-    from cachesvc.models import MemoryVersions
+    from cachesvc.models import open_versions as _open
 
-    return MemoryVersions()
+    return await _open(store, refresh_s=settings.cache.registry_refresh_s,
+                       strict=settings.cache.strict_epoch)
 
 
 async def open_upstream(settings: Settings, versions: Any) -> Any:
