@@ -1,0 +1,138 @@
+"""The paged KV pool: one preallocated tensor holding every layer's K and V for each block.
+
+Layout ``[layers, 2, kv_heads, num_blocks * block_size, head_dim]``: per layer, K and V are each
+``[kv_heads, slots, head_dim]``, the layout attention that reads the pool in place through a page
+table wants (a block-major layout would force a copy per step). A run of consecutive blocks is
+one strided slice across all layers, so copying a matched prefix out (or new blocks in) costs one
+tensor copy per run, not one per layer and block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gpu_prefix.errors import InvalidParamsError, PoolExhaustedError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KVShape:
+    """The geometry of one model's KV state."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_config(cls, config: object, dtype: torch.dtype) -> KVShape:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(
+            num_layers=text.num_hidden_layers,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            dtype=dtype,
+        )
+
+    def bytes_per_token(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * elem
+
+
+def runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Group block ids into maximal runs of consecutive ids: ``(position, first_id, length)``."""
+    out: list[tuple[int, int, int]] = []
+    for pos, b in enumerate(ids):
+        if out and out[-1][1] + out[-1][2] == b:
+            p, first, n = out[-1]
+            out[-1] = (p, first, n + 1)
+        else:
+            out.append((pos, b, 1))
+    return out
+
+
+class KVPool:
+    """Fixed-size block storage on one device. Knows nothing of hashes; see ``PrefixStore``."""
+
+    def __init__(
+        self,
+        shape: KVShape,
+        *,
+        budget_bytes: int,
+        block_size: int = 16,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if block_size < 1:
+            raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}", "use 16")
+        self.shape = shape
+        self.block_size = block_size
+        self.block_bytes = shape.bytes_per_token() * block_size
+        self.num_blocks = int(budget_bytes) // self.block_bytes
+        if self.num_blocks < 1:
+            raise InvalidParamsError(
+                "budget_bytes",
+                f"{budget_bytes} bytes hold no block of {self.block_bytes} bytes "
+                f"({shape.num_layers} layers x 2 x {shape.kv_heads} heads x {block_size} tokens "
+                f"x {shape.head_dim} dims)",
+                f"give at least {self.block_bytes} bytes",
+            )
+        self.device = torch.device(device)
+        # NOTE: allocated once, up front: the pool never grows past its budget, and a burst
+        # cannot make the process ask the device for more memory on the cache's behalf.
+        self.tensor = torch.zeros(
+            (shape.num_layers, 2, shape.kv_heads, self.num_blocks * block_size, shape.head_dim),
+            dtype=shape.dtype,
+            device=self.device,
+        )
+        # Pop from the end; lowest ids first, so a fresh pool hands out consecutive runs.
+        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
+        self._is_free = [True] * self.num_blocks
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise PoolExhaustedError("no free KV block; evict first")
+        b = self._free.pop()
+        self._is_free[b] = False
+        return b
+
+    def free(self, block: int) -> None:
+        if self._is_free[block]:
+            raise RuntimeError(f"block {block} freed twice")
+        self._is_free[block] = True
+        self._free.append(block)
+
+    def read(self, block_ids: Sequence[int], dst: torch.Tensor, dst_offset: int = 0) -> None:
+        """Copy blocks into ``dst`` (``[layers, 2, kv_heads, seq, head_dim]``) from ``dst_offset``."""
+        bs = self.block_size
+        for pos, first, n in runs(block_ids):
+            d0 = dst_offset + pos * bs
+            dst[:, :, :, d0 : d0 + n * bs, :].copy_(self.tensor[:, :, :, first * bs : (first + n) * bs, :])
+
+    def write(self, block_ids: Sequence[int], src: torch.Tensor, src_offset: int = 0) -> None:
+        """Copy ``len(block_ids)`` blocks' worth of tokens from ``src`` (from ``src_offset``) in."""
+        bs = self.block_size
+        for pos, first, n in runs(block_ids):
+            s0 = src_offset + pos * bs
+            self.tensor[:, :, :, first * bs : (first + n) * bs, :].copy_(src[:, :, :, s0 : s0 + n * bs, :])
+
+    def check_valid(self) -> None:
+        assert len(self._free) == len(set(self._free)), "free list holds a block twice"
+        assert all(self._is_free[b] for b in self._free), "free list and free flags disagree"
+        assert sum(self._is_free) == len(self._free), "a block is flagged free but not listed"
+        assert self.tensor.numel() * self.tensor.element_size() == self.capacity_bytes, "pool size drifted"
