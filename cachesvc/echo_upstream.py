@@ -4,7 +4,8 @@ The reply text names a digest of the request, so two different requests never ge
 answer and a wrong hit is visible. It streams in several chunks, emits reasoning content and,
 when the request offers tools, a tool call split across chunks, so replay can be checked field
 by field. ``calls`` counts upstream calls (single-flight tests), ``delay_s`` slows each call,
-and a request whose ``metadata`` has ``{"fail": "<status>"}`` gets that error.
+a request whose ``metadata`` has ``{"fail": "<status>"}`` gets that error (``"cut"``: the
+stream stops half-way), and ``{"pad": N}`` adds N characters to the answer.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class EchoUpstream:
 
     def _parts(self, body: dict[str, Any]) -> tuple[str, str, str]:
         d = self._digest(body)
-        return d, f"thinking about {d}", f"echo {d} for {body.get('model')}"
+        pad = (body.get("metadata") or {}).get("pad")
+        tail = " " + "p" * int(pad) if isinstance(pad, int) and pad > 0 else ""
+        return d, f"thinking about {d}", f"echo {d} for {body.get('model')}{tail}"
 
     async def complete(self, body: dict[str, Any], kind: str, *, tenant: str) -> dict[str, Any]:
         self.calls += 1

@@ -280,9 +280,10 @@ class ResponseCache:
         for obs in self.observers:
             try:
                 obs.observe(event)
-            except Exception:  # noqa: BLE001 - an observer must never fail a request
+            except Exception as exc:  # noqa: BLE001 - an observer must never fail a request
                 metrics.OBSERVER_ERRORS.inc()
-                log.exception("observer_failed", observer=type(obs).__name__)
+                log.warning("observer_failed", observer=type(obs).__name__,
+                            error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _reason_label(reason: str) -> str:
