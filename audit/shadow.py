@@ -220,6 +220,20 @@ class ShadowAuditor(Generic[T]):
             metrics.QUEUE_DEPTH.set(self._queue.qsize())
             self.process(item)
 
+    def run_once(self) -> bool:
+        """Check one queued sample in the caller's thread (no worker); False when none."""
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            return False
+        if item is not None:
+            self.process(item)
+        return True
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
     def process(self, item: T) -> list[Finding]:
         """Convert and check one queued item; record its findings. Never raises."""
         started = time.perf_counter()

@@ -1,0 +1,178 @@
+"""The entry invariants, answers, and the recompute judgements, over plain values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from audit import Answer, AuditConfigError, EntryFacts, KeyField, ModelState, Tolerance, UnreadableEntry
+from audit.checks import (
+    check_canaries,
+    check_material,
+    check_placement,
+    check_registry,
+    check_served,
+    check_stored,
+    check_unreadable,
+)
+from audit.oracle import judge_exact, judge_scored
+from keying import Scope
+from tests import audit_world as w
+
+ACME = Scope.for_tenant("acme")
+
+
+def facts(**changes) -> EntryFacts:
+    k = w.key_for("acme", 1)
+    base = EntryFacts(
+        storage_key=w.skey(k), scope=k.scope, model=k.model, version=w.VERSION, epoch=k.epoch,
+        digest=bytes(k.digest), material_digest=bytes(k.material_digest), material=k.material,
+        answer=Answer.of(w.response_for("hello")),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def kinds(drafts) -> list[str]:
+    return sorted(d.kind for d in drafts)
+
+
+class TestAnswer:
+    def test_a_stream_and_the_body_it_replays_are_the_same_answer(self):
+        body = {"choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "Hello world"}}]}
+        chunks = [
+            {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+            {"choices": [{"index": 0, "delta": {"content": "Hello "}}]},
+            {"choices": [{"index": 0, "delta": {"content": "world"}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+        assert Answer.of(body).same_as(Answer.of(chunks))
+
+    def test_streamed_tool_call_fragments_are_joined(self):
+        chunks = [
+            {"choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "c1", "type": "function",
+                 "function": {"name": "f", "arguments": '{"a":'}}]}}]},
+            {"choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": "1}"}}]}, "finish_reason": "tool_calls"}]},
+        ]
+        body = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f", "arguments": '{"a":1}'}}]}}]}
+        assert Answer.of(chunks).same_as(Answer.of(body))
+
+    def test_a_different_finish_reason_is_a_different_answer(self):
+        a = {"choices": [{"index": 0, "finish_reason": "stop", "text": "x"}]}
+        b = {"choices": [{"index": 0, "finish_reason": "length", "text": "x"}]}
+        assert not Answer.of(a).same_as(Answer.of(b))
+
+
+class TestStoredChecks:
+    def test_a_clean_entry_has_no_findings(self):
+        assert check_stored(facts(), current=w.REGISTRY[w.MODEL], canaries=w.CANARIES) == []
+
+    def test_a_key_component_that_disagrees_with_provenance_is_named(self):
+        f = facts(key_fields=(KeyField(name="scope", in_key="t/globex", in_entry="t/acme"),
+                              KeyField(name="epoch", in_key="2", in_entry="1"),
+                              KeyField(name="model", in_key="m", in_entry="m")))
+        assert kinds(check_placement(f)) == ["cross_scope", "stale"]
+
+    def test_material_recomputes_both_digests(self):
+        assert kinds(check_material(facts(material_digest=b"\0" * 32))) == ["collision"]
+        assert kinds(check_material(facts(digest=b"\0" * 16))) == ["collision"]
+
+    def test_material_of_another_scope_is_cross_scope(self):
+        other = w.key_for("globex", 1)
+        f = facts(material=other.material, digest=bytes(other.digest),
+                  material_digest=bytes(other.material_digest))
+        assert kinds(check_material(f)) == ["cross_scope"]
+
+    def test_without_material_nothing_is_recomputed(self):
+        assert check_material(facts(material=None, material_digest=b"\0" * 32)) == []
+
+    def test_an_entry_ahead_of_the_registry_is_stale(self):
+        current = ModelState(model=w.MODEL, version="v1", epoch=1)
+        assert kinds(check_registry(facts(), current)) == ["stale"]
+
+    def test_a_current_epoch_with_another_version_is_stale(self):
+        current = ModelState(model=w.MODEL, version="v9", epoch=w.EPOCH)
+        assert check_registry(facts(), current)[0].evidence["registry_version"] == "v9"
+
+    def test_an_older_epoch_is_not_a_finding(self):
+        current = ModelState(model=w.MODEL, version="v3", epoch=w.EPOCH + 1)
+        assert check_registry(facts(), current) == []
+
+    def test_a_model_the_registry_does_not_know_is_stale(self):
+        assert kinds(check_registry(facts(), None)) == ["stale"]
+
+    def test_an_unreadable_entry_is_corrupt_with_its_reason(self):
+        d = check_unreadable(UnreadableEntry(storage_key="k", reason="foreign", error="magic"))
+        assert d[0].kind == "corrupt" and d[0].evidence["reason"] == "foreign"
+
+
+class TestCanaries:
+    def test_another_tenants_canary_is_a_finding_that_does_not_repeat_it(self):
+        found = check_canaries(f"x {w.CANARIES['globex'][0]} y", owner=ACME, canaries=w.CANARIES)
+        assert kinds(found) == ["canary"]
+        assert w.CANARIES["globex"][0] not in repr(found[0].evidence)
+
+    def test_a_tenants_own_canary_is_expected(self):
+        assert check_canaries(w.CANARIES["acme"][0], owner=ACME, canaries=w.CANARIES) == []
+
+    def test_any_tenants_canary_in_a_public_entry_is_a_leak(self):
+        assert kinds(check_canaries(w.CANARIES["acme"][0], owner=Scope.public(),
+                                    canaries=w.CANARIES)) == ["canary"]
+
+
+class TestServedChecks:
+    def served(self, f: EntryFacts, **kw):
+        k = w.key_for("acme", 1)
+        args = dict(key=k, scope=ACME, expected_model=w.MODEL, expected_version=w.VERSION,
+                    expected_epoch=w.EPOCH, served=f.answer)
+        args.update(kw)
+        return check_served(f, **args)
+
+    def test_a_clean_hit_has_no_findings(self):
+        assert self.served(facts()) == []
+
+    def test_an_entry_of_another_scope_is_cross_scope(self):
+        assert "cross_scope" in kinds(self.served(facts(scope=Scope.for_tenant("globex"))))
+
+    def test_another_material_digest_is_a_collision(self):
+        assert kinds(self.served(facts(material_digest=b"\1" * 32))) == ["collision"]
+
+    def test_an_epoch_other_than_the_registrys_is_stale(self):
+        assert kinds(self.served(facts(), expected_epoch=w.EPOCH + 1)) == ["stale"]
+
+    def test_a_served_answer_that_is_not_the_stored_one_is_a_mismatch(self):
+        assert kinds(self.served(facts(), served=Answer.of(w.response_for("other")))) == ["mismatch"]
+
+
+class TestJudgements:
+    def test_an_exact_recompute_that_differs_is_a_mismatch_with_where_it_diverged(self):
+        d = judge_exact(Answer.of(w.response_for("abcX")), Answer.of(w.response_for("abcY")))
+        assert d is not None and d.evidence["first_divergence_char"] == 3
+
+    def test_an_exact_recompute_that_agrees_passes(self):
+        assert judge_exact(Answer.of(w.response_for("a")), Answer.of(w.response_for("a"))) is None
+
+    def test_numeric_noise_passes_the_scored_check(self):
+        fresh = [-0.5, -1.0, -0.2, -0.8, -0.3]
+        cached = [x - 1e-3 for x in fresh]
+        verdict, draft, _ = judge_scored(cached, fresh, Tolerance())
+        assert verdict == "pass" and draft is None
+
+    def test_an_implausible_answer_fails_the_scored_check(self):
+        fresh = [-0.5, -1.0, -0.2, -0.8, -0.3]
+        cached = [-6.0, -8.0, -7.5, -9.0, -5.0]
+        verdict, draft, evidence = judge_scored(cached, fresh, Tolerance())
+        assert verdict == "finding" and draft is not None and draft.kind == "mismatch"
+        assert evidence["cached_nll"] > evidence["fresh_nll"] + evidence["allowed_excess"]
+
+    def test_too_few_tokens_are_undecided(self):
+        assert judge_scored([-9.0], [-0.1], Tolerance())[0] == "undecided"
+
+    def test_a_negative_margin_is_refused_naming_the_setting(self):
+        with pytest.raises(AuditConfigError, match="margin_nats"):
+            Tolerance(margin_nats=-1)

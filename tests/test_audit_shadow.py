@@ -1,0 +1,198 @@
+"""The shadow auditor: sampling, a bounded queue that drops instead of waiting, the worker, and
+the staleness check against the registry."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from audit import AuditConfigError, FileJournal, ModelState, Recorder, ShadowAuditor, ShadowConfig
+from cachesvc.auditing import ShadowObserver, sample_from_event
+from cachesvc.events import CacheObserver
+from tests import audit_world as w
+
+
+def clean_event(i: int = 1, *, kind: str = "hit", at: float = w.NOW):
+    k = w.key_for("acme", i)
+    raw = w.encode_entry(w.entry_for(k))
+    ev = w.hit_event("acme", i, raw, at=at)
+    if kind == "fill":
+        import dataclasses
+
+        ev = dataclasses.replace(ev, kind="fill", source="proxy")
+    return ev
+
+
+def auditor(tmp_path, **cfg) -> ShadowAuditor:
+    registry = cfg.pop("registry", w.StaticRegistry(w.REGISTRY))
+    clock = cfg.pop("clock", time.time)
+    convert = cfg.pop("convert", sample_from_event)
+    return ShadowAuditor(recorder=Recorder(FileJournal(tmp_path / "f.jsonl", fsync=False)),
+                         convert=convert, config=ShadowConfig(**cfg),
+                         oracle=w.DeterministicOracle(), registry=registry,
+                         rng=random.Random(0), clock=clock)
+
+
+class TestConfig:
+    def test_a_rate_outside_zero_to_one_is_refused_naming_the_setting(self):
+        with pytest.raises(AuditConfigError, match="audit.sample_rate"):
+            ShadowConfig(sample_rate=1.5)
+
+    def test_an_empty_queue_is_refused(self):
+        with pytest.raises(AuditConfigError, match="audit.queue_size"):
+            ShadowConfig(queue_size=0)
+
+
+class TestSampling:
+    def test_hits_are_sampled_at_the_hit_rate_and_fills_at_the_fill_rate(self, tmp_path):
+        a = auditor(tmp_path, sample_rate=0.1, fill_sample_rate=0.5, queue_size=100_000)
+        ev_hit, ev_fill = clean_event(), clean_event(kind="fill")
+        hits = sum(a.offer(ev_hit) for _ in range(10_000))
+        fills = sum(a.offer(ev_fill) for _ in range(2_000))
+        # Binomial sds: 30 and 22; four of them either way.
+        assert 880 <= hits <= 1120
+        assert 910 <= fills <= 1090
+        a.check_valid()
+
+    def test_a_zero_rate_samples_nothing(self, tmp_path):
+        a = auditor(tmp_path, sample_rate=0.0)
+        assert not any(a.offer(clean_event()) for _ in range(1000))
+        assert a.skipped == 1000
+
+    def test_the_service_can_use_the_observer_as_a_cache_observer(self, tmp_path):
+        obs = ShadowObserver(auditor(tmp_path, sample_rate=1.0))
+        assert isinstance(obs, CacheObserver)
+        obs.observe(clean_event())
+        assert obs.auditor.enqueued == 1
+        assert obs.wants("hit") and obs.wants("fill")
+
+
+class TestBoundedQueue:
+    def test_a_full_queue_drops_and_counts_without_waiting(self, tmp_path):
+        a = auditor(tmp_path, sample_rate=1.0, queue_size=5)  # no worker: nothing drains
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            a.offer(clean_event())
+        elapsed = time.perf_counter() - t0
+        assert a.enqueued == 5 and a.dropped == 995
+        assert elapsed < 1.0  # 1000 offers; a blocking put would hang here
+        a.check_valid()
+
+    def test_offering_costs_microseconds_when_the_worker_is_busy(self, tmp_path):
+        gate = threading.Event()
+
+        def slow_convert(ev):
+            gate.wait(5)
+            return sample_from_event(ev)
+
+        a = auditor(tmp_path, sample_rate=1.0, queue_size=10, convert=slow_convert)
+        a.start()
+        ev = clean_event()
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            a.offer(ev)
+        per_offer = (time.perf_counter() - t0) / 2000
+        gate.set()
+        a.stop()
+        assert per_offer < 200e-6
+        assert a.dropped >= 2000 - 11
+
+
+class TestWorker:
+    def test_stop_checks_what_was_queued_and_keeps_its_findings(self, tmp_path):
+        a = auditor(tmp_path, sample_rate=1.0, queue_size=100)
+        bad = w.plant_faults(10)[0]  # cross_scope
+        a.start()
+        for _ in range(20):
+            a.offer(w.hit_event(bad.tenant, bad.index, bad.raw))
+        a.stop()
+        assert a.checked == 20
+        assert len([f for f in FileJournal(tmp_path / "f.jsonl").findings()
+                    if f.kind == "cross_scope"]) == 20
+
+    def test_a_sample_that_fails_to_convert_is_counted_not_raised(self, tmp_path):
+        def broken(ev):
+            raise RuntimeError("boom")
+
+        a = auditor(tmp_path, sample_rate=1.0, convert=broken)
+        a.offer(clean_event())
+        assert a.run_once() is True
+        assert a.failed == 1 and a.checked == 0
+        a.check_valid()
+
+
+class TestStaleness:
+    def test_a_hit_of_an_epoch_replaced_longer_than_the_grace_ago_is_stale(self, tmp_path):
+        now = [w.NOW]
+        registry = w.StaticRegistry({w.MODEL: ModelState(model=w.MODEL, version="v3",
+                                                         epoch=w.EPOCH + 1)})
+        a = auditor(tmp_path, sample_rate=1.0, stale_grace_s=30.0, registry=registry,
+                    clock=lambda: now[0])
+        a.offer(clean_event(at=now[0]))
+        a.run_once()
+        # The auditor learns of the new epoch now; a hit served right after is within grace.
+        assert [f.kind for f in FileJournal(tmp_path / "f.jsonl").findings()] == []
+        now[0] += 60
+        a.offer(clean_event(at=now[0]))
+        a.run_once()
+        found = FileJournal(tmp_path / "f.jsonl").findings()
+        assert [f.kind for f in found] == ["stale"]
+        assert found[0].evidence["replaced_for_s"] == 60.0
+
+
+class AuditorMachine(RuleBasedStateMachine):
+    """Offers and checks in any order keep the counters equal to a plain model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+        from pathlib import Path
+
+        self.dir = tempfile.TemporaryDirectory()
+        self.a = ShadowAuditor(
+            recorder=Recorder(FileJournal(Path(self.dir.name) / "f.jsonl", fsync=False)),
+            convert=sample_from_event, config=ShadowConfig(sample_rate=0.5, queue_size=4),
+            oracle=w.DeterministicOracle(), rng=random.Random(1), clock=lambda: w.NOW)
+        self.model_queue = 0
+        self.model_checked = 0
+        self.model_offered = 0
+        self.event = clean_event()
+
+    @rule(n=st.integers(min_value=1, max_value=6))
+    def offer(self, n):
+        for _ in range(n):
+            before = self.a.dropped
+            queued = self.a.offer(self.event)
+            self.model_offered += 1
+            if queued:
+                self.model_queue += 1
+            assert self.a.dropped - before <= 1
+            assert self.model_queue <= 4
+
+    @rule()
+    def check_one(self):
+        ran = self.a.run_once()
+        assert ran == (self.model_queue > 0)
+        if ran:
+            self.model_queue -= 1
+            self.model_checked += 1
+
+    @invariant()
+    def counters_match_the_model(self):
+        self.a.check_valid()
+        assert self.a.offered == self.model_offered
+        assert self.a.queued == self.model_queue
+        assert self.a.checked == self.model_checked
+
+    def teardown(self):
+        self.dir.cleanup()
+
+
+TestAuditorMachine = AuditorMachine.TestCase
+TestAuditorMachine.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
