@@ -11,7 +11,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from cachesvc.errors import UpstreamError
+from cachesvc.streaming import DONE, sse
 
 from cachesvc.settings import Settings, load_settings
 
@@ -84,6 +90,7 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        assert not self.thread.is_alive(), "uvicorn did not stop within 15 s"
 
 
 @contextlib.contextmanager
@@ -94,13 +101,6 @@ def serving(app: Any) -> Iterator[ServerThread]:
 
 def fake_openai_app(upstream: Any) -> Any:
     """An OpenAI-compatible HTTP server answering with ``upstream`` (an ``EchoUpstream``)."""
-    import orjson
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response, StreamingResponse
-
-    from cachesvc.errors import UpstreamError
-    from cachesvc.streaming import DONE, sse
-
     app = FastAPI()
 
     async def handle(request: Request, kind: str) -> Response:
