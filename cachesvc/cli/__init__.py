@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cachesvc.cli import audit as _audit
+from cachesvc.cli import engine as _engine
 from cachesvc.cli import key as _key
 from cachesvc.cli import serve as _serve
 
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(_key.app, name="key")
 app.add_typer(_audit.app, name="audit")
+app.add_typer(_engine.app, name="engine")
 _serve.register(app)
 
 
