@@ -137,8 +137,10 @@ class EngineUpstream:
 def _engine_error(exc: Any) -> UpstreamError:
     status = int(getattr(exc, "status", 400) or 400)
     field = getattr(exc, "field", None)
+    retry = getattr(exc, "retry_after_s", None)
+    headers = {"Retry-After": str(max(1, int(retry)))} if retry else None
     return UpstreamError(status, {"error": {"message": str(exc), "type": "invalid_request_error",
-                                            "param": field, "code": None}})
+                                            "param": field, "code": None}}, headers=headers)
 
 
 def _err(message: str) -> dict[str, Any]:

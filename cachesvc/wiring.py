@@ -39,13 +39,53 @@ async def open_versions(settings: Settings, store: Any) -> Any:
 
 
 async def open_upstream(settings: Settings, versions: Any) -> Any:
+    """An HTTP upstream when ``[upstream] url`` is set, else the reference engine in process."""
     from cachesvc.upstream import EngineUpstream, HttpUpstream
 
     if settings.upstream.url:
         return HttpUpstream(settings.upstream.url, api_key=settings.upstream.api_key,
                             timeout_s=settings.upstream.timeout_s)
-    raise NotImplementedError("in-process engine")
-    return EngineUpstream(None)
+    import asyncio
+
+    engine = await asyncio.to_thread(_load_engine, settings)
+    await attach_engine(engine, versions, settings.upstream.version)
+    return EngineUpstream(engine)
+
+
+def _load_engine(settings: Settings) -> Any:
+    import torch
+
+    from gpu_prefix.engine import Engine
+
+    device = settings.upstream.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("engine_loading", model=settings.upstream.model, device=device)
+    return Engine.from_name(settings.upstream.model, device=device,
+                            model_id=settings.upstream.model)
+
+
+async def attach_engine(engine: Any, versions: Any, version: str) -> None:
+    """Register the engine's model in the registry (idempotently: a restart with the same
+    version keeps the epoch and so the cache) and follow its rollouts: a new epoch drops the
+    old epoch's prefix blocks from the engine's pool."""
+    import asyncio
+
+    model = engine.model_id
+    try:
+        result = await versions.registry.rollout(model, version, idempotent=True)
+        await versions.view.poll()
+        epoch = result.current.epoch
+        if epoch != engine.model_epoch:
+            await asyncio.to_thread(engine.on_rollout, None, epoch)
+    except Exception as exc:  # noqa: BLE001 - a down registry must not stop start-up
+        log.warning("engine_registration_failed", model=model, error=str(exc)[:200])
+
+    async def on_epoch(changed: str, old: int | None, new: int) -> None:
+        if changed == model and new != engine.model_epoch:
+            await asyncio.to_thread(engine.on_rollout, None, new)
+
+    versions.subscribe(on_epoch)
 
 
 async def open_observers(settings: Settings, upstream: Any, versions: Any,
