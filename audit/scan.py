@@ -78,7 +78,11 @@ class Scanner:
         canaries: Mapping[str, Sequence[str]] | None = None,
         secret: bytes = DEFAULT_MATERIAL_SECRET,
         clock: Callable[[], float] = time.time,
+        check_registry: bool = True,
     ) -> None:
+        """``check_registry=False`` when no registry is reachable: epoch and version checks
+        against it are skipped (placement, material, canary and decode checks still run)."""
+        self.check_registry = check_registry
         self.recorder = recorder
         self.registry = dict(registry)
         self.canaries = dict(canaries or {})
@@ -94,7 +98,7 @@ class Scanner:
         else:
             drafts = check_stored(
                 item, current=self.registry.get(item.model), canaries=self.canaries,
-                secret=self.secret,
+                secret=self.secret, check_registry_state=self.check_registry,
             )
             ref = EntryRef(
                 storage_key=item.storage_key, node=item.node,

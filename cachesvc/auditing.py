@@ -7,6 +7,7 @@ settings, the registry, oracles and the timing audit's HTTP prober.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -157,9 +158,17 @@ class LoopRegistryView:
         self._registry = registry
         self._loop = loop
         self._timeout = timeout
+        # NOTE: read the registry itself, not the replica's cached view, when the object offers
+        # it (``fresh=True``): a replica that missed a rollout must not be judged by its own view.
+        try:
+            self._fresh = "fresh" in inspect.signature(registry.current).parameters
+        except (TypeError, ValueError):
+            self._fresh = False
 
     def current(self, model: str) -> ModelState | None:
-        fut = asyncio.run_coroutine_threadsafe(self._registry.current(model), self._loop)
+        coro = (self._registry.current(model, fresh=True) if self._fresh
+                else self._registry.current(model))
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return _model_state(model, fut.result(self._timeout))
 
 

@@ -78,51 +78,55 @@ class Planted:
     shadow_kinds: frozenset[str]  # kinds the shadow auditor must report on a hit
 
 
-def plant_faults(n_clean: int) -> list[Planted]:
+def plant_faults(n_clean: int, *, epoch: int = EPOCH) -> list[Planted]:
     """The five faults of the suite (and a leaked-answer variant), under acme's keys
-    ``n_clean .. n_clean+5``."""
+    ``n_clean .. n_clean+5``, for a registry whose current epoch is ``epoch``."""
     base = n_clean
     out = []
+
+    def current(tenant: str, i: int) -> KeyResult:
+        return key_for(tenant, i, epoch=epoch)
+
     # 1. Another scope's entry under this scope's key.
-    k = key_for("acme", base)
-    other = key_for("globex", base)
+    k = current("acme", base)
+    other = current("globex", base)
     out.append(Planted("cross_scope", "acme", base, encode_entry(entry_for(other)),
                        frozenset({"cross_scope"}), frozenset({"cross_scope"})))
     # 2. An old epoch's entry under the current key.
-    k = key_for("acme", base + 1)
-    old = key_for("acme", base + 1, epoch=OLD_EPOCH)
+    k = current("acme", base + 1)
+    old = key_for("acme", base + 1, epoch=epoch - 1)
     out.append(Planted("old_epoch", "acme", base + 1,
                        encode_entry(entry_for(old, version=OLD_VERSION)),
                        frozenset({"stale"}), frozenset({"stale"})))
     # 3. A wrong material digest (a crafted xxh3 collision would look like this).
-    k = key_for("acme", base + 2)
+    k = current("acme", base + 2)
     forged = replace(entry_for(k), material_digest=hashlib.blake2b(b"forged", digest_size=32).digest())
     out.append(Planted("material_digest", "acme", base + 2, encode_entry(forged),
                        frozenset(), frozenset({"collision"})))
     # 4. Flipped bytes.
-    k = key_for("acme", base + 3)
+    k = current("acme", base + 3)
     raw = bytearray(encode_entry(entry_for(k)))
     raw[len(raw) // 2] ^= 0x20
     out.append(Planted("flipped_bytes", "acme", base + 3, bytes(raw),
                        frozenset({"corrupt"}), frozenset({"corrupt"})))
     # 5. A wrong answer under a valid key.
-    k = key_for("acme", base + 4)
+    k = current("acme", base + 4)
     out.append(Planted("wrong_answer", "acme", base + 4,
                        encode_entry(entry_for(k, text="a confidently wrong answer")),
                        frozenset(), frozenset({"mismatch"})))
     # 5b. The same, where the wrong answer is another tenant's (it carries their canary).
-    k = key_for("acme", base + 5)
+    k = current("acme", base + 5)
     leaked = f"globex's private answer {CANARIES['globex'][0]}"
     out.append(Planted("leaked_answer", "acme", base + 5, encode_entry(entry_for(k, text=leaked)),
                        frozenset({"canary"}), frozenset({"canary", "mismatch"})))
     return out
 
 
-def clean_entries(n: int) -> list[tuple[str, bytes, KeyResult]]:
+def clean_entries(n: int, *, epoch: int = EPOCH) -> list[tuple[str, bytes, KeyResult]]:
     out = []
     for tenant in TENANTS:
         for i in range(n):
-            k = key_for(tenant, i)
+            k = key_for(tenant, i, epoch=epoch)
             out.append((skey(k), encode_entry(entry_for(k)), k))
     return out
 

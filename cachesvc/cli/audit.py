@@ -64,16 +64,14 @@ def _journal(settings: Any, findings: str | None) -> Journal:
     raise AssertionError  # unreachable
 
 
-async def _open_registry(settings: Any) -> Any:
-    """The model registry the service uses, or None where it cannot be reached from here."""
-    try:
-        from invalidation import registry as reg  # noqa: F401
-    except ImportError:
+async def _open_registry(store: Any) -> Any:
+    """The model registry beside a Redis store (the one the service uses), or None."""
+    client = getattr(store, "client", None)
+    if client is None:
         return None
-    opener = getattr(reg, "open_registry", None)
-    if opener is None:
-        return None
-    return await _maybe_await(opener(settings.redis.url))
+    from invalidation import RedisRegistry
+
+    return RedisRegistry(client)
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -114,7 +112,7 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> 
     from cachesvc.store import open_store
 
     store = open_store(settings.redis.url)
-    registry = await _open_registry(settings)
+    registry = await _open_registry(store)
     snapshot = await registry_snapshot(registry) if registry is not None else {}
     if registry is None:
         typer.echo("warning: no model registry reachable; epoch and version checks against the "
@@ -122,9 +120,8 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> 
     secret = settings.cache.secret.encode() if settings.cache.secret else None
     recorder = Recorder(journal)
     kwargs: dict[str, Any] = {"secret": secret} if secret else {}
-    scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings), **kwargs)
-    if registry is None:
-        scanner.registry = {}
+    scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
+                      check_registry=registry is not None, **kwargs)
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
@@ -135,8 +132,6 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> 
     finally:
         recorder.close()
         await store.close()
-        if registry is not None and hasattr(registry, "aclose"):
-            await registry.aclose()
     return result
 
 

@@ -1,0 +1,91 @@
+"""The timing audit: the protocol and its statistics against a simulated target, and (slow) the
+real engine over HTTP with tenant isolation on and off."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from audit import AuditConfigError, TimingConfig, levels_for_keys, run_timing
+from audit.timing import ks_greater
+
+
+class SimulatedTarget:
+    """A server with a prefix cache: time grows with the words not already cached for the
+    caller's partition. ``shared`` puts every key in one partition (the leak)."""
+
+    def __init__(self, *, tenants: dict[str, str], shared: bool, seed: int = 0):
+        self.tenants = tenants
+        self.shared = shared
+        self.cache: dict[str, set[tuple[str, ...]]] = {}
+        self.rng = random.Random(seed)
+        self.calls = 0
+
+    def __call__(self, *, key: str, prompt: str) -> float:
+        self.calls += 1
+        part = "all" if self.shared else self.tenants[key]
+        words = tuple(prompt.split())
+        seen = self.cache.setdefault(part, set())
+        cached = 0
+        for n in range(len(words), 0, -1):
+            if words[:n] in seen:
+                cached = n
+                break
+        for n in range(1, len(words) + 1):
+            seen.add(words[:n])
+        return 0.010 + 0.0001 * (len(words) - cached) + self.rng.gauss(0, 0.002)
+
+
+KEYS = {"ka": "acme", "ka2": "acme", "kb": "globex"}
+
+
+class TestProtocol:
+    def test_a_shared_cache_is_flagged_as_a_cross_tenant_leak(self):
+        target = SimulatedTarget(tenants=KEYS, shared=True)
+        result = run_timing(levels_for_keys(key_a="ka", key_b="kb", key_a2="ka2"), target,
+                            target="sim", config=TimingConfig(trials=40, prompt_words=100),
+                            rng=random.Random(1))
+        by = {lv.name: lv for lv in result.levels}
+        assert by["other_tenant"].leak and by["other_tenant"].p_value < 1e-4
+        assert by["same_key"].shared and not by["same_key"].leak
+        assert [f.kind for f in result.findings(at=0.0)] == ["timing"]
+
+    def test_an_isolated_cache_passes_and_the_control_still_shows_the_effect(self):
+        target = SimulatedTarget(tenants=KEYS, shared=False)
+        result = run_timing(levels_for_keys(key_a="ka", key_b="kb", key_a2="ka2"), target,
+                            target="sim", config=TimingConfig(trials=40, prompt_words=100),
+                            rng=random.Random(2))
+        by = {lv.name: lv for lv in result.levels}
+        assert by["same_key"].shared  # positive control: the cache works
+        assert by["same_tenant"].shared and not by["same_tenant"].leak  # tenant scope shares
+        assert not by["other_tenant"].shared and by["other_tenant"].verdict == "isolated"
+        assert result.findings(at=0.0) == []
+
+    def test_without_a_cache_effect_the_isolated_verdict_is_inconclusive(self):
+        def flat(*, key: str, prompt: str) -> float:
+            return 0.01 + random.random() * 0.001
+
+        result = run_timing(levels_for_keys(key_a="ka", key_b="kb"), flat, target="flat",
+                            config=TimingConfig(trials=20, prompt_words=20),
+                            rng=random.Random(3))
+        other = next(lv for lv in result.levels if lv.name == "other_tenant")
+        assert other.verdict.startswith("inconclusive")
+        assert result.notes
+
+    def test_trials_are_interleaved_and_every_request_is_sent(self):
+        target = SimulatedTarget(tenants=KEYS, shared=False)
+        cfg = TimingConfig(trials=10, prompt_words=20, warmup=1)
+        run_timing(levels_for_keys(key_a="ka", key_b="kb"), target, target="sim", config=cfg,
+                   rng=random.Random(4))
+        # warmup (1 per level) + per level and trial: victim+probe for hit and for miss.
+        assert target.calls == 2 * 1 + 2 * 10 * 4
+
+    def test_too_few_trials_are_refused_naming_the_option(self):
+        with pytest.raises(AuditConfigError, match="--trials"):
+            TimingConfig(trials=2)
+
+    def test_the_ks_test_is_one_sided(self):
+        fast, slow = [0.1] * 30, [0.2] * 30
+        assert ks_greater(fast, slow)[1] < 1e-6
+        assert ks_greater(slow, fast)[1] > 0.5
