@@ -112,7 +112,7 @@ def _load_random_tiny() -> LoadedModel:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     # NOTE: the weights are a pure function of this seed, so every test process gets the same
     # model; the global RNG state is restored so loading does not perturb callers.
@@ -126,6 +126,14 @@ def _load_random_tiny() -> LoadedModel:
             for p in model.parameters():
                 if p.dim() >= 2:
                     p.normal_(0.0, 0.08)
+            # Only printable ASCII (and end-of-turn) can win, so test outputs are readable text
+            # and stop sequences can be chosen from them.
+            keep = torch.zeros(config.vocab_size, dtype=torch.bool)
+            for tid in range(config.vocab_size):
+                text = tokenizer.decode([tid])
+                keep[tid] = len(text) == 1 and 32 <= ord(text) < 127
+            keep[tokenizer.eos_token_id] = True
+            model.lm_head.weight[~keep] = 0.0
     finally:
         torch.random.set_rng_state(state)
     return LoadedModel(name="random-tiny", model=model, tokenizer=tokenizer)

@@ -18,6 +18,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 pytest_plugins: list[str] = [
     "tests.fixtures.redis",
+    "tests.fixtures.engine",
 ]
 
 
