@@ -89,3 +89,106 @@ class TestProtocol:
         fast, slow = [0.1] * 30, [0.2] * 30
         assert ks_greater(fast, slow)[1] < 1e-6
         assert ks_greater(slow, fast)[1] > 0.5
+
+
+# -- the real engine over HTTP -------------------------------------------------------------
+
+KEY_A, KEY_A2, KEY_B = "key-acme-0123456789", "key-acme-second-0123", "key-globex-012345678"
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from gpu_prefix.engine import Engine
+    from gpu_prefix.models import load_model
+
+    return Engine(load_model("random-tiny"), pool_bytes=512 * 2**20)
+
+
+class _Server:
+    """uvicorn in a thread on a free port; stopped by flag, joined."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _engine_timing(engine, *, isolate: bool, trials: int, same_tenant: bool = True):
+    from cachesvc.auditing import HttpProber
+    from cachesvc.engine_app import create_engine_app
+
+    app = create_engine_app(engine, api_keys={KEY_A: "acme", KEY_A2: "acme", KEY_B: "globex"},
+                            isolate_tenants=isolate)
+    with _Server(app) as url:
+        prober = HttpProber(url, model=engine.model_id)
+        try:
+            levels = levels_for_keys(key_a=KEY_A, key_b=KEY_B,
+                                     key_a2=KEY_A2 if same_tenant else None)
+            return run_timing(levels, prober,
+                              target=url, config=TimingConfig(trials=trials, prompt_words=300),
+                              rng=random.Random(11))
+        finally:
+            prober.close()
+
+
+@pytest.mark.slow
+class TestAgainstTheEngine:
+    def test_the_engine_with_isolation_off_is_flagged_as_leaking(self, tiny_engine):
+        result = _engine_timing(tiny_engine, isolate=False, trials=20, same_tenant=False)
+        by = {lv.name: lv for lv in result.levels}
+        assert by["same_key"].shared
+        assert by["other_tenant"].leak, (by["other_tenant"].p_value, by["other_tenant"].verdict)
+
+    def test_the_engine_with_isolation_on_passes(self, tiny_engine):
+        result = _engine_timing(tiny_engine, isolate=True, trials=20)
+        by = {lv.name: lv for lv in result.levels}
+        assert by["same_key"].shared  # the positive control: its prefix cache works
+        assert by["same_tenant"].shared  # tenant scope: a tenant's keys share its prefixes
+        assert not by["other_tenant"].shared, by["other_tenant"].p_value
+        assert by["other_tenant"].verdict == "isolated"
+        assert result.findings(at=0.0) == []
+
+    def test_the_cli_prints_a_verdict_per_level_and_exits_1_on_a_leak(self, tiny_engine, tmp_path):
+        from typer.testing import CliRunner
+
+        from audit import FileJournal
+        from cachesvc.cli import app
+        from cachesvc.engine_app import create_engine_app
+
+        engine_app = create_engine_app(tiny_engine, api_keys={KEY_A: "acme", KEY_B: "globex"},
+                                       isolate_tenants=False)
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'state_dir = "{tmp_path}"\n')
+        with _Server(engine_app) as url:
+            res = CliRunner().invoke(app, [
+                "audit", "timing", "--url", url, "--key-a", KEY_A, "--key-b", KEY_B,
+                "--trials", "8", "--alpha", "0.01", "--seed", "1", "--config", str(cfg),
+                "--findings", str(tmp_path / "f.jsonl")])
+        assert res.exit_code == 1, res.output
+        assert "other_tenant" in res.output and "LEAK" in res.output
+        journal = FileJournal(tmp_path / "f.jsonl")
+        assert [f.kind for f in journal.findings()] == ["timing"]
+        assert journal.load_result("timing")["leaks"] == ["other_tenant"]
