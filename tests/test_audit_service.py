@@ -1,0 +1,109 @@
+"""The shadow auditor inside the running service, with the reference engine as upstream and
+oracle: clean traffic yields no finding; a wrong answer forged under a valid key and another
+tenant's canary are found from the hits that serve them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import httpx
+import pytest
+
+from audit import FileJournal
+from cachesvc.app import create_app
+from cachesvc.store import decode_entry, encode_entry, open_store
+from cachesvc.upstream import EngineUpstream
+from tests.service_helpers import KEY_A, KEY_B, auth, make_settings, serving
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from gpu_prefix.engine import Engine
+    from gpu_prefix.models import load_model
+
+    return Engine(load_model("random-tiny"))
+
+
+def chat(content: str) -> dict:
+    return {"model": "random-tiny", "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": content}]}
+
+
+@pytest.fixture
+def service(tmp_path, tiny_engine):
+    findings = tmp_path / "findings.jsonl"
+    settings = make_settings(
+        tmp_path,
+        upstream={"model": "random-tiny"},
+        audit={"sample_rate": 1.0, "fill_sample_rate": 1.0, "oracle": "engine",
+               "findings_path": str(findings)},
+    )
+    store = open_store(None)
+    app = create_app(settings, upstream=EngineUpstream(tiny_engine), store=store)
+    with serving(app) as server:
+        yield server, app, store, FileJournal(findings)
+
+
+def auditor_of(app):
+    return app.state.services.cache.observers[0].auditor
+
+
+def post(server, body, key=KEY_A):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth(key), timeout=60)
+    assert r.status_code == 200, r.text
+    return r
+
+
+
+
+class TestShadowAuditorInTheService:
+    def test_clean_misses_and_hits_are_recomputed_and_pass(self, service):
+        server, app, _, journal = service
+        for i in range(4):
+            assert post(server, chat(f"clean {i}")).headers["x-cache"].startswith("MISS")
+            assert post(server, chat(f"clean {i}")).headers["x-cache"].startswith("HIT")
+        auditor = auditor_of(app)
+        auditor.drain(timeout=60)
+        assert auditor.checked == 8  # four fills and four hits
+        assert journal.findings() == []
+
+    def test_a_wrong_answer_under_a_valid_key_is_found_from_the_hit(self, service):
+        server, app, store, journal = service
+        post(server, chat("what is two plus two"))
+        key, raw = asyncio.run(_entries(store))[0]
+        entry = decode_entry(raw)
+        body = dict(entry.response)
+        body["choices"] = [{**body["choices"][0],
+                            "message": {"role": "assistant", "content": "five, certainly"}}]
+        forged = encode_entry(dataclasses.replace(entry, response=body))
+        asyncio.run(store.set(key, forged, ttl=600))
+        r = post(server, chat("what is two plus two"))
+        assert r.headers["x-cache"].startswith("HIT")  # provenance is valid: the service serves it
+        assert r.json()["choices"][0]["message"]["content"] == "five, certainly"
+        auditor_of(app).drain(timeout=60)
+        found = journal.findings()
+        assert [f.kind for f in found] == ["mismatch"]
+        assert found[0].entry.storage_key == key and found[0].source == "hit"
+
+    def test_another_tenants_canary_in_a_served_answer_is_found(self, service):
+        server, app, store, journal = service
+        post(server, chat("tell me a secret"), key=KEY_B)
+        key, raw = asyncio.run(_entries(store))[0]
+        entry = decode_entry(raw)
+        body = dict(entry.response)
+        body["choices"] = [{**body["choices"][0],
+                            "message": {"role": "assistant", "content": "psst: CANARY-A-7f3"}}]
+        asyncio.run(store.set(key, encode_entry(dataclasses.replace(entry, response=body)),
+                              ttl=600))
+        post(server, chat("tell me a secret"), key=KEY_B)
+        auditor_of(app).drain(timeout=60)
+        kinds = sorted(f.kind for f in journal.findings())
+        assert "canary" in kinds
+        canary = next(f for f in journal.findings() if f.kind == "canary")
+        assert canary.evidence["canary_tenant"] == "team-a"
+        assert "CANARY-A-7f3" not in repr(canary.as_dict())
+
+
+async def _entries(store):
+    return [(k, raw) async for k, raw in store.scan_entries()]
