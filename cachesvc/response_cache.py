@@ -134,6 +134,17 @@ class ResponseCache:
         if not isinstance(body, dict):
             raise BadRequestError("the request body must be a JSON object", field="body",
                                   fix="send an OpenAI-style request object")
+        user = body.get("user")
+        if user is not None and not isinstance(user, str):
+            raise BadRequestError("`user` must be a string", field="user",
+                                  fix="send the end user's id as a string, or leave it out")
+        if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
+            raise BadRequestError("`stream` must be true or false", field="stream",
+                                  fix="send stream: true for SSE, or leave it out")
+        opts = body.get("stream_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise BadRequestError("`stream_options` must be an object", field="stream_options",
+                                  fix='send e.g. {"include_usage": true}, or leave it out')
         scope = tenant.scope_for(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -154,7 +165,6 @@ class ResponseCache:
         except InvalidRequestError as exc:
             raise BadRequestError(exc.problem, field=exc.field, fix=exc.fix) from None
         stream = body.get("stream") is True
-        opts = body.get("stream_options")
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         return Keyed(tenant=tenant, scope=scope, body=body, kind=kind, key=key, version=version,
                      epoch=epoch, stream=stream, include_usage=include_usage,

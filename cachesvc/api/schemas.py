@@ -27,24 +27,28 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Well-formed but cannot be honoured."},
 }
 
+# NOTE: these document the shape the service itself checks. Value rules (ranges, message
+# content shapes per role, ...) belong to the key builder, which answers a 400 naming the field.
 _MESSAGE = {
     "type": "object",
     "required": ["role"],
-    "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool",
-                                                       "developer"]},
-                   "content": {"type": "string"}},
+    "properties": {"role": {"type": "string"}},
+}
+_OPTIONAL = {
+    "temperature": {"type": ["number", "null"]},
+    "seed": {"type": ["integer", "null"]},
+    "max_tokens": {"type": ["integer", "null"]},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"type": ["object", "null"]},
+    "user": {"type": ["string", "null"]},
 }
 _CHAT = {
     "type": "object",
     "required": ["model", "messages"],
     "properties": {
         "model": {"type": "string", "minLength": 1},
-        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "seed": {"type": "integer"},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "stream": {"type": "boolean"},
-        "user": {"type": "string"},
+        "messages": {"type": "array", "items": _MESSAGE},
+        **_OPTIONAL,
     },
     "additionalProperties": True,
 }
@@ -53,12 +57,8 @@ _COMPLETION = {
     "required": ["model", "prompt"],
     "properties": {
         "model": {"type": "string", "minLength": 1},
-        "prompt": {"type": "string"},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "seed": {"type": "integer"},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "stream": {"type": "boolean"},
-        "user": {"type": "string"},
+        "prompt": {"type": ["string", "array"]},
+        **_OPTIONAL,
     },
     "additionalProperties": True,
 }
@@ -84,7 +84,7 @@ def proxy_openapi(kind: str) -> dict[str, Any]:
             "200": {"description": "The answer; `X-Cache` says where it came from.",
                     "headers": _HEADERS,
                     "content": {"application/json": {"schema": _RESPONSE},
-                                "text/event-stream": {"schema": {"type": "string"}}}},
+                                "text/event-stream": {"schema": {"description": "SSE: `data: <chunk JSON>` events, then `data: [DONE]`."}}}},
             "502": {"description": "The upstream failed (its error passes through).",
                     "content": {"application/json": {"schema": {"type": "object"}}}},
             "504": {"description": "only-if-cached and not cached, or upstream timeout.",
