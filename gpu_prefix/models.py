@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 import torch
 
-from gpu_prefix.errors import ModelLoadError
+from gpu_prefix.errors import InvalidParamsError, ModelLoadError
 
 log = structlog.get_logger()
 
@@ -70,7 +70,7 @@ def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     elif name == "smollm2":
         loaded = _load_smollm2()
     else:
-        raise ModelLoadError(f"unknown model {name!r}; use one of {', '.join(MODEL_NAMES)}")
+        raise InvalidParamsError("model", f"unknown model {name!r}", f"use one of {', '.join(MODEL_NAMES)}")
     model = loaded.model.to(device=torch.device(device), dtype=dtype)
     model.eval()
     return LoadedModel(name=name, model=model, tokenizer=loaded.tokenizer)
