@@ -271,6 +271,19 @@ class Engine:
         finally:
             self._finish(pre)
 
+    def next_token_logits(
+        self, prompt_ids: Sequence[int], *, scope_salt: bytes | None = None, use_prefix_cache: bool = True
+    ) -> tuple[torch.Tensor, int]:
+        """The last prompt position's logits, through the same reuse path as ``generate``, and
+        how many prompt tokens came from cached blocks (for benches and exactness checks)."""
+        prompt = self._check_prompt(prompt_ids, extra=0)
+        params = GenerationParams(max_tokens=1, scope_salt=scope_salt, use_prefix_cache=use_prefix_cache)
+        pre = self._prefill(prompt, params, capacity=len(prompt))
+        try:
+            return pre.logits, pre.cached_tokens
+        finally:
+            self._finish(pre)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _block_keys(self, prompt: Sequence[int], params: GenerationParams) -> BlockKeys:
