@@ -36,3 +36,17 @@ COALESCED = Counter("cachesvc_coalesced", "Misses served by another request's fi
 OBSERVER_ERRORS = Counter("cachesvc_observer_errors", "Observers that raised on observe().")
 
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def child(metric: Counter, *labels: str) -> Counter:
+    """``metric.labels(*labels)``, memoised: ``labels()`` costs more than the increment."""
+    key = (id(metric), labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        if len(_CHILDREN) > 10_000:  # tenants come from config, but stay bounded anyway
+            _CHILDREN.clear()
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
+
+
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Counter] = {}

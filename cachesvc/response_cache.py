@@ -21,6 +21,7 @@ from cachesvc.cache_control import CacheControl
 from cachesvc.errors import BadRequestError, ServiceError
 from cachesvc.events import CacheEvent, CacheObserver
 from cachesvc.guarded_store import GuardedStore
+from cachesvc.memo import Memo
 from cachesvc.store.base import ResponseStore, storage_key
 from cachesvc.store.envelope import Entry, decode_entry, encode_entry
 from cachesvc.store.errors import EntryDecodeError, InvalidEntryError
@@ -31,6 +32,28 @@ from keying import InvalidRequestError, KeyLimits, KeyParams, KeyResult, Scope, 
 log = structlog.get_logger()
 
 Status = Literal["hit", "miss", "bypass"]
+
+
+_PREFIXES: dict[tuple[Scope, str], str] = {}
+
+
+def fast_storage_key(*, scope: Scope, model: str, epoch: int, digest: bytes) -> str:
+    """``cachesvc.store.storage_key``, with the escaped scope+model prefix memoised.
+
+    NOTE: the prefix is cut from a key the store's own function built, so the layout stays the
+    store's; if that layout ever stops ending in ``:e<epoch>:<digest hex>`` this falls back to
+    the full function on every call.
+    """
+    prefix = _PREFIXES.get((scope, model))
+    if prefix is not None:
+        return f"{prefix}:e{epoch}:{digest.hex()}"
+    full = storage_key(scope=scope, model=model, epoch=epoch, digest=digest)
+    suffix = f":e{epoch}:{digest.hex()}"
+    if full.endswith(suffix):
+        if len(_PREFIXES) >= 65_536:
+            _PREFIXES.clear()
+        _PREFIXES[(scope, model)] = full[: -len(suffix)]
+    return full
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,8 +71,8 @@ class FillTarget:
 
     @property
     def storage_key(self) -> str:
-        return storage_key(scope=self.scope, model=self.model, epoch=self.epoch,
-                           digest=self.digest)
+        return fast_storage_key(scope=self.scope, model=self.model, epoch=self.epoch,
+                                digest=self.digest)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,6 +89,7 @@ class Keyed:
     stream: bool
     include_usage: bool
     registry_ok: bool = True
+    storage_key: str = ""
 
     @property
     def target(self) -> FillTarget:
@@ -73,11 +97,6 @@ class Keyed:
                           material_digest=bytes(self.key.material_digest), model=self.key.model,
                           version=self.version, epoch=self.epoch, adapter=self.key.adapter,
                           ttl_seconds=self.tenant.ttl_seconds)
-
-    @property
-    def storage_key(self) -> str:
-        return storage_key(scope=self.scope, model=self.key.model, epoch=self.epoch,
-                           digest=bytes(self.key.digest))
 
     @property
     def flight_key(self) -> str:
@@ -129,8 +148,17 @@ class ResponseCache:
     strict_epoch: bool = False
     clock: Callable[[], float] = time.time
 
-    async def key(self, tenant: Tenant, body: Any, kind: str) -> Keyed:
-        """Key ``body`` for ``tenant``; bad input raises ``BadRequestError`` naming the field."""
+    def __post_init__(self) -> None:
+        self._keys: Memo[KeyResult] = Memo(max_items=8192, max_bytes=64 * 1024 * 1024)
+        self._entries: Memo[Entry] = Memo(max_items=8192, max_bytes=64 * 1024 * 1024)
+        self._limits = KeyLimits(max_bytes=self.max_request_bytes)
+
+    async def key(self, tenant: Tenant, body: Any, kind: str, *, raw: bytes | None = None
+                  ) -> Keyed:
+        """Key ``body`` for ``tenant``; bad input raises ``BadRequestError`` naming the field.
+
+        ``raw``, the exact bytes ``body`` was parsed from, lets a repeat skip the key builder.
+        """
         if not isinstance(body, dict):
             raise BadRequestError("the request body must be a JSON object", field="body",
                                   fix="send an OpenAI-style request object")
@@ -156,19 +184,26 @@ class ResponseCache:
         except ServiceError:
             # NOTE: without a confirmed epoch no entry may be served or written: bypass.
             registry_ok, version, epoch = False, "", 0
-        try:
-            key = build_key(body, KeyParams(
-                scope=scope, epoch=epoch, kind=kind,  # type: ignore[arg-type]
-                allow_nondeterministic=tenant.cache_nondeterministic, secret=self.secret,
-                limits=KeyLimits(max_bytes=self.max_request_bytes),
-            ))
-        except InvalidRequestError as exc:
-            raise BadRequestError(exc.problem, field=exc.field, fix=exc.fix) from None
+        memo_key = (raw, scope, epoch, kind, tenant.cache_nondeterministic) if raw else None
+        key = self._keys.get(memo_key) if memo_key is not None else None
+        if key is None:
+            try:
+                key = build_key(body, KeyParams(
+                    scope=scope, epoch=epoch, kind=kind,  # type: ignore[arg-type]
+                    allow_nondeterministic=tenant.cache_nondeterministic, secret=self.secret,
+                    limits=self._limits,
+                ))
+            except InvalidRequestError as exc:
+                raise BadRequestError(exc.problem, field=exc.field, fix=exc.fix) from None
+            if memo_key is not None:
+                self._keys.put(memo_key, key, len(raw) + len(key.material))  # type: ignore[arg-type]
         stream = body.get("stream") is True
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         return Keyed(tenant=tenant, scope=scope, body=body, kind=kind, key=key, version=version,
                      epoch=epoch, stream=stream, include_usage=include_usage,
-                     registry_ok=registry_ok)
+                     registry_ok=registry_ok,
+                     storage_key=fast_storage_key(scope=scope, model=key.model, epoch=epoch,
+                                                  digest=bytes(key.digest)))
 
     async def lookup(self, keyed: Keyed, cc: CacheControl, *, route: str) -> LookupResult:
         """Hit, miss or bypass for ``keyed``; a hit has been verified against the request."""
@@ -196,11 +231,14 @@ class ResponseCache:
             metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
 
     async def _verify(self, keyed: Keyed, raw: bytes, cc: CacheControl) -> LookupResult:
-        try:
-            entry = decode_entry(raw)
-        except EntryDecodeError as exc:
-            return self._reject("corrupt", f"entry could not be decoded ({type(exc).__name__})",
-                                raw)
+        entry = self._entries.get(raw)
+        if entry is None:
+            try:
+                entry = decode_entry(raw)
+            except EntryDecodeError as exc:
+                return self._reject("corrupt",
+                                    f"entry could not be decoded ({type(exc).__name__})", raw)
+            self._entries.put(raw, entry, 2 * len(raw))
         why = entry.mismatch(scope=keyed.scope, model=keyed.key.model, epoch=keyed.epoch,
                              digest=bytes(keyed.key.digest),
                              material_digest=bytes(keyed.key.material_digest),
@@ -225,7 +263,7 @@ class ResponseCache:
         return LookupResult(status="miss", reason=f"entry rejected: {message}", raw=raw)
 
     def _count(self, result: LookupResult, route: str) -> LookupResult:
-        metrics.LOOKUPS.labels(result.status, route).inc()
+        metrics.child(metrics.LOOKUPS, result.status, route).inc()
         if result.status == "bypass":
             metrics.BYPASSES.labels(_reason_label(result.reason)).inc()
         return result

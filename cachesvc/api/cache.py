@@ -3,10 +3,13 @@ model themselves. A store needs the signed fill token its lookup returned."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
 
 from cachesvc import metrics
-from cachesvc.api.deps import ServicesDep, TenantDep
+from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
+from cachesvc.api.responses import OrjsonResponse
 from cachesvc.api.schemas import (
     ERROR_RESPONSES,
     LookupRequest,
@@ -26,43 +29,74 @@ router = APIRouter(prefix="/v1/cache", tags=["cache"])
 _STALE = {409: {"description": "The token's model epoch has passed (a rollout happened)."}}
 
 
-def _kind(body: LookupRequest) -> str:
-    if body.kind is not None:
-        return body.kind
-    detected = detect_kind(body.request)
+def _kind(request: dict[str, Any], kind: Any) -> str:
+    if kind is not None:
+        return kind  # type: ignore[no-any-return]
+    detected = detect_kind(request)
     if detected not in ("chat", "completion"):
         raise BadRequestError("cannot tell whether the request is a chat or a completion",
                               field="kind", fix='set "kind": "chat" or "completion"')
     return detected
 
 
-@router.post("/lookup", response_model=LookupResponse, responses=ERROR_RESPONSES,
-             response_model_exclude_none=True)
-async def lookup(body: LookupRequest, request: Request, services: ServicesDep,
-                 tenant: TenantDep) -> LookupResponse:
+def _lookup_body(obj: Any) -> tuple[dict[str, Any], Any]:
+    """Validate a lookup body by hand (this route skips pydantic for speed; the schema in the
+    OpenAPI document is ``LookupRequest``'s)."""
+    if not isinstance(obj, dict):
+        raise UnprocessableError("the body must be an object", field="body",
+                                 fix='send {"request": {...}}')
+    extra = sorted(set(obj) - {"request", "kind"})
+    if extra:
+        raise UnprocessableError(f"unknown field {extra[0]!r}", field=extra[0],
+                                 fix='send only "request" and optionally "kind"')
+    request = obj.get("request")
+    if not isinstance(request, dict):
+        raise UnprocessableError("`request` must be the request object", field="request",
+                                 fix="put the OpenAI request body under request")
+    kind = obj.get("kind")
+    if kind not in (None, "chat", "completion"):
+        raise UnprocessableError(f"kind {kind!r} is not chat or completion", field="kind",
+                                 fix='use "chat" or "completion", or leave it out')
+    return request, kind
+
+
+_LOOKUP_OPENAPI = {
+    "security": [{"HTTPBearer": []}],
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": LookupRequest.model_json_schema()}}},
+}
+
+
+@router.post("/lookup", response_model=None, openapi_extra=_LOOKUP_OPENAPI,
+             responses={200: {"model": LookupResponse, "description": "hit, miss or bypass"},
+                        **ERROR_RESPONSES})
+async def lookup(request: Request) -> Response:
     """Look a request up. A miss carries a fill token for storing the model's answer."""
+    services, tenant = hot_path_caller(request)
+    raw, obj = await read_json_body(request, services.settings.limits.max_request_bytes)
+    body, kind = _lookup_body(obj)
     cc = parse_cache_control(request.headers.get("cache-control"))
-    keyed = await services.cache.key(tenant, body.request, _kind(body))
+    keyed = await services.cache.key(tenant, body, _kind(body, kind), raw=raw)
     result = await services.cache.lookup(keyed, cc, route="cache_api")
+    out: dict[str, Any] = {"status": result.status, "reason": result.reason}
     if result.status == "hit":
         assert result.payload is not None
-        metrics.HITS.labels(tenant.id).inc()
+        metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
-        return LookupResponse(
-            status="hit", reason=result.reason, age=result.age,
-            response=result.payload.as_body(keyed.kind),
-            chunks=(result.payload.as_chunks(keyed.kind, include_usage=keyed.include_usage)
-                    if keyed.stream else None))
-    if result.status == "bypass":
-        return LookupResponse(status="bypass", reason=result.reason)
-    metrics.MISSES.labels(tenant.id).inc()
-    token = None
-    if not cc.no_store:
-        token = services.signer.sign(
-            tenant=tenant.id, scope=keyed.scope.as_material(), digest=bytes(keyed.key.digest),
-            material_digest=bytes(keyed.key.material_digest), model=keyed.key.model,
-            epoch=keyed.epoch, stream=keyed.stream, ttl_seconds=tenant.ttl_seconds)
-    return LookupResponse(status="miss", reason=result.reason, fill_token=token)
+        out["response"] = result.payload.as_body(keyed.kind)
+        if keyed.stream:
+            out["chunks"] = result.payload.as_chunks(keyed.kind,
+                                                     include_usage=keyed.include_usage)
+        out["age"] = result.age
+    elif result.status == "miss":
+        metrics.child(metrics.MISSES, tenant.id).inc()
+        if not cc.no_store:
+            out["fill_token"] = services.signer.sign(
+                tenant=tenant.id, scope=keyed.scope.as_material(),
+                digest=bytes(keyed.key.digest), material_digest=bytes(keyed.key.material_digest),
+                model=keyed.key.model, epoch=keyed.epoch, stream=keyed.stream,
+                ttl_seconds=tenant.ttl_seconds)
+    return OrjsonResponse(out)
 
 
 @router.post("/store", response_model=StoreResponse,
@@ -82,8 +116,7 @@ async def store(body: StoreRequest, services: ServicesDep, tenant: TenantDep) ->
     scope = Scope(kind=grant.scope[0], tenant=grant.scope[1], user=grant.scope[2])  # type: ignore[arg-type]
     keyed = None
     if body.request is not None:
-        keyed = await services.cache.key(tenant, body.request, _kind(
-            LookupRequest(request=body.request)))
+        keyed = await services.cache.key(tenant, body.request, _kind(body.request, None))
         if bytes(keyed.key.digest) != grant.digest or keyed.scope != scope:
             raise UnprocessableError("request does not key to the fill token's entry",
                                      field="request", fix="send the request you looked up")

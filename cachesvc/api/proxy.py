@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from cachesvc.api.responses import OrjsonResponse
 
 from cachesvc import metrics
-from cachesvc.api.deps import Services, ServicesDep, TenantDep, read_json_body
+from cachesvc.api.deps import Services, hot_path_caller, read_json_body
 from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
 from cachesvc.cache_control import CacheControl, parse_cache_control
 from cachesvc.errors import OnlyIfCachedMissError, UpstreamError
@@ -33,27 +33,28 @@ router = APIRouter(tags=["proxy"])
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES,
              openapi_extra=proxy_openapi("chat"), response_model=None)
-async def chat_completions(request: Request, services: ServicesDep, tenant: TenantDep
-                           ) -> Response:
+async def chat_completions(request: Request) -> Response:
     """OpenAI-compatible chat completions, served from the cache when it can prove it may."""
+    services, tenant = hot_path_caller(request)
     return await _proxy(request, services, tenant, "chat")
 
 
 @router.post("/v1/completions", responses=ERROR_RESPONSES,
              openapi_extra=proxy_openapi("completion"), response_model=None)
-async def completions(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+async def completions(request: Request) -> Response:
     """OpenAI-compatible (legacy) text completions, served from the cache when it may."""
+    services, tenant = hot_path_caller(request)
     return await _proxy(request, services, tenant, "completion")
 
 
 async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str) -> Response:
-    body = await read_json_body(request, services.settings.limits.max_request_bytes)
+    raw, body = await read_json_body(request, services.settings.limits.max_request_bytes)
     cc = parse_cache_control(request.headers.get("cache-control"))
-    keyed = await services.cache.key(tenant, body, kind)
+    keyed = await services.cache.key(tenant, body, kind, raw=raw)
     result = await services.cache.lookup(keyed, cc, route="proxy")
     if result.status == "hit":
         assert result.payload is not None
-        metrics.HITS.labels(tenant.id).inc()
+        metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
         return _serve(keyed, result.payload, {"X-Cache": "HIT", "Age": str(result.age or 0)})
     if cc.only_if_cached:
@@ -63,7 +64,7 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
     if result.status == "bypass":
         return await _call(services, keyed, store=False,
                            headers={"X-Cache": "BYPASS", "X-Cache-Reason": _ascii(result.reason)})
-    metrics.MISSES.labels(tenant.id).inc()
+    metrics.child(metrics.MISSES, tenant.id).inc()
     headers = {"X-Cache": "MISS", "X-Cache-Reason": _ascii(result.reason)}
     if cc.no_store:
         return await _call(services, keyed, store=False, headers=headers)

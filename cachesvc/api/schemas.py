@@ -76,6 +76,7 @@ _HEADERS = {
 def proxy_openapi(kind: str) -> dict[str, Any]:
     schema = _CHAT if kind == "chat" else _COMPLETION
     return {
+        "security": [{"HTTPBearer": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
         "parameters": [{"name": "Cache-Control", "in": "header", "required": False,
                         "schema": {"type": "string"},
