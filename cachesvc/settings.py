@@ -161,6 +161,11 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     logging: LoggingSettings = LoggingSettings()
 
+    @field_validator("state_dir")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return str(Path(v).expanduser())
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         seen_ids: set[str] = set()

@@ -52,6 +52,9 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
     cc = parse_cache_control(request.headers.get("cache-control"))
     keyed = await services.cache.key(tenant, body, kind, raw=raw)
     result = await services.cache.lookup(keyed, cc, route="proxy")
+    if services.settings.logging.log_content:
+        # Off by default: prompts are the tenants' data. Enabled only for debugging.
+        log.info("request_content", tenant=tenant.id, status=result.status, request=body)
     if result.status == "hit":
         assert result.payload is not None
         metrics.child(metrics.HITS, tenant.id).inc()
