@@ -319,6 +319,7 @@ class Engine:
                 start = len(match.block_ids)
                 stored = self.store.insert(lease, chain, start)
                 cache.store_blocks(self.pool, stored.block_ids, stored.fresh, start)
+                self.store.commit(lease)
             return pre
         except BaseException:
             if lease is not None:

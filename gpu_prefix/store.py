@@ -35,7 +35,9 @@ ChainItem = tuple[BlockHash, tuple[int, ...], tuple[object, ...]]
 
 
 class _Block:
-    __slots__ = ("block_id", "block_hash", "parent", "tokens", "extra", "epoch", "refs", "children", "stamp", "retired")
+    __slots__ = (
+        "block_id", "block_hash", "parent", "tokens", "extra", "epoch", "refs", "children", "stamp", "retired", "ready"
+    )
 
     def __init__(self, block_id: int, item: ChainItem, parent: BlockHash | None, stamp: int) -> None:
         self.block_id = block_id
@@ -46,6 +48,9 @@ class _Block:
         self.children = 0
         self.stamp = stamp
         self.retired = False
+        # NOTE: a block is indexed before its KV is copied in (outside the lock); until its
+        # writer commits, no other request may match it, or it would read unwritten memory.
+        self.ready = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -200,7 +205,9 @@ class PrefixStore:
                 block = self._index[h]
                 block.refs -= 1
                 if block.refs == 0:
-                    if block.retired:
+                    if not block.ready and block.children == 0:
+                        self._remove(block)  # inserted but never filled: nobody may use it
+                    elif block.retired:
                         self._free_retired_chain(block)
                     elif block.children == 0:
                         heapq.heappush(self._heap, (block.stamp, h))
@@ -223,7 +230,7 @@ class PrefixStore:
             parent: BlockHash | None = None
             for item in chain[: lease.room]:
                 block = self._index.get(item[0])
-                if block is None or block.retired:
+                if block is None or block.retired or not block.ready:
                     break
                 if block.tokens != item[1] or block.parent != parent or block.extra != item[2]:
                     self._collisions += 1
@@ -259,7 +266,9 @@ class PrefixStore:
                     break
                 existing = self._index.get(h)
                 if existing is not None:
-                    if existing.retired or existing.tokens != tokens or existing.parent != parent or existing.extra != extra:
+                    if existing.retired or not existing.ready:
+                        break
+                    if existing.tokens != tokens or existing.parent != parent or existing.extra != extra:
                         self._collisions += 1
                         break
                     # Another request stored it meanwhile: share it.
@@ -286,6 +295,13 @@ class PrefixStore:
                 parent = h
         return InsertResult(block_ids=tuple(ids), fresh=tuple(fresh))
 
+    def commit(self, lease: Lease) -> None:
+        """Mark the lease's blocks filled: from now on other requests may match them."""
+        with self._cond:
+            self._check_lease(lease)
+            for h in lease.pinned:
+                self._index[h].ready = True
+
     def _allocate(self) -> int:
         if self.pool.num_free == 0:
             self._evict_one()
@@ -310,7 +326,7 @@ class PrefixStore:
         if block.parent is not None:
             parent = self._index[block.parent]
             parent.children -= 1
-            if parent.children == 0 and parent.refs == 0 and not parent.retired:
+            if parent.children == 0 and parent.refs == 0 and not parent.retired and parent.ready:
                 heapq.heappush(self._heap, (parent.stamp, block.parent))
         if len(self._heap) > 4 * self.pool.num_blocks + 64:
             self._heap = [(s, h) for s, h in self._heap if h in self._index and self._index[h].stamp == s]
@@ -439,6 +455,8 @@ class PrefixStore:
                     children[b.parent] = children.get(b.parent, 0) + 1
                 if b.retired:
                     assert b.refs > 0 or b.children > 0, "a retired unpinned leaf was not freed"
+                if not b.ready:
+                    assert b.refs > 0, "an unfilled block outlived its writer"
                 if b.epoch in self._retired_epochs:
                     assert b.retired, "a block of a dropped epoch is still matchable"
             for h, b in self._index.items():
@@ -451,7 +469,7 @@ class PrefixStore:
             assert len(self._waiting) <= self.max_queue, "queue longer than its bound"
             assert self.pool.num_used * self.pool.block_bytes <= self.pool.capacity_bytes, "bytes over budget"
             for h, b in self._index.items():
-                if b.refs == 0 and b.children == 0 and not b.retired:
+                if b.refs == 0 and b.children == 0 and not b.retired and b.ready:
                     assert (b.stamp, h) in self._heap_set(), "an evictable leaf is missing from the LRU heap"
 
     def _heap_set(self) -> set[tuple[int, BlockHash]]:

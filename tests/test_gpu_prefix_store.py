@@ -38,6 +38,7 @@ def store_prompt(store: PrefixStore, tokens, **kw):
     lease = store.acquire(len(tokens), timeout=0)
     m = store.match(lease, chain)
     store.insert(lease, chain, len(m.block_ids))
+    store.commit(lease)
     store.release(lease)
     return chain
 
@@ -123,6 +124,31 @@ class TestMatch:
         store.release(lease)
 
 
+class TestFilling:
+    def test_a_block_being_filled_is_not_matched_by_another_request(self):
+        store = make_store()
+        chain = chain_of([1, 2, 3, 4])
+        writer = store.acquire(4, timeout=0)
+        store.insert(writer, chain, 0)
+        reader = store.acquire(4, timeout=0)
+        assert store.match(reader, chain).num_tokens == 0
+        store.release(reader)
+        store.commit(writer)
+        reader = store.acquire(4, timeout=0)
+        assert store.match(reader, chain).num_tokens == 4
+        store.release(reader)
+        store.release(writer)
+        store.check_valid()
+
+    def test_blocks_never_filled_are_freed_when_their_writer_ends(self):
+        store = make_store()
+        writer = store.acquire(4, timeout=0)
+        store.insert(writer, chain_of([1, 2, 3, 4]), 0)
+        store.release(writer)  # e.g. the forward pass raised
+        assert store.pool.num_used == 0
+        store.check_valid()
+
+
 class TestEviction:
     def test_unpinned_leaves_go_least_recently_used_first(self):
         store = make_store(blocks=4, high_watermark=1.0)
@@ -143,6 +169,7 @@ class TestEviction:
         pinned_chain = chain_of([9, 9, 8, 8])
         lease = store.acquire(4, timeout=0)
         store.insert(lease, pinned_chain, 0)
+        store.commit(lease)
         ids = [store.block_id_of(h) for h, _, _ in pinned_chain]
         for i in range(200):
             store_prompt(store, [i % 7, i % 5, i % 3, i, i + 1, i + 2])
@@ -159,6 +186,7 @@ class TestEpochs:
         pinned = chain_of([3, 3, 4, 4], epoch=1)
         lease = store.acquire(4, timeout=0)
         store.insert(lease, pinned, 0)
+        store.commit(lease)
         store_prompt(store, [5, 5], epoch=2)
         freed = store.drop_epoch(1)
         assert freed == 2
@@ -296,6 +324,7 @@ class StoreMachine(RuleBasedStateMachine):
             if fresh:
                 self.store.pool.tensor[:, :, :, b * BS : (b + 1) * BS, :] = val
             assert self.content(b) == val
+        self.store.commit(lease)
         self.live[lease.lease_id] = (lease, chain, len(m.block_ids) + len(ins.block_ids), epoch, salt, tokens)
         return lease
 
