@@ -37,7 +37,7 @@ from audit.checks import check_canaries, check_served, check_unreadable
 from audit.errors import AuditConfigError, OracleError
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, EntryRef, Finding
-from audit.oracle import Oracle, Tolerance, judge_exact, judge_scored
+from audit.oracle import Oracle, Scores, Tolerance, judge_exact, judge_scored, neutral_request
 from audit.recorder import Recorder
 
 log = structlog.get_logger("audit.shadow")
@@ -339,13 +339,21 @@ class ShadowAuditor(Generic[T]):
             if cached.same_as(fresh):
                 metrics.CHECKS.labels(check="recompute_scored", result="pass").inc()
                 return None
-            cached_lp = oracle.score(sample.request, kind, cached.first_text, tenant=sample.tenant)
-            fresh_lp = oracle.score(sample.request, kind, fresh.first_text, tenant=sample.tenant)
+            neutral = neutral_request(sample.request, kind)
+
+            def scores(text: str) -> Scores:
+                return Scores(
+                    prompted=oracle.score(sample.request, kind, text, tenant=sample.tenant),
+                    neutral=oracle.score(neutral, kind, text, tenant=sample.tenant),
+                )
+
+            cached_scores = scores(cached.first_text)
+            fresh_scores = scores(fresh.first_text)
         except OracleError as exc:
             log.warning("audit.shadow.oracle_failed", error=str(exc))
             metrics.CHECKS.labels(check="recompute", result="error").inc()
             return None
-        verdict, draft, _ = judge_scored(cached_lp, fresh_lp, self.config.tolerance)
+        verdict, draft, _ = judge_scored(cached_scores, fresh_scores, self.config.tolerance)
         metrics.CHECKS.labels(check="recompute_scored", result=verdict).inc()
         return draft
 

@@ -16,7 +16,7 @@ from audit.checks import (
     check_stored,
     check_unreadable,
 )
-from audit.oracle import judge_exact, judge_scored
+from audit.oracle import Scores, judge_exact, judge_scored
 from keying import Scope
 from tests import audit_world as w
 
@@ -158,21 +158,41 @@ class TestJudgements:
         assert judge_exact(Answer.of(w.response_for("a")), Answer.of(w.response_for("a"))) is None
 
     def test_numeric_noise_passes_the_scored_check(self):
-        fresh = [-0.5, -1.0, -0.2, -0.8, -0.3]
-        cached = [x - 1e-3 for x in fresh]
+        fresh = Scores(prompted=[-0.5, -1.0, -0.2, -0.8, -0.3], neutral=[-2.0] * 5)
+        cached = Scores(prompted=[x - 1e-3 for x in fresh.prompted], neutral=[-2.0] * 5)
         verdict, draft, _ = judge_scored(cached, fresh, Tolerance())
         assert verdict == "pass" and draft is None
 
-    def test_an_implausible_answer_fails_the_scored_check(self):
-        fresh = [-0.5, -1.0, -0.2, -0.8, -0.3]
-        cached = [-6.0, -8.0, -7.5, -9.0, -5.0]
+    def test_an_answer_the_prompt_does_not_explain_is_a_mismatch(self):
+        # Fluent but off-topic: no more surprising than a fresh answer, yet the request's prompt
+        # explains it worse than an empty prompt does.
+        fresh = Scores(prompted=[-1.0] * 8, neutral=[-2.0] * 8)
+        cached = Scores(prompted=[-1.5] * 8, neutral=[-1.2] * 8)
         verdict, draft, evidence = judge_scored(cached, fresh, Tolerance())
         assert verdict == "finding" and draft is not None and draft.kind == "mismatch"
-        assert evidence["cached_nll"] > evidence["fresh_nll"] + evidence["allowed_excess"]
+        assert evidence["reasons"] == ["the prompt does not explain it"]
+
+    def test_gibberish_is_far_more_surprising_than_a_fresh_answer(self):
+        fresh = Scores(prompted=[-0.5] * 8, neutral=[-1.5] * 8)
+        cached = Scores(prompted=[-9.0] * 8, neutral=[-10.0] * 8)
+        verdict, _, evidence = judge_scored(cached, fresh, Tolerance())
+        assert verdict == "finding"
+        assert evidence["reasons"] == ["far more surprising than a fresh answer"]
+
+    def test_a_model_whose_answers_ignore_the_prompt_does_not_flag_its_own(self):
+        # Random weights: every gain is ~0, for fresh and cached answers alike.
+        fresh = Scores(prompted=[-5.5] * 8, neutral=[-5.5] * 8)
+        cached = Scores(prompted=[-5.52] * 8, neutral=[-5.5] * 8)
+        assert judge_scored(cached, fresh, Tolerance())[0] == "pass"
 
     def test_too_few_tokens_are_undecided(self):
-        assert judge_scored([-9.0], [-0.1], Tolerance())[0] == "undecided"
+        s = Scores(prompted=[-9.0], neutral=[-9.0])
+        assert judge_scored(s, s, Tolerance())[0] == "undecided"
+
+    def test_an_oracle_that_cannot_score_leaves_it_undecided(self):
+        s = Scores(prompted=None, neutral=None)
+        assert judge_scored(s, s, Tolerance())[0] == "undecided"
 
     def test_a_negative_margin_is_refused_naming_the_setting(self):
-        with pytest.raises(AuditConfigError, match="margin_nats"):
-            Tolerance(margin_nats=-1)
+        with pytest.raises(AuditConfigError, match="nll_margin"):
+            Tolerance(nll_margin=-1)
