@@ -52,7 +52,10 @@ def serve_service(port: int, redis_url: str, state_dir: str) -> None:
     from cachesvc.echo_upstream import EchoUpstream
     from cachesvc.settings import load_settings
 
-    settings = load_settings(None, state_dir=state_dir, redis={"url": redis_url},
+    # NOTE: timeout_ms=1000: a loop saturated by the benchmark itself lags past the 200 ms
+    # default, and those lookups would (correctly) turn into misses and stop the run.
+    settings = load_settings(None, state_dir=state_dir,
+                             redis={"url": redis_url, "timeout_ms": 1000},
                              tenants=[{"id": "bench", "api_keys": [KEY]}],
                              audit={"sample_rate": 0.01, "fill_sample_rate": 0.01,
                                     "oracle": "none"},
