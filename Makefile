@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: serve test install redis-binaries bench clean
+.PHONY: serve test install redis-binaries bench bench-keying clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,9 +37,18 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python -m pip install -q '.[bench]'
-	$(BIN)/python bench/keying.py
+# LiteLLM (the keying bench's baseline) goes in a venv of its own: its pins must not move the
+# service's dependencies.
+.venv-bench/.installed: pyproject.toml
+	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q msgpack xxhash orjson 'litellm>=1.50'
+	.venv-bench/bin/python -m pip install -q --no-deps -e .
+	@touch $@
+
+bench-keying: .venv-bench/.installed
+	.venv-bench/bin/python bench/keying.py
+
+bench: $(STAMP) bench-keying
 	$(BIN)/python bench/service.py
 
 clean:

@@ -19,21 +19,33 @@ class Cacheability:
 LIVE_DATA_FIELDS = ("web_search_options",)
 
 
+_GREEDY = Cacheability(cacheable=True, reason="deterministic: temperature=0")
+
+
 def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -> Cacheability:
     """Decide cacheability. Non-reproducible requests bypass unless the tenant opted in."""
+    f = request.keyed
+    if (
+        f.get("temperature") == 0
+        and f.get("seed") is None
+        and f.get("n", 1) == 1
+        and f.get("best_of", 1) == 1
+        and all(f.get(name) is None for name in LIVE_DATA_FIELDS)
+    ):
+        return _GREEDY  # the common case, decided without building a reason
     reason = _nondeterminism(request)
     if reason is None:
-        seed = request.fields.get("seed")
+        seed = request.keyed.get("seed")
         if seed is not None:
             return Cacheability(cacheable=True, reason=f"seeded: seed={seed}")
-        return Cacheability(cacheable=True, reason="deterministic: temperature=0")
+        return _GREEDY
     if allow_nondeterministic:
         return Cacheability(cacheable=True, reason=f"opted in: {reason}")
     return Cacheability(cacheable=False, reason=reason)
 
 
 def _nondeterminism(request: CanonicalRequest) -> str | None:
-    f = request.fields
+    f = request.keyed
     for name in LIVE_DATA_FIELDS:
         if f.get(name) is not None:
             return f"live data: {name} makes the answer depend on when it is asked"

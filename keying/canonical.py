@@ -23,7 +23,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+from msgpack import ExtType
+
 from keying.errors import InvalidRequestError, RequestTooLargeError
+from keying.framing import frame_presorted
 
 RequestKind = Literal["chat", "completion", "generic"]
 
@@ -45,83 +49,180 @@ UNKEYED_FIELDS: frozenset[str] = frozenset(
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 _EXACT_FLOAT = 2**53
+#: Most containers nested inside one field's value (more is a RequestTooLargeError); the same as
+#: orjson's limit, so the fast and the checked paths accept exactly the same values.
+MAX_DEPTH = 254
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class KeyLimits:
-    """Bounds on what the key builder accepts. Exceeding one is a ``RequestTooLargeError``."""
+    """Bounds on what the key builder accepts. Exceeding one is a ``RequestTooLargeError``.
+
+    ``max_bytes`` bounds the canonical encoding of the request's keyed fields.
+    """
 
     max_bytes: int = 8 * 1024 * 1024
-    max_depth: int = 64
+
+
+#: msgpack extension code for a canonical JSON document (sorted keys, folded numbers, compact).
+JSON_EXT = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CanonicalRequest:
-    """A request reduced to what decides its output."""
+    """A request reduced to what decides its output.
+
+    ``keyed`` maps each keyed field to its canonical value: a scalar, or for an array or object
+    a ``msgpack.ExtType(JSON_EXT, canonical JSON bytes)``. ``encoded`` is the canonical msgpack
+    encoding of ``keyed``, computed once and reused by the key material. ``fields`` decodes
+    ``keyed`` to plain JSON values (for ``explain`` and for people).
+    """
 
     kind: RequestKind
     model: str
-    fields: dict[str, Any]
+    keyed: dict[str, Any]
+    encoded: bytes
     unkeyed: tuple[str, ...] = field(default=())
 
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {k: orjson.loads(v.data) if type(v) is ExtType else v for k, v in self.keyed.items()}
 
-class _Budget:
-    __slots__ = ("left", "limits")
 
-    def __init__(self, limits: KeyLimits) -> None:
-        self.limits = limits
-        self.left = limits.max_bytes
+class _Invalid(Exception):
+    """The fast path met something it does not handle; the checked path says what it is."""
 
-    def spend(self, n: int, path: str) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise RequestTooLargeError(
-                path,
-                f"request exceeds the {self.limits.max_bytes}-byte key limit",
-                "send a smaller request or raise the limit",
-            )
+
+def _fold(v: Any, depth: int, max_depth: int) -> Any:
+    # NOTE: the hot path. Exact type checks, no path strings: anything unusual raises _Invalid
+    # and `canon_value` re-walks the value with full checks to name the field.
+    t = type(v)
+    if t is str or v is None or t is bool:
+        return v
+    if t is dict:
+        if depth >= max_depth:
+            raise _Invalid
+        out = {}
+        for k in sorted(v):
+            if type(k) is not str:
+                raise _Invalid
+            out[k] = _fold(v[k], depth + 1, max_depth)
+        return out
+    if t is list:
+        if depth >= max_depth:
+            raise _Invalid
+        return [_fold(x, depth + 1, max_depth) for x in v]
+    if t is int:
+        if _INT_MIN <= v <= _INT_MAX:
+            return v
+        raise _Invalid
+    if t is float:
+        if v - v != 0.0:  # NaN or an infinity
+            raise _Invalid
+        if v.is_integer() and -_EXACT_FLOAT <= v <= _EXACT_FLOAT:
+            return int(v)
+        return v
+    raise _Invalid
 
 
 def canon_number(value: Any, path: str) -> int | float:
     """Fold one JSON number: integral floats become ints, -0.0 becomes 0; reject NaN and inf."""
+    t = type(value)
+    if t is int and _INT_MIN <= value <= _INT_MAX:
+        return value
+    if t is float and value - value == 0.0:
+        return int(value) if value.is_integer() and abs(value) <= _EXACT_FLOAT else value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(path, f"expected a number, got {_tname(value)}", "send a number")
     if isinstance(value, int):
         if not _INT_MIN <= value <= _INT_MAX:
             raise InvalidRequestError(path, "integer out of range", "use a 64-bit integer")
-        return value
+        return int(value)
     if math.isnan(value) or math.isinf(value):
         raise InvalidRequestError(path, f"{value} is not a finite number", "send a finite number")
     if value.is_integer() and abs(value) <= _EXACT_FLOAT:
         return int(value)
-    return value
+    return float(value)
 
 
-def canon_value(value: Any, path: str, budget: _Budget, depth: int = 0) -> Any:
-    """Canonicalise any JSON value: sorted maps, folded numbers, validated types and sizes."""
-    if depth > budget.limits.max_depth:
+def canon_value(value: Any, path: str, depth: int = 0) -> Any:
+    """Canonicalise any JSON value: sorted maps, folded numbers, validated types.
+
+    ``depth`` is where the value sits in the request; the nesting limit counts from the value
+    itself (``MAX_DEPTH`` containers), the same on every path below.
+    """
+    t = type(value)
+    if t is dict or t is list:
+        # NOTE: fastest path for containers, all in C: orjson sorts the keys, validates the types
+        # and refuses more than MAX_DEPTH nested containers. Its output is taken as canonical only
+        # when nothing in it can need folding: no ".0" (orjson writes integral floats and -0.0 as
+        # "1.0", "-0.0") and no null (orjson writes NaN and infinities as null). Text that merely
+        # contains those bytes takes the checked path, which gives the same result, slower.
+        try:
+            raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except (TypeError, orjson.JSONEncodeError):
+            pass
+        else:
+            if b".0" not in raw and b"null" not in raw:
+                return orjson.loads(raw)
+    try:
+        return _fold(value, 0, MAX_DEPTH)
+    except (_Invalid, TypeError):
+        return _checked(value, path, 0, MAX_DEPTH)
+
+
+def canon_json(value: Any, path: str) -> ExtType:
+    """The canonical JSON document of any JSON value, tagged for framing."""
+    t = type(value)
+    if t is dict or t is list:
+        try:
+            raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except (TypeError, orjson.JSONEncodeError):
+            pass
+        else:
+            if b".0" not in raw and b"null" not in raw:  # see canon_value
+                return ExtType(JSON_EXT, raw)
+    return _as_json(canon_value(value, path), path)
+
+
+def _as_json(value: Any, path: str) -> ExtType:
+    """Tag a value that is already canonical (numbers folded) as a canonical JSON document."""
+    try:
+        return ExtType(JSON_EXT, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+    except orjson.JSONEncodeError:
+        _checked(value, path, 0, 10**6)  # names the field with text that is not valid Unicode
+        raise
+
+
+def _checked(value: Any, path: str, depth: int, max_depth: int) -> Any:
+    if depth >= max_depth and isinstance(value, (Mapping, list, tuple)):
         raise RequestTooLargeError(
-            path, f"nested deeper than {budget.limits.max_depth} levels", "flatten the value"
+            path, f"nested deeper than {max_depth} levels", "flatten the value"
         )
     if value is None or isinstance(value, bool):
-        budget.spend(1, path)
         return value
     if isinstance(value, str):
-        budget.spend(len(value) + 1, path)
-        return value
+        _check_text(value, path)
+        return str(value)
     if isinstance(value, (int, float)):
-        budget.spend(9, path)
         return canon_number(value, path)
     if isinstance(value, Mapping):
         out = {}
         for k in sorted(value, key=_key_order(path)):
-            budget.spend(len(k) + 1, path)
-            out[k] = canon_value(value[k], f"{path}.{k}", budget, depth + 1)
+            out[k] = _checked(value[k], f"{path}.{k}", depth + 1, max_depth)
         return out
     if isinstance(value, (list, tuple)):
-        budget.spend(1, path)
-        return [canon_value(v, f"{path}[{i}]", budget, depth + 1) for i, v in enumerate(value)]
+        return [_checked(v, f"{path}[{i}]", depth + 1, max_depth) for i, v in enumerate(value)]
     raise InvalidRequestError(path, f"unsupported type {_tname(value)}", "send JSON values only")
+
+
+def _check_text(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            path, "text is not valid Unicode (a lone surrogate)", "send valid UTF-8 text"
+        ) from None
 
 
 def _key_order(path: str) -> Callable[[Any], str]:
@@ -147,11 +248,11 @@ def _tname(v: Any) -> str:
 
 # --- field normalisers -------------------------------------------------------------------------
 
-Normaliser = Callable[[Any, str, _Budget], Any]
+Normaliser = Callable[[Any, str], Any]
 
 
 def _number_in(lo: float, hi: float) -> Normaliser:
-    def norm(v: Any, path: str, budget: _Budget) -> int | float:
+    def norm(v: Any, path: str) -> int | float:
         n = canon_number(v, path)
         if not lo <= n <= hi:
             raise InvalidRequestError(path, f"{n} is out of range", f"use a value in [{lo}, {hi}]")
@@ -161,7 +262,7 @@ def _number_in(lo: float, hi: float) -> Normaliser:
 
 
 def _int_in(lo: int, hi: int | None, *, nullable: bool = False) -> Normaliser:
-    def norm(v: Any, path: str, budget: _Budget) -> int | None:
+    def norm(v: Any, path: str) -> int | None:
         if v is None and nullable:
             return None
         n = canon_number(v, path)
@@ -175,46 +276,50 @@ def _int_in(lo: int, hi: int | None, *, nullable: bool = False) -> Normaliser:
     return norm
 
 
-def _bool(v: Any, path: str, budget: _Budget) -> bool:
-    if not isinstance(v, bool):
-        raise InvalidRequestError(path, f"expected a boolean, got {_tname(v)}", "send true/false")
-    return v
+def _bool_default(default: bool) -> Normaliser:
+    def norm(v: Any, path: str) -> bool:
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise InvalidRequestError(path, f"expected a boolean, got {_tname(v)}",
+                                      "send true or false")
+        return v
+
+    return norm
 
 
-def _opt_str(v: Any, path: str, budget: _Budget) -> str | None:
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise InvalidRequestError(path, f"expected a string, got {_tname(v)}", "send a string")
-    budget.spend(len(v), path)
-    return v
+def _opt_str(v: Any, path: str) -> str | None:
+    if v is None or type(v) is str:
+        return v
+    raise InvalidRequestError(path, f"expected a string, got {_tname(v)}", "send a string")
 
 
-def _any(v: Any, path: str, budget: _Budget) -> Any:
-    return canon_value(v, path, budget, 1)
+def _any(v: Any, path: str) -> Any:
+    if type(v) is dict or type(v) is list:
+        return canon_json(v, path)
+    return canon_value(v, path, 1)
 
 
-def _stop(v: Any, path: str, budget: _Budget) -> list[str]:
+def _stop(v: Any, path: str) -> ExtType:
     # NOTE: stop sequences act as a set (generation halts at whichever appears first), so order
     # and duplicates fold; a different set never does.
     if v is None:
-        return []
-    if isinstance(v, str):
-        v = [v]
+        return _EMPTY_LIST
+    if type(v) is str:
+        return _as_json([v], path)
     if not isinstance(v, list):
         raise InvalidRequestError(path, f"expected a string or an array, got {_tname(v)}",
                                   "send a string or an array of strings")
     for i, s in enumerate(v):
-        if not isinstance(s, str):
+        if type(s) is not str:
             raise InvalidRequestError(f"{path}[{i}]", f"expected a string, got {_tname(s)}",
                                       "send stop sequences as strings")
-        budget.spend(len(s) + 1, path)
-    return sorted(set(v))
+    return _as_json(sorted(set(v)), path)
 
 
-def _logit_bias(v: Any, path: str, budget: _Budget) -> dict[str, int | float]:
+def _logit_bias(v: Any, path: str) -> ExtType:
     if v is None:
-        return {}
+        return _EMPTY_OBJECT
     if not isinstance(v, Mapping):
         raise InvalidRequestError(path, f"expected an object, got {_tname(v)}",
                                   "map token ids to biases")
@@ -227,77 +332,72 @@ def _logit_bias(v: Any, path: str, budget: _Budget) -> dict[str, int | float]:
         norm_key = str(int(key))
         if norm_key in out:
             raise InvalidRequestError(f"{path}.{k}", "token id given twice", "give each id once")
-        out[norm_key] = _number_in(-100, 100)(v[k], f"{path}.{k}", budget)
-    return dict(sorted(out.items()))
+        out[norm_key] = _number_in(-100, 100)(v[k], f"{path}.{k}")
+    return _as_json(out, path)
 
 
-def _tools(v: Any, path: str, budget: _Budget) -> list[Any]:
+def _tools(v: Any, path: str) -> ExtType:
     if v is None:
-        return []
-    if not isinstance(v, list):
+        return _EMPTY_LIST
+    if type(v) is not list:
         raise InvalidRequestError(path, f"expected an array, got {_tname(v)}",
                                   "send tools as an array")
-    out = []
-    for i, tool in enumerate(v):
-        p = f"{path}[{i}]"
-        if not isinstance(tool, Mapping):
-            raise InvalidRequestError(p, f"expected an object, got {_tname(tool)}",
+    tools = []
+    for i, t in enumerate(v):
+        if type(t) is not dict and not isinstance(t, Mapping):
+            raise InvalidRequestError(f"{path}[{i}]", f"expected an object, got {_tname(t)}",
                                       "send each tool as an object")
-        t = canon_value(tool, p, budget, 1)
         fn = t.get("function")
-        if t.get("type") == "function" and isinstance(fn, dict):
-            # `strict` defaults to false: an omitted flag and an explicit false are the same tool.
-            fn.setdefault("strict", False)
-            if fn["strict"] is None:
-                fn["strict"] = False
-            t["function"] = dict(sorted(fn.items()))
-        out.append(t)
-    return out
+        if t.get("type") == "function" and isinstance(fn, Mapping) and fn.get("strict") is None:
+            # `strict` defaults to false: an omitted flag and an explicit false are the same
+            # tool. Shallow copies: the caller's request is not changed.
+            t = {**t, "function": {**fn, "strict": False}}
+        tools.append(t)
+    return canon_json(tools, path)
 
 
-def _response_format(v: Any, path: str, budget: _Budget) -> Any:
+def _response_format(v: Any, path: str) -> Any:
     if v is None:
-        return {"type": "text"}
+        return _TEXT_FORMAT
     if not isinstance(v, Mapping):
         raise InvalidRequestError(path, f"expected an object, got {_tname(v)}",
                                   'send {"type": "text"}, json_object or json_schema')
-    return canon_value(v, path, budget, 1)
+    return canon_json(v, path)
 
 
-def _content_part(part: Any, path: str, budget: _Budget) -> Any:
-    if not isinstance(part, Mapping):
-        raise InvalidRequestError(path, f"expected a content part object, got {_tname(part)}",
+def _content_part(p: Any, path: str) -> Any:
+    """Fold one content part, already canonical JSON."""
+    if type(p) is not dict:
+        raise InvalidRequestError(path, f"expected a content part object, got {_tname(p)}",
                                   'send {"type": "text", "text": ...} or another part type')
-    if not isinstance(part.get("type"), str):
+    kind = p.get("type")
+    if type(kind) is not str:
         raise InvalidRequestError(f"{path}.type", "a content part needs a string type",
                                   'set "type" to text, image_url, input_audio or file')
-    p = canon_value(part, path, budget, 2)
-    if p["type"] == "text" and not isinstance(p.get("text"), str):
+    if kind == "text" and type(p.get("text")) is not str:
         raise InvalidRequestError(f"{path}.text", "a text part needs a string text",
                                   "send the text as a string")
-    if p["type"] == "image_url":
+    if kind == "image_url":
         img = p.get("image_url")
-        if isinstance(img, str):
+        if type(img) is str:
             img = {"url": img}
-        if not isinstance(img, dict) or not isinstance(img.get("url"), str):
+        if type(img) is not dict or type(img.get("url")) is not str:
             raise InvalidRequestError(f"{path}.image_url", "an image part needs a url",
                                       'send {"image_url": {"url": ...}}')
-        img.setdefault("detail", "auto")
-        if img["detail"] is None:
+        if img.get("detail") is None:
             img["detail"] = "auto"
         p["image_url"] = dict(sorted(img.items()))
     return p
 
 
-def _content(v: Any, path: str, budget: _Budget) -> Any:
-    if v is None or isinstance(v, str):
-        if v is not None:
-            budget.spend(len(v), path)
+def _content(v: Any, path: str) -> Any:
+    """Fold a message's content, already canonical JSON."""
+    if v is None or type(v) is str:
         return v
-    if not isinstance(v, list):
+    if type(v) is not list:
         raise InvalidRequestError(path, f"expected a string, an array of parts or null, "
                                   f"got {_tname(v)}", "send content as a string or parts")
-    parts = [_content_part(p, f"{path}[{i}]", budget) for i, p in enumerate(v)]
+    parts = [_content_part(p, f"{path}[{i}]") for i, p in enumerate(v)]
     if len(parts) == 1 and parts[0].keys() == {"type", "text"} and parts[0]["type"] == "text":
         # NOTE: a one-text-part list is the same prompt as the bare string; several text parts
         # are not folded (providers differ in how they join them).
@@ -305,48 +405,52 @@ def _content(v: Any, path: str, budget: _Budget) -> Any:
     return parts
 
 
-def _messages(v: Any, path: str, budget: _Budget) -> list[dict[str, Any]]:
-    if not isinstance(v, list):
+_MESSAGE_OPTIONALS = ("tool_calls", "name")
+
+
+def _messages(v: Any, path: str) -> ExtType:
+    if type(v) is not list:
         raise InvalidRequestError(path, f"expected an array, got {_tname(v)}",
                                   "send messages as an array of {role, content} objects")
     if not v:
         raise InvalidRequestError(path, "no messages", "send at least one message")
     out = []
     for i, m in enumerate(v):
-        p = f"{path}[{i}]"
-        if not isinstance(m, Mapping):
-            raise InvalidRequestError(p, f"expected an object, got {_tname(m)}",
-                                      "send each message as {role, content}")
-        role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise InvalidRequestError(f"{p}.role", "missing or non-string role",
-                                      "set role to system, developer, user, assistant or tool")
-        msg: dict[str, Any] = {}
-        for k in m:
-            if k == "content":
+        if type(m) is dict and len(m) == 2:
+            # The common case, {role, content} with string content, is canonical as it stands.
+            role, content = m.get("role"), m.get("content")
+            if type(role) is str and role and type(content) is str:
+                out.append({"content": content, "role": role})
                 continue
-            if not isinstance(k, str):
-                raise InvalidRequestError(p, "object keys must be strings", "use string keys")
-            budget.spend(len(k) + 1, p)
-            msg[k] = canon_value(m[k], f"{p}.{k}", budget, 2)
-        msg["content"] = _content(m.get("content"), f"{p}.content", budget)
-        for optional in ("tool_calls", "name"):
+        if type(m) is not dict and not isinstance(m, Mapping):
+            raise InvalidRequestError(f"{path}[{i}]", f"expected an object, got {_tname(m)}",
+                                      "send each message as {role, content}")
+        m = canon_value(m, f"{path}[{i}]", 2)
+        role = m.get("role")
+        if type(role) is not str or not role:
+            raise InvalidRequestError(f"{path}[{i}].role", "missing or non-string role",
+                                      "set role to system, developer, user, assistant or tool")
+        m["content"] = _content(m.get("content"), f"{path}[{i}].content")
+        for optional in _MESSAGE_OPTIONALS:
             # An absent optional and an explicit null/empty say the same thing.
-            if optional in msg and msg[optional] in (None, []):
-                del msg[optional]
-        out.append(dict(sorted(msg.items())))
-    return out
+            if optional in m and m[optional] in (None, []):
+                del m[optional]
+        out.append(m)
+    return _as_json(out, path)
 
 
-def _prompt(v: Any, path: str, budget: _Budget) -> Any:
-    if isinstance(v, str):
-        budget.spend(len(v), path)
+def _prompt(v: Any, path: str) -> Any:
+    p = _prompt_value(v, path)
+    return p if type(p) is str else _as_json(p, path)
+
+
+def _prompt_value(v: Any, path: str) -> Any:
+    if type(v) is str:
         return v
     if not isinstance(v, list) or not v:
         raise InvalidRequestError(path, f"expected a string or a non-empty array, got {_tname(v)}",
                                   "send a string, strings, token ids or arrays of token ids")
-    if all(isinstance(x, str) for x in v):
-        budget.spend(sum(len(x) + 1 for x in v), path)
+    if all(type(x) is str for x in v):
         return v[0] if len(v) == 1 else list(v)
     if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         ids = [canon_number(x, f"{path}[{i}]") for i, x in enumerate(v)]
@@ -354,10 +458,9 @@ def _prompt(v: Any, path: str, budget: _Budget) -> Any:
             if not isinstance(x, int) or x < 0:
                 raise InvalidRequestError(f"{path}[{i}]", f"{x!r} is not a token id",
                                           "send non-negative integer token ids")
-        budget.spend(9 * len(ids), path)
         return ids
     if all(isinstance(x, list) for x in v):
-        rows = [_prompt(x, f"{path}[{i}]", budget) for i, x in enumerate(v)]
+        rows = [_prompt_value(x, f"{path}[{i}]") for i, x in enumerate(v)]
         if any(not isinstance(r, list) for r in rows):
             raise InvalidRequestError(path, "nested prompts must be arrays of token ids",
                                       "send [[id, ...], ...]")
@@ -365,8 +468,9 @@ def _prompt(v: Any, path: str, budget: _Budget) -> Any:
     raise InvalidRequestError(path, "mixed prompt array", "send only strings or only token ids")
 
 
-def _tool_choice_default(fields: dict[str, Any]) -> str:
-    return "auto" if fields.get("tools") else "none"
+_EMPTY_LIST = ExtType(JSON_EXT, b"[]")
+_EMPTY_OBJECT = ExtType(JSON_EXT, b"{}")
+_TEXT_FORMAT = ExtType(JSON_EXT, b'{"type":"text"}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,11 +493,11 @@ CHAT_FIELDS: dict[str, _Spec] = {
     "frequency_penalty": _Spec(0, _PENALTY),
     "presence_penalty": _Spec(0, _PENALTY),
     "logit_bias": _Spec(None, _logit_bias),
-    "logprobs": _Spec(False, lambda v, p, b: False if v is None else _bool(v, p, b)),
+    "logprobs": _Spec(False, _bool_default(False)),
     "top_logprobs": _Spec(None, _int_in(0, 20, nullable=True)),
     "tools": _Spec(None, _tools),
-    "tool_choice": _Spec(None, _any),  # default depends on tools; filled in below
-    "parallel_tool_calls": _Spec(True, lambda v, p, b: True if v is None else _bool(v, p, b)),
+    "tool_choice": _Spec(None, _any),  # default depends on tools; filled in by canonicalize
+    "parallel_tool_calls": _Spec(True, _bool_default(True)),
     "response_format": _Spec(None, _response_format),
     "reasoning_effort": _Spec(None, _opt_str),
     "service_tier": _Spec(None, _opt_str),
@@ -412,11 +516,30 @@ COMPLETION_FIELDS: dict[str, _Spec] = {
     "presence_penalty": _Spec(0, _PENALTY),
     "logit_bias": _Spec(None, _logit_bias),
     "logprobs": _Spec(None, _int_in(0, 5, nullable=True)),
-    "echo": _Spec(False, lambda v, p, b: False if v is None else _bool(v, p, b)),
+    "echo": _Spec(False, _bool_default(False)),
     "suffix": _Spec(None, _opt_str),
 }
 
 _REQUIRED = {"chat": "messages", "completion": "prompt"}
+
+
+def _defaults(specs: dict[str, _Spec]) -> dict[str, Any]:
+    out = {}
+    for name in sorted(specs):
+        spec = specs[name]
+        try:
+            out[name] = spec.norm(spec.default, name)
+        except InvalidRequestError:
+            out[name] = None  # required fields; checked separately
+    return out
+
+
+# Canonical defaults in key order, computed once; every value is immutable (scalars, ExtType).
+_CHAT_DEFAULTS = _defaults(CHAT_FIELDS)
+_COMPLETION_DEFAULTS = _defaults(COMPLETION_FIELDS)
+
+
+_DEFAULT_LIMITS = KeyLimits()
 
 
 def detect_kind(body: Mapping[str, Any]) -> RequestKind:
@@ -434,55 +557,63 @@ def canonicalize(
     limits: KeyLimits | None = None,
 ) -> CanonicalRequest:
     """Reduce ``body`` (a parsed JSON request) to its canonical form, validating as it goes."""
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         raise InvalidRequestError("request", f"expected a JSON object, got {_tname(body)}",
                                   "send the request body as an object")
-    budget = _Budget(limits or KeyLimits())
+    limits = limits or _DEFAULT_LIMITS
     kind = kind or detect_kind(body)
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if type(model) is not str or not model:
         raise InvalidRequestError("model", "missing or not a non-empty string",
                                   'set "model" to the model id')
-    specs = CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS if kind == "completion" else {}
+    if kind == "chat":
+        specs, defaults = CHAT_FIELDS, _CHAT_DEFAULTS
+    elif kind == "completion":
+        specs, defaults = COMPLETION_FIELDS, _COMPLETION_DEFAULTS
+    else:
+        specs, defaults = {}, {}
     required = _REQUIRED.get(kind)
     if required is not None and body.get(required) is None:
         raise InvalidRequestError(required, "missing", f'send "{required}"')
 
-    fields: dict[str, Any] = {}
+    # NOTE: start from the defaults in key order; assigning a known field keeps that order, so
+    # only requests with unknown fields need a final sort.
+    fields: dict[str, Any] = defaults.copy()
     unkeyed: list[str] = []
+    needs_sort = False
     for name, value in body.items():
-        if not isinstance(name, str):
+        if type(name) is not str:
             raise InvalidRequestError("request", "object keys must be strings", "use string keys")
         if name == "model":
             continue
         if name in UNKEYED_FIELDS:
             unkeyed.append(name)
             continue
-        budget.spend(len(name) + 1, name)
         spec = specs.get(name)
         if spec is None:
             # Unknown to us: keyed exactly as given (canonical JSON). Fail closed.
-            fields[name] = canon_value(value, name, budget, 1)
-        elif value is None:
-            fields[name] = spec.norm(spec.default, name, budget) if spec.default is not None \
-                else _null_default(name, spec, budget)
-        else:
-            fields[name] = spec.norm(value, name, budget)
-    for name, spec in specs.items():
-        if name not in fields:
-            fields[name] = _null_default(name, spec, budget) if spec.default is None \
-                else spec.norm(spec.default, name, budget)
-    if kind == "chat" and fields.get("tool_choice") is None:
-        fields["tool_choice"] = _tool_choice_default(fields)
-    return CanonicalRequest(
-        kind=kind, model=model, fields=dict(sorted(fields.items())), unkeyed=tuple(sorted(unkeyed))
-    )
-
-
-def _null_default(name: str, spec: _Spec, budget: _Budget) -> Any:
-    # Normalisers that fold null into a value (stop -> [], tools -> [], ...) do so here;
-    # the rest keep null as the explicit "not set".
+            fields[name] = _any(value, name)
+            needs_sort = True
+        elif value is not None:  # an explicit null is the default, already in place
+            fields[name] = spec.norm(value, name)
+    if kind == "chat" and fields["tool_choice"] is None:
+        fields["tool_choice"] = "none" if fields["tools"] == _EMPTY_LIST else "auto"
+    if needs_sort:
+        fields = dict(sorted(fields.items()))
     try:
-        return spec.norm(None, name, budget)
-    except InvalidRequestError:
-        return None
+        encoded = frame_presorted(fields)
+    except UnicodeEncodeError:
+        for name, value in fields.items():
+            _checked(value, name, 0, 10**6)  # names the field with the bad text
+        raise
+    if len(encoded) > limits.max_bytes:
+        largest = max(fields, key=lambda n: len(frame_presorted(fields[n])))
+        raise RequestTooLargeError(
+            largest,
+            f"request is {len(encoded)} bytes canonically, over the {limits.max_bytes}-byte "
+            "key limit",
+            "send a smaller request or raise the limit",
+        )
+    return CanonicalRequest(
+        kind=kind, model=model, keyed=fields, encoded=encoded, unkeyed=tuple(sorted(unkeyed))
+    )

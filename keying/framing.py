@@ -8,7 +8,9 @@ Maps are written with their keys sorted, so the encoding does not depend on key 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -46,9 +48,26 @@ def frame(value: Any) -> bytes:
     return msgpack.packb(_sorted_maps(value), use_bin_type=True, strict_types=False)
 
 
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    # NOTE: msgpack.packb builds a Packer per call, which costs more than packing a small
+    # request; a Packer is not thread-safe, so each thread keeps its own.
+    try:
+        return _local.packer
+    except AttributeError:
+        _local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+        return _local.packer
+
+
 def frame_presorted(value: Any) -> bytes:
     """Encode a value whose maps are already in canonical key order (hot path, no re-sorting)."""
-    return msgpack.packb(value, use_bin_type=True)
+    try:
+        return _packer().pack(value)
+    except BaseException:
+        _local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)  # drop a dirty buffer
+        raise
 
 
 def xxh3_128(data: bytes) -> bytes:
@@ -61,9 +80,20 @@ def response_digest(material: bytes) -> ResponseDigest:
     return ResponseDigest(xxhash.xxh3_128_digest(material))
 
 
+@functools.lru_cache(maxsize=16)
+def _keyed_blake2b(secret: bytes) -> Any:
+    return hashlib.blake2b(digest_size=32, key=secret)
+
+
 def material_digest(material: bytes, secret: bytes = DEFAULT_MATERIAL_SECRET) -> MaterialDigest:
-    """Keyed ``blake2b`` (256-bit) of the framed key material, verified on every hit."""
-    return MaterialDigest(hashlib.blake2b(material, digest_size=32, key=secret[:64]).digest())
+    """Keyed ``blake2b`` (256-bit) of the framed key material, verified on every hit.
+
+    ``secret`` is at most 64 bytes (blake2b's key size); a longer one is refused.
+    """
+    # NOTE: copying a hasher that has absorbed the key is cheaper than keying a new one.
+    h = _keyed_blake2b(secret).copy()
+    h.update(material)
+    return MaterialDigest(h.digest())
 
 
 def hash_block_tokens(

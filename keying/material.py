@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,17 +82,30 @@ def encode_material(
                                   "pass the model's epoch from the registry")
     if adapter is not None and not isinstance(adapter, str):
         raise InvalidRequestError("adapter", "must be a string or absent", "pass an adapter id")
-    return frame_presorted(
+    # NOTE: the request's fields are already encoded (canonicalize does it once); the material is
+    # the msgpack array [version, scope, model, epoch, adapter, kind, ["request", fields]], built
+    # by appending that encoding to the head, byte-identical to packing the whole array.
+    return _head(scope, model, epoch, adapter, request.kind) + request.encoded
+
+
+@functools.lru_cache(maxsize=4096)
+def _head(scope: Scope, model: str, epoch: int, adapter: str | None, kind: str) -> bytes:
+    # Few distinct heads exist at a time (tenants x models x epochs), so they are cached.
+    head = frame_presorted(
         [
             MATERIAL_VERSION,
             ["scope", scope.as_material()],
             ["model", model],
             ["epoch", epoch],
             ["adapter", adapter],
-            ["kind", request.kind],
-            ["request", request.fields],
+            ["kind", kind],
         ]
     )
+    assert head[0] == 0x96  # fixarray of 6
+    return b"\x97" + head[1:] + _REQUEST_TAG
+
+
+_REQUEST_TAG = b"\x92" + frame_presorted("request")
 
 
 def build_key(body: Any, params: KeyParams) -> KeyResult:

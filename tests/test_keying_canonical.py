@@ -218,12 +218,20 @@ class TestInvalidInput:
         with pytest.raises(RequestTooLargeError, match="1000-byte key limit"):
             canonicalize(body, limits=KeyLimits(max_bytes=1000))
 
-    def test_deep_nesting_is_refused(self) -> None:
-        deep: Any = 1
-        for _ in range(100):
-            deep = [deep]
-        with pytest.raises(RequestTooLargeError, match="nested deeper"):
-            canonicalize(chat(x_deep=deep))
+    @pytest.mark.parametrize("with_float", [False, True])
+    def test_deep_nesting_is_refused_on_every_path(self, with_float: bool) -> None:
+        deep: Any = 1.5 if with_float else 1
+        for _ in range(254):
+            deep = {"a": deep}
+        canonicalize(chat(x_deep=deep))  # the limit itself is accepted
+        with pytest.raises(RequestTooLargeError, match="nested deeper than 254"):
+            canonicalize(chat(x_deep={"b": deep}))
+
+    def test_lone_surrogate_is_refused_with_the_field(self) -> None:
+        with pytest.raises(InvalidRequestError, match=r"^messages\[0\].content: text is not valid"):
+            canonicalize(chat(messages=[{"role": "user", "content": "a\ud800"}]))
+        with pytest.raises(InvalidRequestError, match=r"^x_meta.k: text is not valid"):
+            canonicalize(chat(x_meta={"k": "\udfff"}))
 
     def test_canonicalize_does_not_mutate_the_input(self) -> None:
         body = chat(stop="x", tools=[{"type": "function", "function": {"name": "f"}}],
