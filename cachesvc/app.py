@@ -80,8 +80,8 @@ def create_app(
                                     versions=versions, observers=observers)
             app.state.services = services
             log.info("cachesvc_ready", tenants=len(settings.tenants),
-                     store=settings.redis.store_url and "redis" or "embedded",
-                     upstream=settings.upstream.url or f"engine:{settings.upstream.model}")
+                     store=type(services.store).__name__,
+                     upstream=type(services.upstream).__name__)
             yield
             app.state.services = None
 

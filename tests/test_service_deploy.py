@@ -1,0 +1,130 @@
+"""The service as deployed: ``cachesvc serve`` in its own process (several uvicorn workers on
+one Redis), and the in-process reference engine as the upstream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from cachesvc.echo_upstream import EchoUpstream
+
+from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, free_port, serving
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+MESSAGES = [{"role": "user", "content": "Say hi."}]
+
+
+def _config(tmp_path: Path, redis_url: str, upstream: str | None) -> Path:
+    up = f'[upstream]\nurl = "{upstream}"\n' if upstream else \
+        '[upstream]\nmodel = "random-tiny"\n'
+    cfg = tmp_path / "cachesvc.toml"
+    cfg.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n{up}'
+        f'[redis]\nurl = "{redis_url}"\ntimeout_ms = 1000\n'
+        f'[admin]\napi_key = "{ADMIN}"\n'
+        f'[cache]\nregistry_refresh_s = 1.0\n'
+        f'[[tenants]]\nid = "team-a"\napi_keys = ["{KEY_A}"]\n'
+        f'[[tenants]]\nid = "team-b"\napi_keys = ["{KEY_B}"]\n')
+    return cfg
+
+
+def _serve(cfg: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    cli = Path(sys.executable).with_name("cachesvc")
+    proc = subprocess.Popen([str(cli), "serve", "--config", str(cfg), "--port", str(port),
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"cachesvc serve exited with {proc.returncode}")
+        time.sleep(0.2)
+    _stop(proc)
+    raise RuntimeError("cachesvc serve did not start in 90 s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the process group this test started
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _chat(port: int, key: str = KEY_A, model: str = "echo-1", **kw: Any) -> Any:
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    return c.chat.completions.with_raw_response.create(model=model, messages=MESSAGES,
+                                                       temperature=0, max_tokens=8, **kw)
+
+
+class TestWorkers:
+    def test_workers_share_entries_and_every_worker_learns_a_rollout(self, tmp_path, redis_url):
+        with serving(fake_openai_app(EchoUpstream())) as up:
+            port = free_port()
+            proc = _serve(_config(tmp_path, redis_url, up.url + "/v1"), port, "--workers", "2")
+            try:
+                first = _chat(port)
+                states = [_chat(port).headers["x-cache"] for _ in range(12)]
+                assert first.headers["x-cache"] == "MISS" and set(states) == {"HIT"}
+                r = httpx.post(f"http://127.0.0.1:{port}/admin/models/echo-1/rollout",
+                               json={"version": "v2"},
+                               headers={"Authorization": f"Bearer {ADMIN}"})
+                assert r.status_code == 200
+                time.sleep(0.5)  # > the event poll interval; far below the refresh bound
+                after = [_chat(port).headers["x-cache"] for _ in range(8)]
+                assert after[0] == "MISS" and "MISS" not in after[1:]
+            finally:
+                _stop(proc)
+
+    def test_several_workers_without_redis_are_refused(self, tmp_path):
+        cli = Path(sys.executable).with_name("cachesvc")
+        out = subprocess.run([str(cli), "serve", "--workers", "2", "--port", str(free_port())],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "shared store" in out.stderr
+
+
+class TestEngineUpstream:
+    def test_the_engine_answers_misses_and_a_rollout_reaches_its_prefix_pool(self, tmp_path,
+                                                                             redis_url):
+        from fastapi.testclient import TestClient
+
+        from cachesvc.app import create_app
+        from tests.service_helpers import auth, make_settings
+
+        settings = make_settings(tmp_path, redis={"url": redis_url},
+                                 upstream={"model": "random-tiny"})
+        with TestClient(create_app(settings)) as c:
+            engine = c.app.state.services.upstream.engine
+            body = {"model": "random-tiny", "messages": MESSAGES, "temperature": 0,
+                    "max_tokens": 6}
+            a = c.post("/v1/chat/completions", json=body, headers=auth())
+            b = c.post("/v1/chat/completions", json=body, headers=auth())
+            assert (a.headers["x-cache"], b.headers["x-cache"]) == ("MISS", "HIT")
+            assert a.content == b.content
+            streamed = c.post("/v1/chat/completions", json={**body, "stream": True},
+                              headers=auth())
+            assert streamed.headers["x-cache"] == "HIT" and "data: [DONE]" in streamed.text
+            r = c.post("/admin/models/random-tiny/rollout", json={"version": "2"},
+                       headers=auth(ADMIN)).json()
+            assert engine.model_epoch == r["epoch"]
+            again = c.post("/v1/chat/completions", json=body, headers=auth())
+            assert again.headers["x-cache"] == "MISS"
+            unsupported = c.post("/v1/chat/completions", json={**body, "logit_bias": {"1": 5}},
+                                 headers=auth())
+            assert unsupported.status_code == 422
+            assert unsupported.json()["error"]["param"] == "logit_bias"
