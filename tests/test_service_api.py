@@ -339,6 +339,38 @@ class TestCacheApi:
         r = self.store(client, token, self.answer("z" * 60_000))
         assert r.status_code == 413
 
+    def test_a_stored_stream_is_replayed_to_streaming_lookups_and_assembled_for_others(
+            self, client):
+        req = chat("q8", stream=True)
+        token = self.lookup(client, req).json()["fill_token"]
+        head = {"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "echo-1"}
+        chunks = [
+            {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "he"},
+                                  "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {"content": "llo"},
+                                  "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+        assert self.store(client, token, chunks=chunks, request=req).json()["stored"]
+        hit = self.lookup(client, req).json()
+        assert hit["chunks"] == chunks
+        assert hit["response"]["choices"][0]["message"]["content"] == "hello"
+        replay = post(client, req)
+        assert replay.headers["x-cache"] == "HIT" and sse_chunks(replay.text) == chunks
+
+    def test_a_cut_stream_is_refused(self, client):
+        token = self.lookup(client, chat("q9")).json()["fill_token"]
+        chunks = [{"choices": [{"index": 0, "delta": {"content": "he"},
+                                "finish_reason": None}]}]
+        r = self.store(client, token, chunks=chunks)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "chunks"
+
+    def test_a_ttl_longer_than_the_tenants_is_refused(self, client):
+        token = self.lookup(client, chat("q10")).json()["fill_token"]
+        r = self.store(client, token, self.answer(), ttl_seconds=10**9)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "ttl_seconds"
+        assert self.store(client, token, self.answer(), ttl_seconds=60).json()["stored"]
+
     def test_a_bypass_gets_no_token(self, client):
         r = self.lookup(client, chat(temperature=1.0)).json()
         assert r["status"] == "bypass" and "fill_token" not in r

@@ -120,9 +120,17 @@ async def store(body: StoreRequest, services: ServicesDep, tenant: TenantDep) ->
         if bytes(keyed.key.digest) != grant.digest or keyed.scope != scope:
             raise UnprocessableError("request does not key to the fill token's entry",
                                      field="request", fix="send the request you looked up")
+    ttl = grant.ttl_seconds
+    if body.ttl_seconds is not None:
+        if not 0 < body.ttl_seconds <= grant.ttl_seconds:
+            raise UnprocessableError(
+                f"ttl_seconds={body.ttl_seconds} is outside 1..{grant.ttl_seconds} (the "
+                "tenant's ttl_seconds)", field="ttl_seconds",
+                fix="send a shorter ttl_seconds, or leave it out for the tenant's default")
+        ttl = body.ttl_seconds
     target = FillTarget(scope=scope, digest=grant.digest, material_digest=grant.material_digest,
                         model=grant.model, version=version, epoch=grant.epoch, adapter=None,
-                        ttl_seconds=grant.ttl_seconds)
+                        ttl_seconds=ttl)
     why = await services.cache.fill(target, payload, source="cache_api", keyed=keyed)
     if why == "too_large":
         raise TooLargeError(f"the entry exceeds limits.max_entry_bytes="

@@ -125,6 +125,9 @@ class StoreRequest(BaseModel):
     request: dict[str, Any] | None = Field(
         default=None, description="Optional: the request again; if given it must key to the "
         "token's entry, and the fill is reported to the auditor.")
+    ttl_seconds: int | None = Field(
+        default=None, description="Keep the entry this long; at most the tenant's ttl_seconds "
+        "(the default).")
 
 
 class StoreResponse(BaseModel):
