@@ -299,15 +299,15 @@ class Engine:
     ) -> _Prefill:
         model = self.model  # NOTE: a rollout mid-request must not switch this request's weights
         cache = RequestCache(self.shape, capacity, device=self.device)
-        lease: Lease | None = None
         cached = 0
         bs = self.pool.block_size
         if params.use_prefix_cache:
-            epoch_keys = self._block_keys(prompt, params)
-            chain = block_hashes(prompt, epoch_keys, block_size=bs)
-            lease = self.store.acquire(len(prompt), timeout=params.queue_timeout_s)
+            chain = block_hashes(prompt, self._block_keys(prompt, params), block_size=bs)
+        # NOTE: requests that skip the cache are still admitted (reserving no blocks), so
+        # max_running bounds every request's working KV, not only the caching ones.
+        lease = self.store.acquire(len(prompt) if params.use_prefix_cache else 0, timeout=params.queue_timeout_s)
         try:
-            if lease is not None:
+            if params.use_prefix_cache:
                 # At least one prompt token must run, to produce the next token's logits.
                 usable = (len(prompt) - 1) // bs
                 match = self.store.match(lease, chain[:usable])
@@ -315,15 +315,14 @@ class Engine:
             pre = _Prefill(lease=lease, cache=cache, logits=torch.empty(0), cached_tokens=cached, model=model)
             out = self._forward(pre, prompt[cached:], all_logits=all_logits)
             pre.logits = out[-1] if all_logits else out
-            if lease is not None:
+            if params.use_prefix_cache:
                 start = len(match.block_ids)
                 stored = self.store.insert(lease, chain, start)
                 cache.store_blocks(self.pool, stored.block_ids, stored.fresh, start)
                 self.store.commit(lease)
             return pre
         except BaseException:
-            if lease is not None:
-                self.store.release(lease)
+            self.store.release(lease)
             raise
 
     def _forward(self, pre: _Prefill, ids: Sequence[int], *, all_logits: bool = False) -> torch.Tensor:
@@ -341,13 +340,13 @@ class Engine:
         self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids", allow_empty: bool = False
     ) -> list[int]:
         try:
-            out = [int(t) for t in ids]
+            out = list(map(int, ids))
         except (TypeError, ValueError):
             raise InvalidParamsError(field_name, "must be a list of integer token ids", "send token ids") from None
         if not out and not allow_empty:
             raise InvalidParamsError(field_name, "must not be empty", "send at least one token")
-        bad = [t for t in out if not 0 <= t < self.vocab_size]
-        if bad:
+        if out and (min(out) < 0 or max(out) >= self.vocab_size):
+            bad = [t for t in out if not 0 <= t < self.vocab_size]
             raise InvalidParamsError(field_name, f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})", "send valid ids")
         if len(out) + extra > self.max_context:
             raise InvalidParamsError(

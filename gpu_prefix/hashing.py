@@ -67,7 +67,7 @@ def block_hashes(
     out: list[tuple[BlockHash, tuple[int, ...], tuple[object, ...]]] = []
     parent: BlockHash | None = None
     for i in range(len(tokens) // block_size):
-        chunk = tuple(int(t) for t in tokens[i * block_size : (i + 1) * block_size])
+        chunk = tuple(map(int, tokens[i * block_size : (i + 1) * block_size]))
         extra = keys.extra_keys(i, block_size)
         parent = hash_block_tokens(hash_fn, parent, chunk, extra)
         out.append((parent, chunk, extra))
