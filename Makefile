@@ -50,6 +50,7 @@ bench-keying: .venv-bench/.installed
 
 bench: $(STAMP) bench-keying
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/prefix.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
