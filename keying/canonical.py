@@ -171,6 +171,12 @@ def canon_value(value: Any, path: str, depth: int = 0) -> Any:
         return _checked(value, path, 0, MAX_DEPTH)
 
 
+def _json_ext(data: bytes) -> ExtType:
+    # NOTE: ExtType's own constructor re-checks its arguments in Python, which costs more than
+    # the rest of keying a small request; ours are always (JSON_EXT, bytes).
+    return tuple.__new__(ExtType, (JSON_EXT, data))
+
+
 def canon_json(value: Any, path: str) -> ExtType:
     """The canonical JSON document of any JSON value, tagged for framing."""
     t = type(value)
@@ -181,14 +187,14 @@ def canon_json(value: Any, path: str) -> ExtType:
             pass
         else:
             if b".0" not in raw and b"null" not in raw:  # see canon_value
-                return ExtType(JSON_EXT, raw)
+                return _json_ext(raw)
     return _as_json(canon_value(value, path), path)
 
 
 def _as_json(value: Any, path: str) -> ExtType:
     """Tag a value that is already canonical (numbers folded) as a canonical JSON document."""
     try:
-        return ExtType(JSON_EXT, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+        return _json_ext(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
     except orjson.JSONEncodeError:
         _checked(value, path, 0, 10**6)  # names the field with text that is not valid Unicode
         raise
