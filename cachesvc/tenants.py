@@ -6,6 +6,7 @@ does not depend on how many leading characters of a guess are right.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ class Tenant:
     ttl_seconds: int
     canaries: tuple[str, ...]
 
+    @property
+    def tenant_scope(self) -> Scope:
+        return _tenant_scope(self.id)
+
     @classmethod
     def from_settings(cls, t: TenantSettings) -> Tenant:
         return cls(id=t.id, scope_kind=t.scope, cache_nondeterministic=t.cache_nondeterministic,
@@ -31,7 +36,7 @@ class Tenant:
     def scope_for(self, body: object) -> Scope:
         """The request's scope: the tenant, or with scope ``user`` the body's ``user`` in it."""
         if self.scope_kind == "tenant":
-            return Scope.for_tenant(self.id)
+            return self.tenant_scope
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(user, str) or not user:
             raise BadRequestError(
@@ -42,6 +47,11 @@ class Tenant:
             return Scope.for_user(self.id, user)
         except InvalidRequestError as exc:  # pragma: no cover - guarded above
             raise BadRequestError(str(exc), field=exc.field, fix=exc.fix) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _tenant_scope(tenant_id: str) -> Scope:
+    return Scope.for_tenant(tenant_id)
 
 
 def _fingerprint(key: str) -> bytes:
