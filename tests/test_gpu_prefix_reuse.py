@@ -40,7 +40,7 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 class TestReuseIsExact:
-    @settings(max_examples=25, deadline=None)
+    @settings(max_examples=20, deadline=None)
     @given(seed=st.integers(0, 2**32 - 1), prefix_len=st.integers(1, 120), suffix_len=st.integers(1, 40))
     def test_logits_with_reuse_equal_a_full_forward(self, tiny_model: LoadedModel, seed, prefix_len, suffix_len):
         engine = Engine(tiny_model, pool_bytes=2**20)
@@ -52,7 +52,7 @@ class TestReuseIsExact:
         assert (out - full).abs().max().item() < 1e-4
         engine.store.check_valid()
 
-    @settings(max_examples=15, deadline=None)
+    @settings(max_examples=10, deadline=None)
     @given(seed=st.integers(0, 2**32 - 1), n_prefix=st.integers(17, 90))
     def test_greedy_generations_are_identical_with_and_without_reuse(self, tiny_model: LoadedModel, seed, n_prefix):
         engine = Engine(tiny_model, pool_bytes=2**20)
