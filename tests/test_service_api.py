@@ -469,3 +469,32 @@ class TestStoreFailures:
             post(c, chat())  # the probe succeeds and closes the breaker
             assert post(c, chat()).headers["x-cache"] == "HIT"
             assert c.get("/readyz").json()["store"] == "closed"
+
+
+class TestEpochViews:
+    """A rollout written to the registry by another replica (this one's view not told yet)."""
+
+    def rollout_elsewhere(self, c: TestClient, version: str) -> None:
+        registry = c.app.state.services.versions.registry
+        c.portal.call(registry.rollout, "echo-1", version)
+
+    def test_strict_mode_refuses_an_entry_whose_epoch_has_passed(self, tmp_path):
+        settings = make_settings(tmp_path, cache={"strict_epoch": True,
+                                                  "registry_refresh_s": 30.0})
+        with TestClient(create_app(settings, upstream=EchoUpstream())) as c:
+            c.app.state.services.versions.view.poll_interval = 3600  # no events applied
+            post(c, chat())
+            assert post(c, chat()).headers["x-cache"] == "HIT"
+            self.rollout_elsewhere(c, "v9")
+            r = post(c, chat())
+            assert r.headers["x-cache"] == "MISS" and "strict" in r.headers["x-cache-reason"]
+
+    def test_without_strict_mode_the_view_catches_up_within_its_poll_interval(self, tmp_path):
+        settings = make_settings(tmp_path, cache={"registry_refresh_s": 2.0})
+        with TestClient(create_app(settings, upstream=EchoUpstream())) as c:
+            post(c, chat())
+            self.rollout_elsewhere(c, "v9")
+            import time
+
+            time.sleep(0.6)  # > poll interval (0.1 s); the event reaches this replica's view
+            assert post(c, chat()).headers["x-cache"] == "MISS"
