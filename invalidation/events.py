@@ -181,6 +181,7 @@ class EpochView:
         self._cursor = START
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.events_applied = 0
         self.refreshes = 0
 
@@ -198,7 +199,9 @@ class EpochView:
     def fresh(self) -> bool:
         return (
             self._confirmed_at is not None
-            and self._clock() - self._confirmed_at <= self.refresh_interval
+            # NOTE: strict `<`: a read confirmed at the very instant of an acknowledgement may
+            # have run just before it, so exactly `refresh_interval` later is already stale.
+            and self._clock() - self._confirmed_at < self.refresh_interval
         )
 
     def current(self, model: str) -> ModelVersion:
@@ -314,10 +317,12 @@ class EpochView:
             self._cursor = await self.registry.events.last_id()
         await self.refresh()
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name="epoch-view")
 
     async def stop(self) -> None:
         if self._task is not None:
+            self._stopping = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -333,13 +338,18 @@ class EpochView:
 
     async def _run(self) -> None:
         backoff = self.poll_interval
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
                 backoff = self.poll_interval
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                task = asyncio.current_task()
+                if self._stopping or (task is not None and task.cancelling()):
+                    # NOTE: redis-py can turn a cancellation mid-command into a connection
+                    # error; without this check the loop would swallow stop() and run forever.
+                    raise asyncio.CancelledError from exc
                 # Keep going: the read path fails closed on its own once the bound passes.
                 log.warning("epoch_view.tick_failed", error=f"{type(exc).__name__}: {exc}")
                 backoff = min(backoff * 2, max(self.poll_interval, self.refresh_interval / 4))
