@@ -1,0 +1,299 @@
+"""What the shadow auditor costs: hit throughput of the service with audit sampling at 0%, 1% and
+10%, measured in one run.
+
+One service process runs under uvicorn on loopback with the embedded store and the reference
+engine (random-tiny) as upstream and as the auditor's oracle. Between rounds the benchmark
+switches the sampling rate in place (a route the benchmark adds to its own app), so every rate
+is measured in the same process, on the same warm caches:
+every sampled hit is decoded again, checked for provenance, canaries and the registry, and
+recomputed by the engine in the auditor's thread, which competes with the request path for the
+CPU and the GIL. That is the cost being measured. At 0% the service has no observer at all.
+N keep-alive clients in this process send hits (every request was filled beforehand); the rates
+are measured in interleaved rounds so drift in the machine's load hits them alike.
+
+Two figures per rate: hits per second (wall clock), and server CPU time per hit (from
+``/proc``), which is steadier on a shared machine. The cost is each one's shortfall against 0%.
+
+    .venv/bin/python bench/audit.py [--seconds 4] [--rounds 3] [--clients 16] [--json]
+
+Goal: 1% costs under 3% of hit throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+KEY = "sk-bench-tenant-0123456789"
+RATES = (0.0, 0.01, 0.10)
+
+
+def body(i: int) -> bytes:
+    return json.dumps({"model": "random-tiny", "temperature": 0, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": f"benchmark prompt number {i}"}]}
+                      ).encode()
+
+
+# -- the service (its own process) ---------------------------------------------------------
+
+
+def serve(port: int, state: str, oracle: str) -> None:
+    import logging
+
+    import structlog
+    import uvicorn
+
+    from cachesvc.app import create_app
+    from cachesvc.settings import load_settings
+    from cachesvc.store import open_store
+    from cachesvc.upstream import EngineUpstream
+    from gpu_prefix.engine import Engine
+    from gpu_prefix.models import load_model
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    settings = load_settings(
+        None,
+        state_dir=state,
+        tenants=[{"id": "bench", "api_keys": [KEY], "canaries": ["CANARY-bench-1"]},
+                 {"id": "other", "api_keys": ["sk-bench-other-0123456789"],
+                  "canaries": ["CANARY-other-1"]}],
+        upstream={"model": "random-tiny"},
+        audit={"sample_rate": 0.01, "fill_sample_rate": 0.01, "oracle": oracle,
+               "findings_path": str(Path(state) / "findings.jsonl"), "queue_size": 256},
+        cache={"secret": "bench-secret-0123456789abcdef"},
+        # A loop saturated by the benchmark lags; the default store timeout would turn hits
+        # into (correct) misses and measure the breaker instead of the auditor.
+        redis={"timeout_ms": 1000},
+        logging={"level": "ERROR"},
+    )
+    engine = Engine(load_model("random-tiny"))
+    app = create_app(settings, upstream=EngineUpstream(engine), store=open_store(None))
+    observers: list[Any] = []
+
+    @app.post("/_bench/rate/{rate}")
+    async def set_rate(rate: float) -> dict[str, Any]:
+        import dataclasses
+
+        cache = app.state.services.cache
+        if not observers:
+            observers.extend(cache.observers)
+        auditor = observers[0].auditor
+        if rate == 0:
+            cache.observers = ()
+        else:
+            auditor.config = dataclasses.replace(auditor.config, sample_rate=rate,
+                                                 fill_sample_rate=rate)
+            cache.observers = tuple(observers)
+        return {"checked": auditor.checked, "dropped": auditor.dropped,
+                "enqueued": auditor.enqueued, "findings": auditor.findings}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
+                loop="uvloop", http="httptools")
+
+
+# -- the load (this process) ---------------------------------------------------------------
+
+
+def request(i: int) -> bytes:
+    b = body(i)
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(b)}\r\n\r\n").encode() + b
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    req: bytes) -> tuple[int, str]:
+    writer.write(req)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers.get("x-cache", "")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def fill(port: int, prompts: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in range(prompts):
+        status, _ = await roundtrip(reader, writer, request(i))
+        if status != 200:
+            raise RuntimeError(f"fill of prompt {i} answered {status}")
+    writer.close()
+
+
+async def load(port: int, pid: int, *, clients: int, seconds: float, prompts: int
+               ) -> dict[str, Any]:
+    reqs = [request(i) for i in range(prompts)]
+    latencies: list[float] = []
+    misses = 0
+    stop = 0.0
+
+    async def client(c: int) -> None:
+        nonlocal misses
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = c
+        while time.perf_counter() < stop:
+            i = (i * 7919 + 13) % prompts
+            t0 = time.perf_counter()
+            status, xcache = await roundtrip(reader, writer, reqs[i])
+            latencies.append(time.perf_counter() - t0)
+            if status != 200 or not xcache.startswith("HIT"):
+                misses += 1
+        writer.close()
+
+    cpu0 = cpu_seconds(pid)
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - t0
+    cpu = cpu_seconds(pid) - cpu0
+    latencies.sort()
+    n = len(latencies)
+    return {"hits_per_s": n / elapsed, "cpu_us_per_hit": 1e6 * cpu / n, "requests": n,
+            "misses": misses, "p50_ms": 1000 * latencies[n // 2],
+            "p99_ms": 1000 * latencies[max(0, int(n * 0.99) - 1)]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service on port {port} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"service on port {port} did not start in {timeout}s")
+
+
+def findings_of(state: Path) -> int:
+    total = 0
+    for f in state.glob("findings*.jsonl"):
+        total += sum(1 for line in f.read_text().splitlines() if line.strip())
+    return total
+
+
+async def set_rate(port: int, rate: float) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /_bench/rate/{rate} HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
+    await fill(port, args.prompts)
+    results: dict[float, list[dict[str, Any]]] = {r: [] for r in RATES}
+    stats: dict[str, Any] = {}
+    for rnd in range(args.rounds):
+        order = RATES if rnd % 2 == 0 else tuple(reversed(RATES))
+        for rate in order:
+            before = await set_rate(port, rate)
+            res = await load(port, pid, clients=args.clients, seconds=args.seconds,
+                             prompts=args.prompts)
+            after = await set_rate(port, rate)
+            res["audited"] = after["checked"] - before["checked"]
+            res["dropped"] = after["dropped"] - before["dropped"]
+            stats = after
+            results[rate].append(res)
+            if not args.json:
+                print(f"round {rnd + 1} sampling {rate:>4.0%}: {res['hits_per_s']:7.0f} hits/s, "
+                      f"{res['cpu_us_per_hit']:6.0f} us CPU/hit, p50 {res['p50_ms']:.2f} ms, "
+                      f"p99 {res['p99_ms']:.2f} ms, audited {res['audited']}, dropped {res['dropped']}, "
+                      f"misses {res['misses']}", flush=True)
+    base_hps = statistics.median(r["hits_per_s"] for r in results[0.0])
+    base_cpu = statistics.median(r["cpu_us_per_hit"] for r in results[0.0])
+    out: dict[str, Any] = {"oracle": args.oracle, "clients": args.clients, "seconds": args.seconds,
+                           "rounds": args.rounds, "rates": {}}
+    for rate in RATES:
+        rs = results[rate]
+        hps = statistics.median(r["hits_per_s"] for r in rs)
+        cpu = statistics.median(r["cpu_us_per_hit"] for r in rs)
+        out["rates"][f"{rate:.2f}"] = {
+            "hits_per_s": hps, "throughput_ratio": hps / base_hps,
+            "throughput_cost_pct": 100 * (1 - hps / base_hps),
+            "cpu_us_per_hit": cpu, "cpu_cost_pct": 100 * (cpu / base_cpu - 1),
+            "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+            "misses": sum(r["misses"] for r in rs),
+            "audited": sum(r["audited"] for r in rs),
+            "dropped": sum(r["dropped"] for r in rs),
+        }
+    out["auditor"] = stats
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--x-serve":
+        serve(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per rate")
+    p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
+    p.add_argument("--prompts", type=int, default=200, help="distinct cached requests")
+    p.add_argument("--oracle", choices=("engine", "none"), default="engine",
+                   help="recompute sampled hits with the engine, or check provenance only")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, __file__, "--x-serve", str(port), tmp,
+                                     args.oracle])
+            procs.append(proc)
+            wait_port(port, proc)
+            summary = asyncio.run(run(args, port, proc.pid))
+        finally:
+            for proc in procs:
+                proc.terminate()  # SIGTERM: the auditor drains and closes its journal
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        summary["findings"] = findings_of(Path(tmp))
+        summary["oracle"] = args.oracle
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"\n{'sampling':>9} {'hits/s':>8} {'vs 0%':>6} {'cost':>6} {'CPU us/hit':>11} "
+          f"{'cost':>6} {'p50 ms':>7} {'p99 ms':>7} {'audited':>8} {'dropped':>8}")
+    for rate, r in summary["rates"].items():
+        print(f"{float(rate):>9.0%} {r['hits_per_s']:>8.0f} {r['throughput_ratio']:>6.3f} "
+              f"{r['throughput_cost_pct']:>5.1f}% {r['cpu_us_per_hit']:>11.0f} "
+              f"{r['cpu_cost_pct']:>5.1f}% {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+              f"{r['audited']:>8} {r['dropped']:>8}")
+    one = summary["rates"]["0.01"]
+    print(f"\n1% sampling: {one['throughput_cost_pct']:.1f}% of hit throughput, "
+          f"{one['cpu_cost_pct']:.1f}% more CPU per hit (goal: under 3%). "
+          f"Findings on clean traffic: {summary['findings']}.")
+
+
+if __name__ == "__main__":
+    main()
