@@ -3,7 +3,6 @@ server around the deterministic upstream."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import threading
@@ -145,5 +144,3 @@ def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> bool
         time.sleep(interval)
     return False
 
-
-_: asyncio.AbstractEventLoop

@@ -12,7 +12,6 @@ import pytest
 
 from cachesvc.app import create_app
 from cachesvc.echo_upstream import EchoUpstream
-from cachesvc.upstream import HttpUpstream
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, make_settings, serving
 
 pytestmark = pytest.mark.redis

@@ -19,7 +19,6 @@ from cachesvc.api.schemas import (
 )
 from cachesvc.cache_control import parse_cache_control
 from cachesvc.errors import BadRequestError, StaleEpochError, TooLargeError, UnprocessableError
-from cachesvc.fill_token import FillGrant
 from cachesvc.response_cache import FillTarget, Payload
 from cachesvc.streaming import stream_complete
 from keying import Scope, detect_kind
@@ -160,5 +159,3 @@ def _payload(body: StoreRequest) -> Payload:
                                  field="chunks", fix="store only a stream that completed")
     return Payload(stream=True, chunks=body.chunks)
 
-
-_: FillGrant

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from cachesvc.errors import AuthError, BadRequestError, TooLargeError
+from cachesvc.errors import BadRequestError, TooLargeError
 from cachesvc.fill_token import FillTokenSigner
 from cachesvc.response_cache import ResponseCache
 from cachesvc.settings import Settings
@@ -124,6 +124,3 @@ def _too_large(limit: int) -> TooLargeError:
     return TooLargeError(f"the request body exceeds limits.max_request_bytes={limit}",
                          field="body", fix="send a smaller request or raise the limit")
 
-
-def _unused(_: AuthError) -> None:  # keep the import visible to readers: auth errors are 401s
-    return None

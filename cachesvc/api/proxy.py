@@ -21,9 +21,9 @@ from cachesvc.api.responses import OrjsonResponse
 from cachesvc import metrics
 from cachesvc.api.deps import Services, hot_path_caller, read_json_body
 from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
-from cachesvc.cache_control import CacheControl, parse_cache_control
+from cachesvc.cache_control import parse_cache_control
 from cachesvc.errors import OnlyIfCachedMissError, UpstreamError
-from cachesvc.response_cache import Keyed, LookupResult, Payload
+from cachesvc.response_cache import Keyed, Payload
 from cachesvc.streaming import DONE, sse, stream_complete
 from cachesvc.tenants import Tenant
 
@@ -198,5 +198,3 @@ class _Once:
         if fn is not None:
             fn(payload)
 
-
-_: type[LookupResult] | type[CacheControl]
