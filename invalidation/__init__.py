@@ -5,6 +5,7 @@ Imports only ``keying`` of this project; the stores plug in through :class:`Purg
 """
 
 from invalidation.errors import (
+    CheckpointUnavailableError,
     InvalidationError,
     InvalidModelNameError,
     InvalidSelectorError,
@@ -28,6 +29,7 @@ from invalidation.types import ModelVersion, Rollout, RolloutEvent
 
 __all__ = [
     "CheckpointStore",
+    "CheckpointUnavailableError",
     "EmbeddedRegistry",
     "EpochView",
     "EventLog",

@@ -37,3 +37,8 @@ class InvalidSelectorError(InvalidationError, ValueError):
 
 class RegistryUnavailableError(InvalidationError, ConnectionError):
     """Raised when the registry's Redis cannot be reached or does not answer in time."""
+
+
+class CheckpointUnavailableError(InvalidationError, ConnectionError):
+    """Raised when a purge cannot read or write its checkpoint (its Redis is unreachable).
+    The purge stops; run it again to resume from the last checkpoint that was written."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from invalidation.errors import InvalidSelectorError
+from invalidation.errors import CheckpointUnavailableError, InvalidSelectorError
 from keying import escape_component
 
 log = structlog.get_logger()
@@ -151,14 +151,29 @@ class RedisCheckpoints:
         return "llmc:{purge}:job:" + escape_component(job_id)
 
     async def load(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self._client.get(self.key(job_id))
+        try:
+            raw = await self._client.get(self.key(job_id))
+        except Exception as exc:
+            raise _checkpoint_error(exc) from exc
         return json.loads(raw) if raw else None
 
     async def save(self, job_id: str, state: dict[str, Any]) -> None:
-        await self._client.set(self.key(job_id), json.dumps(state), ex=self._ttl_s)
+        try:
+            await self._client.set(self.key(job_id), json.dumps(state), ex=self._ttl_s)
+        except Exception as exc:
+            raise _checkpoint_error(exc) from exc
 
     async def clear(self, job_id: str) -> None:
-        await self._client.delete(self.key(job_id))
+        try:
+            await self._client.delete(self.key(job_id))
+        except Exception as exc:
+            raise _checkpoint_error(exc) from exc
+
+
+def _checkpoint_error(exc: BaseException) -> CheckpointUnavailableError:
+    return CheckpointUnavailableError(
+        f"purge checkpoint unavailable: {type(exc).__name__}: {exc}; run the purge again to resume"
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -224,6 +239,9 @@ class Purger:
         saved = await self._checkpoints.load(job_id)
         resumed = saved is not None
         cursors: dict[str, str | None] = {s: START for s in shards}
+        # A batch between "keys found" and "deletion recorded": kept in the checkpoint so a
+        # resumed purge finishes it and still counts it exactly once.
+        pending: dict[str, dict[str, Any]] = {}
         scanned = deleted = 0
         if saved is not None:
             # A shard that no longer exists is dropped; a new one starts from the beginning.
@@ -232,11 +250,29 @@ class Purger:
                     cursors[shard] = cur
             scanned = int(saved.get("scanned", 0))
             deleted = int(saved.get("deleted", 0))
+            for shard, batch in saved.get("pending", {}).items():
+                if shard in cursors:
+                    await self._target.purge_delete(shard, batch["keys"])
+                    deleted += len(batch["keys"])
+                    scanned += int(batch["looked"])
+                    cursors[shard] = batch["cursor"]
         estimates = await asyncio.gather(*(self._target.purge_estimate(s) for s in shards))
         estimate = None if any(e is None for e in estimates) else sum(e or 0 for e in estimates)
         lock = asyncio.Lock()
         log.info("purge.start", job_id=job_id, selector=selector.describe(), shards=len(shards),
                  resumed=resumed)
+
+        async def checkpoint() -> None:
+            await self._checkpoints.save(
+                job_id,
+                {
+                    "selector": asdict(selector),
+                    "cursors": cursors,
+                    "pending": pending,
+                    "scanned": scanned,
+                    "deleted": deleted,
+                },
+            )
 
         async def report(done: bool) -> None:
             if on_progress is None:
@@ -254,30 +290,39 @@ class Purger:
             if asyncio.iscoroutine(result):
                 await result
 
+        stopped = False
+
         async def walk(shard: str) -> None:
             nonlocal scanned, deleted
-            while (cursor := cursors[shard]) is not None:
+            while not stopped and (cursor := cursors[shard]) is not None:
                 nxt, keys, looked = await self._target.purge_scan(
                     shard, cursor, selector, self._batch
                 )
-                removed = await self._target.purge_delete(shard, keys) if keys else 0
+                if stopped:
+                    return
+                removed = 0
+                if keys:
+                    async with lock:
+                        pending[shard] = {"cursor": nxt, "keys": keys, "looked": looked}
+                        await checkpoint()
+                    removed = await self._target.purge_delete(shard, keys)
                 async with lock:
+                    pending.pop(shard, None)
                     cursors[shard] = nxt
                     scanned += looked
                     deleted += removed
-                    await self._checkpoints.save(
-                        job_id,
-                        {
-                            "selector": asdict(selector),
-                            "cursors": cursors,
-                            "scanned": scanned,
-                            "deleted": deleted,
-                        },
-                    )
+                    await checkpoint()
                     await report(False)
 
         await report(False)
-        await asyncio.gather(*(walk(s) for s in shards))
+        try:
+            await asyncio.gather(*(walk(s) for s in shards))
+        except BaseException:
+            # NOTE: on Python 3.11 a cancellation can be lost inside a client's own timeout
+            # handling; the flag stops every walker at its next step, so no orphan keeps
+            # deleting (and double-counting) behind a resumed run.
+            stopped = True
+            raise
         await self._checkpoints.clear(job_id)
         await report(True)
         result = PurgeReport(
