@@ -87,6 +87,12 @@ class ShadowConfig:
     queue_size: int = 1024
     stale_grace_s: float = 30.0
     recompute: bool = True
+    #: Share of one core's wall time the recompute may use (1.0: no limit). Recomputing is the
+    #: one expensive check (a model forward pass on the service's own machine); over budget a
+    #: sample still gets every other check and the recompute is counted as skipped.
+    recompute_budget: float = 0.02
+    #: Seconds of recompute allowed at once before the budget applies (a start-up burst).
+    recompute_burst_s: float = 2.0
     tolerance: Tolerance = field(default_factory=Tolerance)
     canaries: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
@@ -99,6 +105,12 @@ class ShadowConfig:
         if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int) or self.queue_size < 1:
             raise AuditConfigError("audit.queue_size", f"{self.queue_size!r} is not >= 1",
                                    "use a positive number of samples, e.g. 1024")
+        if not 0 < self.recompute_budget <= 1:
+            raise AuditConfigError("audit.recompute_budget", f"{self.recompute_budget!r} is not in (0, 1]",
+                                   "use the share of one core the recompute may use, e.g. 0.02")
+        if not self.recompute_burst_s >= 0:
+            raise AuditConfigError("audit.recompute_burst_s", f"{self.recompute_burst_s!r} is < 0",
+                                   "use a number of seconds, e.g. 2")
         if not self.stale_grace_s >= 0:
             raise AuditConfigError("audit.stale_grace_s", f"{self.stale_grace_s!r} is not >= 0",
                                    "use the registry refresh bound in seconds, e.g. 30")
@@ -118,6 +130,7 @@ class ShadowAuditor(Generic[T]):
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         event_kind: Callable[[T], EventKind] | None = None,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.recorder = recorder
@@ -133,6 +146,10 @@ class ShadowAuditor(Generic[T]):
         self._stopping = False
         self._lock = threading.Lock()
         self._first_seen: dict[tuple[str, int], float] = {}
+        self._timer = timer
+        self._budget_since = timer()
+        self._recompute_spent = 0.0
+        self.recompute_skipped = 0
         # Counters (read by check_valid and the benchmark); the hot path touches two of them.
         self.offered = 0
         self.skipped = 0
@@ -291,7 +308,7 @@ class ShadowAuditor(Generic[T]):
             drafts += _counted("canary", check_canaries(
                 answer.text, owner=sample.scope, canaries=self.config.canaries))
         if answer is not None and self.config.recompute and self._oracle is not None:
-            draft = self._recompute(sample, answer)
+            draft = self._recompute_within_budget(sample, answer)
             if draft is not None:
                 drafts.append(draft)
         now = self._clock()
@@ -319,6 +336,20 @@ class ShadowAuditor(Generic[T]):
                                     "replaced_for_s": round(sample.at - seen, 3),
                                     "grace_s": self.config.stale_grace_s})]
         return []
+
+    def _recompute_within_budget(self, sample: Sample, cached: Answer) -> Draft | None:
+        c = self.config
+        now = self._timer()
+        if c.recompute_budget < 1:
+            allowed = c.recompute_budget * (now - self._budget_since) + c.recompute_burst_s
+            if self._recompute_spent > allowed:
+                self.recompute_skipped += 1
+                metrics.CHECKS.labels(check="recompute", result="skipped_budget").inc()
+                return None
+        try:
+            return self._recompute(sample, cached)
+        finally:
+            self._recompute_spent += self._timer() - now
 
     def _recompute(self, sample: Sample, cached: Answer) -> Draft | None:
         oracle = self._oracle

@@ -100,7 +100,8 @@ def _shadow(journal_path: Path, rate: float, seed: int, oracle=None):
     recorder = Recorder(FileJournal(journal_path, fsync=False))
     return ShadowAuditor(
         recorder=recorder, convert=sample_from_event,
-        config=ShadowConfig(sample_rate=rate, queue_size=100_000, canaries=w.CANARIES),
+        config=ShadowConfig(sample_rate=rate, queue_size=100_000, canaries=w.CANARIES,
+                            recompute_budget=1.0),
         oracle=oracle or w.DeterministicOracle(), registry=w.StaticRegistry(w.REGISTRY),
         rng=random.Random(seed), clock=lambda: w.NOW,
     )

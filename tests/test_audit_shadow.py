@@ -146,6 +146,36 @@ class TestStaleness:
         assert found[0].evidence["replaced_for_s"] == 60.0
 
 
+class TestRecomputeBudget:
+    def test_recompute_stops_at_its_budget_and_other_checks_go_on(self, tmp_path):
+        t = [0.0]
+
+        class SlowOracle(w.DeterministicOracle):
+            def complete(self, request, kind, *, tenant):
+                t[0] += 0.5  # each recompute takes half a second of the (fake) timer
+                return super().complete(request, kind, tenant=tenant)
+
+        oracle = SlowOracle()
+        a = ShadowAuditor(recorder=Recorder(FileJournal(tmp_path / "f.jsonl", fsync=False)),
+                          convert=sample_from_event,
+                          config=ShadowConfig(sample_rate=1.0, recompute_budget=0.1,
+                                              recompute_burst_s=1.0, canaries=w.CANARIES),
+                          oracle=oracle, rng=random.Random(0), clock=lambda: w.NOW,
+                          timer=lambda: t[0])
+        leaked = w.plant_faults(10)[-1]  # another tenant's answer: canary + mismatch
+        for _ in range(10):
+            a.offer(w.hit_event(leaked.tenant, leaked.index, leaked.raw))
+            a.run_once()
+        # 10 x 0.5 s of recompute against 1 s burst + 10% of ~2.5 s elapsed: three fit.
+        assert oracle.calls == 3 and a.recompute_skipped == 7
+        kinds = [f.kind for f in FileJournal(tmp_path / "f.jsonl").findings()]
+        assert kinds.count("canary") == 10 and kinds.count("mismatch") == 3
+
+    def test_a_budget_outside_zero_to_one_is_refused(self):
+        with pytest.raises(AuditConfigError, match="audit.recompute_budget"):
+            ShadowConfig(recompute_budget=0)
+
+
 class AuditorMachine(RuleBasedStateMachine):
     """Offers and checks in any order keep the counters equal to a plain model's."""
 
