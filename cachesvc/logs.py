@@ -24,7 +24,10 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     renderer = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # NOTE: plain tracebacks: the default rich ones print local variables, which would put
+        # prompt and response text into the log.
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                           exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[

@@ -38,11 +38,12 @@ def _config(tmp_path: Path, redis_url: str, upstream: str | None) -> Path:
     return cfg
 
 
-def _serve(cfg: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+def _serve(cfg: Path, port: int, *extra: str, log: Path | None = None
+           ) -> subprocess.Popen[bytes]:
     cli = Path(sys.executable).with_name("cachesvc")
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([str(cli), "serve", "--config", str(cfg), "--port", str(port),
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                             *extra], stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -128,3 +129,27 @@ class TestEngineUpstream:
                                  headers=auth())
             assert unsupported.status_code == 422
             assert unsupported.json()["error"]["param"] == "logit_bias"
+
+
+class TestLogs:
+    @pytest.mark.parametrize("log_content", [False, True])
+    def test_prompts_reach_the_log_only_when_the_config_says_so(self, tmp_path, log_content):
+        marker = "PROMPT-MARKER-5f1c"
+        with serving(fake_openai_app(EchoUpstream())) as up:
+            cfg = _config(tmp_path, "redis://127.0.0.1:9/0", up.url + "/v1")  # a dead store
+            cfg.write_text(cfg.read_text() + f"[logging]\nlog_content = {str(log_content).lower()}\n")
+            port, log = free_port(), tmp_path / "serve.log"
+            proc = _serve(cfg, port, log=log)
+            try:
+                for fail in (None, "500", "cut"):
+                    meta = {"fail": fail} if fail else {}
+                    httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                               headers={"Authorization": f"Bearer {KEY_A}"},
+                               json={"model": "echo-1", "temperature": 0, "metadata": meta,
+                                     "stream": fail == "cut",
+                                     "messages": [{"role": "user", "content": marker}]})
+            finally:
+                _stop(proc)
+        text = log.read_text()
+        assert "registry_unavailable_at_start" in text  # the dead Redis was logged ...
+        assert (marker in text) == log_content  # ... and the prompt only when enabled
