@@ -154,10 +154,16 @@ class LoopRegistryView:
     ``version`` and ``epoch``) runs on the service's event loop, where its clients live.
     """
 
-    def __init__(self, registry: Any, loop: asyncio.AbstractEventLoop, *, timeout: float = 2.0):
+    def __init__(self, registry: Any, loop: asyncio.AbstractEventLoop, *, timeout: float = 2.0,
+                 cache_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self._registry = registry
         self._loop = loop
         self._timeout = timeout
+        # NOTE: answers are kept for ``cache_s`` (far below the auditor's staleness grace), so a
+        # busy auditor does not queue a registry read on the service's loop for every sample.
+        self._cache_s = cache_s
+        self._clock = clock
+        self._cached: dict[str, tuple[float, ModelState | None]] = {}
         # NOTE: read the registry itself, not the replica's cached view, when the object offers
         # it (``fresh=True``): a replica that missed a rollout must not be judged by its own view.
         try:
@@ -166,10 +172,16 @@ class LoopRegistryView:
             self._fresh = False
 
     def current(self, model: str) -> ModelState | None:
+        now = self._clock()
+        hit = self._cached.get(model)
+        if hit is not None and now - hit[0] < self._cache_s:
+            return hit[1]
         coro = (self._registry.current(model, fresh=True) if self._fresh
                 else self._registry.current(model))
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return _model_state(model, fut.result(self._timeout))
+        state = _model_state(model, fut.result(self._timeout))
+        self._cached[model] = (now, state)
+        return state
 
 
 async def registry_snapshot(registry: Any, models: Sequence[str] = ()) -> dict[str, ModelState]:

@@ -226,3 +226,32 @@ class AuditorMachine(RuleBasedStateMachine):
 
 TestAuditorMachine = AuditorMachine.TestCase
 TestAuditorMachine.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+
+
+class TestLoopRegistryView:
+    def test_reads_the_registry_fresh_on_its_loop_and_caches_briefly(self):
+        import asyncio
+
+        from cachesvc.auditing import LoopRegistryView
+
+        calls = []
+
+        class Versions:
+            async def current(self, model, *, fresh=False):
+                calls.append((model, fresh, threading.current_thread().name))
+                return ("v7", 7)
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="service-loop", daemon=True)
+        thread.start()
+        now = [0.0]
+        try:
+            view = LoopRegistryView(Versions(), loop, cache_s=1.0, clock=lambda: now[0])
+            assert view.current("m") == ModelState(model="m", version="v7", epoch=7)
+            view.current("m")
+            now[0] = 2.0
+            view.current("m")
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+        assert calls == [("m", True, "service-loop"), ("m", True, "service-loop")]
