@@ -105,7 +105,7 @@ def open_store(
         return EmbeddedStore(
             max_bytes=lim.max_bytes, max_entry_bytes=lim.max_entry_bytes, clock=lim.clock
         )
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
     from redis.asyncio.cluster import ClusterNode, RedisCluster
     from redis.backoff import NoBackoff
     from redis.asyncio.retry import Retry
@@ -152,7 +152,16 @@ def open_store(
             f"redis.url: scheme {scheme!r} is not supported; use redis://host:port/db, "
             "rediss://..., unix:///path.sock, or redis+cluster://host:port for Redis Cluster"
         )
-    client = Redis.from_url(url, max_connections=lim.max_connections, **common)
+    # NOTE: a blocking pool: a burst beyond max_connections waits (up to connect_timeout) for a
+    # free connection instead of failing at once with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=lim.max_connections,
+        timeout=lim.connect_timeout,
+        socket_timeout=lim.socket_timeout,
+        socket_connect_timeout=lim.connect_timeout,
+    )
+    client = Redis(connection_pool=pool, retry=common["retry"])
     return RedisStore(client, max_entry_bytes=lim.max_entry_bytes)
 
 
