@@ -7,6 +7,8 @@ import typer
 from cachesvc.cli import audit as _audit
 from cachesvc.cli import engine as _engine
 from cachesvc.cli import key as _key
+from cachesvc.cli import models as _models
+from cachesvc.cli import purge as _purge
 from cachesvc.cli import serve as _serve
 
 app = typer.Typer(
@@ -16,9 +18,11 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(_key.app, name="key")
+app.add_typer(_models.app, name="models")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_engine.app, name="engine")
 _serve.register(app)
+_purge.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,104 @@
+"""``cachesvc models``: roll out a model version (a fresh epoch) and show the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cachesvc.cli.redis_target import fail, open_redis_store
+from invalidation import InvalidationError, RedisRegistry
+
+app = typer.Typer(help="The model registry: versions and epochs.", no_args_is_help=True)
+
+RedisOpt = Annotated[
+    str | None,
+    typer.Option("--redis", help="redis://host:port/db or redis+cluster://host:port."),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML config with [redis] url (or nodes).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "-"
+
+
+@app.command("rollout")
+def rollout(
+    model: Annotated[str, typer.Argument(help="Model id, as requests name it.")],
+    version: Annotated[str, typer.Argument(help="The version now serving (weights, revision).")],
+    idempotent: Annotated[
+        bool,
+        typer.Option(help="If VERSION is already current, change nothing (no new epoch)."),
+    ] = False,
+    redis: RedisOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make VERSION current for MODEL with a fresh epoch: every cached entry of the model becomes
+    unreachable at once, on every replica within its refresh interval."""
+
+    async def run() -> None:
+        store = open_redis_store(redis, config)
+        try:
+            r = await RedisRegistry(store.client).rollout(model, version, idempotent=idempotent)
+        finally:
+            await store.close()
+        if as_json:
+            typer.echo(orjson.dumps({
+                "model": model, "version": r.current.version, "epoch": r.current.epoch,
+                "changed": r.changed, "event_id": r.event_id,
+                "previous": None if r.previous is None else
+                {"version": r.previous.version, "epoch": r.previous.epoch},
+            }).decode())
+            return
+        if not r.changed:
+            typer.echo(f"{model}: {version} is already current (epoch {r.current.epoch}); "
+                       "nothing changed")
+            return
+        prev = ("first rollout" if r.previous is None else
+                f"was {r.previous.version} at epoch {r.previous.epoch}")
+        typer.echo(f"{model}: {version} is current at epoch {r.current.epoch} ({prev})")
+
+    try:
+        asyncio.run(run())
+    except InvalidationError as exc:
+        fail(str(exc), code=1)
+
+
+@app.command("show")
+def show(redis: RedisOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show every model's current version and epoch."""
+
+    async def run() -> list:  # type: ignore[type-arg]
+        store = open_redis_store(redis, config)
+        try:
+            return await RedisRegistry(store.client).list()
+        finally:
+            await store.close()
+
+    try:
+        models = asyncio.run(run())
+    except InvalidationError as exc:
+        fail(str(exc), code=1)
+    if as_json:
+        typer.echo(orjson.dumps({"models": [
+            {"model": m.model, "version": m.version, "epoch": m.epoch,
+             "rolled_out_at": m.rolled_out_at} for m in models
+        ]}).decode())
+        return
+    if not models:
+        typer.echo("no models rolled out yet; run `cachesvc models rollout MODEL VERSION`")
+        return
+    table = Table("model", "version", "epoch", "rolled out")
+    for m in models:
+        table.add_row(m.model, m.version, str(m.epoch), _when(m.rolled_out_at))
+    Console().print(table)
