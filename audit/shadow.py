@@ -44,6 +44,7 @@ log = structlog.get_logger("audit.shadow")
 
 EventKind = Literal["hit", "fill"]
 T = TypeVar("T")
+_SKIP_BATCH = 256
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -159,6 +160,7 @@ class ShadowAuditor(Generic[T]):
         self.failed = 0
         self.findings = 0
         self._m_skip = {k: metrics.SAMPLES.labels(event=k, outcome="skipped") for k in ("hit", "fill")}
+        self._skip_batch: dict[str, int] = {}
         self._m_queue = {k: metrics.SAMPLES.labels(event=k, outcome="queued") for k in ("hit", "fill")}
         self._m_drop = {k: metrics.SAMPLES.labels(event=k, outcome="dropped") for k in ("hit", "fill")}
         self._m_done = {k: metrics.SAMPLES.labels(event=k, outcome="checked") for k in ("hit", "fill")}
@@ -176,7 +178,11 @@ class ShadowAuditor(Generic[T]):
             self.offered += 1
             if rate <= 0 or self._stopping or (rate < 1 and self._random() >= rate):
                 self.skipped += 1
-                self._m_skip.get(kind, self._m_skip["hit"]).inc()
+                # NOTE: the skipped metric is updated in batches: a counter increment costs
+                # about as much as the rest of this method, and most events are skipped.
+                self._skip_batch[kind] = n = self._skip_batch.get(kind, 0) + 1
+                if n >= _SKIP_BATCH:
+                    self._flush_skipped()
                 return False
             try:
                 self._queue.put_nowait(item)
@@ -192,6 +198,12 @@ class ShadowAuditor(Generic[T]):
             log.exception("audit.shadow.offer_failed")
             return False
 
+    def _flush_skipped(self) -> None:
+        for kind, n in list(self._skip_batch.items()):
+            if n:
+                self._m_skip.get(kind, self._m_skip["hit"]).inc(n)
+                self._skip_batch[kind] = 0
+
     # -- the worker ----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -204,6 +216,7 @@ class ShadowAuditor(Generic[T]):
     def stop(self, *, timeout: float = 30.0) -> None:
         """Stop taking samples, check what is queued (until ``timeout``), close the recorder."""
         self._stopping = True
+        self._flush_skipped()
         thread = self._thread
         if thread is not None:
             deadline = time.monotonic() + timeout
