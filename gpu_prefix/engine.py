@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 import torch
 
-from gpu_prefix.adapter import RequestCache
+from gpu_prefix.adapter import BufferArena, RequestCache
 from gpu_prefix.errors import InvalidParamsError
 from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, scope_salt
 from gpu_prefix.models import LoadedModel, load_model
@@ -127,6 +127,7 @@ class Engine:
             max_running=max_running,
             queue_timeout_s=queue_timeout_s,
         )
+        self._arena = BufferArena(self.shape, device=self.device, max_buffers=max_running)
         config = self.model.config.get_text_config(decoder=True)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         self.vocab_size = int(config.vocab_size)
@@ -298,7 +299,6 @@ class Engine:
         self, prompt: list[int], params: GenerationParams, *, capacity: int, all_logits: bool = False
     ) -> _Prefill:
         model = self.model  # NOTE: a rollout mid-request must not switch this request's weights
-        cache = RequestCache(self.shape, capacity, device=self.device)
         cached = 0
         bs = self.pool.block_size
         if params.use_prefix_cache:
@@ -306,6 +306,7 @@ class Engine:
         # NOTE: requests that skip the cache are still admitted (reserving no blocks), so
         # max_running bounds every request's working KV, not only the caching ones.
         lease = self.store.acquire(len(prompt) if params.use_prefix_cache else 0, timeout=params.queue_timeout_s)
+        cache = RequestCache(self.shape, capacity, buffer=self._arena.take(capacity))
         try:
             if params.use_prefix_cache:
                 # At least one prompt token must run, to produce the next token's logits.
@@ -323,6 +324,7 @@ class Engine:
             return pre
         except BaseException:
             self.store.release(lease)
+            self._arena.give(cache.buffer)
             raise
 
     def _forward(self, pre: _Prefill, ids: Sequence[int], *, all_logits: bool = False) -> torch.Tensor:
@@ -335,6 +337,7 @@ class Engine:
     def _finish(self, pre: _Prefill) -> None:
         if pre.lease is not None and not pre.lease.released:
             self.store.release(pre.lease)
+            self._arena.give(pre.cache.buffer)
 
     def _check_prompt(
         self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids", allow_empty: bool = False
