@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 KEY = "sk-bench-tenant-0123456789"
+ShadowConfigDefaults: Any = None
 RATES = (0.0, 0.01, 0.10)
 
 
@@ -103,6 +104,56 @@ def serve(port: int, state: str, oracle: str) -> None:
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
                 loop="uvloop", http="httptools")
+
+
+# -- the per-event and per-sample costs, in this process ----------------------------------
+
+
+def micro(hit_cpu_us: float) -> dict[str, Any]:
+    """The request path's cost per event (observe) and the worker's cost per sample, measured
+    directly; with the service's CPU per hit they give the expected cost of a sampling rate,
+    a figure the load test's noise on a shared machine cannot hide."""
+    import random as _random
+    import timeit
+
+    from audit import FileJournal, Recorder, ShadowAuditor, ShadowConfig
+    from cachesvc.auditing import ShadowObserver, sample_from_event
+    from cachesvc.events import CacheEvent
+    from cachesvc.store import Entry, decode_entry, encode_entry
+    from keying import KeyParams, Scope, build_key
+
+    req = json.loads(body(1))
+    key = build_key(req, KeyParams(scope=Scope.for_tenant("bench"), epoch=1, kind="chat"))
+    raw = encode_entry(Entry(
+        scope=key.scope, model=key.model, model_version="1", epoch=1, created_at=time.time(),
+        ttl=600.0, digest=bytes(key.digest), material_digest=bytes(key.material_digest),
+        response={"choices": [{"index": 0, "finish_reason": "length",
+                               "message": {"role": "assistant", "content": "x" * 200}}]}))
+    entry = decode_entry(raw)
+    event = CacheEvent(kind="hit", tenant="bench", scope=key.scope, request=req, key=key,
+                       expected_model=key.model, expected_version="1", expected_epoch=1,
+                       raw=raw, entry=entry, response=entry.response, at=time.time())
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rate in (0.01, 0.10):
+            auditor = ShadowAuditor(
+                recorder=Recorder(FileJournal(Path(tmp) / "f.jsonl")), convert=sample_from_event,
+                config=ShadowConfig(sample_rate=rate, queue_size=10**7),
+                rng=_random.Random(0))
+            obs = ShadowObserver(auditor)
+            n = 200_000
+            out[f"observe_us_{rate:.2f}"] = 1e6 * timeit.timeit(lambda: obs.observe(event),
+                                                                number=n) / n
+        auditor = ShadowAuditor(recorder=Recorder(FileJournal(Path(tmp) / "g.jsonl")),
+                                convert=sample_from_event, config=ShadowConfig(sample_rate=1.0))
+        n = 2000
+        out["check_us_no_oracle"] = 1e6 * timeit.timeit(
+            lambda: auditor.check(sample_from_event(event)), number=n) / n
+    out["hit_cpu_us"] = hit_cpu_us
+    for rate in (0.01, 0.10):
+        per_hit = out[f"observe_us_{rate:.2f}"] + rate * out["check_us_no_oracle"]
+        out[f"expected_cost_pct_{rate:.2f}"] = 100 * per_hit / hit_cpu_us
+    return out
 
 
 # -- the load (this process) ---------------------------------------------------------------
@@ -253,6 +304,10 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    global ShadowConfigDefaults
+    from audit import ShadowConfig
+
+    ShadowConfigDefaults = ShadowConfig()
     if len(sys.argv) == 5 and sys.argv[1] == "--x-serve":
         serve(int(sys.argv[2]), sys.argv[3], sys.argv[4])
         return
@@ -284,6 +339,7 @@ def main() -> None:
                     proc.kill()
         summary["findings"] = findings_of(Path(tmp))
         summary["oracle"] = args.oracle
+    summary["micro"] = micro(summary["rates"]["0.00"]["cpu_us_per_hit"])
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -295,9 +351,17 @@ def main() -> None:
               f"{r['cpu_cost_pct']:>5.1f}% {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
               f"{r['audited']:>8} {r['dropped']:>8}")
     one = summary["rates"]["0.01"]
+    m = summary["micro"]
     print(f"\n1% sampling: {one['throughput_cost_pct']:.1f}% of hit throughput, "
           f"{one['cpu_cost_pct']:.1f}% more CPU per hit (goal: under 3%). "
           f"Findings on clean traffic: {summary['findings']}.")
+    print(f"\nPer event on the request path: observe {m['observe_us_0.01']:.2f} us at 1%, "
+          f"{m['observe_us_0.10']:.2f} us at 10%; per sample in the worker (no recompute): "
+          f"{m['check_us_no_oracle']:.0f} us; recompute capped at "
+          f"{100 * ShadowConfigDefaults.recompute_budget:.0f}% of one core.")
+    print(f"Against {m['hit_cpu_us']:.0f} us of service CPU per hit: expected cost "
+          f"{m['expected_cost_pct_0.01']:.2f}% at 1%, {m['expected_cost_pct_0.10']:.2f}% at 10%, "
+          f"plus the recompute budget.")
 
 
 if __name__ == "__main__":
