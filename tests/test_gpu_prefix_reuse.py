@@ -93,3 +93,31 @@ class TestReuseOnSmolLM2:
         reused = engine.generate(prompt, GenerationParams(max_tokens=12, temperature=0.0, scope_salt=salt))
         assert reused.cached_tokens > 0 and reused.token_ids == fresh.token_ids
         assert fresh.text.strip()
+
+
+class TestBufferArena:
+    def test_a_returned_buffer_is_reused_for_a_request_that_fits(self):
+        from gpu_prefix.adapter import BufferArena
+        from gpu_prefix.pool import KVShape
+
+        arena = BufferArena(KVShape(num_layers=1, kv_heads=1, head_dim=2), max_buffers=1)
+        a = arena.take(100)
+        arena.give(a)
+        assert arena.take(50) is a
+        arena.give(a)
+        assert arena.take(1000) is not a
+
+    def test_the_arena_keeps_at_most_its_bound(self):
+        from gpu_prefix.adapter import BufferArena
+        from gpu_prefix.pool import KVShape
+
+        arena = BufferArena(KVShape(num_layers=1, kv_heads=1, head_dim=2), max_buffers=2, max_bytes=10**9)
+        for b in [arena.take(256), arena.take(512), arena.take(1024)]:
+            arena.give(b)
+        assert [b.shape[3] for b in arena._free] == [256, 512]
+
+    def test_engine_requests_leave_their_buffers_to_the_next(self, tiny_engine: Engine):
+        tiny_engine.generate(list(range(40)), GenerationParams(max_tokens=4))
+        held = tiny_engine._arena.held_bytes()
+        tiny_engine.generate(list(range(40)), GenerationParams(max_tokens=4))
+        assert held > 0 and tiny_engine._arena.held_bytes() == held
