@@ -1,0 +1,203 @@
+"""Get/set latency (p50, p99) and ops/s through the response store, against raw redis-py
+GET/SET of the same bytes, measured in the same run on the same redis-server.
+
+    python bench/store.py [--redis URL] [--ops N] [--concurrency C] [--json]
+
+Without --redis it starts a private redis-server on a free port (and kills it at the end).
+Two store paths are measured for 1 KB and 64 KB entries:
+
+* ``store``: the store's bytes API (``RedisStore.get/set`` with a TTL), what the service calls;
+* ``store+envelope``: the same plus encoding / decoding and verifying the entry envelope.
+
+Ratios are store over raw: latency ratios above 1 and ops ratios below 1 are overhead. The
+goal is under 15% (``p50_ratio_1k`` < 1.15). ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+from redis.asyncio import Redis  # noqa: E402
+
+from cachesvc.store import Entry, decode_entry, encode_entry, open_store, storage_key  # noqa: E402
+from keying import Scope  # noqa: E402
+
+SCOPE = Scope.for_tenant("bench")
+
+
+def make_entry(size: int) -> Entry:
+    """An entry whose encoded envelope is about ``size`` bytes."""
+    text = "x" * max(0, size - 330)
+    return Entry(
+        scope=SCOPE, model="bench-model", model_version="1", epoch=1_700_000_000_000,
+        created_at=time.time(), ttl=3600.0, digest=b"\x01" * 16, material_digest=b"\x02" * 32,
+        response={"id": "cmpl-bench", "object": "chat.completion", "model": "bench-model",
+                  "choices": [{"index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": text}}],
+                  "usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46}},
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def throughput(op: Callable[[int], Awaitable[Any]], n: int, concurrency: int) -> float:
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await op(i)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t0)
+
+
+async def measure(url: str, size: int, ops: int, concurrency: int, rounds: int) -> dict[str, Any]:
+    entry = make_entry(size)
+    blob = encode_entry(entry)
+    keys = [storage_key(scope=SCOPE, model="bench-model", epoch=1, digest=i.to_bytes(16, "big"))
+            for i in range(256)]
+    raw = Redis.from_url(url, socket_timeout=5, max_connections=concurrency + 4)
+    store = open_store(url, socket_timeout=5.0, max_connections=concurrency + 4)
+
+    paths: dict[str, tuple[Callable[[int], Awaitable[Any]], Callable[[int], Awaitable[Any]]]] = {
+        "raw": (
+            lambda i: raw.set(keys[i % 256], blob, px=3_600_000),
+            lambda i: raw.get(keys[i % 256]),
+        ),
+        "store": (
+            lambda i: store.set(keys[i % 256], blob, ttl=3600.0),
+            lambda i: store.get(keys[i % 256]),
+        ),
+    }
+
+    async def env_set(i: int) -> None:
+        await store.set(keys[i % 256], encode_entry(entry), ttl=3600.0)
+
+    async def env_get(i: int) -> Entry:
+        got = await store.get(keys[i % 256])
+        assert got is not None
+        return decode_entry(got)
+
+    paths["store+envelope"] = (env_set, env_get)
+    for k in keys:
+        await raw.set(k, blob)
+    samples: dict[str, dict[str, list[float]]] = {
+        p: {"set": [], "get": [], "ops": []} for p in paths
+    }
+    # Latencies: every iteration times each path once, in rotating order, so load from other
+    # processes on a shared machine hits all paths alike. Throughput: rounds alternate paths.
+    names = list(paths)
+    clock = time.perf_counter
+    for r in range(rounds):
+        for i in range(ops):
+            order = names[(i + r) % len(names):] + names[: (i + r) % len(names)]
+            for kind, idx in (("set", 0), ("get", 1)):
+                for name in order:
+                    t0 = clock()
+                    await paths[name][idx](i)
+                    samples[name][kind].append(clock() - t0)
+        for name, (set_op, get_op) in paths.items():
+
+            async def mixed(i: int, s: Any = set_op, g: Any = get_op) -> Any:
+                return await (s(i) if i % 5 == 0 else g(i))
+
+            samples[name]["ops"].append(await throughput(mixed, ops, concurrency))
+    await raw.aclose()
+    await store.close()
+    result: dict[str, Any] = {"bytes": len(blob)}
+    for name, s in samples.items():
+        result[name] = {
+            "get_p50_us": pct(s["get"], 0.50) * 1e6, "get_p99_us": pct(s["get"], 0.99) * 1e6,
+            "set_p50_us": pct(s["set"], 0.50) * 1e6, "set_p99_us": pct(s["set"], 0.99) * 1e6,
+            "ops_per_s": statistics.median(s["ops"]),
+        }
+    return result
+
+
+def ratios(res: dict[str, Any], path: str) -> dict[str, float]:
+    r, s = res["raw"], res[path]
+    return {
+        "p50": (s["get_p50_us"] + s["set_p50_us"]) / (r["get_p50_us"] + r["set_p50_us"]),
+        "p99": (s["get_p99_us"] + s["set_p99_us"]) / (r["get_p99_us"] + r["set_p99_us"]),
+        "ops": s["ops_per_s"] / r["ops_per_s"],
+    }
+
+
+def start_private_server() -> tuple[str, Any]:
+    from tests.fixtures.redis import find_redis_server, start_server
+
+    binary = find_redis_server()
+    if binary is None:
+        sys.exit("no redis-server binary found; pass --redis URL")
+    server = start_server(binary, Path(tempfile.mkdtemp(prefix="bench-store-")), "bench")
+    return server.url, server
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--redis", help="redis:// URL (default: a private redis-server)")
+    ap.add_argument("--ops", type=int, default=2000, help="operations per path per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+    server = None
+    url = args.redis
+    if url is None:
+        url, server = start_private_server()
+    try:
+        results = {
+            label: asyncio.run(measure(url, size, args.ops, args.concurrency, args.rounds))
+            for label, size in (("1k", 1024), ("64k", 64 * 1024))
+        }
+    finally:
+        if server is not None:
+            server.kill()
+    out: dict[str, Any] = {}
+    for label, res in results.items():
+        for path, key in (("store", ""), ("store+envelope", "_envelope")):
+            r = ratios(res, path)
+            out[f"p50_ratio_{label}{key}"] = round(r["p50"], 3)
+            out[f"p99_ratio_{label}{key}"] = round(r["p99"], 3)
+            out[f"ops_ratio_{label}{key}"] = round(r["ops"], 3)
+    out["detail"] = results
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"response store vs raw redis-py ({args.ops} ops x {args.rounds} rounds per path, "
+          f"concurrency {args.concurrency} for ops/s)")
+    for label, res in results.items():
+        print(f"\n{label} entries ({res['bytes']} bytes encoded)")
+        print(f"{'path':<16}{'get p50':>10}{'get p99':>10}{'set p50':>10}{'set p99':>10}"
+              f"{'ops/s':>10}   ratios p50 / p99 / ops")
+        for path in ("raw", "store", "store+envelope"):
+            m = res[path]
+            line = (f"{path:<16}{m['get_p50_us']:>8.0f}us{m['get_p99_us']:>8.0f}us"
+                    f"{m['set_p50_us']:>8.0f}us{m['set_p99_us']:>8.0f}us{m['ops_per_s']:>10.0f}")
+            if path != "raw":
+                r = ratios(res, path)
+                line += f"   {r['p50']:.3f} / {r['p99']:.3f} / {r['ops']:.3f}"
+            print(line)
+    print("\ngoal: store adds under 15% over raw redis-py (p50 ratio < 1.15, ops ratio > 0.87)")
+
+
+if __name__ == "__main__":
+    main()
