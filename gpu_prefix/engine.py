@@ -287,22 +287,26 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _block_keys(self, prompt: Sequence[int], params: GenerationParams) -> BlockKeys:
+    def _block_keys(self, prompt: Sequence[int], params: GenerationParams, epoch: int | None = None) -> BlockKeys:
         salt = params.scope_salt if params.scope_salt is not None else os.urandom(16)
         public = 0
         for p in self.public_prefixes:
             if len(p) > public and len(prompt) >= len(p) and tuple(prompt[: len(p)]) == p:
                 public = len(p)
-        return BlockKeys(model_epoch=self.model_epoch, adapter=params.adapter, salt=salt, public_tokens=public)
+        epoch = self.model_epoch if epoch is None else epoch
+        return BlockKeys(model_epoch=epoch, adapter=params.adapter, salt=salt, public_tokens=public)
 
     def _prefill(
         self, prompt: list[int], params: GenerationParams, *, capacity: int, all_logits: bool = False
     ) -> _Prefill:
-        model = self.model  # NOTE: a rollout mid-request must not switch this request's weights
+        # NOTE: weights and epoch are read together under the lock on_rollout swaps them under:
+        # old weights' KV hashed under a new epoch would be served as the new model's.
+        with self._model_lock:
+            model, epoch = self.model, self.model_epoch
         cached = 0
         bs = self.pool.block_size
         if params.use_prefix_cache:
-            chain = block_hashes(prompt, self._block_keys(prompt, params), block_size=bs)
+            chain = block_hashes(prompt, self._block_keys(prompt, params, epoch), block_size=bs)
         # NOTE: requests that skip the cache are still admitted (reserving no blocks), so
         # max_running bounds every request's working KV, not only the caching ones.
         lease = self.store.acquire(len(prompt) if params.use_prefix_cache else 0, timeout=params.queue_timeout_s)
