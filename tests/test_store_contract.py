@@ -168,3 +168,6 @@ class TestStoreContract:
             assert key not in seen
             seen[key] = raw
         assert seen == expected
+
+    async def test_every_store_implements_the_protocol(self, harness: Harness) -> None:
+        assert isinstance(harness.store, ResponseStore)
