@@ -167,14 +167,16 @@ class ShadowAuditor(Generic[T]):
 
     # -- the request path ------------------------------------------------------------------
 
-    def offer(self, item: T) -> bool:
+    def offer(self, item: T, *, force: bool = False) -> bool:
         """Sample ``item`` and enqueue it without waiting; True when it was queued.
 
-        Never blocks and never raises into the caller.
+        ``force`` skips the sampling draw (an entry the service already rejected is evidence
+        every time, not a sample). Never blocks and never raises into the caller.
         """
         try:
             kind = self._event_kind(item)
-            rate = self.config.sample_rate if kind == "hit" else self.config.fill_sample_rate
+            rate = 1.0 if force else (
+                self.config.sample_rate if kind == "hit" else self.config.fill_sample_rate)
             self.offered += 1
             if rate <= 0 or self._stopping or (rate < 1 and self._random() >= rate):
                 self.skipped += 1

@@ -129,6 +129,12 @@ class ShadowObserver:
     def observe(self, event: CacheEvent) -> None:
         self.auditor.offer(event)
 
+    def rejected(self, event: CacheEvent) -> None:
+        """An entry the service's own verification refused (it answered a miss): always checked,
+        so the refusal becomes a durable finding with its evidence. ``event`` is built as for a
+        hit, with the raw bytes read and no response served. Never blocks, never raises."""
+        self.auditor.offer(event, force=True)
+
     def wants(self, kind: str) -> bool:
         """Whether any event of ``kind`` could be sampled (lets a caller skip building it)."""
         c = self.auditor.config

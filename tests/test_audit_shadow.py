@@ -255,3 +255,20 @@ class TestLoopRegistryView:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(5)
         assert calls == [("m", True, "service-loop"), ("m", True, "service-loop")]
+
+
+class TestRejectedEntries:
+    def test_an_entry_the_service_refused_is_always_checked_and_becomes_a_finding(self, tmp_path):
+        import dataclasses
+
+        a = auditor(tmp_path, sample_rate=0.0)
+        obs = ShadowObserver(a)
+        forged = w.plant_faults(10)[0]  # another scope's entry under acme's key
+        event = dataclasses.replace(w.hit_event(forged.tenant, forged.index, forged.raw),
+                                    response=None)
+        obs.observe(event)  # a sampled hit at rate 0: skipped
+        obs.rejected(event)  # a refusal: never skipped
+        assert a.enqueued == 1
+        a.run_once()
+        kinds = {f.kind for f in FileJournal(tmp_path / "f.jsonl").findings()}
+        assert "cross_scope" in kinds
