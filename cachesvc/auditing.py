@@ -89,11 +89,29 @@ def facts_from_raw(key: str, raw: bytes, *, node: str | None = None) -> EntryFac
     return facts_from_entry(entry, key=key, node=node)
 
 
+def _node_namer(store: Any) -> Callable[[str], str | None]:
+    """``host:port`` of the Redis Cluster node that holds a key (None off a cluster)."""
+    client = getattr(store, "client", None)
+    locate = getattr(client, "get_node_from_key", None)
+    if locate is None:
+        return lambda key: None
+
+    def name(key: str) -> str | None:
+        try:
+            node = locate(key)
+        except Exception:  # a slot map being refreshed: attribution is best effort
+            return None
+        return f"{node.host}:{node.port}" if node is not None else None
+
+    return name
+
+
 async def scan_items(store: Any, *, batch: int = 500) -> AsyncIterator[EntryFacts | UnreadableEntry]:
     """Every entry of ``store`` (every node of a cluster) as facts, for :class:`audit.Scanner`."""
+    node_of = _node_namer(store)
     async for key, raw in store.scan_entries(batch=batch):
         k = key.decode() if isinstance(key, bytes) else key
-        yield facts_from_raw(k, raw)
+        yield facts_from_raw(k, raw, node=node_of(k))
 
 
 # -- events -> samples -----------------------------------------------------------------------

@@ -77,6 +77,9 @@ class TestScanFindsPlantedFaults:
         assert result.entries == 2 * N_CLEAN + len(planted)
         assert progress[-1] == result.entries
         assert result.unreadable == 1  # the flipped-bytes entry
+        if store_url is not None and store_url.startswith("redis+cluster"):
+            assert len(result.entries_by_node) == 3  # every node walked, each entry placed
+            assert all(f.entry.node for f in findings)
 
     @pytest.mark.xfail(strict=True, reason="the envelope carries no key material, so the scan "
                        "cannot recompute a material digest; the shadow auditor finds it")
