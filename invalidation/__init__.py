@@ -23,6 +23,7 @@ from invalidation.purge import (
     PurgeSelector,
     PurgeTarget,
     RedisCheckpoints,
+    reclaim_on_rollout,
 )
 from invalidation.registry import EmbeddedRegistry, ModelRegistry, RedisRegistry
 from invalidation.types import ModelVersion, Rollout, RolloutEvent
@@ -53,4 +54,5 @@ __all__ = [
     "RolloutEvent",
     "StaleViewError",
     "UnknownModelError",
+    "reclaim_on_rollout",
 ]

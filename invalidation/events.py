@@ -227,7 +227,13 @@ class EpochView:
         """May an entry of ``model`` at ``epoch`` be served now? In strict mode this reads the
         registry (one round trip); otherwise it answers from the view."""
         if self.strict:
-            mv = await self.registry.current(model)
+            try:
+                mv = await self.registry.current(model)
+            except InvalidationError as exc:
+                # Fail closed: an unknown model or an unreachable registry is a miss.
+                log.warning("epoch_view.strict_check_failed", model=model,
+                            error=type(exc).__name__)
+                return False
             await self._apply(mv)
             return mv.epoch == epoch
         try:

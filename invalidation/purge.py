@@ -337,3 +337,21 @@ class Purger:
         log.info("purge.done", job_id=job_id, deleted=deleted, scanned=scanned,
                  seconds=round(result.seconds, 3))
         return result
+
+
+def reclaim_on_rollout(purger: Purger) -> Callable[[str, int | None, int], None]:
+    """An :meth:`EpochView.subscribe` listener that, on every rollout, starts a background purge
+    of the model's older epochs (they are unreachable already; this gives their memory back).
+
+    Subscribe it on one replica only: the purge covers the whole store.
+    """
+    tasks: set[asyncio.Task[PurgeReport]] = set()
+
+    def listener(model: str, old_epoch: int | None, new_epoch: int) -> None:
+        if old_epoch is None:
+            return
+        task = purger.start(PurgeSelector(model=model, before_epoch=new_epoch))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return listener

@@ -190,3 +190,37 @@ class TestPurgeSelector:
     def test_the_same_purge_has_the_same_job_id(self) -> None:
         assert PurgeSelector(tenant="a").job_id == PurgeSelector(tenant="a").job_id
         assert PurgeSelector(tenant="a").job_id != PurgeSelector(tenant="b").job_id
+
+
+class TestReclaimOnRollout:
+    async def test_a_rollout_reclaims_the_old_epochs_in_the_background(self) -> None:
+        from cachesvc.store import EmbeddedStore
+        from invalidation import EmbeddedRegistry, EpochView, reclaim_on_rollout
+
+        registry = EmbeddedRegistry()
+        store = EmbeddedStore()
+        first = (await registry.rollout("m", "v1")).current
+        view = EpochView(registry)
+        view.subscribe(reclaim_on_rollout(Purger(store)))
+        await view.start()
+        await view.stop()
+        for i in range(10):
+            await store.set(_key("t", i, epoch=first.epoch), b"v")
+            await store.set(_key("t", i, model="other", epoch=first.epoch), b"v")
+        second = (await registry.rollout("m", "v2")).current
+        await store.set(_key("t", 0, epoch=second.epoch), b"v")
+        await view.poll()
+        for _ in range(100):
+            if len(store) == 11:
+                break
+            await asyncio.sleep(0.01)
+        assert len(store) == 11
+        assert await store.get(_key("t", 0, epoch=second.epoch)) == b"v"
+
+
+class TestStrictCheckFailsClosed:
+    async def test_an_unknown_model_is_not_current_in_strict_mode(self) -> None:
+        from invalidation import EmbeddedRegistry, EpochView
+
+        view = EpochView(EmbeddedRegistry(), strict=True)
+        assert await view.is_current("never-rolled-out", 1) is False
