@@ -105,6 +105,18 @@ def scan(
     raise typer.Exit(code=1 if result.findings else 0)
 
 
+def _material_secret(settings: Any) -> bytes | None:
+    """The service's material-digest secret: the config's, else the one the service keeps in
+    ``<state_dir>/secret`` (read only; the scan never creates one)."""
+    if settings.cache.secret:
+        return settings.cache.secret.encode()
+    try:
+        data = (Path(settings.state_dir) / "secret").read_bytes().strip()
+    except OSError:
+        return None
+    return data if len(data) >= 32 else None
+
+
 async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -117,7 +129,7 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> 
     if registry is None:
         typer.echo("warning: no model registry reachable; epoch and version checks against the "
                    "registry are skipped", err=True)
-    secret = settings.cache.secret.encode() if settings.cache.secret else None
+    secret = _material_secret(settings)
     recorder = Recorder(journal)
     kwargs: dict[str, Any] = {"secret": secret} if secret else {}
     scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
