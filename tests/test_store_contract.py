@@ -6,7 +6,6 @@ Every test here runs against each store (real redis-server processes, never a fa
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
