@@ -83,6 +83,8 @@ def create_app(
                      store=type(services.store).__name__,
                      upstream=type(services.upstream).__name__)
             yield
+            for task in list(services.background):
+                task.cancel()
             app.state.services = None
 
     app = FastAPI(

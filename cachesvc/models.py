@@ -73,13 +73,13 @@ class ModelVersions:
         return mv.version, mv.epoch
 
     async def is_current(self, model: str, epoch: int) -> bool:
-        """Strict check of one entry's epoch (a registry read in strict mode)."""
+        """Strict check of one entry's epoch: one registry read. An unregistered model's
+        entries are at epoch 0; an unreachable registry fails closed (a miss)."""
         try:
-            return await self.view.is_current(model, epoch)
-        except UnknownModelError:
-            return epoch == 0
+            mv = await self.registry.get(model)
         except InvalidationError:
             return False
+        return epoch == (0 if mv is None else mv.epoch)
 
     async def rollout(self, model: str, version: str) -> tuple[str, int]:
         try:

@@ -390,6 +390,21 @@ class TestAdmin:
         assert post(client, chat()).headers["x-cache"] == "MISS"
         assert post(client, chat()).headers["x-cache"] == "HIT"
 
+    def test_a_rollout_deletes_the_old_epochs_entries_in_the_background(self, client):
+        post(client, chat())
+        post(client, chat("other"))
+        store = client.app.state.services.store
+        assert len(store._items) == 2  # noqa: SLF001
+        client.post("/admin/models/echo-1/rollout", json={"version": "v2"}, headers=auth(ADMIN))
+        import time
+
+        deadline = time.monotonic() + 5
+        while store._items and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.05)
+        assert len(store._items) == 0  # noqa: SLF001
+        post(client, chat())
+        assert post(client, chat()).headers["x-cache"] == "HIT"
+
     def test_a_rollback_gets_a_fresh_epoch(self, client):
         e1 = client.post("/admin/models/m/rollout", json={"version": "a"},
                          headers=auth(ADMIN)).json()["epoch"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from cachesvc.api.deps import AdminDep, ServicesDep
+import structlog
+
+from cachesvc.api.deps import AdminDep, Services, ServicesDep
 from cachesvc.api.schemas import ERROR_RESPONSES, ModelList, ModelVersion, PurgeResult, RolloutRequest
 from cachesvc.errors import NotFoundError
 
 router = APIRouter(prefix="/admin", tags=["admin"])
+log = structlog.get_logger()
 
 
 @router.post("/models/{model}/rollout", response_model=ModelVersion, responses=ERROR_RESPONSES)
@@ -17,7 +20,18 @@ async def rollout(model: str, body: RolloutRequest, services: ServicesDep,
     """Make ``version`` current for ``model`` under a fresh epoch: every older entry (and every
     prefix block of the old epoch) becomes unreachable at once, rollbacks included."""
     version, epoch = await services.versions.rollout(model, body.version)
+    # The new epoch already makes old entries unreachable; deleting them only returns memory,
+    # so it runs in the background and its failure is a log line, not a failed rollout.
+    services.spawn(_purge_old_epochs(services, model, epoch), name=f"purge-{model}")
     return ModelVersion(model=model, version=version, epoch=epoch)
+
+
+async def _purge_old_epochs(services: Services, model: str, epoch: int) -> None:
+    try:
+        deleted = await services.store.delete_model(model, before_epoch=epoch)
+        log.info("old_epochs_purged", model=model, before_epoch=epoch, deleted=deleted)
+    except Exception as exc:  # noqa: BLE001 - memory reclaim only; retried by the next rollout
+        log.warning("old_epoch_purge_failed", model=model, error=f"{type(exc).__name__}")
 
 
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)

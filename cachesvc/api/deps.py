@@ -3,7 +3,7 @@ lifespan); tests swap any of these with ``app.dependency_overrides``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -28,7 +28,15 @@ class Services:
     signer: FillTokenSigner
     versions: Any
     store: Any
-    purge: Any = None  # async (tenant) -> int, when the store supports it
+    #: Background work started by requests (old-epoch purges), kept referenced until done.
+    background: set[Any] = field(default_factory=set)
+
+    def spawn(self, coro: Any, *, name: str) -> None:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
 
 async def get_services(request: Request) -> Services:
