@@ -18,7 +18,7 @@ from keying import MATERIAL_VERSION, KeyResult, Scope, material_digest, response
 from keying.framing import DEFAULT_MATERIAL_SECRET
 
 from audit.answer import Answer
-from audit.facts import EntryFacts, KeyField, ModelState, UnreadableEntry
+from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, FindingKind
 
 #: A key component that disagrees with the entry's provenance, and what that means.

@@ -9,7 +9,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from audit import FileJournal, Recorder, Scanner
+from audit import FileJournal
 from audit.report import build_report, render
 from cachesvc.cli import app
 from cachesvc.store import open_store
@@ -163,4 +163,3 @@ class TestCli:
         assert res.exit_code == 0, res.output
 
 
-_ = (Recorder, Scanner)
