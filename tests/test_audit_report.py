@@ -161,5 +161,3 @@ class TestCli:
         res = runner.invoke(app, ["audit", "scan", "--config", str(cfg), "--findings",
                                   str(tmp_path / "f.jsonl"), "--quiet"])
         assert res.exit_code == 0, res.output
-
-
