@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from invalidation.purge import PurgeProgress, PurgeSelector
+from invalidation.purge import PurgeSelector
 from keying import Scope, escape_component
 
 PREFIX = "llmc:v1:"
@@ -160,7 +160,6 @@ class ResponseStore(Protocol):
 __all__ = [
     "ALL_ENTRIES_PATTERN",
     "PREFIX",
-    "PurgeProgress",
     "ResponseStore",
     "StorageKeyParts",
     "key_matches",

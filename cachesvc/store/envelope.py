@@ -178,7 +178,8 @@ def decode_entry(raw: bytes) -> Entry:
     """
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ForeignEntryError(f"expected bytes, got {type(raw).__name__}")
-    raw = bytes(raw)
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
     if raw[:4] != MAGIC:
         if len(raw) < 4 and MAGIC.startswith(raw) and raw:
             raise CorruptEntryError(f"truncated envelope: {len(raw)} bytes")
