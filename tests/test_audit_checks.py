@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from audit import Answer, AuditConfigError, EntryFacts, KeyField, ModelState, Tolerance, UnreadableEntry
 from audit.checks import (
@@ -21,6 +23,15 @@ from keying import Scope
 from tests import audit_world as w
 
 ACME = Scope.for_tenant("acme")
+TEXT = st.text(max_size=40)
+CHOICE = st.fixed_dictionaries({
+    "text": TEXT,
+    "reasoning": TEXT,
+    "finish": st.sampled_from(["stop", "length", "tool_calls"]),
+    "cuts": st.lists(st.integers(min_value=0, max_value=40), max_size=4),
+    "tool": st.none() | st.fixed_dictionaries({
+        "name": st.from_regex(r"[a-z]{1,8}", fullmatch=True), "arguments": TEXT}),
+})
 
 
 def facts(**changes) -> EntryFacts:
@@ -196,3 +207,43 @@ class TestJudgements:
     def test_a_negative_margin_is_refused_naming_the_setting(self):
         with pytest.raises(AuditConfigError, match="nll_margin"):
             Tolerance(nll_margin=-1)
+
+
+class TestAnswerProperties:
+    """However a response is split into stream chunks, it is the same answer as its body."""
+
+    @given(choices=st.lists(CHOICE, min_size=1, max_size=3))
+    def test_a_stream_split_anywhere_equals_its_body(self, choices):
+        body = {"choices": []}
+        chunks = []
+        for i, c in enumerate(choices):
+            message = {"role": "assistant", "content": c["text"]}
+            if c["reasoning"]:
+                message["reasoning_content"] = c["reasoning"]
+            if c["tool"]:
+                message["tool_calls"] = [{"id": f"call{i}", "type": "function",
+                                          "function": dict(c["tool"])}]
+            body["choices"].append({"index": i, "finish_reason": c["finish"], "message": message})
+            cuts = sorted({0, len(c["text"]), *[min(x, len(c["text"])) for x in c["cuts"]]})
+            chunks.append({"choices": [{"index": i, "delta": {"role": "assistant"}}]})
+            for a, b in zip(cuts, cuts[1:]):
+                chunks.append({"choices": [{"index": i, "delta": {"content": c["text"][a:b]}}]})
+            if c["reasoning"]:
+                chunks.append({"choices": [{"index": i,
+                                            "delta": {"reasoning_content": c["reasoning"]}}]})
+            if c["tool"]:
+                args = c["tool"]["arguments"]
+                half = len(args) // 2
+                chunks.append({"choices": [{"index": i, "delta": {"tool_calls": [
+                    {"index": 0, "id": f"call{i}", "type": "function",
+                     "function": {"name": c["tool"]["name"], "arguments": args[:half]}}]}}]})
+                chunks.append({"choices": [{"index": i, "delta": {"tool_calls": [
+                    {"index": 0, "function": {"arguments": args[half:]}}]}}]})
+            chunks.append({"choices": [{"index": i, "delta": {}, "finish_reason": c["finish"]}]})
+        assert Answer.of(chunks).same_as(Answer.of(body))
+
+    @given(a=TEXT, b=TEXT)
+    def test_answers_differ_exactly_when_their_texts_differ(self, a, b):
+        one = Answer.of(w.response_for(a))
+        two = Answer.of(w.response_for(b))
+        assert one.same_as(two) == (a == b)
