@@ -25,10 +25,11 @@ def reuse_logits(engine: Engine, ids: list[int], cached_prompt: list[int]) -> tu
     lease = store.acquire(len(ids))
     try:
         m = store.match(lease, chain[: (len(ids) - 1) // pool.block_size])
-        cache = RequestCache(engine.shape, len(ids))
+        cache = RequestCache(engine.shape, len(ids), device=engine.device)
         cache.load_blocks(pool, m.block_ids)
         with torch.inference_mode():
-            out = engine.model(input_ids=torch.tensor([ids[m.num_tokens :]]), cache=cache).logits[0]
+            x = torch.tensor([ids[m.num_tokens :]], device=engine.device)
+            out = engine.model(input_ids=x, cache=cache).logits[0]
         return out, m.num_tokens
     finally:
         store.release(lease)
@@ -121,3 +122,21 @@ class TestBufferArena:
         held = tiny_engine._arena.held_bytes()
         tiny_engine.generate(list(range(40)), GenerationParams(max_tokens=4))
         assert held > 0 and tiny_engine._arena.held_bytes() == held
+
+
+@pytest.mark.gpu
+class TestReuseOnCuda:
+    def test_reuse_on_cuda_equals_a_full_forward_and_the_cpu_answer(self, tiny_model: LoadedModel):
+        from gpu_prefix.models import load_model
+
+        engine = Engine(load_model("random-tiny", device="cuda"), pool_bytes=2**20)
+        assert engine.pool.tensor.is_cuda
+        rng = random.Random(3)
+        ids = [rng.randrange(engine.vocab_size) for _ in range(150)]
+        out, cached = reuse_logits(engine, ids, ids[:100])
+        with torch.inference_mode():
+            full = engine.model(input_ids=torch.tensor([ids], device="cuda")).logits[0]
+        assert cached == 96 and (out - full[cached:]).abs().max().item() < 1e-4
+        cpu = Engine(tiny_model, pool_bytes=2**20)
+        p = GenerationParams(max_tokens=12, temperature=0.0)
+        assert engine.generate(ids, p).token_ids == cpu.generate(ids, p).token_ids
