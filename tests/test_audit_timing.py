@@ -195,3 +195,28 @@ class TestAgainstTheEngine:
         journal = FileJournal(tmp_path / "f.jsonl")
         assert [f.kind for f in journal.findings()] == ["timing"]
         assert journal.load_result("timing")["leaks"] == ["other_tenant"]
+
+    def test_the_cache_service_in_front_of_the_engine_keeps_tenants_apart(self, tiny_engine,
+                                                                          tmp_path):
+        from cachesvc.app import create_app
+        from cachesvc.auditing import HttpProber
+        from cachesvc.upstream import EngineUpstream
+        from tests.service_helpers import KEY_A as SVC_A
+        from tests.service_helpers import KEY_B as SVC_B
+        from tests.service_helpers import make_settings, serving
+
+        tiny_engine.isolate_tenants = True
+        settings = make_settings(tmp_path, upstream={"model": "random-tiny"})
+        app = create_app(settings, upstream=EngineUpstream(tiny_engine))
+        with serving(app) as server:
+            prober = HttpProber(server.url, model=tiny_engine.model_id)
+            try:
+                result = run_timing(levels_for_keys(key_a=SVC_A, key_b=SVC_B), prober,
+                                    target=server.url,
+                                    config=TimingConfig(trials=20, prompt_words=300, alpha=1e-3),
+                                    rng=random.Random(5))
+            finally:
+                prober.close()
+        by = {lv.name: lv for lv in result.levels}
+        assert by["same_key"].shared  # the engine's prefix cache shows through the service
+        assert by["other_tenant"].verdict == "isolated", by["other_tenant"].p_value
