@@ -1,1 +1,59 @@
-"""gpu_prefix."""
+"""gpu_prefix: the prefix KV store (chained block hashes, a paged KV pool, pins, eviction,
+admission control, epochs), the transformers adapter, and the reference engine.
+
+Imports only ``keying`` of this project.
+"""
+
+import importlib
+from typing import Any
+
+# NOTE: exports load lazily: importing ``gpu_prefix.errors`` or ``gpu_prefix.hashing`` must
+# not pull in torch and transformers (seconds), e.g. for a service that proxies over HTTP.
+_HOME = {
+    "BufferArena": "adapter", "RequestCache": "adapter",
+    "Engine": "engine", "FinalEvent": "engine", "GenerationParams": "engine",
+    "GenerationResult": "engine", "TokenEvent": "engine",
+    "AdmissionRefusedError": "errors", "InvalidParamsError": "errors", "ModelLoadError": "errors",
+    "PoolExhaustedError": "errors", "PrefixCacheError": "errors",
+    "PUBLIC_SALT": "hashing", "BlockKeys": "hashing", "block_hashes": "hashing", "scope_salt": "hashing",
+    "MODEL_NAMES": "models", "LoadedModel": "models", "load_model": "models",
+    "KVPool": "pool", "KVShape": "pool",
+    "InsertResult": "store", "Lease": "store", "MatchResult": "store", "PrefixStore": "store",
+    "StoreStats": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f"gpu_prefix.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'gpu_prefix' has no attribute {name!r}")
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "PUBLIC_SALT",
+    "AdmissionRefusedError",
+    "BlockKeys",
+    "BufferArena",
+    "Engine",
+    "FinalEvent",
+    "GenerationParams",
+    "GenerationResult",
+    "InsertResult",
+    "InvalidParamsError",
+    "KVPool",
+    "KVShape",
+    "Lease",
+    "LoadedModel",
+    "MatchResult",
+    "ModelLoadError",
+    "PoolExhaustedError",
+    "PrefixCacheError",
+    "PrefixStore",
+    "RequestCache",
+    "StoreStats",
+    "TokenEvent",
+    "block_hashes",
+    "load_model",
+    "scope_salt",
+]

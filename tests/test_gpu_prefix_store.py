@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from gpu_prefix.errors import AdmissionRefusedError, InvalidParamsError
 from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, scope_salt
