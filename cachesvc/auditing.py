@@ -373,10 +373,19 @@ def build_shadow_auditor(
         journal = open_journal(redis_url=settings.redis.url, findings_path=findings_path)
     recorder = make_recorder(
         journal, fallback_path=None if isinstance(journal, FileJournal) else findings_path)
+    # NOTE: optional settings are read with getattr so they take effect as soon as the
+    # service's [audit] section grows them (recompute_budget, stale_grace_s).
+    extra: dict[str, Any] = {}
+    for name in ("recompute_budget", "recompute_burst_s"):
+        if getattr(a, name, None) is not None:
+            extra[name] = getattr(a, name)
+    grace = getattr(a, "stale_grace_s", None)
+    if grace is None:
+        grace = max(30.0, 2 * float(getattr(settings.cache, "registry_refresh_s", 2.0)))
     config = ShadowConfig(
         sample_rate=a.sample_rate, fill_sample_rate=a.fill_sample_rate, queue_size=a.queue_size,
-        stale_grace_s=max(30.0, 2 * float(getattr(settings.cache, "registry_refresh_s", 2.0))),
-        canaries=canaries_of(settings), recompute=oracle is not None and a.oracle != "none",
+        stale_grace_s=grace, canaries=canaries_of(settings),
+        recompute=oracle is not None and a.oracle != "none", **extra,
     )
     return ShadowAuditor(recorder=recorder, convert=sample_from_event, config=config,
                          oracle=oracle if a.oracle != "none" else None, registry=registry_view,
