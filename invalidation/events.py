@@ -322,7 +322,12 @@ class EpochView:
             # The cursor is taken before the full read, so no event falls between the two.
             self._cursor = await self.registry.events.last_id()
         await self.refresh()
-        if self._task is None:
+        self.start_background()
+
+    def start_background(self) -> None:
+        """Start only the background loop (no initial load), e.g. when the registry was down
+        at start-up: the loop keeps retrying, and reads fail closed until a refresh succeeds."""
+        if self._task is None or self._task.done():
             self._stopping = False
             self._task = asyncio.create_task(self._run(), name="epoch-view")
 

@@ -213,3 +213,21 @@ class TestEpochViewTrimmedStream:
         refreshes = view.refreshes
         await view.poll()
         assert view.refreshes == refreshes + 1
+
+
+class TestEpochViewStartsWithoutTheRegistry:
+    async def test_a_view_started_in_the_background_answers_once_a_refresh_succeeds(self) -> None:
+        registry = EmbeddedRegistry()
+        r = await registry.rollout("m", "v1")
+        view = EpochView(registry, refresh_interval=10, poll_interval=0.01)
+        with pytest.raises(StaleViewError):
+            view.current("m")
+        view.start_background()
+        try:
+            for _ in range(200):
+                if view.fresh():
+                    break
+                await asyncio.sleep(0.01)
+            assert view.current("m") == r.current
+        finally:
+            await view.stop()
