@@ -211,6 +211,36 @@ def parse_request(engine: Engine, body: Any, kind: Kind, *, tenant: str) -> tupl
     return prompt_ids, params, {"stream": bool(stream), "include_usage": include_usage}
 
 
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` in a thread of its own.
+
+    NOTE: not ``asyncio.to_thread``: the default executor has a handful of workers, so a burst
+    would wait invisibly in its queue instead of reaching the engine's admission control, which
+    queues with a bound and refuses the rest with a retryable 503.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome = (False, exc)
+        else:
+            outcome = (True, result)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop is gone; nobody is waiting
+
+    threading.Thread(target=work, name="engine-generate", daemon=True).start()
+    return await fut
+
+
 def _usage(r: GenerationResult) -> dict[str, Any]:
     return {
         "prompt_tokens": r.prompt_tokens,
@@ -268,7 +298,7 @@ async def complete(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: 
     """Serve one non-streaming request; returns an OpenAI response object."""
     prompt_ids, params, _ = parse_request(engine, body, kind, tenant=tenant)
     try:
-        r = await asyncio.to_thread(engine.generate, prompt_ids, params)
+        r = await _in_thread(engine.generate, prompt_ids, params)
     except (AdmissionRefusedError, InvalidParamsError) as exc:
         raise _run_error(exc) from None
     created = int(time.time())

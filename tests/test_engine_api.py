@@ -211,3 +211,19 @@ class TestApp:
                 parts.append(chunk.choices[0].delta.content)
         assert "".join(parts) == r.choices[0].message.content
         await http.aclose()
+
+
+class TestConcurrency:
+    async def test_a_burst_reaches_admission_control_and_the_excess_is_refused_retryably(self, make_engine):
+        engine = make_engine(max_running=2, max_queue=2, queue_timeout_s=30)
+        body = chat(LONG, max_tokens=30)
+        results = await asyncio.gather(
+            *(engine_api.complete(engine, dict(body), "chat", tenant="t") for _ in range(10)),
+            return_exceptions=True,
+        )
+        refused = [r for r in results if isinstance(r, engine_api.EngineOverloadedError)]
+        served = [r for r in results if isinstance(r, dict)]
+        assert len(refused) + len(served) == 10 and refused and len(served) >= 4
+        assert len({r["choices"][0]["message"]["content"] for r in served}) == 1
+        assert engine.stats().refused_total == len(refused)
+        engine.store.check_valid()
