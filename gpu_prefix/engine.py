@@ -85,6 +85,7 @@ class _Prefill:
     logits: torch.Tensor
     cached_tokens: int
     model: Any = field(repr=False)
+    keys: BlockKeys | None = None
 
 
 class Engine:
@@ -234,6 +235,7 @@ class Engine:
                 if len(tokens) >= params.max_tokens:
                     break
                 logits = self._forward(pre, [c.token_id])
+            self._store_completion(pre, prompt, tokens)
             result = GenerationResult(
                 token_ids=tuple(tokens),
                 text=text,
@@ -305,11 +307,14 @@ class Engine:
             model, epoch = self.model, self.model_epoch
         cached = 0
         bs = self.pool.block_size
-        if params.use_prefix_cache:
-            chain = block_hashes(prompt, self._block_keys(prompt, params, epoch), block_size=bs)
+        keys = self._block_keys(prompt, params, epoch) if params.use_prefix_cache else None
+        if keys is not None:
+            chain = block_hashes(prompt, keys, block_size=bs)
         # NOTE: requests that skip the cache are still admitted (reserving no blocks), so
         # max_running bounds every request's working KV, not only the caching ones.
-        lease = self.store.acquire(len(prompt) if params.use_prefix_cache else 0, timeout=params.queue_timeout_s)
+        # The reservation covers every token whose KV this request may store: the prompt and,
+        # for generation, the completion (cached too, so a follow-up turn reuses it).
+        lease = self.store.acquire(capacity if params.use_prefix_cache else 0, timeout=params.queue_timeout_s)
         cache = RequestCache(self.shape, capacity, buffer=self._arena.take(capacity))
         try:
             if params.use_prefix_cache:
@@ -317,7 +322,8 @@ class Engine:
                 usable = (len(prompt) - 1) // bs
                 match = self.store.match(lease, chain[:usable])
                 cached = cache.load_blocks(self.pool, match.block_ids)
-            pre = _Prefill(lease=lease, cache=cache, logits=torch.empty(0), cached_tokens=cached, model=model)
+            pre = _Prefill(lease=lease, cache=cache, logits=torch.empty(0), cached_tokens=cached, model=model,
+                           keys=keys)
             out = self._forward(pre, prompt[cached:], all_logits=all_logits)
             pre.logits = out[-1] if all_logits else out
             if params.use_prefix_cache:
@@ -330,6 +336,21 @@ class Engine:
             self.store.release(lease)
             self._arena.give(cache.buffer)
             raise
+
+    def _store_completion(self, pre: _Prefill, prompt: list[int], tokens: list[int]) -> None:
+        """Cache the full blocks the completion added (their KV is in the request's buffer)."""
+        if pre.lease is None or pre.keys is None:
+            return
+        bs = self.pool.block_size
+        start = len(pre.lease.pinned)
+        # The last sampled token was never run, so its KV is not in the buffer.
+        seq = prompt + tokens[: pre.cache.length - len(prompt)]
+        chain = block_hashes(seq, pre.keys, block_size=bs)
+        if len(chain) <= start:
+            return
+        stored = self.store.insert(pre.lease, chain, start)
+        pre.cache.store_blocks(self.pool, stored.block_ids, stored.fresh, start)
+        self.store.commit(pre.lease)
 
     def _forward(self, pre: _Prefill, ids: Sequence[int], *, all_logits: bool = False) -> torch.Tensor:
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)

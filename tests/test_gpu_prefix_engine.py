@@ -97,6 +97,20 @@ class TestSampling:
             tiny_engine.generate([10**6], GenerationParams(max_tokens=1))
 
 
+class TestCompletionBlocks:
+    def test_a_follow_up_that_continues_a_completion_reuses_its_blocks_exactly(self, tiny_engine: Engine):
+        salt = tiny_engine.scope_salt_for("t")
+        prompt = prompt_of(tiny_engine, "hello")
+        first = tiny_engine.generate(prompt, GenerationParams(max_tokens=40, temperature=0.0, scope_salt=salt))
+        follow = prompt + list(first.token_ids) + tiny_engine.encode(" and more")
+        reused = tiny_engine.generate(follow, GenerationParams(max_tokens=8, temperature=0.0, scope_salt=salt))
+        fresh = tiny_engine.generate(follow, GenerationParams(max_tokens=8, temperature=0.0, use_prefix_cache=False))
+        assert reused.cached_tokens == (len(prompt) + 39) // 16 * 16 > len(prompt) // 16 * 16
+        assert reused.token_ids == fresh.token_ids
+        assert max(abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)) < 1e-4
+        tiny_engine.store.check_valid()
+
+
 class TestTenants:
     def test_two_tenants_never_share_blocks(self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, LONG)
