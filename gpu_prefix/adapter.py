@@ -99,11 +99,11 @@ class BufferArena:
 
     def take(self, capacity: int) -> torch.Tensor:
         with self._lock:
-            fits = [b for b in self._free if b.shape[3] >= capacity]
-            if fits:
-                best = min(fits, key=lambda b: b.shape[3])
-                self._free.remove(best)
-                return best
+            # _free is sorted by capacity: the first that fits is the smallest that fits.
+            # NOTE: by index, never list.remove: that compares tensors with ``==``.
+            for i, b in enumerate(self._free):
+                if b.shape[3] >= capacity:
+                    return self._free.pop(i)
         rounded = -(-capacity // self.granularity) * self.granularity
         s = self.shape
         return torch.empty((s.num_layers, 2, s.kv_heads, rounded, s.head_dim), dtype=s.dtype, device=self.device)

@@ -108,6 +108,18 @@ class TestBufferArena:
         arena.give(a)
         assert arena.take(1000) is not a
 
+    def test_the_smallest_fitting_buffer_is_taken_among_several(self):
+        from gpu_prefix.adapter import BufferArena
+        from gpu_prefix.pool import KVShape
+
+        arena = BufferArena(KVShape(num_layers=1, kv_heads=1, head_dim=2), max_buffers=4, max_bytes=10**9)
+        small, mid, big = arena.take(256), arena.take(512), arena.take(1024)
+        for b in (big, small, mid):
+            arena.give(b)
+        assert arena.take(300) is mid
+        assert arena.take(900) is big
+        assert arena.take(10) is small
+
     def test_the_arena_keeps_at_most_its_bound(self):
         from gpu_prefix.adapter import BufferArena
         from gpu_prefix.pool import KVShape
