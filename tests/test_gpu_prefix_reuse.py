@@ -66,7 +66,7 @@ class TestReuseIsExact:
         reused = engine.generate(prompt, GenerationParams(max_tokens=24, temperature=0.0, scope_salt=salt))
         assert reused.cached_tokens >= 16 and fresh.cached_tokens == 0
         assert reused.token_ids == fresh.token_ids
-        assert max(abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)) < 1e-4
+        assert max((abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)), default=0.0) < 1e-4
 
     def test_the_whole_prompt_cached_still_runs_its_last_token(self, tiny_engine: Engine):
         prompt = list(range(32))  # exactly two blocks
