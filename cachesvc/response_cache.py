@@ -236,17 +236,20 @@ class ResponseCache:
                 entry = decode_entry(raw)
             except EntryDecodeError as exc:
                 return self._reject("corrupt",
-                                    f"entry could not be decoded ({type(exc).__name__})", raw)
+                                    f"entry could not be decoded ({type(exc).__name__})", raw,
+                                    keyed=keyed, entry=None)
             self._entries.put(raw, entry, 2 * len(raw))
         why = entry.mismatch(scope=keyed.scope, model=keyed.key.model, epoch=keyed.epoch,
                              digest=bytes(keyed.key.digest),
                              material_digest=bytes(keyed.key.material_digest),
                              adapter=keyed.key.adapter)
         if why is not None:
-            return self._reject(why, f"entry does not match the request ({why})", raw)
+            return self._reject(why, f"entry does not match the request ({why})", raw,
+                                keyed=keyed, entry=entry)
         if self.strict_epoch:
             if not await self.versions.is_current(keyed.key.model, entry.epoch):
-                return self._reject("stale", "entry's epoch has passed (strict check)", raw)
+                return self._reject("stale", "entry's epoch has passed (strict check)", raw,
+                                    keyed=keyed, entry=entry)
         now = self.clock()
         if entry.is_expired(now):
             return LookupResult(status="miss", reason="expired", raw=raw)
@@ -256,10 +259,36 @@ class ResponseCache:
         return LookupResult(status="hit", reason="verified", payload=Payload.of(entry), age=age,
                             raw=raw, entry=entry)
 
-    def _reject(self, reason: str, message: str, raw: bytes) -> LookupResult:
+    def _reject(self, reason: str, message: str, raw: bytes, *, keyed: Keyed,
+                entry: Entry | None) -> LookupResult:
         metrics.REJECTED_ENTRIES.labels(reason).inc()
         log.warning("entry_rejected", reason=reason, detail=message)
+        self._notify_rejected(keyed, raw, entry)
         return LookupResult(status="miss", reason=f"entry rejected: {message}", raw=raw)
+
+    def _notify_rejected(self, keyed: Keyed, raw: bytes, entry: Entry | None) -> None:
+        """A refused entry is a miss *plus a finding*: observers that take refusals (the shadow
+        auditor) always check it, whatever their sample rate. Never raises."""
+        takers = [o for o in self.observers if callable(getattr(o, "rejected", None))]
+        if not takers:
+            return
+        try:
+            event = CacheEvent(kind="hit", tenant=keyed.tenant.id, scope=keyed.scope,
+                               request=keyed.body, key=keyed.key,
+                               expected_model=keyed.key.model, expected_version=keyed.version,
+                               expected_epoch=keyed.epoch, raw=raw, entry=entry,
+                               stream=keyed.stream, at=self.clock())
+        except Exception:  # noqa: BLE001
+            metrics.OBSERVER_ERRORS.inc()
+            log.exception("observer_event_failed")
+            return
+        for obs in takers:
+            try:
+                obs.rejected(event)
+            except Exception as exc:  # noqa: BLE001 - an observer must never fail a request
+                metrics.OBSERVER_ERRORS.inc()
+                log.warning("observer_failed", observer=type(obs).__name__,
+                            error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
     def _count(self, result: LookupResult, route: str) -> LookupResult:
         metrics.child(metrics.LOOKUPS, result.status, route).inc()
@@ -304,8 +333,10 @@ class ResponseCache:
     def notify(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None,
                payload: Payload, *, source: str = "", served_stream: bool | None = None) -> None:
         """Tell every observer; never raises, never blocks beyond the observers' own enqueue."""
-        if not self.observers:
-            return
+        observers = [o for o in self.observers
+                     if not callable(getattr(o, "wants", None)) or o.wants(kind)]
+        if not observers:
+            return  # nobody samples this kind: do not build the event
         stream = keyed.stream if served_stream is None else served_stream
         try:
             if stream:
@@ -324,7 +355,7 @@ class ResponseCache:
             metrics.OBSERVER_ERRORS.inc()
             log.exception("observer_event_failed")
             return
-        for obs in self.observers:
+        for obs in observers:
             try:
                 obs.observe(event)
             except Exception as exc:  # noqa: BLE001 - an observer must never fail a request

@@ -90,9 +90,11 @@ async def attach_engine(engine: Any, versions: Any, version: str) -> None:
 
 async def open_observers(settings: Settings, upstream: Any, versions: Any,
                          stack: contextlib.AsyncExitStack) -> list[CacheObserver]:
-    """The shadow auditor as an observer, started now and stopped at shutdown (``[audit]``)."""
-    if not settings.audit.enabled or (settings.audit.sample_rate == 0
-                                      and settings.audit.fill_sample_rate == 0):
+    """The shadow auditor as an observer, started now and stopped at shutdown (``[audit]``).
+
+    NOTE: it runs even with both sample rates at 0, because entries the service refuses are
+    always handed to it, so each refusal is a durable finding."""
+    if not settings.audit.enabled:
         return []
     import asyncio
 

@@ -107,3 +107,53 @@ class TestShadowAuditorInTheService:
 
 async def _entries(store):
     return [(k, raw) async for k, raw in store.scan_entries()]
+
+
+@pytest.fixture
+def unsampled_service(tmp_path, tiny_engine):
+    """Sampling off: only refusals reach the auditor."""
+    findings = tmp_path / "findings.jsonl"
+    settings = make_settings(
+        tmp_path,
+        upstream={"model": "random-tiny"},
+        audit={"sample_rate": 0.0, "fill_sample_rate": 0.0, "oracle": "none",
+               "findings_path": str(findings)},
+    )
+    store = open_store(None)
+    app = create_app(settings, upstream=EngineUpstream(tiny_engine), store=store)
+    with serving(app) as server:
+        yield server, app, store, FileJournal(findings)
+
+
+class TestRefusedEntriesAreFindings:
+    def test_a_corrupt_entry_is_a_miss_plus_a_durable_finding_at_any_sample_rate(
+        self, unsampled_service
+    ):
+        server, app, store, journal = unsampled_service
+        post(server, chat("flip me"))
+        key, raw = asyncio.run(_entries(store))[0]
+        damaged = bytearray(raw)
+        damaged[-3] ^= 0x01
+        asyncio.run(store.set(key, bytes(damaged), ttl=600))
+        r = post(server, chat("flip me"))
+        assert r.headers["x-cache"].startswith("MISS")
+        auditor_of(app).drain(timeout=60)
+        found = journal.findings()
+        assert [f.kind for f in found] == ["corrupt"]
+        assert found[0].entry.storage_key == key
+
+    def test_another_scopes_entry_under_this_key_is_refused_and_reported(
+        self, unsampled_service
+    ):
+        server, app, store, journal = unsampled_service
+        post(server, chat("mine"), key=KEY_A)
+        post(server, chat("theirs"), key=KEY_B)
+        entries = asyncio.run(_entries(store))
+        a_key = next(k for k, raw in entries if decode_entry(raw).scope.tenant == "team-a")
+        b_raw = next(raw for k, raw in entries if decode_entry(raw).scope.tenant != "team-a")
+        asyncio.run(store.set(a_key, b_raw, ttl=600))  # tenant B's entry planted under A's key
+        r = post(server, chat("mine"), key=KEY_A)
+        assert r.headers["x-cache"].startswith("MISS")
+        auditor_of(app).drain(timeout=60)
+        kinds = [f.kind for f in journal.findings()]
+        assert kinds and set(kinds) <= {"cross_scope", "collision"}
