@@ -273,22 +273,12 @@ class ResponseCache:
         if not takers:
             return
         try:
-            event = CacheEvent(kind="hit", tenant=keyed.tenant.id, scope=keyed.scope,
-                               request=keyed.body, key=keyed.key,
-                               expected_model=keyed.key.model, expected_version=keyed.version,
-                               expected_epoch=keyed.epoch, raw=raw, entry=entry,
-                               stream=keyed.stream, at=self.clock())
+            event = self._event("hit", keyed, raw, entry, stream=keyed.stream)
         except Exception:  # noqa: BLE001
             metrics.OBSERVER_ERRORS.inc()
             log.exception("observer_event_failed")
             return
-        for obs in takers:
-            try:
-                obs.rejected(event)
-            except Exception as exc:  # noqa: BLE001 - an observer must never fail a request
-                metrics.OBSERVER_ERRORS.inc()
-                log.warning("observer_failed", observer=type(obs).__name__,
-                            error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        _deliver(takers, "rejected", event)
 
     def _count(self, result: LookupResult, route: str) -> LookupResult:
         metrics.child(metrics.LOOKUPS, result.status, route).inc()
@@ -344,24 +334,34 @@ class ResponseCache:
                 response = None
             else:
                 chunks, response = None, payload.as_body(keyed.kind)
-            event = CacheEvent(kind=kind, tenant=keyed.tenant.id,  # type: ignore[arg-type]
-                               scope=keyed.scope, request=keyed.body, key=keyed.key,
-                               expected_model=keyed.key.model, expected_version=keyed.version,
-                               expected_epoch=keyed.epoch, raw=raw,
-                               entry=entry,
-                               response=response, chunks=chunks, stream=stream, at=self.clock(),
-                               source=source)
+            event = self._event(kind, keyed, raw, entry, stream=stream, response=response,
+                                chunks=chunks, source=source)
         except Exception:  # noqa: BLE001
             metrics.OBSERVER_ERRORS.inc()
             log.exception("observer_event_failed")
             return
-        for obs in observers:
-            try:
-                obs.observe(event)
-            except Exception as exc:  # noqa: BLE001 - an observer must never fail a request
-                metrics.OBSERVER_ERRORS.inc()
-                log.warning("observer_failed", observer=type(obs).__name__,
-                            error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        _deliver(observers, "observe", event)
+
+    def _event(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None, *,
+               stream: bool, response: Any = None, chunks: Any = None,
+               source: str = "") -> CacheEvent:
+        return CacheEvent(kind=kind, tenant=keyed.tenant.id,  # type: ignore[arg-type]
+                          scope=keyed.scope, request=keyed.body, key=keyed.key,
+                          expected_model=keyed.key.model, expected_version=keyed.version,
+                          expected_epoch=keyed.epoch, raw=raw, entry=entry,
+                          response=response, chunks=chunks, stream=stream, at=self.clock(),
+                          source=source)
+
+
+def _deliver(observers: Sequence[Any], method: str, event: CacheEvent) -> None:
+    """Call ``observer.<method>(event)`` on each; an observer must never fail a request."""
+    for obs in observers:
+        try:
+            getattr(obs, method)(event)
+        except Exception as exc:  # noqa: BLE001
+            metrics.OBSERVER_ERRORS.inc()
+            log.warning("observer_failed", observer=type(obs).__name__,
+                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _reason_label(reason: str) -> str:

@@ -145,26 +145,33 @@ def canon_number(value: Any, path: str) -> int | float:
     return float(value)
 
 
+def _fast_json(value: Any) -> bytes | None:
+    """Canonical JSON of a container in one C pass, or None when it might need folding.
+
+    NOTE: orjson sorts the keys, validates the types and refuses more than MAX_DEPTH nested
+    containers. Its output is taken as canonical only when nothing in it can need folding: no
+    ".0" (orjson writes integral floats and -0.0 as "1.0", "-0.0") and no null (orjson writes
+    NaN and infinities as null). Text that merely contains those bytes takes the checked path,
+    which gives the same result, slower.
+    """
+    if type(value) is not dict and type(value) is not list:
+        return None
+    try:
+        raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return None
+    return raw if b".0" not in raw and b"null" not in raw else None
+
+
 def canon_value(value: Any, path: str, depth: int = 0) -> Any:
     """Canonicalise any JSON value: sorted maps, folded numbers, validated types.
 
     ``depth`` is where the value sits in the request; the nesting limit counts from the value
-    itself (``MAX_DEPTH`` containers), the same on every path below.
+    itself (``MAX_DEPTH`` containers), the same on every path.
     """
-    t = type(value)
-    if t is dict or t is list:
-        # NOTE: fastest path for containers, all in C: orjson sorts the keys, validates the types
-        # and refuses more than MAX_DEPTH nested containers. Its output is taken as canonical only
-        # when nothing in it can need folding: no ".0" (orjson writes integral floats and -0.0 as
-        # "1.0", "-0.0") and no null (orjson writes NaN and infinities as null). Text that merely
-        # contains those bytes takes the checked path, which gives the same result, slower.
-        try:
-            raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        except (TypeError, orjson.JSONEncodeError):
-            pass
-        else:
-            if b".0" not in raw and b"null" not in raw:
-                return orjson.loads(raw)
+    raw = _fast_json(value)
+    if raw is not None:
+        return orjson.loads(raw)
     try:
         return _fold(value, 0, MAX_DEPTH)
     except (_Invalid, TypeError):
@@ -179,15 +186,9 @@ def _json_ext(data: bytes) -> ExtType:
 
 def canon_json(value: Any, path: str) -> ExtType:
     """The canonical JSON document of any JSON value, tagged for framing."""
-    t = type(value)
-    if t is dict or t is list:
-        try:
-            raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        except (TypeError, orjson.JSONEncodeError):
-            pass
-        else:
-            if b".0" not in raw and b"null" not in raw:  # see canon_value
-                return _json_ext(raw)
+    raw = _fast_json(value)
+    if raw is not None:
+        return _json_ext(raw)
     return _as_json(canon_value(value, path), path)
 
 
