@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 import redis
@@ -33,6 +35,18 @@ class TestStandaloneFixture:
             socket.create_connection(("127.0.0.1", redis_standalone.port), timeout=0.5).close()
         redis_standalone.restart()
         assert redis_standalone.pid != pid
+        assert redis.Redis.from_url(redis_standalone.url).ping()
+
+    def test_a_server_restarted_from_a_thread_outlives_that_thread(
+        self, redis_standalone: RedisServer
+    ) -> None:
+        """Chaos threads restart servers; the server must not die when the thread ends."""
+        redis_standalone.kill()
+        worker = threading.Thread(target=redis_standalone.restart)
+        worker.start()
+        worker.join()
+        time.sleep(0.3)  # a server tied to the dead thread would be SIGKILLed by now
+        assert redis_standalone.alive
         assert redis.Redis.from_url(redis_standalone.url).ping()
 
     def test_pause_makes_commands_time_out_until_resumed(
