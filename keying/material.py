@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from keying.cacheability import Cacheability, assess
 from keying.canonical import CanonicalRequest, KeyLimits, RequestKind, canonicalize
@@ -34,9 +34,12 @@ class KeyParams:
     limits: KeyLimits = KeyLimits()
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class KeyResult:
-    """A request's key: entry name, verification digest, canonical form and cacheability."""
+class KeyResult(NamedTuple):
+    """A request's key: entry name, verification digest, canonical form and cacheability.
+
+    NOTE: an immutable NamedTuple rather than a frozen dataclass, for the cost of building one
+    per request (see ``CanonicalRequest``). Build it by keyword.
+    """
 
     digest: ResponseDigest
     material_digest: MaterialDigest
