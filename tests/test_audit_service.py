@@ -5,6 +5,7 @@ tenant's canary are found from the hits that serve them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import httpx
@@ -30,19 +31,22 @@ def chat(content: str) -> dict:
             "messages": [{"role": "user", "content": content}]}
 
 
-@pytest.fixture
-def service(tmp_path, tiny_engine):
+@contextlib.contextmanager
+def _running(tmp_path, engine, **audit):
     findings = tmp_path / "findings.jsonl"
-    settings = make_settings(
-        tmp_path,
-        upstream={"model": "random-tiny"},
-        audit={"sample_rate": 1.0, "fill_sample_rate": 1.0, "oracle": "engine",
-               "findings_path": str(findings)},
-    )
+    settings = make_settings(tmp_path, upstream={"model": "random-tiny"},
+                             audit={**audit, "findings_path": str(findings)})
     store = open_store(None)
-    app = create_app(settings, upstream=EngineUpstream(tiny_engine), store=store)
+    app = create_app(settings, upstream=EngineUpstream(engine), store=store)
     with serving(app) as server:
         yield server, app, store, FileJournal(findings)
+
+
+@pytest.fixture
+def service(tmp_path, tiny_engine):
+    with _running(tmp_path, tiny_engine, sample_rate=1.0, fill_sample_rate=1.0,
+                  oracle="engine") as running:
+        yield running
 
 
 def auditor_of(app):
@@ -112,17 +116,9 @@ async def _entries(store):
 @pytest.fixture
 def unsampled_service(tmp_path, tiny_engine):
     """Sampling off: only refusals reach the auditor."""
-    findings = tmp_path / "findings.jsonl"
-    settings = make_settings(
-        tmp_path,
-        upstream={"model": "random-tiny"},
-        audit={"sample_rate": 0.0, "fill_sample_rate": 0.0, "oracle": "none",
-               "findings_path": str(findings)},
-    )
-    store = open_store(None)
-    app = create_app(settings, upstream=EngineUpstream(tiny_engine), store=store)
-    with serving(app) as server:
-        yield server, app, store, FileJournal(findings)
+    with _running(tmp_path, tiny_engine, sample_rate=0.0, fill_sample_rate=0.0,
+                  oracle="none") as running:
+        yield running
 
 
 class TestRefusedEntriesAreFindings:
