@@ -612,8 +612,11 @@ def canonicalize(
     try:
         encoded = frame_presorted(fields)
     except UnicodeEncodeError:
+        # Arrays and objects are already canonical JSON (orjson validated their text), so the
+        # bad text is in a string field: name it.
         for name, value in fields.items():
-            _checked(value, name, 0, 10**6)  # names the field with the bad text
+            if type(value) is str:
+                _check_text(value, name)
         raise
     if len(encoded) > limits.max_bytes:
         largest = max(fields, key=lambda n: len(frame_presorted(fields[n])))

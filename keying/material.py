@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from keying.cacheability import Cacheability, assess
-from keying.canonical import CanonicalRequest, KeyLimits, RequestKind, canonicalize
+from keying.canonical import (
+    UNKEYED_FIELDS,
+    CanonicalRequest,
+    KeyLimits,
+    RequestKind,
+    canonicalize,
+)
 from keying.errors import InvalidRequestError
 from keying.framing import (
     DEFAULT_MATERIAL_SECRET,
@@ -56,8 +62,6 @@ class KeyResult(NamedTuple):
 
     def explain(self) -> dict[str, Any]:
         """A JSON-ready account of the key, for ``cachesvc key explain``."""
-        from keying.canonical import UNKEYED_FIELDS
-
         return {
             "digest": self.digest.hex(),
             "material_digest": self.material_digest.hex(),

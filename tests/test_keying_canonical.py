@@ -232,6 +232,10 @@ class TestInvalidInput:
             canonicalize(chat(messages=[{"role": "user", "content": "a\ud800"}]))
         with pytest.raises(InvalidRequestError, match=r"^x_meta.k: text is not valid"):
             canonicalize(chat(x_meta={"k": "\udfff"}))
+        with pytest.raises(InvalidRequestError, match=r"^prompt: text is not valid"):
+            canonicalize({"model": "m", "prompt": "a\ud800"})
+        with pytest.raises(InvalidRequestError, match=r"^x_note: text is not valid"):
+            canonicalize(chat(x_note="\udfff"))
 
     def test_canonicalize_does_not_mutate_the_input(self) -> None:
         body = chat(stop="x", tools=[{"type": "function", "function": {"name": "f"}}],
