@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from cachesvc.store.errors import EntryTooLargeError
 from invalidation.purge import PurgeSelector
 from keying import Scope, escape_component
 
@@ -37,6 +38,19 @@ _KEY = re.compile(
     r"(?P<scope>p|t/(?P<t>[A-Za-z0-9_.%~\-]+)|u/(?P<ut>[A-Za-z0-9_.%~\-]+)/(?P<uu>[A-Za-z0-9_.%~\-]+))"
     r":(?P<model>[A-Za-z0-9_.%~\-]+):e(?P<epoch>0|[1-9][0-9]*):(?P<digest>[0-9a-f]{32})$"
 )
+
+
+def check_set_args(value: object, ttl: float | None, max_entry_bytes: int) -> None:
+    """The argument checks every store's ``set`` makes, so the stores refuse alike."""
+    if not isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"value: expected bytes, got {type(value).__name__}")
+    if ttl is not None and ttl <= 0:
+        raise ValueError(f"ttl: {ttl!r} must be positive seconds or None")
+    if len(value) > max_entry_bytes:
+        raise EntryTooLargeError(
+            f"entry of {len(value)} bytes exceeds max_entry_bytes={max_entry_bytes}; "
+            "raise the limit or do not cache responses this large"
+        )
 
 
 def scope_component(scope: Scope) -> str:

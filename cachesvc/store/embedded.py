@@ -9,8 +9,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from cachesvc.store.base import ALL_ENTRIES_PATTERN, PREFIX, key_matches, parse_storage_key
-from cachesvc.store.errors import EntryTooLargeError, StoreConfigError
+from cachesvc.store.base import (
+    ALL_ENTRIES_PATTERN,
+    PREFIX,
+    check_set_args,
+    key_matches,
+    parse_storage_key,
+)
+from cachesvc.store.errors import StoreConfigError
 from invalidation.purge import PurgeSelector, Purger
 
 SHARD = "embedded"
@@ -64,15 +70,7 @@ class EmbeddedStore:
         return item.value
 
     async def set(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
-        if not isinstance(value, (bytes, bytearray)):
-            raise TypeError(f"value: expected bytes, got {type(value).__name__}")
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl: {ttl!r} must be positive seconds or None")
-        if len(value) > self.max_entry_bytes:
-            raise EntryTooLargeError(
-                f"entry of {len(value)} bytes exceeds max_entry_bytes={self.max_entry_bytes}; "
-                "raise the limit or do not cache responses this large"
-            )
+        check_set_args(value, ttl, self.max_entry_bytes)
         size = len(key) + len(value) + ENTRY_OVERHEAD
         if key in self._items:
             self._remove(key)

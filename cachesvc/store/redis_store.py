@@ -16,8 +16,14 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from cachesvc.store.base import ALL_ENTRIES_PATTERN, key_matches, parse_storage_key, selector_pattern
-from cachesvc.store.errors import EntryTooLargeError, StoreUnavailableError
+from cachesvc.store.base import (
+    ALL_ENTRIES_PATTERN,
+    check_set_args,
+    key_matches,
+    parse_storage_key,
+    selector_pattern,
+)
+from cachesvc.store.errors import StoreUnavailableError
 from invalidation.purge import PurgeSelector, Purger, RedisCheckpoints
 
 STANDALONE_SHARD = "standalone"
@@ -63,15 +69,7 @@ class RedisStore:
             raise _unavailable(exc) from exc
 
     async def set(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
-        if not isinstance(value, (bytes, bytearray)):
-            raise TypeError(f"value: expected bytes, got {type(value).__name__}")
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl: {ttl!r} must be positive seconds or None")
-        if len(value) > self.max_entry_bytes:
-            raise EntryTooLargeError(
-                f"entry of {len(value)} bytes exceeds max_entry_bytes={self.max_entry_bytes}; "
-                "raise the limit or do not cache responses this large"
-            )
+        check_set_args(value, ttl, self.max_entry_bytes)
         try:
             if ttl is None:
                 await self.client.set(key, value)
