@@ -39,6 +39,14 @@ class EchoUpstream:
             raise UpstreamError(int(fail), {"error": {"message": f"injected {fail}",
                                                       "type": "server_error", "code": None}})
 
+    def _begin(self, body: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+        """Check ``body``; its digest, reasoning, answer text and the response head."""
+        self._check(body)
+        d, reasoning, text = self._parts(body)
+        head = {"id": f"cmpl-{d}", "created": self.created, "model": body.get("model"),
+                "system_fingerprint": "fp_echo"}
+        return d, reasoning, text, head
+
     def _parts(self, body: dict[str, Any]) -> tuple[str, str, str]:
         d = self._digest(body)
         pad = (body.get("metadata") or {}).get("pad")
@@ -49,10 +57,7 @@ class EchoUpstream:
         self.calls += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        self._check(body)
-        d, reasoning, text = self._parts(body)
-        head = {"id": f"cmpl-{d}", "created": self.created, "model": body.get("model"),
-                "system_fingerprint": "fp_echo"}
+        d, reasoning, text, head = self._begin(body)
         usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
         if kind == "completion":
             return {**head, "object": "text_completion", "usage": usage,
@@ -75,10 +80,7 @@ class EchoUpstream:
         self.calls += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        self._check(body)
-        d, reasoning, text = self._parts(body)
-        head = {"id": f"cmpl-{d}", "created": self.created, "model": body.get("model"),
-                "system_fingerprint": "fp_echo"}
+        d, reasoning, text, head = self._begin(body)
         words = text.split(" ")
         cut = (body.get("metadata") or {}).get("fail") == "cut"
         if kind == "completion":

@@ -8,8 +8,9 @@ Upstream errors pass through with their own status and are never stored.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import structlog
@@ -108,16 +109,8 @@ async def _call(services: Services, keyed: Keyed, *, store: bool, headers: dict[
     upstream = services.upstream
     t0 = time.perf_counter()
     if not keyed.stream:
-        try:
+        with _failing_upstream(done, headers):
             body = await upstream.complete(keyed.body, keyed.kind, tenant=keyed.tenant.id)
-        except UpstreamError as exc:
-            metrics.UPSTREAM_ERRORS.labels(str(exc.status)).inc()
-            done(None)
-            exc.headers = {**exc.headers, **headers}
-            raise
-        except BaseException:
-            done(None)
-            raise
         metrics.UPSTREAM_LATENCY.labels(keyed.kind).observe(time.perf_counter() - t0)
         payload = Payload(stream=False, body=body)
         if store and _complete_body(body):
@@ -127,18 +120,11 @@ async def _call(services: Services, keyed: Keyed, *, store: bool, headers: dict[
 
     # Streaming: take the first chunk before answering, so an upstream error keeps its status.
     agen = upstream.stream(keyed.body, keyed.kind, tenant=keyed.tenant.id)
-    try:
-        first = await agen.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except UpstreamError as exc:
-        metrics.UPSTREAM_ERRORS.labels(str(exc.status)).inc()
-        done(None)
-        exc.headers = {**exc.headers, **headers}
-        raise
-    except BaseException:
-        done(None)
-        raise
+    with _failing_upstream(done, headers):
+        try:
+            first = await agen.__anext__()
+        except StopAsyncIteration:
+            first = None
     metrics.UPSTREAM_LATENCY.labels(keyed.kind).observe(time.perf_counter() - t0)
 
     async def relay() -> AsyncIterator[bytes]:
@@ -185,6 +171,22 @@ def _complete_body(body: Any) -> bool:
 
 def _ascii(s: str) -> str:
     return s.encode("ascii", "replace").decode()[:200]
+
+
+@contextlib.contextmanager
+def _failing_upstream(done: _Once, headers: dict[str, str]) -> Iterator[None]:
+    """An upstream call that fails releases the single-flight followers (``done(None)``); an
+    upstream error keeps its status and gets this response's cache headers."""
+    try:
+        yield
+    except UpstreamError as exc:
+        metrics.UPSTREAM_ERRORS.labels(str(exc.status)).inc()
+        done(None)
+        exc.headers = {**exc.headers, **headers}
+        raise
+    except BaseException:
+        done(None)
+        raise
 
 
 class _Once:
