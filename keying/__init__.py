@@ -12,7 +12,12 @@ from keying.canonical import (
     canonicalize,
     detect_kind,
 )
-from keying.errors import InvalidRequestError, KeyingError, RequestTooLargeError
+from keying.errors import (
+    InvalidMaterialError,
+    InvalidRequestError,
+    KeyingError,
+    RequestTooLargeError,
+)
 from keying.escape import escape_component
 from keying.framing import (
     DEFAULT_MATERIAL_SECRET,
@@ -22,7 +27,16 @@ from keying.framing import (
     response_digest,
     xxh3_128,
 )
-from keying.material import MATERIAL_VERSION, KeyParams, KeyResult, build_key, encode_material
+from keying.material import (
+    MATERIAL_VERSION,
+    KeyParams,
+    KeyResult,
+    MaterialParts,
+    build_key,
+    decode_material,
+    encode_material,
+    rebuild_key,
+)
 from keying.scope import Scope, ScopeKind
 from keying.types import BlockHash, MaterialDigest, ResponseDigest
 
@@ -33,11 +47,13 @@ __all__ = [
     "BlockHash",
     "Cacheability",
     "CanonicalRequest",
+    "InvalidMaterialError",
     "InvalidRequestError",
     "KeyLimits",
     "KeyParams",
     "KeyResult",
     "KeyingError",
+    "MaterialParts",
     "MaterialDigest",
     "RequestKind",
     "RequestTooLargeError",
@@ -47,12 +63,14 @@ __all__ = [
     "assess",
     "build_key",
     "canonicalize",
+    "decode_material",
     "detect_kind",
     "encode_material",
     "escape_component",
     "frame",
     "hash_block_tokens",
     "material_digest",
+    "rebuild_key",
     "response_digest",
     "xxh3_128",
 ]

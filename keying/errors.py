@@ -26,3 +26,7 @@ class InvalidRequestError(KeyingError, ValueError):
 
 class RequestTooLargeError(InvalidRequestError):
     """Raised when a request exceeds a configured size or nesting limit."""
+
+
+class InvalidMaterialError(KeyingError, ValueError):
+    """Raised when bytes read back as key material are not material of this version."""

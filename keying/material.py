@@ -6,15 +6,19 @@ import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import msgpack
+import orjson
+
 from keying.cacheability import Cacheability, assess
 from keying.canonical import (
+    JSON_EXT,
     UNKEYED_FIELDS,
     CanonicalRequest,
     KeyLimits,
     RequestKind,
     canonicalize,
 )
-from keying.errors import InvalidRequestError
+from keying.errors import InvalidMaterialError, InvalidRequestError, KeyingError
 from keying.framing import (
     DEFAULT_MATERIAL_SECRET,
     frame_presorted,
@@ -135,3 +139,78 @@ def build_key(body: Any, params: KeyParams) -> KeyResult:
         adapter=params.adapter,
         cacheability=assess(canonical, allow_nondeterministic=params.allow_nondeterministic),
     )
+
+
+class MaterialParts(NamedTuple):
+    """Key material read back: what the key was built from (see :func:`decode_material`)."""
+
+    scope: Scope
+    model: str
+    epoch: int
+    adapter: str | None
+    kind: RequestKind
+    fields: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        """The request as a body that :func:`build_key` accepts: the model and the keyed fields
+        (canonical values, defaults included). Unkeyed fields (``stream``, ``user``, ...) are
+        not in the material, by definition they do not change the answer."""
+        return {"model": self.model, **self.fields}
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != JSON_EXT:
+        raise InvalidMaterialError(f"unknown msgpack extension code {code}")
+    return orjson.loads(data)
+
+
+def decode_material(material: bytes) -> MaterialParts:
+    """Read framed key material back into its parts. Raises :class:`InvalidMaterialError` when
+    the bytes are not material of this version (never a partial result)."""
+    try:
+        parts = msgpack.unpackb(material, raw=False, ext_hook=_ext_hook, strict_map_key=True)
+    except InvalidMaterialError:
+        raise
+    except Exception as exc:  # msgpack and orjson raise several unrelated types for bad input
+        raise InvalidMaterialError(f"not msgpack: {exc}") from exc
+    names = ("scope", "model", "epoch", "adapter", "kind", "request")
+    if (type(parts) is not list or len(parts) != 7 or parts[0] != MATERIAL_VERSION
+            or any(type(p) is not list or len(p) != 2 or p[0] != n
+                   for p, n in zip(parts[1:], names, strict=True))):
+        raise InvalidMaterialError(f"not {MATERIAL_VERSION} material (version, six tagged parts)")
+    (_, scope, model, epoch, adapter, kind, request) = (p if i == 0 else p[1]
+                                                       for i, p in enumerate(parts))
+    try:
+        kind_s, tenant, user = scope
+        scope_v = Scope(kind=kind_s, tenant=tenant, user=user)
+    except (TypeError, ValueError, KeyingError) as exc:
+        raise InvalidMaterialError(f"scope: {exc}") from exc
+    if type(model) is not str or not model:
+        raise InvalidMaterialError("model: not a non-empty string")
+    if type(epoch) is not int or epoch < 0:
+        raise InvalidMaterialError("epoch: not a non-negative integer")
+    if adapter is not None and type(adapter) is not str:
+        raise InvalidMaterialError("adapter: not a string or nil")
+    if kind not in ("chat", "completion", "generic"):
+        raise InvalidMaterialError(f"kind: {kind!r} is not chat, completion or generic")
+    if type(request) is not dict:
+        raise InvalidMaterialError("request: not a map of fields")
+    return MaterialParts(scope=scope_v, model=model, epoch=epoch, adapter=adapter, kind=kind,
+                         fields=request)
+
+
+def rebuild_key(material: bytes, *, secret: bytes = DEFAULT_MATERIAL_SECRET) -> KeyResult:
+    """The key that ``material`` is the material of, rebuilt from its request with
+    :func:`build_key`. Raises :class:`InvalidMaterialError` when the material does not decode,
+    or when keying its request again does not give back the same bytes (it was not built by
+    this release's keying, or it was altered)."""
+    parts = decode_material(material)
+    try:
+        key = build_key(parts.body(), KeyParams(
+            scope=parts.scope, epoch=parts.epoch, adapter=parts.adapter, kind=parts.kind,
+            secret=secret, limits=KeyLimits(max_bytes=max(len(material), 1))))
+    except KeyingError as exc:
+        raise InvalidMaterialError(f"its request does not key again: {exc}") from exc
+    if key.material != material:
+        raise InvalidMaterialError("keying its request again gives other material")
+    return key

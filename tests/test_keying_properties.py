@@ -10,7 +10,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from keying import KeyParams, Scope, build_key, canonicalize, encode_material
+from keying import (
+    InvalidMaterialError,
+    KeyParams,
+    Scope,
+    build_key,
+    canonicalize,
+    decode_material,
+    encode_material,
+    rebuild_key,
+)
 from keying.strategies import chat_requests, completion_requests, mutated, requests, respelled
 
 ACME = Scope.for_tenant("acme")
@@ -83,6 +92,48 @@ class TestFraming:
         assert model == ["model", request["model"]]
         assert ep == ["epoch", epoch]
         assert fields == ["request", r.canonical.keyed]
+
+
+class TestReadBack:
+    """The auditor reads the request back out of stored material and keys it again."""
+
+    @given(requests(), _ids, st.one_of(st.none(), _ids), st.integers(0, 2**40),
+           st.one_of(st.none(), _ids))
+    @settings(max_examples=300)
+    def test_material_rebuilds_to_the_same_key(self, request: dict, tenant: str,
+                                               user: str | None, epoch: int,
+                                               adapter: str | None) -> None:
+        scope = Scope.for_user(tenant, user) if user else Scope.for_tenant(tenant)
+        k = build_key(request, KeyParams(scope=scope, epoch=epoch, adapter=adapter))
+        parts = decode_material(k.material)
+        assert (parts.scope, parts.model, parts.epoch, parts.adapter, parts.kind) == (
+            scope, request["model"], epoch, adapter, k.canonical.kind)
+        assert parts.fields == k.canonical.fields
+        again = rebuild_key(k.material)
+        assert (again.digest, again.material_digest, again.material) == (
+            k.digest, k.material_digest, k.material)
+        assert again.cacheability == k.cacheability
+
+    @given(requests(), st.data())
+    @settings(max_examples=200)
+    def test_altered_material_never_rebuilds_to_itself(self, request: dict,
+                                                       data: st.DataObject) -> None:
+        """Any one changed byte is refused with InvalidMaterialError (never another exception,
+        which would stop a scan) or reads back as a request that keys to exactly those bytes."""
+        material = build_key(request, KeyParams(scope=ACME)).material
+        i = data.draw(st.integers(0, len(material) - 1))
+        flip = data.draw(st.integers(1, 255))
+        altered = material[:i] + bytes([material[i] ^ flip]) + material[i + 1:]
+        try:
+            again = rebuild_key(altered)
+        except InvalidMaterialError:
+            return
+        assert again.material == altered != material
+
+    def test_what_is_not_material_is_refused_by_name(self) -> None:
+        for junk in (b"", b"\xc1", msgpack.packb([1, 2, 3]), msgpack.packb(["llmcache-key/v0"])):
+            with pytest.raises(InvalidMaterialError):
+                decode_material(junk)
 
 
 class TestSeparation:
