@@ -127,7 +127,8 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
     rc = ResponseCache(store=store, guard=guard, versions=versions, secret=secret,
                        observers=tuple(observers), max_entry_bytes=settings.limits.max_entry_bytes,
                        max_request_bytes=settings.limits.max_request_bytes,
-                       strict_epoch=settings.cache.strict_epoch)
+                       strict_epoch=settings.cache.strict_epoch,
+                       store_material=settings.cache.store_material)
     return Services(settings=settings, tenants=TenantDirectory(settings), cache=rc,
                     upstream=upstream, flights=SingleFlight(),
                     signer=FillTokenSigner(secret, ttl_s=settings.cache.fill_token_ttl_s),

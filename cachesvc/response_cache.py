@@ -67,6 +67,8 @@ class FillTarget:
     epoch: int
     adapter: str | None
     ttl_seconds: int
+    #: The key material, stored in the entry when the cache keeps it (``store_material``).
+    material: bytes | None = None
 
     @property
     def storage_key(self) -> str:
@@ -95,7 +97,7 @@ class Keyed:
         return FillTarget(scope=self.scope, digest=bytes(self.key.digest),
                           material_digest=bytes(self.key.material_digest), model=self.key.model,
                           version=self.version, epoch=self.epoch, adapter=self.key.adapter,
-                          ttl_seconds=self.tenant.ttl_seconds)
+                          ttl_seconds=self.tenant.ttl_seconds, material=self.key.material)
 
     @property
     def flight_key(self) -> str:
@@ -145,6 +147,8 @@ class ResponseCache:
     max_entry_bytes: int = 4 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
     strict_epoch: bool = False
+    #: Keep each entry's key material in it, for the offline scan (see ``Entry.material``).
+    store_material: bool = True
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
@@ -299,6 +303,7 @@ class ResponseCache:
                 epoch=target.epoch, created_at=self.clock(), ttl=float(target.ttl_seconds),
                 digest=target.digest, material_digest=target.material_digest,
                 adapter=target.adapter, response=payload.body, stream=payload.chunks,
+                material=target.material if self.store_material else None,
             )
             raw = encode_entry(entry)
         except (InvalidEntryError, TypeError, ValueError) as exc:

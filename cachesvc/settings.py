@@ -133,6 +133,10 @@ class CacheSettings(_Section):
     registry_refresh_s: float = Field(default=2.0, gt=0)
     #: Check the entry's epoch against a fresh registry read on every hit.
     strict_epoch: bool = False
+    #: Keep each entry's key material (the request's keyed fields, prompt included) inside it,
+    #: so `cachesvc audit scan` can recompute its digests and its answer. Costs the request's
+    #: canonical size per entry; off: the scan checks digests only on live hits.
+    store_material: bool = True
 
 
 class LoggingSettings(_Section):

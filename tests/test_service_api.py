@@ -3,6 +3,7 @@ deterministic upstream): headers, Cache-Control, tenants, limits, the cache API,
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -12,7 +13,8 @@ from fastapi.testclient import TestClient
 from cachesvc.app import create_app
 from cachesvc.echo_upstream import EchoUpstream
 from cachesvc.events import CacheEvent
-from cachesvc.store import EmbeddedStore
+from cachesvc.store import EmbeddedStore, decode_entry
+from keying import rebuild_key
 from tests.service_helpers import ADMIN, KEY_A, KEY_A2, KEY_B, KEY_U, auth, chat, make_settings
 
 
@@ -513,3 +515,36 @@ class TestEpochViews:
 
             time.sleep(0.6)  # > poll interval (0.1 s); the event reaches this replica's view
             assert post(c, chat()).headers["x-cache"] == "MISS"
+
+
+class TestStoredMaterial:
+    """Entries carry the key material they were filled for, so the offline scan can check their
+    digests and read their request back (``[cache] store_material``)."""
+
+    @staticmethod
+    def _entries(store: EmbeddedStore) -> list[Any]:
+        async def collect() -> list[Any]:
+            return [decode_entry(raw) async for _, raw in store.scan_entries()]
+
+        return asyncio.run(collect())
+
+    def test_a_proxy_fill_stores_material_that_rebuilds_the_entry_key(self, tmp_path):
+        store = EmbeddedStore()
+        with TestClient(create_app(make_settings(tmp_path), upstream=EchoUpstream(),
+                                   store=store)) as c:
+            assert post(c, chat("keep my material")).headers["x-cache"].startswith("MISS")
+        (entry,) = self._entries(store)
+        assert entry.material is not None
+        key = rebuild_key(entry.material, secret=b"test-secret-0123456789abcdef")
+        assert bytes(key.digest) == entry.digest
+        assert bytes(key.material_digest) == entry.material_digest
+        assert key.canonical.fields["messages"][0]["content"] == "keep my material"
+
+    def test_with_store_material_off_entries_carry_none(self, tmp_path):
+        store = EmbeddedStore()
+        settings = make_settings(tmp_path, cache={"store_material": False})
+        with TestClient(create_app(settings, upstream=EchoUpstream(), store=store)) as c:
+            post(c, chat("no material"))
+            assert post(c, chat("no material")).headers["x-cache"] == "HIT"
+        (entry,) = self._entries(store)
+        assert entry.material is None

@@ -3,6 +3,8 @@ specific error instead of returning them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack
 import pytest
 import xxhash
@@ -50,6 +52,22 @@ class TestEnvelopeRoundTrip:
     def test_any_recorded_stream_round_trips(self, stream) -> None:  # type: ignore[no-untyped-def]
         entry = make_entry(stream=stream, response=None)
         assert decode_entry(encode_entry(entry)) == entry
+
+    @given(material=st.binary(min_size=1, max_size=2000))
+    def test_the_key_material_round_trips(self, material: bytes) -> None:
+        entry = replace(make_entry(), material=material)
+        assert decode_entry(encode_entry(entry)).material == material
+
+    def test_an_entry_without_material_encodes_as_before_and_reads_as_none(self) -> None:
+        """The field is optional within format version 1: old entries still decode, and an
+        entry without material has no trace of it in its bytes."""
+        entry = make_entry()
+        raw = encode_entry(entry)
+        payload = msgpack.unpackb(raw[HEADER_SIZE:], raw=False)
+        assert "k" not in payload
+        assert decode_entry(raw).material is None
+        with_material = encode_entry(replace(entry, material=b"\x97material"))
+        assert msgpack.unpackb(with_material[HEADER_SIZE:], raw=False)["k"] == b"\x97material"
 
 
 class TestEnvelopeRefusesBadBytes:
@@ -102,6 +120,11 @@ class TestEntryValidation:
     def test_bad_fields_are_named(self, changes: dict, field: str) -> None:  # type: ignore[type-arg]
         with pytest.raises(InvalidEntryError, match=f"^{field}:"):
             make_entry(**changes)
+
+    @pytest.mark.parametrize("material", [b"", "text", bytearray(b"x")])
+    def test_material_must_be_non_empty_bytes(self, material: object) -> None:
+        with pytest.raises(InvalidEntryError, match="^material:"):
+            replace(make_entry(), material=material)
 
 
 class TestEntryMismatch:

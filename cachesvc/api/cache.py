@@ -129,7 +129,7 @@ async def store(body: StoreRequest, services: ServicesDep, tenant: TenantDep) ->
         ttl = body.ttl_seconds
     target = FillTarget(scope=scope, digest=grant.digest, material_digest=grant.material_digest,
                         model=grant.model, version=version, epoch=grant.epoch, adapter=None,
-                        ttl_seconds=ttl)
+                        ttl_seconds=ttl, material=keyed.key.material if keyed else None)
     why = await services.cache.fill(target, payload, source="cache_api", keyed=keyed)
     if why == "too_large":
         raise TooLargeError(f"the entry exceeds limits.max_entry_bytes="

@@ -56,6 +56,11 @@ class Entry:
     response: dict[str, Any] | None = None
     stream: list[dict[str, Any]] | None = None
     adapter: str | None = None
+    #: The framed key material the entry was filled for (``KeyResult.material``), when the
+    #: service keeps it (``[cache] store_material``): it lets the offline scan recompute both
+    #: digests and read the request back, to recompute the answer. It holds the request's
+    #: keyed fields (the prompt included), so the store holds prompts as well as answers.
+    material: bytes | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.scope, Scope):
@@ -93,6 +98,9 @@ class Entry:
             raise InvalidEntryError("stream: must be a list of chunk dicts")
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise InvalidEntryError("adapter: must be a string or None")
+        if self.material is not None and (not isinstance(self.material, bytes)
+                                          or not self.material):
+            raise InvalidEntryError("material: must be non-empty bytes (KeyResult.material) or None")
 
     @property
     def expires_at(self) -> float | None:
@@ -150,22 +158,24 @@ def _checksum(version: int, payload: bytes) -> int:
 def encode_entry(entry: Entry) -> bytes:
     """Serialise ``entry`` into an envelope."""
     s = entry.scope
-    payload = msgpack.packb(
-        {
-            "s": [s.kind, s.tenant, s.user],
-            "m": entry.model,
-            "v": entry.model_version,
-            "e": entry.epoch,
-            "c": float(entry.created_at),
-            "t": None if entry.ttl is None else float(entry.ttl),
-            "d": entry.digest,
-            "md": entry.material_digest,
-            "a": entry.adapter,
-            "r": entry.response,
-            "st": entry.stream,
-        },
-        use_bin_type=True,
-    )
+    fields: dict[str, Any] = {
+        "s": [s.kind, s.tenant, s.user],
+        "m": entry.model,
+        "v": entry.model_version,
+        "e": entry.epoch,
+        "c": float(entry.created_at),
+        "t": None if entry.ttl is None else float(entry.ttl),
+        "d": entry.digest,
+        "md": entry.material_digest,
+        "a": entry.adapter,
+        "r": entry.response,
+        "st": entry.stream,
+    }
+    if entry.material is not None:
+        # NOTE: optional, so entries without it are byte-identical to earlier ones and every
+        # reader of format version 1 reads both (unknown map keys are ignored).
+        fields["k"] = entry.material
+    payload = msgpack.packb(fields, use_bin_type=True)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, _checksum(FORMAT_VERSION, payload)) + payload
 
 
@@ -219,6 +229,7 @@ def _from_payload(obj: Any) -> Entry:
             adapter=obj["a"],
             response=obj["r"],
             stream=obj["st"],
+            material=obj.get("k"),
         )
     except (KeyError, TypeError, ValueError, InvalidEntryError, InvalidRequestError) as exc:
         raise CorruptEntryError(f"payload does not have the entry schema: {exc}") from exc
