@@ -551,6 +551,25 @@ _COMPLETION_DEFAULTS = _defaults(COMPLETION_FIELDS)
 _DEFAULT_LIMITS = KeyLimits()
 
 
+def minimal_fields(kind: RequestKind, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical ``fields`` (decoded, as :attr:`CanonicalRequest.fields`) without those that
+    hold their default: a body made of them keys exactly as the full one (an absent field is
+    its default), and it is what an upstream expects to be sent (no ``tool_choice`` without
+    tools, no explicit nulls for options it may not know)."""
+    defaults = _CHAT_DEFAULTS if kind == "chat" else _COMPLETION_DEFAULTS if kind == "completion" else {}
+    out = {}
+    for name, value in fields.items():
+        if name in defaults:
+            d = defaults[name]
+            if (orjson.loads(d.data) if type(d) is ExtType else d) == value and (
+                    type(value) is type(d) or type(d) is ExtType):
+                continue
+        out[name] = value
+    if kind == "chat" and out.get("tool_choice") == "none" and "tools" not in out:
+        del out["tool_choice"]  # derived: no tools means "none"
+    return out
+
+
 def detect_kind(body: Mapping[str, Any]) -> RequestKind:
     """Guess the request kind from its shape: ``messages`` is chat, ``prompt`` a completion."""
     if "messages" in body:

@@ -17,6 +17,7 @@ from keying.canonical import (
     KeyLimits,
     RequestKind,
     canonicalize,
+    minimal_fields,
 )
 from keying.errors import InvalidMaterialError, InvalidRequestError, KeyingError
 from keying.framing import (
@@ -151,11 +152,13 @@ class MaterialParts(NamedTuple):
     kind: RequestKind
     fields: dict[str, Any]
 
-    def body(self) -> dict[str, Any]:
+    def body(self, *, minimal: bool = False) -> dict[str, Any]:
         """The request as a body that :func:`build_key` accepts: the model and the keyed fields
-        (canonical values, defaults included). Unkeyed fields (``stream``, ``user``, ...) are
-        not in the material, by definition they do not change the answer."""
-        return {"model": self.model, **self.fields}
+        (canonical values). ``minimal``: without the fields that hold their default (it keys
+        the same; send this one to an upstream). Unkeyed fields (``stream``, ``user``, ...) are
+        not in the material: by definition they do not change the answer."""
+        fields = minimal_fields(self.kind, self.fields) if minimal else self.fields
+        return {"model": self.model, **fields}
 
 
 def _ext_hook(code: int, data: bytes) -> Any:

@@ -113,6 +113,17 @@ class TestReadBack:
         assert (again.digest, again.material_digest, again.material) == (
             k.digest, k.material_digest, k.material)
         assert again.cacheability == k.cacheability
+        minimal = build_key(parts.body(minimal=True), KeyParams(
+            scope=scope, epoch=epoch, adapter=adapter, kind=parts.kind))
+        assert minimal.material == k.material
+        assert len(parts.body(minimal=True)) <= len(parts.body())
+
+    def test_the_minimal_body_leaves_out_defaults(self) -> None:
+        k = build_key({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]},
+                      KeyParams(scope=ACME))
+        body = decode_material(k.material).body(minimal=True)
+        assert body == {"model": "m", "temperature": 0.0,
+                        "messages": [{"role": "user", "content": "hi"}]}
 
     @given(requests(), st.data())
     @settings(max_examples=200)
