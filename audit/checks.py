@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import msgpack
-
-from keying import MATERIAL_VERSION, KeyResult, Scope, material_digest, response_digest
+from keying import (
+    InvalidMaterialError,
+    KeyResult,
+    Scope,
+    decode_material,
+    material_digest,
+    response_digest,
+)
 from keying.framing import DEFAULT_MATERIAL_SECRET
 
 from audit.answer import Answer
@@ -64,23 +68,12 @@ def check_shape(facts: EntryFacts) -> list[Draft]:
     return []
 
 
-def _decode_material(material: bytes) -> dict[str, Any] | None:
-    try:
-        parts = msgpack.unpackb(material, raw=False, strict_map_key=False)
-    except Exception:
-        return None
-    if not isinstance(parts, list) or not parts or parts[0] != MATERIAL_VERSION:
-        return None
-    out: dict[str, Any] = {}
-    for item in parts[1:]:
-        if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
-            out[item[0]] = item[1]
-    return out
-
-
-def check_material(facts: EntryFacts, *, secret: bytes = DEFAULT_MATERIAL_SECRET) -> list[Draft]:
-    """When the entry carries its key material: both digests and the material's own scope,
-    model and epoch must agree with the entry. Without material, nothing is checked here."""
+def check_material(facts: EntryFacts, *, secret: bytes | None = DEFAULT_MATERIAL_SECRET
+                   ) -> list[Draft]:
+    """When the entry carries its key material: both digests must be the material's, and the
+    material's own scope, model, epoch and adapter the entry's. Without material, nothing is
+    checked here. ``secret=None`` (the service's secret is not known): the keyed material
+    digest cannot be recomputed and is skipped; everything else is checked."""
     if facts.material is None:
         return []
     out = []
@@ -88,36 +81,34 @@ def check_material(facts: EntryFacts, *, secret: bytes = DEFAULT_MATERIAL_SECRET
         out.append(Draft(kind="collision", summary="entry digest is not the xxh3 of its material",
                          evidence={"digest": facts.digest.hex(),
                                    "recomputed": response_digest(facts.material).hex()}))
-    if facts.material_digest is not None:
+    if facts.material_digest is not None and secret is not None:
         recomputed = material_digest(facts.material, secret)
         if recomputed != facts.material_digest:
             out.append(Draft(kind="collision",
                              summary="material digest does not match the entry's key material",
                              evidence={"stored": facts.material_digest.hex(),
                                        "recomputed": recomputed.hex()}))
-    parsed = _decode_material(facts.material)
-    if parsed is None:
-        out.append(Draft(kind="corrupt", summary="key material in the entry cannot be parsed"))
-        return out
-    if parsed.get("scope") != facts.scope.as_material():
-        out.append(Draft(kind="cross_scope", summary="key material names another scope",
-                         evidence={"material_scope": _scope_label(parsed.get("scope")),
-                                   "entry_scope": facts.scope.label}))
-    if parsed.get("model") != facts.model:
-        out.append(Draft(kind="collision", summary="key material names another model",
-                         evidence={"material_model": parsed.get("model"), "entry_model": facts.model}))
-    if parsed.get("epoch") != facts.epoch:
-        out.append(Draft(kind="stale", summary="key material names another epoch",
-                         evidence={"material_epoch": parsed.get("epoch"), "entry_epoch": facts.epoch}))
-    return out
-
-
-def _scope_label(parts: Any) -> str:
     try:
-        kind, tenant, user = parts
-        return Scope(kind=kind, tenant=tenant, user=user).label
-    except Exception:
-        return repr(parts)[:100]
+        parts = decode_material(facts.material)
+    except InvalidMaterialError as exc:
+        out.append(Draft(kind="corrupt", summary="key material in the entry cannot be parsed",
+                         evidence={"error": str(exc)[:300]}))
+        return out
+    if parts.scope != facts.scope:
+        out.append(Draft(kind="cross_scope", summary="key material names another scope",
+                         evidence={"material_scope": parts.scope.label,
+                                   "entry_scope": facts.scope.label}))
+    if parts.model != facts.model:
+        out.append(Draft(kind="collision", summary="key material names another model",
+                         evidence={"material_model": parts.model, "entry_model": facts.model}))
+    if parts.epoch != facts.epoch:
+        out.append(Draft(kind="stale", summary="key material names another epoch",
+                         evidence={"material_epoch": parts.epoch, "entry_epoch": facts.epoch}))
+    if parts.adapter != facts.adapter:
+        out.append(Draft(kind="collision", summary="key material names another adapter",
+                         evidence={"material_adapter": parts.adapter,
+                                   "entry_adapter": facts.adapter}))
+    return out
 
 
 def check_registry(facts: EntryFacts, current: ModelState | None) -> list[Draft]:
@@ -125,9 +116,14 @@ def check_registry(facts: EntryFacts, current: ModelState | None) -> list[Draft]
     and no entry may claim an epoch the registry has not issued yet.
 
     An entry of an older epoch is not a finding: the epoch is in its key, so no lookup can reach
-    it; it only waits to be purged (the scan counts these as reclaimable).
+    it; it only waits to be purged (the scan counts these as reclaimable). A model the registry
+    does not know is served at epoch 0, so its epoch-0 entries are current.
     """
     if current is None:
+        # NOTE: the service serves a model nobody rolled out at epoch 0 (unversioned), so such
+        # entries are current; any other epoch was issued by a registry that no longer has it.
+        if facts.epoch == 0:
+            return []
         return [Draft(kind="stale", summary="entry's model is unknown to the registry",
                       evidence={"model": facts.model, "entry_epoch": facts.epoch})]
     if facts.epoch > current.epoch:
@@ -174,7 +170,7 @@ def check_stored(
     *,
     current: ModelState | None,
     canaries: Mapping[str, Sequence[str]],
-    secret: bytes = DEFAULT_MATERIAL_SECRET,
+    secret: bytes | None = DEFAULT_MATERIAL_SECRET,
     check_registry_state: bool = True,
 ) -> list[Draft]:
     """Every invariant that can be checked without the request (the offline scan's set)."""

@@ -53,6 +53,7 @@ class EntryFacts:
     material_digest: bytes | None = None
     created_at: float | None = None
     ttl: float | None = None
+    adapter: str | None = None
     key_fields: tuple[KeyField, ...] = ()
     #: The framed key material, when the envelope carries it: lets the scan recompute both
     #: digests and read the scope, model and epoch the key was built from.

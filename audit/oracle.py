@@ -43,8 +43,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from keying import KeyResult
+
 from audit.answer import Answer
-from audit.errors import AuditConfigError
+from audit.errors import AuditConfigError, OracleError
 from audit.finding import Draft
 
 RequestKind = Literal["chat", "completion"]
@@ -194,3 +196,57 @@ def judge_scored(
             evidence=evidence,
         ), evidence
     return "pass", None, evidence
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recomputed:
+    """What one recompute decided: ``check`` is ``exact`` or ``scored``; ``verdict`` adds
+    ``error`` (the oracle failed; logged, never a finding) to :data:`Verdict`."""
+
+    check: Literal["exact", "scored"]
+    verdict: Literal["pass", "finding", "undecided", "error"]
+    draft: Draft | None = None
+    error: str | None = None
+
+
+def recompute(
+    oracle: Oracle,
+    request: Mapping[str, Any],
+    kind: RequestKind,
+    cached: Answer,
+    *,
+    deterministic: bool,
+    tenant: str,
+    tolerance: Tolerance,
+) -> Recomputed:
+    """Recompute ``request`` and judge ``cached`` against it: exactly for a deterministic
+    request on an exact oracle, teacher-forced scores otherwise. Shared by the shadow auditor
+    (a sampled hit, with the live request) and the offline scan (the request read back from the
+    entry's key material)."""
+    check: Literal["exact", "scored"] = "exact" if deterministic and oracle.exact else "scored"
+    try:
+        fresh = oracle.complete(request, kind, tenant=tenant)
+        if check == "exact":
+            draft = judge_exact(cached, fresh)
+            return Recomputed(check=check, verdict="finding" if draft else "pass", draft=draft)
+        if cached.same_as(fresh):
+            return Recomputed(check=check, verdict="pass")
+        neutral = neutral_request(request, kind)
+
+        def scores(text: str) -> Scores:
+            return Scores(prompted=oracle.score(request, kind, text, tenant=tenant),
+                          neutral=oracle.score(neutral, kind, text, tenant=tenant))
+
+        cached_scores = scores(cached.first_text)
+        fresh_scores = scores(fresh.first_text)
+    except OracleError as exc:
+        return Recomputed(check=check, verdict="error", error=str(exc))
+    verdict, draft, _ = judge_scored(cached_scores, fresh_scores, tolerance)
+    return Recomputed(check=check, verdict=verdict, draft=draft)
+
+
+def is_deterministic(key: KeyResult) -> bool:
+    """Whether a request's answer is reproducible bit for bit (temperature 0, or a seed), as
+    the key builder's cacheability assessment says."""
+    reason = key.cacheability.reason
+    return reason.startswith("deterministic") or reason.startswith("seeded")

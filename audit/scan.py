@@ -15,13 +15,19 @@ from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
+from keying import InvalidMaterialError, decode_material, rebuild_key
 from keying.framing import DEFAULT_MATERIAL_SECRET
 
 from audit import metrics
 from audit.checks import check_stored, check_unreadable
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
-from audit.finding import EntryRef, Finding
+from audit.finding import Draft, EntryRef, Finding
+from audit.oracle import Oracle, Tolerance, is_deterministic, recompute
 from audit.recorder import Recorder
+
+log = structlog.get_logger("audit.scan")
 
 ScanItem = EntryFacts | UnreadableEntry
 
@@ -41,6 +47,11 @@ class ScanResult:
     finding_ids: Sequence[str]
     material_checked: int
     registry: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Recompute outcomes (``pass``, ``finding``, ``undecided``, ``error`` and the reasons an
+    #: entry was not recomputed) when the scan ran with an oracle; empty otherwise.
+    recomputed: Mapping[str, int] = field(default_factory=dict)
+    #: False when the service's secret was not known, so material digests were not recomputed.
+    material_digest_checked: bool = True
 
     @property
     def findings(self) -> int:
@@ -63,6 +74,8 @@ class ScanResult:
             "entries_by_node": dict(self.entries_by_node),
             "finding_ids": list(self.finding_ids),
             "material_checked": self.material_checked,
+            "material_digest_checked": self.material_digest_checked,
+            "recomputed": dict(self.recomputed),
             "registry": {k: dict(v) for k, v in self.registry.items()},
         }
 
@@ -76,13 +89,23 @@ class Scanner:
         recorder: Recorder,
         registry: Mapping[str, ModelState],
         canaries: Mapping[str, Sequence[str]] | None = None,
-        secret: bytes = DEFAULT_MATERIAL_SECRET,
+        secret: bytes | None = DEFAULT_MATERIAL_SECRET,
         clock: Callable[[], float] = time.time,
         check_registry: bool = True,
+        oracle: Oracle | None = None,
+        tolerance: Tolerance | None = None,
     ) -> None:
         """``check_registry=False`` when no registry is reachable: epoch and version checks
-        against it are skipped (placement, material, canary and decode checks still run)."""
+        against it are skipped (placement, material, canary and decode checks still run).
+        ``secret=None`` when the service's secret is not known: material digests are not
+        recomputed. With an ``oracle``, every entry of a current epoch that carries its key
+        material and passed every other check is recomputed from the request read back out of
+        that material (:func:`audit.oracle.recompute`): this is what finds a wrong answer
+        stored under a valid key."""
         self.check_registry = check_registry
+        self.oracle = oracle
+        self.tolerance = tolerance or Tolerance()
+        self.recomputed: Counter[str] = Counter()
         self.recorder = recorder
         self.registry = dict(registry)
         self.canaries = dict(canaries or {})
@@ -100,12 +123,48 @@ class Scanner:
                 item, current=self.registry.get(item.model), canaries=self.canaries,
                 secret=self.secret, check_registry_state=self.check_registry,
             )
+            if self.oracle is not None:
+                outcome, draft = self._recompute(item, clean=not drafts)
+                self.recomputed[outcome] += 1
+                metrics.CHECKS.labels(check="scan_recompute", result=outcome).inc()
+                if draft is not None:
+                    drafts.append(draft)
             ref = EntryRef(
                 storage_key=item.storage_key, node=item.node,
                 digest=item.digest.hex() if item.digest is not None else None,
                 scope=item.scope.label, model=item.model, epoch=item.epoch,
             )
         return [d.stamp(source="scan", entry=ref, at=now) for d in drafts]
+
+    def _recompute(self, item: EntryFacts, *, clean: bool) -> tuple[str, Draft | None]:
+        """Recompute one entry's answer; returns the outcome (for the counts) and a finding."""
+        assert self.oracle is not None
+        if not clean:
+            return "skipped_other_finding", None
+        if item.material is None:
+            return "skipped_no_material", None
+        current = self.registry.get(item.model)
+        if self.check_registry and item.epoch != (current.epoch if current else 0):
+            # NOTE: the oracle is the current model; an older epoch's answers may differ from it
+            # rightly, and no lookup reaches them.
+            return "skipped_old_epoch", None
+        try:
+            key = rebuild_key(item.material, secret=self.secret or DEFAULT_MATERIAL_SECRET)
+        except InvalidMaterialError as exc:
+            log.info("audit.scan.not_rekeyable", storage_key=item.storage_key, error=str(exc))
+            return "undecided", None
+        kind = key.canonical.kind
+        if kind not in ("chat", "completion"):
+            return "undecided", None
+        # The minimal body keys the same as the stored material (a keying property test shows
+        # it) and is what an upstream accepts; unkeyed fields cannot change the answer.
+        request = decode_material(item.material).body(minimal=True)
+        out = recompute(self.oracle, request, kind, item.answer,
+                        deterministic=is_deterministic(key),
+                        tenant=key.scope.tenant or "public", tolerance=self.tolerance)
+        if out.verdict == "error":
+            log.warning("audit.scan.oracle_failed", storage_key=item.storage_key, error=out.error)
+        return out.verdict, out.draft
 
     async def run(
         self,
@@ -155,4 +214,5 @@ class Scanner:
             unreadable=unreadable, reclaimable=reclaimable, findings_by_kind=dict(by_kind),
             entries_by_node=dict(by_node), finding_ids=ids, material_checked=material,
             registry={m: {"version": s.version, "epoch": s.epoch} for m, s in self.registry.items()},
+            recomputed=dict(self.recomputed), material_digest_checked=self.secret is not None,
         )

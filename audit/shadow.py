@@ -37,7 +37,7 @@ from audit.checks import check_canaries, check_served, check_unreadable
 from audit.errors import AuditConfigError, OracleError
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, EntryRef, Finding
-from audit.oracle import Oracle, Scores, Tolerance, judge_exact, judge_scored, neutral_request
+from audit.oracle import Oracle, Tolerance, is_deterministic, recompute
 from audit.recorder import Recorder
 
 log = structlog.get_logger("audit.shadow")
@@ -367,41 +367,20 @@ class ShadowAuditor(Generic[T]):
             self._recompute_spent += self._timer() - now
 
     def _recompute(self, sample: Sample, cached: Answer) -> Draft | None:
-        oracle = self._oracle
-        assert oracle is not None
+        assert self._oracle is not None
         kind = sample.key.canonical.kind
         if kind not in ("chat", "completion"):
             metrics.CHECKS.labels(check="recompute", result="undecided").inc()
             return None
-        reason = sample.key.cacheability.reason
-        deterministic = reason.startswith("deterministic") or reason.startswith("seeded")
-        try:
-            fresh = oracle.complete(sample.request, kind, tenant=sample.tenant)
-            if deterministic and oracle.exact:
-                draft = judge_exact(cached, fresh)
-                metrics.CHECKS.labels(check="recompute_exact",
-                                      result="finding" if draft else "pass").inc()
-                return draft
-            if cached.same_as(fresh):
-                metrics.CHECKS.labels(check="recompute_scored", result="pass").inc()
-                return None
-            neutral = neutral_request(sample.request, kind)
-
-            def scores(text: str) -> Scores:
-                return Scores(
-                    prompted=oracle.score(sample.request, kind, text, tenant=sample.tenant),
-                    neutral=oracle.score(neutral, kind, text, tenant=sample.tenant),
-                )
-
-            cached_scores = scores(cached.first_text)
-            fresh_scores = scores(fresh.first_text)
-        except OracleError as exc:
-            log.warning("audit.shadow.oracle_failed", error=str(exc))
+        out = recompute(self._oracle, sample.request, kind, cached,
+                        deterministic=is_deterministic(sample.key), tenant=sample.tenant,
+                        tolerance=self.config.tolerance)
+        if out.verdict == "error":
+            log.warning("audit.shadow.oracle_failed", error=out.error)
             metrics.CHECKS.labels(check="recompute", result="error").inc()
             return None
-        verdict, draft, _ = judge_scored(cached_scores, fresh_scores, self.config.tolerance)
-        metrics.CHECKS.labels(check="recompute_scored", result=verdict).inc()
-        return draft
+        metrics.CHECKS.labels(check=f"recompute_{out.check}", result=out.verdict).inc()
+        return out.draft
 
     def check_valid(self) -> None:
         """Counters add up and the queue is within its bound."""

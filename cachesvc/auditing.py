@@ -65,10 +65,7 @@ def facts_from_entry(entry: Entry, *, key: str, node: str | None = None) -> Entr
         storage_key=key, node=node, scope=entry.scope, model=entry.model,
         version=entry.model_version, epoch=entry.epoch, digest=entry.digest,
         material_digest=entry.material_digest, created_at=entry.created_at, ttl=entry.ttl,
-        key_fields=fields,
-        # NOTE: the envelope does not carry the key material today; when it does, the scan
-        # recomputes both digests from it (audit.checks.check_material).
-        material=getattr(entry, "material", None),
+        adapter=entry.adapter, key_fields=fields, material=entry.material,
         answer=Answer.of(served), has_answer=served is not None,
     )
 

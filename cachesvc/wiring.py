@@ -47,12 +47,12 @@ async def open_upstream(settings: Settings, versions: Any) -> Any:
                             timeout_s=settings.upstream.timeout_s)
     import asyncio
 
-    engine = await asyncio.to_thread(_load_engine, settings)
+    engine = await asyncio.to_thread(load_engine, settings)
     await attach_engine(engine, versions, settings.upstream.version)
     return EngineUpstream(engine)
 
 
-def _load_engine(settings: Settings) -> Any:
+def load_engine(settings: Settings) -> Any:
     import torch
 
     from gpu_prefix.engine import Engine

@@ -48,11 +48,14 @@ def key_for(tenant: str, i: int, *, epoch: int = EPOCH) -> KeyResult:
     return build_key(body(i), KeyParams(scope=Scope.for_tenant(tenant), epoch=epoch, kind="chat"))
 
 
-def entry_for(key: KeyResult, *, text: str | None = None, version: str = VERSION) -> Entry:
+def entry_for(key: KeyResult, *, text: str | None = None, version: str = VERSION,
+              material: bool = True) -> Entry:
+    """The entry the service would fill for ``key`` (with its key material, as by default)."""
     return Entry(scope=key.scope, model=key.model, model_version=version, epoch=key.epoch,
                  created_at=NOW, ttl=3600.0, digest=bytes(key.digest),
                  material_digest=bytes(key.material_digest),
-                 response=response_for(text if text is not None else oracle_text(_body_of(key))))
+                 response=response_for(text if text is not None else oracle_text(_body_of(key))),
+                 material=key.material if material else None)
 
 
 def _body_of(key: KeyResult) -> dict[str, Any]:
@@ -74,7 +77,7 @@ class Planted:
     tenant: str
     index: int
     raw: bytes
-    scan_kinds: frozenset[str]  # kinds the scan must report for it (empty: the scan cannot)
+    scan_kinds: frozenset[str]  # kinds the scan (with an oracle) must report for it
     shadow_kinds: frozenset[str]  # kinds the shadow auditor must report on a hit
 
 
@@ -102,7 +105,7 @@ def plant_faults(n_clean: int, *, epoch: int = EPOCH) -> list[Planted]:
     k = current("acme", base + 2)
     forged = replace(entry_for(k), material_digest=hashlib.blake2b(b"forged", digest_size=32).digest())
     out.append(Planted("material_digest", "acme", base + 2, encode_entry(forged),
-                       frozenset(), frozenset({"collision"})))
+                       frozenset({"collision"}), frozenset({"collision"})))
     # 4. Flipped bytes.
     k = current("acme", base + 3)
     raw = bytearray(encode_entry(entry_for(k)))
@@ -113,7 +116,7 @@ def plant_faults(n_clean: int, *, epoch: int = EPOCH) -> list[Planted]:
     k = current("acme", base + 4)
     out.append(Planted("wrong_answer", "acme", base + 4,
                        encode_entry(entry_for(k, text="a confidently wrong answer")),
-                       frozenset(), frozenset({"mismatch"})))
+                       frozenset({"mismatch"}), frozenset({"mismatch"})))
     # 5b. The same, where the wrong answer is another tenant's (it carries their canary).
     k = current("acme", base + 5)
     leaked = f"globex's private answer {CANARIES['globex'][0]}"

@@ -19,7 +19,7 @@ from audit.checks import (
     check_unreadable,
 )
 from audit.oracle import Scores, judge_exact, judge_scored
-from keying import Scope
+from keying import Scope, material_digest, response_digest
 from tests import audit_world as w
 
 ACME = Scope.for_tenant("acme")
@@ -99,6 +99,19 @@ class TestStoredChecks:
                   material_digest=bytes(other.material_digest))
         assert kinds(check_material(f)) == ["cross_scope"]
 
+    def test_material_of_another_adapter_is_a_collision(self):
+        assert kinds(check_material(facts(adapter="lora-7"))) == ["collision"]
+
+    def test_material_that_does_not_parse_is_corrupt(self):
+        bad = b"\x93junk"
+        f = facts(material=bad, digest=bytes(response_digest(bad)),
+                  material_digest=bytes(material_digest(bad)))
+        assert kinds(check_material(f)) == ["corrupt"]
+
+    def test_without_the_secret_the_material_digest_is_not_judged(self):
+        assert check_material(facts(material_digest=b"\0" * 32), secret=None) == []
+        assert kinds(check_material(facts(digest=b"\0" * 16), secret=None)) == ["collision"]
+
     def test_without_material_nothing_is_recomputed(self):
         assert check_material(facts(material=None, material_digest=b"\0" * 32)) == []
 
@@ -114,8 +127,12 @@ class TestStoredChecks:
         current = ModelState(model=w.MODEL, version="v3", epoch=w.EPOCH + 1)
         assert check_registry(facts(), current) == []
 
-    def test_a_model_the_registry_does_not_know_is_stale(self):
+    def test_a_model_the_registry_does_not_know_is_stale_past_epoch_0(self):
         assert kinds(check_registry(facts(), None)) == ["stale"]
+
+    def test_an_unregistered_models_epoch_0_entry_is_current(self):
+        """The service keys a model nobody rolled out at epoch 0: not a finding."""
+        assert check_registry(facts(epoch=0, version="unversioned"), None) == []
 
     def test_an_unreadable_entry_is_corrupt_with_its_reason(self):
         d = check_unreadable(UnreadableEntry(storage_key="k", reason="foreign", error="magic"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -12,7 +13,8 @@ from typer.testing import CliRunner
 from audit import FileJournal
 from audit.report import build_report, render
 from cachesvc.cli import app
-from cachesvc.store import open_store
+from cachesvc.store import decode_entry, encode_entry, open_store
+from keying.framing import DEFAULT_MATERIAL_SECRET
 from tests import audit_world as w
 from tests.test_audit_journal import finding
 
@@ -134,6 +136,9 @@ class TestCli:
         cfg = tmp_path / "c.toml"
         cfg.write_text(
             f'state_dir = "{tmp_path}"\n[redis]\nurl = "{redis_url}"\n'
+            # the world keys with keying's default secret; the scan must know it to recompute
+            # material digests
+            f'[cache]\nsecret = "{DEFAULT_MATERIAL_SECRET.decode()}"\n'
             '[[tenants]]\nid = "globex"\napi_keys = ["globex-key-0123456789"]\n'
             f'canaries = ["{w.CANARIES["globex"][0]}"]\n')
         findings = tmp_path / "f.jsonl"
@@ -143,7 +148,9 @@ class TestCli:
         assert "scanned 16 entries" in res.output
         stored = FileJournal(findings)
         assert stored.load_result("scan")["entries"] == 16
-        assert {f.kind for f in stored.findings()} >= {"cross_scope", "stale", "corrupt", "canary"}
+        assert {f.kind for f in stored.findings()} >= {"cross_scope", "stale", "corrupt", "canary",
+                                                        "collision"}
+        assert any(f.summary.startswith("material digest") for f in stored.findings())
 
     @pytest.mark.redis
     def test_scan_of_a_clean_store_exits_zero(self, redis_url, tmp_path):
@@ -161,3 +168,63 @@ class TestCli:
         res = runner.invoke(app, ["audit", "scan", "--config", str(cfg), "--findings",
                                   str(tmp_path / "f.jsonl"), "--quiet"])
         assert res.exit_code == 0, res.output
+
+
+class TestScanRecompute:
+    """End to end: the service fills Redis through the reference engine (entries carry their
+    key material), one answer is then forged in place, and `cachesvc audit scan --recompute`
+    reads each request back out of its entry, recomputes it with the engine, and finds exactly
+    the forged one."""
+
+    @pytest.mark.redis
+    def test_scan_recompute_finds_the_one_wrong_answer_among_real_fills(self, redis_url, tmp_path):
+        from fastapi.testclient import TestClient
+
+        from cachesvc.app import create_app
+        from cachesvc.upstream import EngineUpstream
+        from gpu_prefix.engine import Engine
+        from gpu_prefix.models import load_model
+        from tests.service_helpers import auth, make_settings
+
+        secret = "scan-secret-0123456789abcdef"
+        settings = make_settings(tmp_path, redis={"url": redis_url}, cache={"secret": secret},
+                                 upstream={"model": "random-tiny"})
+        bodies = [{"model": "random-tiny", "temperature": 0, "max_tokens": 6,
+                   "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(3)]
+        bodies.append({"model": "random-tiny", "prompt": "complete me", "max_tokens": 5,
+                       "temperature": 0, "stop": ["\n"]})
+        with TestClient(create_app(settings, upstream=EngineUpstream(
+                Engine(load_model("random-tiny"))))) as c:
+            for b in bodies:
+                path = "/v1/completions" if "prompt" in b else "/v1/chat/completions"
+                r = c.post(path, json=b, headers=auth())
+                assert r.status_code == 200 and r.headers["x-cache"].startswith("MISS"), r.text
+
+        async def forge() -> str:
+            s = open_store(redis_url)
+            entries = [(k, decode_entry(raw)) async for k, raw in s.scan_entries()]
+            assert len(entries) == len(bodies) and all(e.material for _, e in entries)
+            key, entry = next((k, e) for k, e in entries if e.response["object"] == "chat.completion")
+            wrong = dict(entry.response, choices=[{**entry.response["choices"][0], "message": {
+                "role": "assistant", "content": "a fluent but wrong answer"}}])
+            await s.set(key, encode_entry(dataclasses.replace(entry, response=wrong)))
+            await s.close()
+            return key
+
+        forged = asyncio.run(forge())
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'state_dir = "{tmp_path}"\n[redis]\nurl = "{redis_url}"\n'
+                       f'[cache]\nsecret = "{secret}"\n[upstream]\nmodel = "random-tiny"\n'
+                       'device = "cpu"\n')
+        findings = tmp_path / "f.jsonl"
+        args = ["audit", "scan", "--config", str(cfg), "--findings", str(findings), "--quiet"]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output  # without --recompute the forgery is invisible
+        res = runner.invoke(app, [*args, "--recompute", "--oracle", "engine"])
+        assert res.exit_code == 1, res.output
+        (found,) = FileJournal(findings).findings()
+        assert (found.kind, found.entry.storage_key) == ("mismatch", forged)
+        assert found.evidence["check"] == "exact"
+        result = FileJournal(findings).load_result("scan")
+        assert result["recomputed"] == {"pass": len(bodies) - 1, "finding": 1}
+        assert result["material_digest_checked"] is True

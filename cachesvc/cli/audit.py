@@ -86,23 +86,68 @@ def scan(
     findings: FindingsOpt = None,
     batch: Annotated[int, typer.Option(min=1, help="Keys per SCAN round trip.")] = 500,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    recompute: Annotated[bool, typer.Option(
+        "--recompute/--no-recompute",
+        help="Also recompute each clean entry of a current epoch from the request in its key "
+             "material, through the oracle (one model call per entry): finds wrong answers "
+             "stored under valid keys.")] = False,
+    oracle: Annotated[str | None, typer.Option(
+        help="Oracle for --recompute: engine (load [upstream] model here) or upstream "
+             "([upstream] url). Default: [audit] oracle.")] = None,
 ) -> None:
-    """Walk every entry (every node of a cluster), check every invariant that needs no request,
-    record the findings, and exit 1 when there are any."""
+    """Walk every entry (every node of a cluster), check every invariant that needs no request
+    (and, with --recompute, each answer against the current model), record the findings, and
+    exit 1 when there are any."""
     settings = _settings(config)
     if not settings.redis.url:
         _fail("the embedded store lives inside the service process, so an offline scan cannot "
               "reach it; set [redis] url (the scan walks Redis or every node of a cluster)")
-    result = asyncio.run(_scan(settings, _journal(settings, findings), batch=batch, quiet=quiet))
+    the_oracle = _scan_oracle(settings, oracle) if recompute else None
+    result = asyncio.run(_scan(settings, _journal(settings, findings), batch=batch, quiet=quiet,
+                               oracle=the_oracle))
     typer.echo(
         f"scanned {result.entries} entries: {result.findings} findings "
         f"{dict(result.findings_by_kind) or ''}, {result.unreadable} unreadable, "
         f"{result.reclaimable} reclaimable (old epochs)"
     )
-    if not result.material_checked:
-        typer.echo("note: entries carry no key material, so material digests were not "
-                   "recomputed (the shadow auditor checks them against live requests)", err=True)
+    if result.recomputed:
+        typer.echo(f"recomputed: {dict(sorted(result.recomputed.items()))}")
+    readable = result.entries - result.unreadable
+    if readable and not result.material_checked:
+        typer.echo("note: no entry carries its key material ([cache] store_material = false, or "
+                   "filled before it was on), so digests were not recomputed and answers not "
+                   "read back (the shadow auditor checks them against live requests)", err=True)
+    if not result.material_digest_checked and result.material_checked:
+        typer.echo("note: the service's secret is not known here ([cache] secret or "
+                   "<state_dir>/secret), so keyed material digests were not recomputed", err=True)
+    forged = result.findings_by_kind.get("collision", 0)
+    if result.material_checked >= 10 and forged >= result.material_checked:
+        typer.echo("warning: every entry's material digest disagrees: is [cache] secret the "
+                   "one the service ran with?", err=True)
     raise typer.Exit(code=1 if result.findings else 0)
+
+
+def _scan_oracle(settings: Any, name: str | None) -> Any:
+    """The oracle ``--recompute`` asks: the reference engine loaded in this process, or the
+    OpenAI-compatible upstream."""
+    name = name or settings.audit.oracle
+    if name == "engine":
+        from cachesvc.auditing import EngineOracle
+        from cachesvc.wiring import load_engine
+
+        try:
+            return EngineOracle(load_engine(settings))
+        except Exception as exc:  # noqa: BLE001 - an unknown model name, a missing package
+            _fail(f"--oracle engine: cannot load [upstream] model {settings.upstream.model!r}: "
+                  f"{exc}")
+    if name == "upstream":
+        if not settings.upstream.url:
+            _fail("--oracle upstream needs [upstream] url; or use --oracle engine")
+        from cachesvc.auditing import UpstreamOracle
+
+        return UpstreamOracle(settings.upstream.url, api_key=settings.upstream.api_key)
+    _fail(f"--oracle: {name!r} cannot recompute; use engine or upstream")
+    raise AssertionError  # unreachable
 
 
 def _material_secret(settings: Any) -> bytes | None:
@@ -117,7 +162,8 @@ def _material_secret(settings: Any) -> bytes | None:
     return data if len(data) >= 32 else None
 
 
-async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> Any:
+async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
+                oracle: Any = None) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cachesvc.auditing import canaries_of, registry_snapshot, scan_items
@@ -129,11 +175,10 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool) -> 
     if registry is None:
         typer.echo("warning: no model registry reachable; epoch and version checks against the "
                    "registry are skipped", err=True)
-    secret = _material_secret(settings)
     recorder = Recorder(journal)
-    kwargs: dict[str, Any] = {"secret": secret} if secret else {}
     scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
-                      check_registry=registry is not None, **kwargs)
+                      check_registry=registry is not None, secret=_material_secret(settings),
+                      oracle=oracle)
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
