@@ -11,6 +11,10 @@ Two store paths are measured for 1 KB and 64 KB entries:
 
 Ratios are store over raw: latency ratios above 1 and ops ratios below 1 are overhead. The
 goal is under 15% (``p50_ratio_1k`` < 1.15). ``--json`` prints one JSON object.
+
+It also prints what keeping the key material in each entry (``[cache] store_material``, the
+default) costs: encoded bytes and encode+decode time per entry, with and without it, for the
+small, typical and large requests of ``bench/keying.py`` and a 1 KB answer.
 """
 
 from __future__ import annotations
@@ -50,6 +54,61 @@ def make_entry(size: int) -> Entry:
                                "message": {"role": "assistant", "content": text}}],
                   "usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46}},
     )
+
+
+def _words(n_bytes: int, seed: int = 0) -> str:
+    """Text of random words from a 2000-word vocabulary: compresses about like prose (the
+    keying bench's requests repeat one sentence and would flatter compression)."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    out: list[str] = []
+    size = 0
+    while size < n_bytes:
+        w = rng.choice(vocab)
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)
+
+
+def material_cost(repeat: int = 2000) -> dict[str, dict[str, float]]:
+    """Per entry (1 KB answer), without and with its key material: stored bytes, the fill's
+    encode time and the hit's decode time (the hit leaves compressed material packed)."""
+    import importlib.util
+    from dataclasses import replace
+
+    from keying import KeyParams, build_key
+
+    spec = importlib.util.spec_from_file_location("bench_keying", os.path.join(_HERE, "keying.py"))
+    assert spec is not None and spec.loader is not None
+    bench_keying = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_keying)
+    bodies = dict(bench_keying.requests())
+    for kb in (4, 30):
+        bodies[f"prose-{kb}k"] = {"model": "m", "temperature": 0, "messages": [
+            {"role": "system", "content": "Answer from the documents."},
+            {"role": "user", "content": _words(kb * 1024, seed=kb)}]}
+    out = {}
+    for name, body in bodies.items():
+        key = build_key(body, KeyParams(scope=SCOPE, epoch=1))
+        bare = make_entry(1024)
+        row: dict[str, float] = {"material_bytes": len(key.material)}
+        for label, entry in (("without", bare), ("with", replace(bare, material=key.material))):
+            blob = encode_entry(entry)
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                encode_entry(entry)
+            t1 = time.perf_counter()
+            for _ in range(repeat):
+                decode_entry(blob, material=False)
+            t2 = time.perf_counter()
+            row[f"{label}_bytes"] = len(blob)
+            row[f"{label}_fill_us"] = (t1 - t0) / repeat * 1e6
+            row[f"{label}_hit_us"] = (t2 - t1) / repeat * 1e6
+        out[name] = row
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -171,7 +230,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.kill()
-    out: dict[str, Any] = {}
+    material = material_cost()
+    out: dict[str, Any] = {"material": material}
     for label, res in results.items():
         for path, key in (("store", ""), ("store+envelope", "_envelope")):
             r = ratios(res, path)
@@ -197,7 +257,10 @@ def main() -> None:
                 line += f"   {r['p50']:.3f} / {r['p99']:.3f} / {r['ops']:.3f}"
             print(line)
     print("\ngoal: store adds under 15% over raw redis-py (p50 ratio < 1.15, ops ratio > 0.87)")
-
-
-if __name__ == "__main__":
-    main()
+    print("\nkey material kept in entries (1 KB answer): stored bytes, fill encode, hit decode")
+    print(f"{'request':<11}{'material':>10}{'entry':>9}{'+material':>11}"
+          f"{'fill':>8}{'+material':>11}{'hit':>8}{'+material':>11}")
+    for name, r in material.items():
+        print(f"{name:<11}{r['material_bytes']:>9.0f}B{r['without_bytes']:>8.0f}B"
+              f"{r['with_bytes']:>10.0f}B{r['without_fill_us']:>6.1f}us{r['with_fill_us']:>9.1f}us"
+              f"{r['without_hit_us']:>6.1f}us{r['with_hit_us']:>9.1f}us")

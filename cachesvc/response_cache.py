@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import structlog
@@ -237,7 +237,7 @@ class ResponseCache:
         entry = self._entries.get(raw)
         if entry is None:
             try:
-                entry = decode_entry(raw)
+                entry = decode_entry(raw, material=False)  # the hit never reads it
             except EntryDecodeError as exc:
                 return self._reject("corrupt",
                                     f"entry could not be decoded ({type(exc).__name__})", raw,
@@ -310,6 +310,10 @@ class ResponseCache:
             metrics.FILL_SKIPS.labels("unencodable").inc()
             log.warning("fill_skipped", reason="unencodable", error=str(exc)[:200])
             return "unencodable"
+        if len(raw) > self.max_entry_bytes and entry.material is not None:
+            # The material is for the audit; it must never cost the entry its place.
+            entry = replace(entry, material=None)
+            raw = encode_entry(entry)
         if len(raw) > self.max_entry_bytes:
             metrics.FILL_SKIPS.labels("too_large").inc()
             log.info("fill_skipped", reason="too_large", bytes=len(raw))

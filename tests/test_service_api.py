@@ -548,3 +548,17 @@ class TestStoredMaterial:
             assert post(c, chat("no material")).headers["x-cache"] == "HIT"
         (entry,) = self._entries(store)
         assert entry.material is None
+
+    def test_material_never_costs_an_entry_its_place(self, tmp_path):
+        """An answer that fits limits.max_entry_bytes only without its request's material is
+        stored without it, not refused."""
+        store = EmbeddedStore()
+        prompt = "".join(f"{i:x}" for i in range(40_000))  # ~150 KB, compresses poorly
+        settings = make_settings(tmp_path, limits={"max_entry_bytes": 20_000,
+                                                   "max_request_bytes": 400_000})
+        with TestClient(create_app(settings, upstream=EchoUpstream(), store=store)) as c:
+            post(c, chat(prompt, max_tokens=5))
+            assert post(c, chat(prompt, max_tokens=5)).headers["x-cache"] == "HIT"
+            post(c, chat("short", max_tokens=5))
+        entries = self._entries(store)
+        assert sorted(e.material is None for e in entries) == [False, True]

@@ -3,6 +3,8 @@ specific error instead of returning them."""
 
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import replace
 
 import msgpack
@@ -68,6 +70,34 @@ class TestEnvelopeRoundTrip:
         assert decode_entry(raw).material is None
         with_material = encode_entry(replace(entry, material=b"\x97material"))
         assert msgpack.unpackb(with_material[HEADER_SIZE:], raw=False)["k"] == b"\x97material"
+
+    def test_long_material_is_stored_compressed_and_read_back_whole(self) -> None:
+        material = b"\x97" + b"You are a support agent. Where is my parcel? " * 200
+        entry = replace(make_entry(), material=material)
+        raw = encode_entry(entry)
+        payload = msgpack.unpackb(raw[HEADER_SIZE:], raw=False)
+        assert "k" not in payload and len(payload["kz"]) < len(material) // 5
+        assert decode_entry(raw) == entry
+        # The hit path leaves it packed: everything else is the same entry.
+        assert decode_entry(raw, material=False) == replace(entry, material=None)
+
+    def test_material_that_does_not_compress_is_stored_as_is(self) -> None:
+        material = random.Random(1).randbytes(2048)
+        payload = msgpack.unpackb(encode_entry(replace(make_entry(), material=material))[HEADER_SIZE:],
+                                  raw=False)
+        assert payload["k"] == material and "kz" not in payload
+
+    @pytest.mark.parametrize("packed", [b"not zlib", zlib.compress(b"x" * 100)[:-3], 7])
+    def test_compressed_material_that_does_not_inflate_is_corrupt(self, packed: object) -> None:
+        """Behind a valid checksum (a writer's bug, not damage): refused, never half-read."""
+        good = msgpack.unpackb(encode_entry(make_entry())[HEADER_SIZE:], raw=False)
+        payload = msgpack.packb({**good, "kz": packed}, use_bin_type=True)
+        h = xxhash.xxh3_64(MAGIC)
+        h.update(b"\x01")
+        h.update(payload)
+        raw = MAGIC + b"\x01" + h.intdigest().to_bytes(8, "big") + payload
+        with pytest.raises(CorruptEntryError):
+            decode_entry(raw)
 
 
 class TestEnvelopeRefusesBadBytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,10 @@ _HEADER = struct.Struct(">4sBQ")
 HEADER_SIZE = _HEADER.size  # 13
 DIGEST_SIZE = 16
 MATERIAL_DIGEST_SIZE = 32
+#: Key material this long or longer is stored compressed when that is smaller.
+_COMPRESS_FROM = 1024
+#: Bound on decompressed key material (a request is at most [limits] max_request_bytes).
+MAX_MATERIAL_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,14 +178,21 @@ def encode_entry(entry: Entry) -> bytes:
     }
     if entry.material is not None:
         # NOTE: optional, so entries without it are byte-identical to earlier ones and every
-        # reader of format version 1 reads both (unknown map keys are ignored).
-        fields["k"] = entry.material
+        # reader of format version 1 reads both (unknown map keys are ignored). Material is
+        # mostly prompt text: past 1 KB it is stored zlib-compressed when that is smaller.
+        m = entry.material
+        packed = zlib.compress(m, 1) if len(m) >= _COMPRESS_FROM else m
+        if len(packed) < len(m):
+            fields["kz"] = packed
+        else:
+            fields["k"] = m
     payload = msgpack.packb(fields, use_bin_type=True)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, _checksum(FORMAT_VERSION, payload)) + payload
 
 
-def decode_entry(raw: bytes) -> Entry:
-    """Parse and verify an envelope.
+def decode_entry(raw: bytes, *, material: bool = True) -> Entry:
+    """Parse and verify an envelope. ``material=False`` leaves a compressed key material
+    unexpanded (``Entry.material`` is None): the hit path never reads it.
 
     Raises :class:`ForeignEntryError` (not ours), :class:`UnsupportedVersionError` (ours, another
     format version) or :class:`CorruptEntryError` (truncated, checksum, schema). Never returns a
@@ -208,10 +220,23 @@ def decode_entry(raw: bytes) -> Entry:
         obj = msgpack.unpackb(payload, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise CorruptEntryError(f"payload is not valid msgpack: {exc}") from exc
-    return _from_payload(obj)
+    return _from_payload(obj, material)
 
 
-def _from_payload(obj: Any) -> Entry:
+def _inflate(packed: Any) -> bytes:
+    if not isinstance(packed, bytes):
+        raise CorruptEntryError("payload does not have the entry schema: kz is not bytes")
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(packed, MAX_MATERIAL_BYTES)
+    except zlib.error as exc:
+        raise CorruptEntryError(f"key material does not decompress: {exc}") from exc
+    if d.unconsumed_tail or not d.eof:
+        raise CorruptEntryError(f"key material is truncated or over {MAX_MATERIAL_BYTES} bytes")
+    return out
+
+
+def _from_payload(obj: Any, with_material: bool = True) -> Entry:
     if not isinstance(obj, dict):
         raise CorruptEntryError("payload is not a map")
     try:
@@ -229,7 +254,8 @@ def _from_payload(obj: Any) -> Entry:
             adapter=obj["a"],
             response=obj["r"],
             stream=obj["st"],
-            material=obj.get("k"),
+            material=(_inflate(obj["kz"]) if with_material else None) if "kz" in obj
+            else obj.get("k"),
         )
     except (KeyError, TypeError, ValueError, InvalidEntryError, InvalidRequestError) as exc:
         raise CorruptEntryError(f"payload does not have the entry schema: {exc}") from exc
