@@ -264,3 +264,7 @@ def main() -> None:
         print(f"{name:<11}{r['material_bytes']:>9.0f}B{r['without_bytes']:>8.0f}B"
               f"{r['with_bytes']:>10.0f}B{r['without_fill_us']:>6.1f}us{r['with_fill_us']:>9.1f}us"
               f"{r['without_hit_us']:>6.1f}us{r['with_hit_us']:>9.1f}us")
+
+
+if __name__ == "__main__":
+    main()
