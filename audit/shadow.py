@@ -156,6 +156,7 @@ class ShadowAuditor(Generic[T]):
         self.skipped = 0
         self.enqueued = 0
         self.dropped = 0
+        self.abandoned = 0
         self.checked = 0
         self.failed = 0
         self.findings = 0
@@ -175,17 +176,32 @@ class ShadowAuditor(Generic[T]):
         """
         try:
             kind = self._event_kind(item)
-            rate = 1.0 if force else (
-                self.config.sample_rate if kind == "hit" else self.config.fill_sample_rate)
-            self.offered += 1
-            if rate <= 0 or self._stopping or (rate < 1 and self._random() >= rate):
-                self.skipped += 1
-                # NOTE: the skipped metric is updated in batches: a counter increment costs
-                # about as much as the rest of this method, and most events are skipped.
-                self._skip_batch[kind] = n = self._skip_batch.get(kind, 0) + 1
-                if n >= _SKIP_BATCH:
-                    self._flush_skipped()
-                return False
+        except Exception:  # pragma: no cover - defensive: the request path must never see us
+            log.exception("audit.shadow.offer_failed")
+            return False
+        return self.draw(kind, force=force) and self.enqueue(item, kind)
+
+    def draw(self, kind: EventKind, *, force: bool = False) -> bool:
+        """The sampling decision alone, for callers that build the event only for a sample:
+        True means "build it and :meth:`enqueue` it" (or :meth:`abandon` it if that fails).
+        Counted as offered, and as skipped when not drawn."""
+        self.offered += 1
+        rate = 1.0 if force else (
+            self.config.sample_rate if kind == "hit" else self.config.fill_sample_rate)
+        if rate <= 0 or self._stopping or (rate < 1 and self._random() >= rate):
+            self.skipped += 1
+            # NOTE: the skipped metric is updated in batches: a counter increment costs
+            # about as much as the rest of this method, and most events are skipped.
+            self._skip_batch[kind] = n = self._skip_batch.get(kind, 0) + 1
+            if n >= _SKIP_BATCH:
+                self._flush_skipped()
+            return False
+        return True
+
+    def enqueue(self, item: T, kind: EventKind | None = None) -> bool:
+        """Queue a drawn sample without waiting; a full queue drops it (counted)."""
+        try:
+            kind = kind or self._event_kind(item)
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
@@ -198,7 +214,12 @@ class ShadowAuditor(Generic[T]):
             return True
         except Exception:  # pragma: no cover - defensive: the request path must never see us
             log.exception("audit.shadow.offer_failed")
+            self.abandon()
             return False
+
+    def abandon(self) -> None:
+        """A drawn sample that never reached :meth:`enqueue` (building it failed)."""
+        self.abandoned += 1
 
     def _flush_skipped(self) -> None:
         for kind, n in list(self._skip_batch.items()):
@@ -385,8 +406,8 @@ class ShadowAuditor(Generic[T]):
     def check_valid(self) -> None:
         """Counters add up and the queue is within its bound."""
         assert self._queue.qsize() <= self.config.queue_size
-        assert self.offered == self.skipped + self.enqueued + self.dropped, (
-            self.offered, self.skipped, self.enqueued, self.dropped)
+        assert self.offered == self.skipped + self.enqueued + self.dropped + self.abandoned, (
+            self.offered, self.skipped, self.enqueued, self.dropped, self.abandoned)
         assert self.checked + self.failed <= self.enqueued
         assert self.findings >= 0
 

@@ -142,7 +142,12 @@ class ShadowObserver:
         self.auditor = auditor
 
     def observe(self, event: CacheEvent) -> None:
-        self.auditor.offer(event)
+        """An event that :meth:`wants` drew as a sample: queue it (never blocks)."""
+        self.auditor.enqueue(event, event.kind)
+
+    def abandon(self, kind: str) -> None:
+        """A drawn sample whose event could not be built."""
+        self.auditor.abandon()
 
     def rejected(self, event: CacheEvent) -> None:
         """An entry the service's own verification refused (it answered a miss): always checked,
@@ -151,9 +156,9 @@ class ShadowObserver:
         self.auditor.offer(event, force=True)
 
     def wants(self, kind: str) -> bool:
-        """Whether any event of ``kind`` could be sampled (lets a caller skip building it)."""
-        c = self.auditor.config
-        return (c.sample_rate if kind == "hit" else c.fill_sample_rate) > 0
+        """The sampling draw for one event of ``kind``: True when it is a sample, so the
+        service builds the event (and calls :meth:`observe`) only for the ones checked."""
+        return self.auditor.draw(kind)  # type: ignore[arg-type]
 
 
 # -- registry -------------------------------------------------------------------------------

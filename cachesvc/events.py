@@ -58,6 +58,12 @@ class CacheEvent:
 
 @runtime_checkable
 class CacheObserver(Protocol):
-    """Receives every hit and fill. Must not block and must not raise."""
+    """Receives every hit and fill. Must not block and must not raise.
+
+    Optionally ``wants(kind) -> bool``, asked first for each event: False and the event is not
+    even built for this observer (a sampling observer makes its draw there, so the request
+    path pays for the event only on a sample); and ``abandon(kind)``, told when an event it
+    wanted could not be built.
+    """
 
     def observe(self, event: CacheEvent) -> None: ...

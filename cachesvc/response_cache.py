@@ -331,7 +331,11 @@ class ResponseCache:
 
     def notify(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None,
                payload: Payload, *, source: str = "", served_stream: bool | None = None) -> None:
-        """Tell every observer; never raises, never blocks beyond the observers' own enqueue."""
+        """Tell every observer; never raises, never blocks beyond the observers' own enqueue.
+
+        An observer with ``wants(kind)`` decides first (a sampling observer draws there), so
+        the event is built only when someone will take it; one with ``abandon(kind)`` is told
+        when building it failed after it said yes."""
         observers = [o for o in self.observers
                      if not callable(getattr(o, "wants", None)) or o.wants(kind)]
         if not observers:
@@ -348,6 +352,10 @@ class ResponseCache:
         except Exception:  # noqa: BLE001
             metrics.OBSERVER_ERRORS.inc()
             log.exception("observer_event_failed")
+            for o in observers:
+                abandon = getattr(o, "abandon", None)
+                if callable(abandon):
+                    abandon(kind)
             return
         _deliver(observers, "observe", event)
 

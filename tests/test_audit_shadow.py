@@ -66,11 +66,22 @@ class TestSampling:
         assert a.skipped == 1000
 
     def test_the_service_can_use_the_observer_as_a_cache_observer(self, tmp_path):
-        obs = ShadowObserver(auditor(tmp_path, sample_rate=1.0))
+        """``wants`` is the draw (the service builds events only for samples), ``observe``
+        queues what was drawn, ``abandon`` accounts for an event that could not be built."""
+        obs = ShadowObserver(auditor(tmp_path, sample_rate=1.0, fill_sample_rate=0.0))
         assert isinstance(obs, CacheObserver)
+        assert obs.wants("hit") and not obs.wants("fill")
         obs.observe(clean_event())
-        assert obs.auditor.enqueued == 1
-        assert obs.wants("hit") and obs.wants("fill")
+        assert obs.wants("hit")
+        obs.abandon("hit")
+        a = obs.auditor
+        assert (a.offered, a.enqueued, a.skipped, a.abandoned) == (3, 1, 1, 1)
+        a.check_valid()
+
+    def test_the_draw_samples_at_the_rate_without_an_event(self, tmp_path):
+        obs = ShadowObserver(auditor(tmp_path, sample_rate=0.1))
+        drawn = sum(obs.wants("hit") for _ in range(10_000))
+        assert 880 <= drawn <= 1120  # Binomial(10000, 0.1), four sds either way
 
 
 class TestBoundedQueue:
@@ -266,7 +277,7 @@ class TestRejectedEntries:
         forged = w.plant_faults(10)[0]  # another scope's entry under acme's key
         event = dataclasses.replace(w.hit_event(forged.tenant, forged.index, forged.raw),
                                     response=None)
-        obs.observe(event)  # a sampled hit at rate 0: skipped
+        assert not obs.wants("hit")  # a hit at rate 0 is never drawn, so never observed
         obs.rejected(event)  # a refusal: never skipped
         assert a.enqueued == 1
         a.run_once()
