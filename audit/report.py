@@ -98,6 +98,8 @@ def _markdown(r: Mapping[str, Any]) -> str:
             f"{scan.get('reclaimable', 0)} reclaimable (old epochs), "
             f"nodes: {scan.get('entries_by_node', {})}."
         )
+        out.append("")
+        out.append(_scan_coverage(scan))
     else:
         out.append("No scan recorded. Run `cachesvc audit scan`.")
     timing = r.get("timing")
@@ -214,6 +216,7 @@ def _html(r: Mapping[str, Any]) -> str:
             f"<td class=n>{scan.get('findings', 0)}</td><td class=n>{scan.get('unreadable', 0)}</td>"
             f"<td class=n>{scan.get('reclaimable', 0)}</td><td class=n>{scan.get('material_checked', 0)}</td>"
             f"<td>{e(json.dumps(scan.get('entries_by_node', {})))}</td></tr></table>"
+            f"<p>{e(_scan_coverage(scan))}</p>"
         )
     else:
         parts.append("<p class=muted>No scan recorded. Run <code>cachesvc audit scan</code>.</p>")
@@ -261,3 +264,18 @@ def _html(r: Mapping[str, Any]) -> str:
         parts.append("<p>No findings.</p>")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _scan_coverage(scan: Mapping[str, Any]) -> str:
+    """What the scan could and could not check, in one sentence (a reviewer reads the gaps)."""
+    readable = scan.get("entries", 0) - scan.get("unreadable", 0)
+    material = scan.get("material_checked", 0)
+    parts = [f"Key material carried by {material} of {readable} readable entries"]
+    if material and not scan.get("material_digest_checked", True):
+        parts.append("keyed material digests not recomputed (the service's secret was not known)")
+    recomputed = scan.get("recomputed") or {}
+    if recomputed:
+        parts.append(f"answers recomputed: {dict(sorted(recomputed.items()))}")
+    else:
+        parts.append("answers not recomputed (run the scan with --recompute)")
+    return "; ".join(parts) + "."

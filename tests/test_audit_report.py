@@ -60,6 +60,17 @@ class TestReport:
         assert "<svg" in text and text.count("<path") == 2
         assert not re.search(r"<(script|link)\b|src=|https?://(?!x\b)", text.replace("http://www.w3.org/2000/svg", ""))
 
+    def test_the_scan_section_says_what_the_scan_could_not_check(self):
+        scan = {"started_at": 1.0, "entries": 10, "unreadable": 1, "findings": 0,
+                "material_checked": 6, "material_digest_checked": False, "recomputed": {}}
+        for fmt in ("md", "html"):
+            text = render(report(scan=scan), fmt)
+            assert "Key material carried by 6 of 9 readable entries" in text
+            assert "secret was not known" in text and "--recompute" in text
+        scan.update(material_digest_checked=True, recomputed={"pass": 5, "finding": 1})
+        text = render(report(scan=scan), "md")
+        assert "secret" not in text and "answers recomputed: {'finding': 1, 'pass': 5}" in text
+
     def test_html_escapes_what_it_shows(self):
         f = finding(1)
         f = type(f)(**{**{s: getattr(f, s) for s in f.__slots__}, "summary": "<b>x</b>"})
