@@ -127,6 +127,32 @@ class TestWorker:
         assert len([f for f in FileJournal(tmp_path / "f.jsonl").findings()
                     if f.kind == "cross_scope"]) == 20
 
+    def test_the_worker_checks_samples_in_batches(self, tmp_path):
+        """It waits batch_wait_s after a sample arrives, then checks all that are queued in
+        one go (fewer thread switches against the event loop)."""
+        seen_at = []
+
+        def convert(ev):
+            seen_at.append(time.monotonic())
+            return sample_from_event(ev)
+
+        a = auditor(tmp_path, sample_rate=1.0, queue_size=100, batch_wait_s=0.3,
+                    convert=convert)
+        a.start()
+        t0 = time.monotonic()
+        for i in range(5):
+            a.offer(clean_event(i))
+        assert a.checked == 0  # the worker is still gathering
+        a.drain(timeout=10)
+        a.stop()
+        assert a.checked == 5
+        assert min(seen_at) - t0 >= 0.25
+        assert max(seen_at) - min(seen_at) < 0.25  # back to back, one batch
+
+    def test_a_batch_wait_outside_its_range_is_refused(self):
+        with pytest.raises(AuditConfigError, match="audit.batch_wait_s"):
+            ShadowConfig(batch_wait_s=-1)
+
     def test_a_sample_that_fails_to_convert_is_counted_not_raised(self, tmp_path):
         def broken(ev):
             raise RuntimeError("boom")
