@@ -113,6 +113,8 @@ class AuditSettings(_Section):
         default=None, description="Findings file for the embedded store; default <state_dir>/."
     )
     oracle: Literal["engine", "upstream", "none"] = "engine"
+    #: Share of one core's time the recompute may take (it costs about twice that in throughput).
+    recompute_budget: float = Field(default=0.01, gt=0, le=1)
 
 
 class LimitSettings(_Section):
