@@ -95,7 +95,7 @@ class ShadowConfig:
     #: service about twice its share in throughput (the forward pass's threads and the GIL):
     #: measured 4.7% at 0.02, so the default keeps 1% sampling under 3% in all.
     recompute_budget: float = 0.01
-    #: Seconds of recompute allowed at once before the budget applies (a start-up burst).
+    #: Most seconds of recompute that can be banked and spent at once (the bucket's size).
     recompute_burst_s: float = 2.0
     #: The worker sleeps this long after a sample arrives and then checks all that are queued,
     #: trading a little delay in findings for far fewer thread switches on the request path.
@@ -158,7 +158,7 @@ class ShadowAuditor(Generic[T]):
         self._first_seen: dict[tuple[str, int], float] = {}
         self._timer = timer
         self._budget_since = timer()
-        self._recompute_spent = 0.0
+        self._recompute_credit = config.recompute_burst_s
         self.recompute_skipped = 0
         # Counters (read by check_valid and the benchmark); the hot path touches two of them.
         self.offered = 0
@@ -401,15 +401,20 @@ class ShadowAuditor(Generic[T]):
         c = self.config
         now = self._timer()
         if c.recompute_budget < 1:
-            allowed = c.recompute_budget * (now - self._budget_since) + c.recompute_burst_s
-            if self._recompute_spent > allowed:
+            # A token bucket of recompute seconds: it fills at recompute_budget per second and
+            # holds at most recompute_burst_s, so idle time never banks more than one burst.
+            self._recompute_credit = min(
+                c.recompute_burst_s,
+                self._recompute_credit + c.recompute_budget * (now - self._budget_since))
+            self._budget_since = now
+            if self._recompute_credit <= 0:
                 self.recompute_skipped += 1
                 _check_counter("recompute", "skipped_budget").inc()
                 return None
         try:
             return self._recompute(sample, cached)
         finally:
-            self._recompute_spent += self._timer() - now
+            self._recompute_credit -= self._timer() - now
 
     def _recompute(self, sample: Sample, cached: Answer) -> Draft | None:
         assert self._oracle is not None

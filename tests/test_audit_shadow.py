@@ -208,6 +208,31 @@ class TestRecomputeBudget:
         kinds = [f.kind for f in FileJournal(tmp_path / "f.jsonl").findings()]
         assert kinds.count("canary") == 10 and kinds.count("mismatch") == 3
 
+    def test_idle_time_banks_no_more_than_one_burst(self, tmp_path):
+        """After an hour without samples the recompute may spend its burst, not an hour's
+        worth of budget at once."""
+        t = [0.0]
+
+        class SlowOracle(w.DeterministicOracle):
+            def complete(self, request, kind, *, tenant):
+                t[0] += 0.5
+                return super().complete(request, kind, tenant=tenant)
+
+        oracle = SlowOracle()
+        a = ShadowAuditor(recorder=Recorder(FileJournal(tmp_path / "f.jsonl", fsync=False)),
+                          convert=sample_from_event,
+                          config=ShadowConfig(sample_rate=1.0, recompute_budget=0.01,
+                                              recompute_burst_s=1.0),
+                          oracle=oracle, rng=random.Random(0), clock=lambda: w.NOW,
+                          timer=lambda: t[0])
+        t[0] = 3600.0  # an hour idle: 36 s of budget at 1%, but the bucket holds 1 s
+        for i in range(10):
+            a.offer(clean_event(i))
+            a.run_once()
+        # 1 s of credit: two 0.5 s recomputes empty it, the refill during the second (0.005 s)
+        # lets a third start and overdraw; then nothing for 50 s. Without the cap: all ten.
+        assert oracle.calls == 3 and a.recompute_skipped == 7
+
     def test_a_budget_outside_zero_to_one_is_refused(self):
         with pytest.raises(AuditConfigError, match="audit.recompute_budget"):
             ShadowConfig(recompute_budget=0)
