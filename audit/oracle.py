@@ -43,8 +43,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from keying import KeyResult
-
 from audit.answer import Answer
 from audit.errors import AuditConfigError, OracleError
 from audit.finding import Draft
@@ -243,10 +241,3 @@ def recompute(
         return Recomputed(check=check, verdict="error", error=str(exc))
     verdict, draft, _ = judge_scored(cached_scores, fresh_scores, tolerance)
     return Recomputed(check=check, verdict=verdict, draft=draft)
-
-
-def is_deterministic(key: KeyResult) -> bool:
-    """Whether a request's answer is reproducible bit for bit (temperature 0, or a seed), as
-    the key builder's cacheability assessment says."""
-    reason = key.cacheability.reason
-    return reason.startswith("deterministic") or reason.startswith("seeded")

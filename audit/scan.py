@@ -24,7 +24,7 @@ from audit import metrics
 from audit.checks import check_stored, check_unreadable
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, EntryRef, Finding
-from audit.oracle import Oracle, Tolerance, is_deterministic, recompute
+from audit.oracle import Oracle, Tolerance, recompute
 from audit.recorder import Recorder
 
 log = structlog.get_logger("audit.scan")
@@ -160,7 +160,7 @@ class Scanner:
         # it) and is what an upstream accepts; unkeyed fields cannot change the answer.
         request = decode_material(item.material).body(minimal=True)
         out = recompute(self.oracle, request, kind, item.answer,
-                        deterministic=is_deterministic(key),
+                        deterministic=key.cacheability.reproducible,
                         tenant=key.scope.tenant or "public", tolerance=self.tolerance)
         if out.verdict == "error":
             log.warning("audit.scan.oracle_failed", storage_key=item.storage_key, error=out.error)

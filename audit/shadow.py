@@ -38,7 +38,7 @@ from audit.checks import check_canaries, check_served, check_unreadable
 from audit.errors import AuditConfigError, OracleError
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, EntryRef, Finding
-from audit.oracle import Oracle, Tolerance, is_deterministic, recompute
+from audit.oracle import Oracle, Tolerance, recompute
 from audit.recorder import Recorder
 
 log = structlog.get_logger("audit.shadow")
@@ -423,7 +423,7 @@ class ShadowAuditor(Generic[T]):
             _check_counter("recompute", "undecided").inc()
             return None
         out = recompute(self._oracle, sample.request, kind, cached,
-                        deterministic=is_deterministic(sample.key), tenant=sample.tenant,
+                        deterministic=sample.key.cacheability.reproducible, tenant=sample.tenant,
                         tolerance=self.config.tolerance)
         if out.verdict == "error":
             log.warning("audit.shadow.oracle_failed", error=out.error)

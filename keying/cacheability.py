@@ -9,17 +9,22 @@ from keying.canonical import CanonicalRequest
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Cacheability:
-    """``cacheable`` with the reason; a non-cacheable request bypasses the cache."""
+    """``cacheable`` with the reason; a non-cacheable request bypasses the cache.
+
+    ``reproducible``: the answer is a function of the request (greedy, or seeded), so a
+    recompute must match it exactly; an opted-in sampled request is cacheable but not this.
+    """
 
     cacheable: bool
     reason: str
+    reproducible: bool = False
 
 
 #: Fields whose presence means the output depends on the live world, not on the request alone.
 LIVE_DATA_FIELDS = ("web_search_options",)
 
 
-_GREEDY = Cacheability(cacheable=True, reason="deterministic: temperature=0")
+_GREEDY = Cacheability(cacheable=True, reason="deterministic: temperature=0", reproducible=True)
 
 
 def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -> Cacheability:
@@ -37,7 +42,7 @@ def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -
     if reason is None:
         seed = request.keyed.get("seed")
         if seed is not None:
-            return Cacheability(cacheable=True, reason=f"seeded: seed={seed}")
+            return Cacheability(cacheable=True, reason=f"seeded: seed={seed}", reproducible=True)
         return _GREEDY
     if allow_nondeterministic:
         return Cacheability(cacheable=True, reason=f"opted in: {reason}")

@@ -178,6 +178,11 @@ class TestCacheability:
     def test_tenant_can_opt_in(self) -> None:
         r = build_key(chat(), KeyParams(scope=ACME, allow_nondeterministic=True))
         assert r.cacheability.cacheable and r.cacheability.reason.startswith("opted in")
+        assert not r.cacheability.reproducible  # cacheable, but a recompute may differ
+
+    def test_greedy_and_seeded_requests_are_reproducible(self) -> None:
+        for body in (chat(temperature=0), chat(temperature=0.7, seed=3)):
+            assert build_key(body, KeyParams(scope=ACME)).cacheability.reproducible, body
 
 
 class TestInvalidInput:
