@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from keying import InvalidMaterialError, decode_material, rebuild_key
+from keying import InvalidMaterialError, rebuild_key
 from keying.framing import DEFAULT_MATERIAL_SECRET
 
 from audit import metrics
@@ -149,7 +149,7 @@ class Scanner:
             # rightly, and no lookup reaches them.
             return "skipped_old_epoch", None
         try:
-            key = rebuild_key(item.material, secret=self.secret or DEFAULT_MATERIAL_SECRET)
+            key = rebuild_key(item.material)  # only its request is used: any secret will do
         except InvalidMaterialError as exc:
             log.info("audit.scan.not_rekeyable", storage_key=item.storage_key, error=str(exc))
             return "undecided", None
@@ -158,7 +158,7 @@ class Scanner:
             return "undecided", None
         # The minimal body keys the same as the stored material (a keying property test shows
         # it) and is what an upstream accepts; unkeyed fields cannot change the answer.
-        request = decode_material(item.material).body(minimal=True)
+        request = key.canonical.body(minimal=True)
         out = recompute(self.oracle, request, kind, item.answer,
                         deterministic=key.cacheability.reproducible,
                         tenant=key.scope.tenant or "public", tolerance=self.tolerance)

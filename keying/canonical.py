@@ -90,6 +90,22 @@ class CanonicalRequest(NamedTuple):
     def fields(self) -> dict[str, Any]:
         return {k: orjson.loads(v.data) if type(v) is ExtType else v for k, v in self.keyed.items()}
 
+    def body(self, *, minimal: bool = False) -> dict[str, Any]:
+        """The request as a body again: the model and the keyed fields, decoded. ``minimal``:
+        without the fields that hold their canonical default, which keys exactly the same (an
+        absent field is its default) and is what an upstream expects (no ``tool_choice``
+        without tools, no explicit nulls for options it may not know)."""
+        defaults = _DEFAULTS_OF.get(self.kind, {}) if minimal else {}
+        out: dict[str, Any] = {"model": self.model}
+        for name, v in self.keyed.items():
+            d = defaults.get(name, _NO_DEFAULT)
+            if type(v) is type(d) and v == d:  # canonical values: equal means same encoding
+                continue
+            out[name] = orjson.loads(v.data) if type(v) is ExtType else v
+        if minimal and out.get("tool_choice") == "none" and "tools" not in out:
+            del out["tool_choice"]  # derived: no tools means "none"
+        return out
+
 
 class _Invalid(Exception):
     """The fast path met something it does not handle; the checked path says what it is."""
@@ -546,28 +562,11 @@ def _defaults(specs: dict[str, _Spec]) -> dict[str, Any]:
 # Canonical defaults in key order, computed once; every value is immutable (scalars, ExtType).
 _CHAT_DEFAULTS = _defaults(CHAT_FIELDS)
 _COMPLETION_DEFAULTS = _defaults(COMPLETION_FIELDS)
+_DEFAULTS_OF: dict[str, dict[str, Any]] = {"chat": _CHAT_DEFAULTS, "completion": _COMPLETION_DEFAULTS}
+_NO_DEFAULT = object()
 
 
 _DEFAULT_LIMITS = KeyLimits()
-
-
-def minimal_fields(kind: RequestKind, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Canonical ``fields`` (decoded, as :attr:`CanonicalRequest.fields`) without those that
-    hold their default: a body made of them keys exactly as the full one (an absent field is
-    its default), and it is what an upstream expects to be sent (no ``tool_choice`` without
-    tools, no explicit nulls for options it may not know)."""
-    defaults = _CHAT_DEFAULTS if kind == "chat" else _COMPLETION_DEFAULTS if kind == "completion" else {}
-    out = {}
-    for name, value in fields.items():
-        if name in defaults:
-            d = defaults[name]
-            if (orjson.loads(d.data) if type(d) is ExtType else d) == value and (
-                    type(value) is type(d) or type(d) is ExtType):
-                continue
-        out[name] = value
-    if kind == "chat" and out.get("tool_choice") == "none" and "tools" not in out:
-        del out["tool_choice"]  # derived: no tools means "none"
-    return out
 
 
 def detect_kind(body: Mapping[str, Any]) -> RequestKind:

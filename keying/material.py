@@ -17,7 +17,6 @@ from keying.canonical import (
     KeyLimits,
     RequestKind,
     canonicalize,
-    minimal_fields,
 )
 from keying.errors import InvalidMaterialError, InvalidRequestError, KeyingError
 from keying.framing import (
@@ -152,13 +151,12 @@ class MaterialParts(NamedTuple):
     kind: RequestKind
     fields: dict[str, Any]
 
-    def body(self, *, minimal: bool = False) -> dict[str, Any]:
+    def body(self) -> dict[str, Any]:
         """The request as a body that :func:`build_key` accepts: the model and the keyed fields
-        (canonical values). ``minimal``: without the fields that hold their default (it keys
-        the same; send this one to an upstream). Unkeyed fields (``stream``, ``user``, ...) are
-        not in the material: by definition they do not change the answer."""
-        fields = minimal_fields(self.kind, self.fields) if minimal else self.fields
-        return {"model": self.model, **fields}
+        (canonical values). Unkeyed fields (``stream``, ``user``, ...) are not in the material:
+        by definition they do not change the answer. ``rebuild_key(...).canonical.body(
+        minimal=True)`` leaves out the defaults."""
+        return {"model": self.model, **self.fields}
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
