@@ -86,6 +86,8 @@ class TestEnvelopeRoundTrip:
         payload = msgpack.unpackb(encode_entry(replace(make_entry(), material=material))[HEADER_SIZE:],
                                   raw=False)
         assert payload["k"] == material and "kz" not in payload
+        assert decode_entry(encode_entry(replace(make_entry(), material=material)),
+                            material=False).material is None
 
     @pytest.mark.parametrize("packed", [b"not zlib", zlib.compress(b"x" * 100)[:-3], 7])
     def test_compressed_material_that_does_not_inflate_is_corrupt(self, packed: object) -> None:

@@ -191,8 +191,8 @@ def encode_entry(entry: Entry) -> bytes:
 
 
 def decode_entry(raw: bytes, *, material: bool = True) -> Entry:
-    """Parse and verify an envelope. ``material=False`` leaves a compressed key material
-    unexpanded (``Entry.material`` is None): the hit path never reads it.
+    """Parse and verify an envelope. ``material=False`` leaves the key material out
+    (``Entry.material`` is None, nothing is decompressed): the hit path never reads it.
 
     Raises :class:`ForeignEntryError` (not ours), :class:`UnsupportedVersionError` (ours, another
     format version) or :class:`CorruptEntryError` (truncated, checksum, schema). Never returns a
@@ -254,8 +254,8 @@ def _from_payload(obj: Any, with_material: bool = True) -> Entry:
             adapter=obj["a"],
             response=obj["r"],
             stream=obj["st"],
-            material=(_inflate(obj["kz"]) if with_material else None) if "kz" in obj
-            else obj.get("k"),
+            material=None if not with_material
+            else _inflate(obj["kz"]) if "kz" in obj else obj.get("k"),
         )
     except (KeyError, TypeError, ValueError, InvalidEntryError, InvalidRequestError) as exc:
         raise CorruptEntryError(f"payload does not have the entry schema: {exc}") from exc
