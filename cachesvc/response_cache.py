@@ -33,28 +33,6 @@ log = structlog.get_logger()
 Status = Literal["hit", "miss", "bypass"]
 
 
-_PREFIXES: dict[tuple[Scope, str], str] = {}
-
-
-def fast_storage_key(*, scope: Scope, model: str, epoch: int, digest: bytes) -> str:
-    """``cachesvc.store.storage_key``, with the escaped scope+model prefix memoised.
-
-    NOTE: the prefix is cut from a key the store's own function built, so the layout stays the
-    store's; if that layout ever stops ending in ``:e<epoch>:<digest hex>`` this falls back to
-    the full function on every call.
-    """
-    prefix = _PREFIXES.get((scope, model))
-    if prefix is not None:
-        return f"{prefix}:e{epoch}:{digest.hex()}"
-    full = storage_key(scope=scope, model=model, epoch=epoch, digest=digest)
-    suffix = f":e{epoch}:{digest.hex()}"
-    if full.endswith(suffix):
-        if len(_PREFIXES) >= 65_536:
-            _PREFIXES.clear()
-        _PREFIXES[(scope, model)] = full[: -len(suffix)]
-    return full
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FillTarget:
     """Where a fill goes and the provenance it is stored with."""
@@ -72,7 +50,7 @@ class FillTarget:
 
     @property
     def storage_key(self) -> str:
-        return fast_storage_key(scope=self.scope, model=self.model, epoch=self.epoch,
+        return storage_key(scope=self.scope, model=self.model, epoch=self.epoch,
                                 digest=self.digest)
 
 
@@ -205,7 +183,7 @@ class ResponseCache:
         return Keyed(tenant=tenant, scope=scope, body=body, kind=kind, key=key, version=version,
                      epoch=epoch, stream=stream, include_usage=include_usage,
                      registry_ok=registry_ok,
-                     storage_key=fast_storage_key(scope=scope, model=key.model, epoch=epoch,
+                     storage_key=storage_key(scope=scope, model=key.model, epoch=epoch,
                                                   digest=bytes(key.digest)))
 
     async def lookup(self, keyed: Keyed, cc: CacheControl, *, route: str) -> LookupResult:

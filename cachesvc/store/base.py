@@ -21,6 +21,8 @@ cluster instead of filling one node.
 
 from __future__ import annotations
 
+import functools
+
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -64,11 +66,17 @@ def scope_component(scope: Scope) -> str:
 
 def storage_key(*, scope: Scope, model: str, epoch: int, digest: bytes) -> str:
     """The key under which an entry with this scope, model, epoch and digest is stored."""
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if type(epoch) is not int or epoch < 0:  # bool is not int by type
         raise ValueError(f"epoch: {epoch!r} is not a non-negative integer")
     if len(digest) != 16:
         raise ValueError("digest: must be the 16-byte KeyResult.digest")
-    return f"{PREFIX}{scope_component(scope)}:{escape_component(model)}:e{epoch}:{digest.hex()}"
+    return f"{_key_prefix(scope, model)}:e{epoch}:{digest.hex()}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_prefix(scope: Scope, model: str) -> str:
+    # Few (scope, model) pairs are live at a time; escaping them is most of a key's cost.
+    return f"{PREFIX}{scope_component(scope)}:{escape_component(model)}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
