@@ -181,15 +181,20 @@ def _fast_json(value: Any) -> bytes | None:
     return raw if b".0" not in raw and b"null" not in raw else None
 
 
-def canon_value(value: Any, path: str, depth: int = 0) -> Any:
+def canon_value(value: Any, path: str) -> Any:
     """Canonicalise any JSON value: sorted maps, folded numbers, validated types.
 
-    ``depth`` is where the value sits in the request; the nesting limit counts from the value
-    itself (``MAX_DEPTH`` containers), the same on every path.
+    The nesting limit counts from the value itself (``MAX_DEPTH`` containers), the same on
+    every path.
     """
     raw = _fast_json(value)
     if raw is not None:
         return orjson.loads(raw)
+    return _slow_canon(value, path)
+
+
+def _slow_canon(value: Any, path: str) -> Any:
+    """What :func:`canon_value` does when the one-pass C encoding cannot be taken as is."""
     try:
         return _fold(value, 0, MAX_DEPTH)
     except (_Invalid, TypeError):
@@ -207,7 +212,7 @@ def canon_json(value: Any, path: str) -> ExtType:
     raw = _fast_json(value)
     if raw is not None:
         return _json_ext(raw)
-    return _as_json(canon_value(value, path), path)
+    return _as_json(_slow_canon(value, path), path)
 
 
 def _as_json(value: Any, path: str) -> ExtType:
@@ -301,16 +306,12 @@ def _int_in(lo: int, hi: int | None, *, nullable: bool = False) -> Normaliser:
     return norm
 
 
-def _bool_default(default: bool) -> Normaliser:
-    def norm(v: Any, path: str) -> bool:
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise InvalidRequestError(path, f"expected a boolean, got {_tname(v)}",
-                                      "send true or false")
-        return v
-
-    return norm
+def _bool(v: Any, path: str) -> bool:
+    # An explicit null never gets here: canonicalize keeps the field's default for it.
+    if not isinstance(v, bool):
+        raise InvalidRequestError(path, f"expected a boolean, got {_tname(v)}",
+                                  "send true or false")
+    return v
 
 
 def _opt_str(v: Any, path: str) -> str | None:
@@ -322,7 +323,7 @@ def _opt_str(v: Any, path: str) -> str | None:
 def _any(v: Any, path: str) -> Any:
     if type(v) is dict or type(v) is list:
         return canon_json(v, path)
-    return canon_value(v, path, 1)
+    return canon_value(v, path)
 
 
 def _stop(v: Any, path: str) -> ExtType:
@@ -450,7 +451,7 @@ def _messages(v: Any, path: str) -> ExtType:
         if type(m) is not dict and not isinstance(m, Mapping):
             raise InvalidRequestError(f"{path}[{i}]", f"expected an object, got {_tname(m)}",
                                       "send each message as {role, content}")
-        m = canon_value(m, f"{path}[{i}]", 2)
+        m = canon_value(m, f"{path}[{i}]")
         role = m.get("role")
         if type(role) is not str or not role:
             raise InvalidRequestError(f"{path}[{i}].role", "missing or non-string role",
@@ -518,11 +519,11 @@ CHAT_FIELDS: dict[str, _Spec] = {
     "frequency_penalty": _Spec(0, _PENALTY),
     "presence_penalty": _Spec(0, _PENALTY),
     "logit_bias": _Spec(None, _logit_bias),
-    "logprobs": _Spec(False, _bool_default(False)),
+    "logprobs": _Spec(False, _bool),
     "top_logprobs": _Spec(None, _int_in(0, 20, nullable=True)),
     "tools": _Spec(None, _tools),
     "tool_choice": _Spec(None, _any),  # default depends on tools; filled in by canonicalize
-    "parallel_tool_calls": _Spec(True, _bool_default(True)),
+    "parallel_tool_calls": _Spec(True, _bool),
     "response_format": _Spec(None, _response_format),
     "reasoning_effort": _Spec(None, _opt_str),
     "service_tier": _Spec(None, _opt_str),
@@ -541,7 +542,7 @@ COMPLETION_FIELDS: dict[str, _Spec] = {
     "presence_penalty": _Spec(0, _PENALTY),
     "logit_bias": _Spec(None, _logit_bias),
     "logprobs": _Spec(None, _int_in(0, 5, nullable=True)),
-    "echo": _Spec(False, _bool_default(False)),
+    "echo": _Spec(False, _bool),
     "suffix": _Spec(None, _opt_str),
 }
 

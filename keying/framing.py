@@ -107,7 +107,4 @@ def hash_block_tokens(
     The inputs are framed like response key material, so a block hash cannot be confused with
     another tuple of inputs. ``hash_fn`` is injected (``xxh3_128`` in production).
     """
-    payload = msgpack.packb(
-        ["block/v1", parent, list(tokens), list(extra_keys)], use_bin_type=True
-    )
-    return BlockHash(hash_fn(payload))
+    return BlockHash(hash_fn(frame_presorted(["block/v1", parent, list(tokens), list(extra_keys)])))

@@ -182,8 +182,7 @@ def decode_material(material: bytes) -> MaterialParts:
     (_, scope, model, epoch, adapter, kind, request) = (p if i == 0 else p[1]
                                                        for i, p in enumerate(parts))
     try:
-        kind_s, tenant, user = scope
-        scope_v = Scope(kind=kind_s, tenant=tenant, user=user)
+        scope_v = Scope.from_material(scope)
     except (TypeError, ValueError, KeyingError) as exc:
         raise InvalidMaterialError(f"scope: {exc}") from exc
     if type(model) is not str or not model:

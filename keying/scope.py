@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from keying.errors import InvalidRequestError
 
@@ -73,3 +73,10 @@ class Scope:
     def as_material(self) -> list[str | None]:
         """The scope's fields, in a fixed order, for key material."""
         return [self.kind, self.tenant, self.user]
+
+    @classmethod
+    def from_material(cls, parts: Any) -> Scope:
+        """The scope :meth:`as_material` wrote. Raises ``ValueError`` (an
+        ``InvalidRequestError`` for a bad kind or id) or ``TypeError`` on anything else."""
+        kind, tenant, user = parts
+        return cls(kind=kind, tenant=tenant, user=user)

@@ -112,7 +112,7 @@ async def store(body: StoreRequest, services: ServicesDep, tenant: TenantDep) ->
         raise StaleEpochError(f"model {grant.model!r} moved from epoch {grant.epoch} to {epoch} "
                          "since the lookup", field="fill_token",
                          fix="look the request up again under the new model version")
-    scope = Scope(kind=grant.scope[0], tenant=grant.scope[1], user=grant.scope[2])  # type: ignore[arg-type]
+    scope = Scope.from_material(grant.scope)
     keyed = None
     if body.request is not None:
         keyed = await services.cache.key(tenant, body.request, _kind(body.request, None))

@@ -162,9 +162,8 @@ def _checksum(version: int, payload: bytes) -> int:
 
 def encode_entry(entry: Entry) -> bytes:
     """Serialise ``entry`` into an envelope."""
-    s = entry.scope
     fields: dict[str, Any] = {
-        "s": [s.kind, s.tenant, s.user],
+        "s": entry.scope.as_material(),
         "m": entry.model,
         "v": entry.model_version,
         "e": entry.epoch,
@@ -240,10 +239,8 @@ def _from_payload(obj: Any, with_material: bool = True) -> Entry:
     if not isinstance(obj, dict):
         raise CorruptEntryError("payload is not a map")
     try:
-        kind, tenant, user = obj["s"]
-        scope = Scope(kind=kind, tenant=tenant, user=user)
         return Entry(
-            scope=scope,
+            scope=Scope.from_material(obj["s"]),
             model=obj["m"],
             model_version=obj["v"],
             epoch=obj["e"],
