@@ -7,7 +7,6 @@ settings, the registry, oracles and the timing audit's HTTP prober.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -176,8 +175,10 @@ def _model_state(model: str, value: Any) -> ModelState | None:
 class LoopRegistryView:
     """A synchronous view of an asyncio registry, for the auditor's worker thread.
 
-    ``registry.current(model)`` (async, returning ``(version, epoch)`` or an object with
-    ``version`` and ``epoch``) runs on the service's event loop, where its clients live.
+    ``registry.current(model, fresh=True)`` (async, returning ``(version, epoch)`` or an object
+    with ``version`` and ``epoch``; ``cachesvc.models.ModelVersions``) runs on the service's
+    event loop, where its clients live. ``fresh``: read the registry itself, not the replica's
+    cached view: a replica that missed a rollout must not be judged by its own view.
     """
 
     def __init__(self, registry: Any, loop: asyncio.AbstractEventLoop, *, timeout: float = 2.0,
@@ -190,21 +191,14 @@ class LoopRegistryView:
         self._cache_s = cache_s
         self._clock = clock
         self._cached: dict[str, tuple[float, ModelState | None]] = {}
-        # NOTE: read the registry itself, not the replica's cached view, when the object offers
-        # it (``fresh=True``): a replica that missed a rollout must not be judged by its own view.
-        try:
-            self._fresh = "fresh" in inspect.signature(registry.current).parameters
-        except (TypeError, ValueError):
-            self._fresh = False
 
     def current(self, model: str) -> ModelState | None:
         now = self._clock()
         hit = self._cached.get(model)
         if hit is not None and now - hit[0] < self._cache_s:
             return hit[1]
-        coro = (self._registry.current(model, fresh=True) if self._fresh
-                else self._registry.current(model))
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._registry.current(model, fresh=True),
+                                               self._loop)
         state = _model_state(model, fut.result(self._timeout))
         self._cached[model] = (now, state)
         return state

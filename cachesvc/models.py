@@ -58,12 +58,19 @@ class ModelVersions:
             # A registry that is down at start-up must not stop the service: the view keeps
             # retrying in the background, and until then every request bypasses the cache.
             log.warning("registry_unavailable_at_start", error=str(exc)[:200])
-            import asyncio
-
-            view._task = asyncio.create_task(view._run(), name="epoch-view")  # noqa: SLF001
+            view.start_background()
         return cls(registry, view)
 
-    async def current(self, model: str) -> tuple[str, int]:
+    async def current(self, model: str, *, fresh: bool = False) -> tuple[str, int]:
+        """The model's version and epoch from this replica's view, or with ``fresh`` from one
+        registry read (the auditor must not judge a replica by the view it is checking). An
+        unregistered model is at epoch 0."""
+        if fresh:
+            try:
+                mv = await self.registry.get(model)
+            except InvalidationError as exc:
+                raise RegistryUnavailable(f"registry read failed: {exc}") from None
+            return (UNVERSIONED, 0) if mv is None else (mv.version, mv.epoch)
         try:
             mv = self.view.current(model)
         except UnknownModelError:
@@ -73,13 +80,12 @@ class ModelVersions:
         return mv.version, mv.epoch
 
     async def is_current(self, model: str, epoch: int) -> bool:
-        """Strict check of one entry's epoch: one registry read. An unregistered model's
-        entries are at epoch 0; an unreachable registry fails closed (a miss)."""
+        """Strict check of one entry's epoch: one registry read. An unreachable registry fails
+        closed (a miss)."""
         try:
-            mv = await self.registry.get(model)
-        except InvalidationError:
+            return epoch == (await self.current(model, fresh=True))[1]
+        except RegistryUnavailable:
             return False
-        return epoch == (0 if mv is None else mv.epoch)
 
     async def rollout(self, model: str, version: str) -> tuple[str, int]:
         try:

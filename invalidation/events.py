@@ -192,10 +192,6 @@ class EpochView:
         """The id of the last event consumed; persist it to catch up after a restart."""
         return self._cursor
 
-    @property
-    def confirmed_at(self) -> float | None:
-        return self._confirmed_at
-
     def fresh(self) -> bool:
         return (
             self._confirmed_at is not None

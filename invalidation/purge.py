@@ -62,16 +62,6 @@ class PurgeSelector:
                     f"before_epoch: {self.before_epoch!r} is not a non-negative integer"
                 )
 
-    def matches(self, *, model: str | None, epoch: int, tenant: str | None) -> bool:
-        """Exact test on an entry's decoded key components (after the SCAN prefilter)."""
-        if self.tenant is not None and tenant != self.tenant:
-            return False
-        if self.model is not None and model != self.model:
-            return False
-        if self.before_epoch is not None and epoch >= self.before_epoch:
-            return False
-        return True
-
     @property
     def job_id(self) -> str:
         """Stable id: running the same purge again resumes the interrupted one."""

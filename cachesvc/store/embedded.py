@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from cachesvc.store.base import (
-    ALL_ENTRIES_PATTERN,
     PREFIX,
     check_set_args,
     key_matches,
@@ -54,7 +53,6 @@ class EmbeddedStore:
         self._snapshots: dict[str, list[str]] = {}
         self._snapshot_ids = itertools.count(1)
         self.evictions = 0
-        self.expirations = 0
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -64,7 +62,6 @@ class EmbeddedStore:
             return None
         if item.expires_at is not None and self._clock() >= item.expires_at:
             self._remove(key)
-            self.expirations += 1
             return None
         self._items.move_to_end(key)
         return item.value
@@ -170,7 +167,6 @@ class EmbeddedStore:
                    if it.expires_at is not None and now >= it.expires_at]
         for key in expired:
             self._remove(key)
-        self.expirations += len(expired)
         return len(expired)
 
     def check_valid(self) -> None:
@@ -183,4 +179,4 @@ class EmbeddedStore:
             assert len(it.value) <= self.max_entry_bytes
 
 
-__all__ = ["ALL_ENTRIES_PATTERN", "EmbeddedStore"]
+__all__ = ["EmbeddedStore"]

@@ -107,10 +107,6 @@ class Entry:
                                           or not self.material):
             raise InvalidEntryError("material: must be non-empty bytes (KeyResult.material) or None")
 
-    @property
-    def expires_at(self) -> float | None:
-        return None if self.ttl is None else self.created_at + self.ttl
-
     def is_expired(self, now: float) -> bool:
         """True once wall-clock ``now`` is at or past ``created_at + ttl``."""
         return self.ttl is not None and now >= self.created_at + self.ttl

@@ -114,17 +114,6 @@ class RedisStore:
             with contextlib.suppress(*BACKEND_ERRORS):
                 await self.client.aclose()
 
-    async def ping(self) -> bool:
-        """True if the backend answers (every primary, for a cluster)."""
-        try:
-            if self.is_cluster:
-                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
-            else:
-                await self.client.ping()
-            return True
-        except BACKEND_ERRORS:
-            return False
-
     # -- purge target -------------------------------------------------------------------------
 
     async def purge_shards(self) -> Sequence[str]:
