@@ -113,11 +113,13 @@ class TestOpenAIClient:
 
     def test_streaming_completions_hit(self, service):
         c = client(service)
-        texts = []
+        states, texts = [], []
         for _ in range(2):
-            stream = c.completions.create(model="echo-1", prompt="abc", temperature=0,
-                                          stream=True)
-            texts.append("".join(ch.choices[0].text for ch in stream if ch.choices))
+            with c.completions.with_streaming_response.create(
+                    model="echo-1", prompt="abc", temperature=0, stream=True) as resp:
+                states.append(resp.headers["x-cache"])
+                texts.append("".join(ch.choices[0].text for ch in resp.parse() if ch.choices))
+        assert states == ["MISS", "HIT"]
         assert texts[0] == texts[1] and texts[0].startswith("echo")
 
     def test_upstream_errors_pass_through(self, service):
