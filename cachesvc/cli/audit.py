@@ -169,7 +169,7 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
     from cachesvc.auditing import canaries_of, registry_snapshot, scan_items
     from cachesvc.store import open_store
 
-    store = open_store(settings.redis.url)
+    store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
     registry = await _open_registry(store)
     snapshot = await registry_snapshot(registry) if registry is not None else {}
     if registry is None:

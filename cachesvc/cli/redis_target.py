@@ -1,10 +1,8 @@
-"""Where CLI commands find Redis: ``--redis URL``, else ``[redis] url`` / ``nodes`` in the TOML
-config file (``--config F`` or ``$CACHESVC_CONFIG``)."""
+"""Where CLI commands find Redis: ``--redis URL``, else ``[redis] url`` / ``nodes`` from the
+service's settings (``--config F`` or ``$CACHESVC_CONFIG``, and the environment)."""
 
 from __future__ import annotations
 
-import os
-import tomllib
 from pathlib import Path
 
 import typer
@@ -19,29 +17,19 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def redis_target(redis_url: str | None, config: Path | None) -> tuple[str | None, list[str]]:
-    """The Redis URL and cluster startup nodes the command should use."""
+    """The Redis URL and cluster startup nodes the command should use: ``--redis``, else the
+    settings the service would read (``--config F`` / ``$CACHESVC_CONFIG``, and the
+    ``CACHESVC_REDIS__*`` environment)."""
     if redis_url:
         return redis_url, []
-    path = config or (Path(os.environ["CACHESVC_CONFIG"]) if os.environ.get("CACHESVC_CONFIG")
-                      else None)
-    if path is None:
-        return None, []
+    from cachesvc.settings import ConfigError, load_settings
+
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        fail(f"--config {path}: cannot read it ({exc.strerror}); pass an existing TOML file")
-    except tomllib.TOMLDecodeError as exc:
-        fail(f"--config {path}: not valid TOML ({exc}); fix the file")
-    section = data.get("redis", {})
-    if not isinstance(section, dict):
-        fail(f"--config {path}: [redis] must be a table with url = \"redis://...\"")
-    url = section.get("url")
-    nodes = section.get("nodes", [])
-    if url is not None and not isinstance(url, str):
-        fail(f"--config {path}: redis.url must be a string such as \"redis://host:6379/0\"")
-    if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
-        fail(f"--config {path}: redis.nodes must be a list of \"host:port\" strings")
-    return url, nodes
+        redis = load_settings(config).redis
+    except ConfigError as exc:
+        fail(str(exc))
+        raise AssertionError from None  # unreachable: fail() exits
+    return redis.url, list(redis.nodes)
 
 
 def open_redis_store(redis_url: str | None, config: Path | None) -> RedisStore:
