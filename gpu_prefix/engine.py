@@ -35,8 +35,9 @@ FinishReason = str  # "stop" | "length"
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationParams:
     """What to generate. ``scope_salt`` comes from ``Engine.scope_salt_for(tenant)``, computed
-    server-side from the authenticated tenant; ``None`` gives the request a salt of its own
-    (it shares nothing), so forgetting to pass one fails closed."""
+    server-side from the authenticated tenant; ``None`` keeps the request out of the prefix
+    cache altogether (it shares nothing, and stores no blocks nobody could match), so
+    forgetting to pass one fails closed."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -108,7 +109,6 @@ class Engine:
         rng: random.Random | None = None,
         model_id: str | None = None,
     ) -> None:
-        self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_id = model_id or loaded.name
@@ -290,7 +290,8 @@ class Engine:
     # -- internals -----------------------------------------------------------------------------
 
     def _block_keys(self, prompt: Sequence[int], params: GenerationParams, epoch: int | None = None) -> BlockKeys:
-        salt = params.scope_salt if params.scope_salt is not None else os.urandom(16)
+        salt = params.scope_salt
+        assert salt is not None, "unsalted requests do not use the prefix cache"
         public = 0
         for p in self.public_prefixes:
             if len(p) > public and len(prompt) >= len(p) and tuple(prompt[: len(p)]) == p:
@@ -307,17 +308,20 @@ class Engine:
             model, epoch = self.model, self.model_epoch
         cached = 0
         bs = self.pool.block_size
-        keys = self._block_keys(prompt, params, epoch) if params.use_prefix_cache else None
+        # NOTE: no salt, no cache: a salt of its own would only fill the pool with blocks that
+        # no request can ever match, evicting other tenants' (the auditor's scoring did this).
+        use_cache = params.use_prefix_cache and params.scope_salt is not None
+        keys = self._block_keys(prompt, params, epoch) if use_cache else None
         if keys is not None:
             chain = block_hashes(prompt, keys, block_size=bs)
         # NOTE: requests that skip the cache are still admitted (reserving no blocks), so
         # max_running bounds every request's working KV, not only the caching ones.
         # The reservation covers every token whose KV this request may store: the prompt and,
         # for generation, the completion (cached too, so a follow-up turn reuses it).
-        lease = self.store.acquire(capacity if params.use_prefix_cache else 0, timeout=params.queue_timeout_s)
+        lease = self.store.acquire(capacity if use_cache else 0, timeout=params.queue_timeout_s)
         cache = RequestCache(self.shape, capacity, buffer=self._arena.take(capacity))
         try:
-            if params.use_prefix_cache:
+            if use_cache:
                 # At least one prompt token must run, to produce the next token's logits.
                 usable = (len(prompt) - 1) // bs
                 match = self.store.match(lease, chain[:usable])
@@ -326,7 +330,7 @@ class Engine:
                            keys=keys)
             out = self._forward(pre, prompt[cached:], all_logits=all_logits)
             pre.logits = out[-1] if all_logits else out
-            if params.use_prefix_cache:
+            if use_cache:
                 start = len(match.block_ids)
                 stored = self.store.insert(lease, chain, start)
                 cache.store_blocks(self.pool, stored.block_ids, stored.fresh, start)
@@ -343,11 +347,11 @@ class Engine:
             return
         bs = self.pool.block_size
         start = len(pre.lease.pinned)
+        if pre.cache.length // bs <= start:
+            return  # the completion filled no new block: nothing to hash or store
         # The last sampled token was never run, so its KV is not in the buffer.
         seq = prompt + tokens[: pre.cache.length - len(prompt)]
         chain = block_hashes(seq, pre.keys, block_size=bs)
-        if len(chain) <= start:
-            return
         stored = self.store.insert(pre.lease, chain, start)
         pre.cache.store_blocks(self.pool, stored.block_ids, stored.fresh, start)
         self.store.commit(pre.lease)

@@ -21,7 +21,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from keying import BlockHash
@@ -468,13 +468,7 @@ class PrefixStore:
             assert len(self._leases) <= self.max_running, "more requests running than allowed"
             assert len(self._waiting) <= self.max_queue, "queue longer than its bound"
             assert self.pool.num_used * self.pool.block_bytes <= self.pool.capacity_bytes, "bytes over budget"
+            heap = set(self._heap)
             for h, b in self._index.items():
                 if b.refs == 0 and b.children == 0 and not b.retired and b.ready:
-                    assert (b.stamp, h) in self._heap_set(), "an evictable leaf is missing from the LRU heap"
-
-    def _heap_set(self) -> set[tuple[int, BlockHash]]:
-        return set(self._heap)
-
-    def leases(self) -> Iterable[Lease]:
-        with self._cond:
-            return list(self._leases.values())
+                    assert (b.stamp, h) in heap, "an evictable leaf is missing from the LRU heap"

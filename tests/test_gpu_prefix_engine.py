@@ -122,8 +122,12 @@ class TestTenants:
 
     def test_a_request_without_a_salt_shares_nothing(self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, LONG)
+        before = tiny_engine.store.stats().inserted_blocks_total
         tiny_engine.generate(p, GenerationParams(max_tokens=1))
         assert tiny_engine.generate(p, GenerationParams(max_tokens=1)).cached_tokens == 0
+        tiny_engine.score(p[:8], p[8:16])
+        # ...and stores nothing: blocks nobody could match would only evict other tenants'.
+        assert tiny_engine.store.stats().inserted_blocks_total == before
 
     def test_a_prefix_configured_public_is_shared_and_nothing_after_it(self, make_engine):
         probe = make_engine()
