@@ -124,7 +124,7 @@ def sample_from_event(event: CacheEvent) -> Sample:
     lookup_key = storage_key(scope=event.scope, model=key.model, epoch=key.epoch,
                              digest=bytes(key.digest))
     entry = facts_from_raw(lookup_key, event.raw) if event.raw else None
-    served = event.chunks if event.stream else event.response
+    served = event.served
     return Sample(
         event=event.kind, tenant=event.tenant, scope=event.scope, request=event.request,
         key=key,

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cachesvc import engine_api
+from cachesvc.streaming import DONE, sse
 from gpu_prefix.engine import Engine
 
 ANONYMOUS = "anonymous"
@@ -117,20 +118,20 @@ def create_engine_app(engine: Engine, *, api_keys: Mapping[str, str] | None = No
         except StopAsyncIteration:
             first = None
 
-        async def sse() -> AsyncIterator[bytes]:
+        async def events() -> AsyncIterator[bytes]:
             try:
                 if first is not None:
-                    yield b"data: " + orjson.dumps(first) + b"\n\n"
+                    yield sse(first)
                     async for chunk in agen:
-                        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                yield b"data: [DONE]\n\n"
+                        yield sse(chunk)
+                yield DONE
             except engine_api.EngineRequestError as exc:
-                err = {"error": {"message": exc.message, "type": "invalid_request_error", "param": exc.field}}
-                yield b"data: " + orjson.dumps(err) + b"\n\n"
+                yield sse({"error": {"message": exc.message, "type": "invalid_request_error",
+                                     "param": exc.field}})
             finally:
                 await agen.aclose()
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
+        return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")

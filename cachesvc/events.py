@@ -9,7 +9,7 @@ call anyway, so a broken observer costs a log line and a metric, never a request
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from keying import KeyResult, Scope
@@ -48,7 +48,6 @@ class CacheEvent:
     #: Where the fill came from: "proxy" (this service called the upstream) or "cache_api"
     #: (a gateway stored through ``/v1/cache/store``). Empty for hits.
     source: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def served(self) -> Mapping[str, Any] | Sequence[Mapping[str, Any]] | None:

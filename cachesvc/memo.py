@@ -26,16 +26,12 @@ class Memo(Generic[V]):
         self.max_bytes = max_bytes
         self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: Hashable) -> V | None:
         item = self._items.get(key)
         if item is None:
-            self.misses += 1
             return None
         self._items.move_to_end(key)
-        self.hits += 1
         return item[0]
 
     def put(self, key: Hashable, value: V, size: int) -> None:
@@ -49,10 +45,6 @@ class Memo(Generic[V]):
         while len(self._items) > self.max_items or self._bytes > self.max_bytes:
             _, (_, s) = self._items.popitem(last=False)
             self._bytes -= s
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)

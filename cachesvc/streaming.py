@@ -10,7 +10,7 @@ are strings and otherwise kept as last sent).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -26,6 +26,13 @@ def sse(chunk: Mapping[str, Any]) -> bytes:
 
 def is_usage_chunk(chunk: Mapping[str, Any]) -> bool:
     return not chunk.get("choices") and chunk.get("usage") is not None
+
+
+def body_complete(body: Any) -> bool:
+    """Whether a JSON response is complete: choices, each with a finish_reason."""
+    choices = body.get("choices") if isinstance(body, Mapping) else None
+    return bool(choices) and isinstance(choices, list) and all(
+        isinstance(c, Mapping) and c.get("finish_reason") is not None for c in choices)
 
 
 def stream_complete(chunks: Sequence[Mapping[str, Any]]) -> bool:
@@ -176,9 +183,3 @@ def _merge_logprobs(acc: Any, lp: Any) -> Any:
         return out
     return lp
 
-
-def iter_sse_events(lines: Iterable[str]) -> Iterable[str]:
-    """The ``data:`` payloads of an SSE stream given line by line."""
-    for line in lines:
-        if line.startswith("data:"):
-            yield line[5:].strip()

@@ -395,3 +395,4 @@ class TestTenants:
         assert u.scope_for({"user": "alice"}).label == "user:u/alice"
         with pytest.raises(BadRequestError, match="user"):
             u.scope_for({})
+

@@ -11,6 +11,7 @@ from cachesvc import metrics
 from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
 from cachesvc.api.responses import OrjsonResponse
 from cachesvc.api.schemas import (
+    BEARER_SECURITY,
     ERROR_RESPONSES,
     LookupRequest,
     LookupResponse,
@@ -20,7 +21,7 @@ from cachesvc.api.schemas import (
 from cachesvc.cache_control import parse_cache_control
 from cachesvc.errors import BadRequestError, StaleEpochError, TooLargeError, UnprocessableError
 from cachesvc.response_cache import FillTarget, Payload
-from cachesvc.streaming import stream_complete
+from cachesvc.streaming import body_complete, stream_complete
 from keying import Scope, detect_kind
 
 router = APIRouter(prefix="/v1/cache", tags=["cache"])
@@ -60,7 +61,7 @@ def _lookup_body(obj: Any) -> tuple[dict[str, Any], Any]:
 
 
 _LOOKUP_OPENAPI = {
-    "security": [{"HTTPBearer": []}],
+    "security": BEARER_SECURITY,
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": LookupRequest.model_json_schema()}}},
 }
@@ -146,9 +147,7 @@ def _payload(body: StoreRequest) -> Payload:
         raise UnprocessableError("send exactly one of response and chunks", field="response",
                                  fix="put the JSON body in response, or stream chunks in chunks")
     if body.response is not None:
-        choices = body.response.get("choices")
-        if not isinstance(choices, list) or not choices or not all(
-                isinstance(c, dict) and c.get("finish_reason") is not None for c in choices):
+        if not body_complete(body.response):
             raise UnprocessableError(
                 "response has no complete choices (each needs a finish_reason)",
                 field="response.choices", fix="store only a complete model response")

@@ -95,7 +95,6 @@ def hot_path_caller(request: Request) -> tuple[Services, Tenant]:
 
 
 #: OpenAPI fragment for routes that authenticate through ``hot_path_caller``.
-BEARER_SECURITY = [{"HTTPBearer": []}]
 AdminDep = Annotated[None, Depends(require_admin)]
 
 

@@ -25,7 +25,7 @@ from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
 from cachesvc.cache_control import parse_cache_control
 from cachesvc.errors import OnlyIfCachedMissError, UpstreamError
 from cachesvc.response_cache import Keyed, Payload
-from cachesvc.streaming import DONE, sse, stream_complete
+from cachesvc.streaming import DONE, body_complete, sse, stream_complete
 from cachesvc.tenants import Tenant
 
 log = structlog.get_logger()
@@ -113,7 +113,7 @@ async def _call(services: Services, keyed: Keyed, *, store: bool, headers: dict[
             body = await upstream.complete(keyed.body, keyed.kind, tenant=keyed.tenant.id)
         metrics.UPSTREAM_LATENCY.labels(keyed.kind).observe(time.perf_counter() - t0)
         payload = Payload(stream=False, body=body)
-        if store and _complete_body(body):
+        if store and body_complete(body):
             await services.cache.fill(keyed.target, payload, source="proxy", keyed=keyed)
         done(payload)
         return OrjsonResponse(body, headers=headers)
@@ -161,12 +161,6 @@ async def _call(services: Services, keyed: Keyed, *, store: bool, headers: dict[
 
     return StreamingResponse(relay(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache"})
-
-
-def _complete_body(body: Any) -> bool:
-    choices = body.get("choices") if isinstance(body, dict) else None
-    return bool(choices) and all(isinstance(c, dict) and c.get("finish_reason") is not None
-                                 for c in choices)
 
 
 def _ascii(s: str) -> str:

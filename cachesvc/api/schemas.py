@@ -73,10 +73,14 @@ _HEADERS = {
 }
 
 
+#: OpenAPI security of the routes that take a tenant key (their dependency is not declared).
+BEARER_SECURITY = [{"HTTPBearer": []}]
+
+
 def proxy_openapi(kind: str) -> dict[str, Any]:
     schema = _CHAT if kind == "chat" else _COMPLETION
     return {
-        "security": [{"HTTPBearer": []}],
+        "security": BEARER_SECURITY,
         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
         "parameters": [{"name": "Cache-Control", "in": "header", "required": False,
                         "schema": {"type": "string"},
