@@ -4,7 +4,6 @@ server around the deterministic upstream."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from cachesvc.errors import UpstreamError
 from cachesvc.streaming import DONE, sse
 
 from cachesvc.settings import Settings, load_settings
+from tests.fixtures.redis import free_port
 
 KEY_A = "sk-tenant-a-0123456789abcdef"
 KEY_A2 = "sk-tenant-a-second-key-0000"
@@ -55,12 +55,6 @@ def auth(key: str = KEY_A) -> dict[str, str]:
 def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "echo-1", "messages": [{"role": "user", "content": content}],
             "temperature": 0, **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServerThread:

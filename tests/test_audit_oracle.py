@@ -38,11 +38,10 @@ def auditor(tmp_path, oracle) -> ShadowAuditor:
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_model):
     from gpu_prefix.engine import Engine
-    from gpu_prefix.models import load_model
 
-    return Engine(load_model("random-tiny"))
+    return Engine(tiny_model)
 
 
 @pytest.fixture(scope="module")

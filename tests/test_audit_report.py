@@ -188,13 +188,12 @@ class TestScanRecompute:
     the forged one."""
 
     @pytest.mark.redis
-    def test_scan_recompute_finds_the_one_wrong_answer_among_real_fills(self, redis_url, tmp_path):
+    def test_scan_recompute_finds_the_one_wrong_answer_among_real_fills(self, redis_url, tmp_path,
+                                                                        tiny_engine):
         from fastapi.testclient import TestClient
 
         from cachesvc.app import create_app
         from cachesvc.upstream import EngineUpstream
-        from gpu_prefix.engine import Engine
-        from gpu_prefix.models import load_model
         from tests.service_helpers import auth, make_settings
 
         secret = "scan-secret-0123456789abcdef"
@@ -204,8 +203,7 @@ class TestScanRecompute:
                    "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(3)]
         bodies.append({"model": "random-tiny", "prompt": "complete me", "max_tokens": 5,
                        "temperature": 0, "stop": ["\n"]})
-        with TestClient(create_app(settings, upstream=EngineUpstream(
-                Engine(load_model("random-tiny"))))) as c:
+        with TestClient(create_app(settings, upstream=EngineUpstream(tiny_engine))) as c:
             for b in bodies:
                 path = "/v1/completions" if "prompt" in b else "/v1/chat/completions"
                 r = c.post(path, json=b, headers=auth())

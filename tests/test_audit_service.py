@@ -19,11 +19,10 @@ from tests.service_helpers import KEY_A, KEY_B, auth, make_settings, serving
 
 
 @pytest.fixture(scope="module")
-def tiny_engine():
+def tiny_engine(tiny_model):
     from gpu_prefix.engine import Engine
-    from gpu_prefix.models import load_model
 
-    return Engine(load_model("random-tiny"))
+    return Engine(tiny_model)  # one engine per module: its pool is warm across the tests
 
 
 def chat(content: str) -> dict:

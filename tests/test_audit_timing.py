@@ -9,6 +9,7 @@ import pytest
 
 from audit import AuditConfigError, TimingConfig, levels_for_keys, run_timing
 from audit.timing import ks_greater
+from tests.service_helpers import serving
 
 
 class SimulatedTarget:
@@ -97,43 +98,10 @@ KEY_A, KEY_A2, KEY_B = "key-acme-0123456789", "key-acme-second-0123", "key-globe
 
 
 @pytest.fixture(scope="module")
-def tiny_engine():
+def tiny_engine(tiny_model):
     from gpu_prefix.engine import Engine
-    from gpu_prefix.models import load_model
 
-    return Engine(load_model("random-tiny"), pool_bytes=512 * 2**20)
-
-
-class _Server:
-    """uvicorn in a thread on a free port; stopped by flag, joined."""
-
-    def __init__(self, app):
-        import socket
-        import threading
-
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
+    return Engine(tiny_model, pool_bytes=512 * 2**20)
 
 
 def _engine_timing(engine, *, isolate: bool, trials: int, same_tenant: bool = True):
@@ -142,7 +110,8 @@ def _engine_timing(engine, *, isolate: bool, trials: int, same_tenant: bool = Tr
 
     app = create_engine_app(engine, api_keys={KEY_A: "acme", KEY_A2: "acme", KEY_B: "globex"},
                             isolate_tenants=isolate)
-    with _Server(app) as url:
+    with serving(app) as server:
+        url = server.url
         prober = HttpProber(url, model=engine.model_id)
         try:
             levels = levels_for_keys(key_a=KEY_A, key_b=KEY_B,
@@ -185,9 +154,9 @@ class TestAgainstTheEngine:
                                        isolate_tenants=False)
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'state_dir = "{tmp_path}"\n')
-        with _Server(engine_app) as url:
+        with serving(engine_app) as server:
             res = CliRunner().invoke(app, [
-                "audit", "timing", "--url", url, "--key-a", KEY_A, "--key-b", KEY_B,
+                "audit", "timing", "--url", server.url, "--key-a", KEY_A, "--key-b", KEY_B,
                 "--trials", "8", "--alpha", "0.01", "--seed", "1", "--config", str(cfg),
                 "--findings", str(tmp_path / "f.jsonl")])
         assert res.exit_code == 1, res.output
@@ -203,7 +172,7 @@ class TestAgainstTheEngine:
         from cachesvc.upstream import EngineUpstream
         from tests.service_helpers import KEY_A as SVC_A
         from tests.service_helpers import KEY_B as SVC_B
-        from tests.service_helpers import make_settings, serving
+        from tests.service_helpers import make_settings
 
         tiny_engine.isolate_tenants = True
         settings = make_settings(tmp_path, upstream={"model": "random-tiny"})
