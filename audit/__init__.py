@@ -55,6 +55,7 @@ __all__ = [
     "TimingProbeError",
     "TimingResult",
     "Tolerance",
+    "UnreadableEntry",
     "levels_for_keys",
     "run_timing",
 ]

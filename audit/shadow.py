@@ -35,7 +35,7 @@ from keying import KeyResult, Scope
 from audit import metrics
 from audit.answer import Answer
 from audit.checks import check_canaries, check_served, check_unreadable
-from audit.errors import AuditConfigError, OracleError
+from audit.errors import AuditConfigError
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, EntryRef, Finding
 from audit.oracle import Oracle, Tolerance, recompute

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._common import cpu_seconds, free_port, http_roundtrip, pct, wait_port  # noqa: E402
 
 KEY = "sk-bench-tenant-0123456789"
 ShadowConfigDefaults: Any = None
@@ -178,18 +178,8 @@ def request(i: int) -> bytes:
 
 async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     req: bytes) -> tuple[int, str]:
-    writer.write(req)
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-    await reader.readexactly(int(headers.get("content-length", "0")))
+    status, headers, _ = await http_roundtrip(reader, writer, req)
     return status, headers.get("x-cache", "")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def fill(port: int, prompts: int) -> None:
@@ -227,29 +217,10 @@ async def load(port: int, pid: int, *, clients: int, seconds: float, prompts: in
     await asyncio.gather(*(client(c) for c in range(clients)))
     elapsed = time.perf_counter() - t0
     cpu = cpu_seconds(pid) - cpu0
-    latencies.sort()
     n = len(latencies)
     return {"hits_per_s": n / elapsed, "cpu_us_per_hit": 1e6 * cpu / n, "requests": n,
-            "misses": misses, "p50_ms": 1000 * latencies[n // 2],
-            "p99_ms": 1000 * latencies[max(0, int(n * 0.99) - 1)]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service on port {port} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"service on port {port} did not start in {timeout}s")
+            "misses": misses, "p50_ms": 1000 * pct(latencies, 0.50),
+            "p99_ms": 1000 * pct(latencies, 0.99)}
 
 
 def findings_of(state: Path) -> int:

@@ -22,7 +22,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,15 @@ from fastapi import FastAPI, Request, Response
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._common import (  # noqa: E402
+    cpu_seconds,
+    free_port,
+    http_roundtrip,
+    pct,
+    start_private_redis,
+    wait_port,
+)
 
 KEY = "sk-bench-tenant-0123456789abcdef"
 FLOOR_KEY = "bench:floor:entry"
@@ -93,43 +101,8 @@ def request_bytes(path: str, port: int, body: bytes, auth: bool) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
-async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes
-               ) -> tuple[int, dict[str, str], bytes]:
-    writer.write(req)
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        if ":" in line:
-            k, v = line.split(":", 1)
-            headers[k.strip().lower()] = v.strip()
-    if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
-    else:  # chunked (not used by these endpoints' hits, but be correct)
-        body = b""
-        while True:
-            size = int((await reader.readline()).strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            body += chunk[:-2]
-    return status, headers, body
-
-
 CPU_PER_REQUEST: dict[int, list[float]] = {}
 PIDS: dict[int, int] = {}
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of ``pid`` so far (Linux); 0 where unknown."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 async def load(port: int, req: bytes, clients: int, seconds: float, want: str | None
@@ -145,7 +118,7 @@ async def load(port: int, req: bytes, clients: int, seconds: float, want: str | 
         try:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                status, headers, _ = await _one(reader, writer, req)  # noqa: F841
+                status, headers, _ = await http_roundtrip(reader, writer, req)  # noqa: F841
                 latencies.append(time.perf_counter() - t0)
                 if status != 200 or (want is not None and headers.get("x-cache") != want):
                     bad += 1
@@ -156,32 +129,16 @@ async def load(port: int, req: bytes, clients: int, seconds: float, want: str | 
             writer.close()
 
     t0 = time.perf_counter()
-    cpu0 = _cpu_seconds(pid)
+    cpu0 = cpu_seconds(pid)
     await asyncio.gather(*[client() for _ in range(clients)])
     elapsed = time.perf_counter() - t0
-    CPU_PER_REQUEST.setdefault(port, []).append((_cpu_seconds(pid) - cpu0) / max(1, len(latencies)))
+    CPU_PER_REQUEST.setdefault(port, []).append((cpu_seconds(pid) - cpu0) / max(1, len(latencies)))
     if bad:
         raise SystemExit(f"{bad} responses were not 200 {want or ''}: the benchmark is invalid")
     return len(latencies) / elapsed, latencies
 
 
 # -- orchestration ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
 
 
 def main() -> None:
@@ -191,18 +148,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per target")
     args = ap.parse_args()
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH (make redis-binaries)")
+    redis_server = start_private_redis("service")
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
-    rport, sport, fport = free_port(), free_port(), free_port()
+    rport, sport, fport = redis_server.port, free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(subprocess.Popen(
-            [binary, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL))
-        wait_port(rport)
-        redis_url = f"redis://127.0.0.1:{rport}/0"
+        redis_url = redis_server.url
         me = [sys.executable, __file__]
         procs.append(subprocess.Popen(me + ["--x-service", str(sport), redis_url, str(tmp)]))
         PIDS[sport] = procs[-1].pid
@@ -212,7 +163,7 @@ def main() -> None:
         wait_port(fport)
         asyncio.run(_run(args, rport, sport, fport))
     finally:
-        for p in reversed(procs):  # servers first, Redis last
+        for p in reversed(procs):  # the servers; Redis after them
             p.send_signal(signal.SIGTERM)
             try:
                 p.wait(timeout=10)
@@ -223,6 +174,7 @@ def main() -> None:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        redis_server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -236,7 +188,7 @@ async def _run(args: argparse.Namespace, rport: int, sport: int, fport: int) -> 
 
     # Fill one entry through the service, then give the floor the very same stored bytes.
     reader, writer = await asyncio.open_connection("127.0.0.1", sport)
-    states = [(await _one(reader, writer, proxy_req))[1].get("x-cache") for _ in range(2)]
+    states = [(await http_roundtrip(reader, writer, proxy_req))[1].get("x-cache") for _ in range(2)]
     writer.close()
     if states != ["MISS", "HIT"]:
         raise SystemExit(f"warm-up expected MISS then HIT, got {states}")
@@ -268,8 +220,8 @@ async def _run(args: argparse.Namespace, rport: int, sport: int, fport: int) -> 
     for name, runs in results.items():
         rps = statistics.median(r for r, _ in runs)
         lat = sorted(x for _, lats in runs for x in lats)
-        p50 = lat[len(lat) // 2] * 1000
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+        p50 = pct(lat, 0.50) * 1000
+        p99 = pct(lat, 0.99) * 1000
         summary[name] = (rps, p50, p99)
         us = statistics.median(cpu[name]) * 1e6
         print(f"{name:34} {rps:9.0f} {p50:8.2f} {p99:8.2f} {us:18.0f}")

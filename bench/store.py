@@ -25,10 +25,8 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +35,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 from redis.asyncio import Redis  # noqa: E402
 
+from bench._common import pct, start_private_redis  # noqa: E402
 from cachesvc.store import Entry, decode_entry, encode_entry, open_store, storage_key  # noqa: E402
 from keying import Scope  # noqa: E402
 
@@ -109,11 +108,6 @@ def material_cost(repeat: int = 2000) -> dict[str, dict[str, float]]:
             row[f"{label}_hit_us"] = (t2 - t1) / repeat * 1e6
         out[name] = row
     return out
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def throughput(op: Callable[[int], Awaitable[Any]], n: int, concurrency: int) -> float:
@@ -200,16 +194,6 @@ def ratios(res: dict[str, Any], path: str) -> dict[str, float]:
     }
 
 
-def start_private_server() -> tuple[str, Any]:
-    from tests.fixtures.redis import find_redis_server, start_server
-
-    binary = find_redis_server()
-    if binary is None:
-        sys.exit("no redis-server binary found; pass --redis URL")
-    server = start_server(binary, Path(tempfile.mkdtemp(prefix="bench-store-")), "bench")
-    return server.url, server
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis", help="redis:// URL (default: a private redis-server)")
@@ -221,7 +205,8 @@ def main() -> None:
     server = None
     url = args.redis
     if url is None:
-        url, server = start_private_server()
+        server = start_private_redis("store")
+        url = server.url
     try:
         results = {
             label: asyncio.run(measure(url, size, args.ops, args.concurrency, args.rounds))
