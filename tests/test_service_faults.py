@@ -38,8 +38,10 @@ class Tally:
     states: dict[str, int] = field(default_factory=dict)
     wrong: list[str] = field(default_factory=list)
     hits_after: list[float] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (finished at, seconds)
 
-    def add(self, status: int, state: str, ok: bool, at: float) -> None:
+    def add(self, status: int, state: str, ok: bool, at: float, took: float) -> None:
+        self.latencies.append((at, took))
         self.statuses[status] = self.statuses.get(status, 0) + 1
         self.states[state] = self.states.get(state, 0) + 1
         if state in ("HIT", "hit"):
@@ -58,6 +60,7 @@ async def _load(url: str, seconds: float, tally: Tally, t0: float) -> None:
             while time.monotonic() < stop:
                 i = n % len(BODIES)
                 n += 7
+                started = time.monotonic()
                 if n % 3 == 0:
                     r = await h.post("/v1/cache/lookup", json={"request": BODIES[i]})
                     body = r.json() if r.status_code == 200 else {}
@@ -70,7 +73,8 @@ async def _load(url: str, seconds: float, tally: Tally, t0: float) -> None:
                     state = r.headers.get("x-cache", "?")
                     ok = r.status_code == 200 and (
                         r.json()["choices"][0]["message"]["content"] == EXPECTED[i])
-                tally.add(r.status_code, state, ok, time.monotonic() - t0)
+                now = time.monotonic()
+                tally.add(r.status_code, state, ok, now - t0, now - started)
 
         await asyncio.gather(*[worker(w) for w in range(6)])
 
@@ -123,6 +127,10 @@ class TestRedisFaults:
         assert not tally.wrong, tally.wrong[:5]
         assert all(s < 500 for s in tally.statuses), tally.statuses
         assert any(healed < t <= healed + RECOVERY_S for t in tally.hits_after)
+        # Redis hangs for 2 s; each call gives up after timeout_ms=100 and the breaker opens
+        # after 3, so no request waits out the hang (1 s leaves room for a loaded machine).
+        during = [took for at, took in tally.latencies if 1.0 < at <= 3.0 + 1.0]
+        assert during and max(during) < 1.0, max(during)
 
     def test_losing_a_cluster_node_mid_load_never_fails_or_lies(self, tmp_path, redis_cluster):
         with serving(create_app(_settings(tmp_path, redis_cluster.url),
