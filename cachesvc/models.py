@@ -87,9 +87,12 @@ class ModelVersions:
         except RegistryUnavailable:
             return False
 
-    async def rollout(self, model: str, version: str) -> tuple[str, int]:
+    async def rollout(self, model: str, version: str, *, idempotent: bool = False
+                      ) -> tuple[str, int]:
+        """Roll ``model`` out at ``version`` (``idempotent``: the same version again keeps its
+        epoch) and apply it on this replica at once; the others learn it from the events."""
         try:
-            result = await self.registry.rollout(model, version)
+            result = await self.registry.rollout(model, version, idempotent=idempotent)
         except InvalidModelNameError as exc:
             raise BadRequestError(str(exc), field="version" if "version" in str(exc) else "model",
                                   fix="use printable names without control characters") from None

@@ -73,9 +73,7 @@ async def attach_engine(engine: Any, versions: Any, version: str) -> None:
 
     model = engine.model_id
     try:
-        result = await versions.registry.rollout(model, version, idempotent=True)
-        await versions.view.poll()
-        epoch = result.current.epoch
+        _, epoch = await versions.rollout(model, version, idempotent=True)
         if epoch != engine.model_epoch:
             await asyncio.to_thread(engine.on_rollout, None, epoch)
     except Exception as exc:  # noqa: BLE001 - a down registry must not stop start-up
