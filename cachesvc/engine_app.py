@@ -72,11 +72,9 @@ def _request_error(exc: engine_api.EngineRequestError) -> JSONResponse:
     return _error(exc.status, exc.message, param=exc.field, headers=headers)
 
 
-def create_engine_app(engine: Engine, *, api_keys: Mapping[str, str] | None = None,
-                      isolate_tenants: bool = True) -> FastAPI:
-    """Build the app. ``isolate_tenants=False`` lets tenants share prefix blocks (the timing
-    audit uses it to show the side channel it would open)."""
-    engine.isolate_tenants = isolate_tenants
+def create_engine_app(engine: Engine, *, api_keys: Mapping[str, str] | None = None) -> FastAPI:
+    """Build the app over ``engine`` (an engine built with ``isolate_tenants=False`` lets
+    tenants share prefix blocks: the timing audit uses one to show the side channel)."""
     keys = dict(api_keys or {})
     app = FastAPI(title="provable-llm-cache reference engine")
     registry = CollectorRegistry()

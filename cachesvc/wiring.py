@@ -53,13 +53,9 @@ async def open_upstream(settings: Settings, versions: Any) -> Any:
 
 
 def load_engine(settings: Settings) -> Any:
-    import torch
-
     from gpu_prefix.engine import Engine
 
     device = settings.upstream.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("engine_loading", model=settings.upstream.model, device=device)
     return Engine.from_name(settings.upstream.model, device=device,
                             model_id=settings.upstream.model)

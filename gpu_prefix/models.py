@@ -64,7 +64,10 @@ def cache_dir() -> Path:
 
 
 def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``"random-tiny"`` or ``"smollm2"`` onto ``device`` in ``dtype``, in eval mode."""
+    """Load ``"random-tiny"`` or ``"smollm2"`` onto ``device`` (``"auto"``: CUDA when there is
+    one, else the CPU) in ``dtype``, in eval mode."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "random-tiny":
         loaded = _load_random_tiny()
     elif name == "smollm2":

@@ -108,8 +108,8 @@ def _engine_timing(engine, *, isolate: bool, trials: int, same_tenant: bool = Tr
     from cachesvc.auditing import HttpProber
     from cachesvc.engine_app import create_engine_app
 
-    app = create_engine_app(engine, api_keys={KEY_A: "acme", KEY_A2: "acme", KEY_B: "globex"},
-                            isolate_tenants=isolate)
+    engine.isolate_tenants = isolate
+    app = create_engine_app(engine, api_keys={KEY_A: "acme", KEY_A2: "acme", KEY_B: "globex"})
     with serving(app) as server:
         url = server.url
         prober = HttpProber(url, model=engine.model_id)
@@ -150,8 +150,8 @@ class TestAgainstTheEngine:
         from cachesvc.cli import app
         from cachesvc.engine_app import create_engine_app
 
-        engine_app = create_engine_app(tiny_engine, api_keys={KEY_A: "acme", KEY_B: "globex"},
-                                       isolate_tenants=False)
+        tiny_engine.isolate_tenants = False
+        engine_app = create_engine_app(tiny_engine, api_keys={KEY_A: "acme", KEY_B: "globex"})
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'state_dir = "{tmp_path}"\n')
         with serving(engine_app) as server:

@@ -141,8 +141,8 @@ class TestApp:
         assert same.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
-    async def test_isolation_can_be_switched_off_for_the_timing_audit(self, tiny_engine: Engine):
-        app = create_engine_app(tiny_engine, api_keys={"ka": "a", "kb": "b"}, isolate_tenants=False)
+    async def test_isolation_can_be_switched_off_for_the_timing_audit(self, make_engine):
+        app = create_engine_app(make_engine(isolate_tenants=False), api_keys={"ka": "a", "kb": "b"})
         async with client_for(app) as c:
             await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer ka"})
             other = await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer kb"})

@@ -36,7 +36,6 @@ def serve(
         "--no-isolate-tenants", help="Let tenants share prefix blocks (timing-audit demo only).")] = False,
 ) -> None:
     """Serve /v1/chat/completions and /v1/completions from the reference engine."""
-    import torch
     import uvicorn
 
     from cachesvc.engine_app import create_engine_app
@@ -44,15 +43,13 @@ def serve(
     from gpu_prefix.errors import PrefixCacheError
 
     keys = _parse_keys(api_key or [])
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         engine = Engine.from_name(model, device=device, pool_bytes=pool_mb * 2**20, block_size=block_size,
                                   max_running=max_running, max_queue=max_queue, model_epoch=model_epoch,
                                   isolate_tenants=not no_isolate_tenants)
     except (PrefixCacheError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    fastapi_app = create_engine_app(engine, api_keys=keys or None, isolate_tenants=not no_isolate_tenants)
-    typer.echo(f"engine: {model} on {device}, pool {engine.pool.num_blocks} blocks "
+    fastapi_app = create_engine_app(engine, api_keys=keys or None)
+    typer.echo(f"engine: {model} on {engine.device}, pool {engine.pool.num_blocks} blocks "
                f"({engine.pool.capacity_bytes / 2**20:.1f} MiB), http://{host}:{port}", err=True)
     uvicorn.run(fastapi_app, host=host, port=port, log_level="warning")
