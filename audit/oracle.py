@@ -31,8 +31,10 @@ prompt's answer scored 1.3 to 4.9). ``gain`` can: every fresh sample measured sc
 every other prompt's answer -0.2 to -2.4 (``bench``-style calibration over six prompts, three
 samples and five wrong answers each; see the README). ``min_gain`` 0.1 and ``gain_margin`` 0.5
 sit in that gap; the ``min(...)`` keeps a model whose answers do not depend on the prompt at all
-(random weights: every gain is ~0) from flagging its own answers. ``nll_margin`` 2.0 is above the
-sampling spread. Answers shorter than ``min_tokens`` are undecided: a handful of tokens cannot
+(random weights: every gain is ~0) from flagging its own answers. ``nll_margin`` 4.0 is above the
+sampling spread (a fresh sample once scored 2.2 nats above another, which a margin of 2.0
+flagged) and below gibberish (random letters or words: 6.3 to 7.0 nats/token on SmolLM2, whose
+near-zero ``gain`` is flagged as well). Answers shorter than ``min_tokens`` are undecided: a handful of tokens cannot
 separate the two populations.
 """
 
@@ -74,7 +76,7 @@ class Tolerance:
 
     min_gain: float = 0.1
     gain_margin: float = 0.5
-    nll_margin: float = 2.0
+    nll_margin: float = 4.0
     nll_ratio: float = 0.5
     min_tokens: int = 4
 

@@ -200,6 +200,14 @@ class TestJudgements:
         assert verdict == "finding" and draft is not None and draft.kind == "mismatch"
         assert evidence["reasons"] == ["the prompt does not explain it"]
 
+    def test_a_fresh_sample_far_from_another_is_still_sampling_spread(self):
+        # Seen on SmolLM2 at temperature 0.7: two fresh samples 2.2 nats/token apart, both
+        # explained by the prompt. A margin of 2.0 flagged it.
+        fresh = Scores(prompted=[-0.37] * 12, neutral=[-1.6] * 12)
+        cached = Scores(prompted=[-2.59] * 12, neutral=[-3.5] * 12)
+        verdict, draft, _ = judge_scored(cached, fresh, Tolerance())
+        assert (verdict, draft) == ("pass", None)
+
     def test_gibberish_is_far_more_surprising_than_a_fresh_answer(self):
         fresh = Scores(prompted=[-0.5] * 8, neutral=[-1.5] * 8)
         cached = Scores(prompted=[-9.0] * 8, neutral=[-10.0] * 8)
