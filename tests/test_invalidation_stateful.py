@@ -107,6 +107,13 @@ def make_machine(host: str, port: int, strict: bool) -> type[RuleBasedStateMachi
 
         @rule(replica=st.integers(0, REPLICAS - 1), model=st.sampled_from(MODELS),
               name=st.integers(0, 1))
+        def replica_fills_then_looks_up(self, replica: int, model: str, name: int) -> None:
+            """The common path, a miss filled and then hit, so hits are checked every run."""
+            self.replica_fills(replica, model, name)
+            self.replica_looks_up(replica, model, name)
+
+        @rule(replica=st.integers(0, REPLICAS - 1), model=st.sampled_from(MODELS),
+              name=st.integers(0, 1))
         def replica_looks_up(self, replica: int, model: str, name: int) -> None:
             view = self.views[replica]
             try:
