@@ -301,6 +301,21 @@ async def complete(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: 
         r = await _in_thread(engine.generate, prompt_ids, params)
     except (AdmissionRefusedError, InvalidParamsError) as exc:
         raise _run_error(exc) from None
+    return _response(engine, kind, params, r)
+
+
+def complete_blocking(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> dict[str, Any]:
+    """:func:`complete` in the calling thread, for callers that are not on an event loop (the
+    auditor's worker recomputes here, so its own CPU time counts the model's work)."""
+    prompt_ids, params, _ = parse_request(engine, body, kind, tenant=tenant)
+    try:
+        r = engine.generate(prompt_ids, params)
+    except (AdmissionRefusedError, InvalidParamsError) as exc:
+        raise _run_error(exc) from None
+    return _response(engine, kind, params, r)
+
+
+def _response(engine: Engine, kind: Kind, params: GenerationParams, r: GenerationResult) -> dict[str, Any]:
     created = int(time.time())
     if kind == "chat":
         choice: dict[str, Any] = {
