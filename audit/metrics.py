@@ -23,6 +23,11 @@ CHECKS = Counter(
     "Shadow checks run, by check and result (pass, finding, undecided, error).",
     ["check", "result"],
 )
+WORKER_CPU = Counter(
+    "llmcache_audit_worker_cpu_seconds_total",
+    "CPU time of the shadow auditor's worker thread (all checks, recompute included; threads "
+    "a forward pass starts on its own, such as torch's intra-op pool, are not counted).",
+)
 QUEUE_DEPTH = Gauge("llmcache_audit_queue_depth", "Samples waiting for the shadow auditor.")
 CHECK_SECONDS = Histogram(
     "llmcache_audit_check_seconds",

@@ -7,7 +7,6 @@ settings, the registry, oracles and the timing audit's HTTP prober.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -139,6 +138,10 @@ class ShadowObserver:
 
     def __init__(self, auditor: ShadowAuditor[CacheEvent]) -> None:
         self.auditor = auditor
+        #: ``wants(kind)``: the sampling draw for one event (the auditor's own, bound once: it
+        #: runs on every hit). True when it is a sample, so the service builds the event (and
+        #: calls :meth:`observe`) only for the ones checked.
+        self.wants = auditor.draw
 
     def observe(self, event: CacheEvent) -> None:
         """An event that :meth:`wants` drew as a sample: queue it (never blocks)."""
@@ -153,11 +156,6 @@ class ShadowObserver:
         so the refusal becomes a durable finding with its evidence. ``event`` is built as for a
         hit, with the raw bytes read and no response served. Never blocks, never raises."""
         self.auditor.offer(event, force=True)
-
-    def wants(self, kind: str) -> bool:
-        """The sampling draw for one event of ``kind``: True when it is a sample, so the
-        service builds the event (and calls :meth:`observe`) only for the ones checked."""
-        return self.auditor.draw(kind)  # type: ignore[arg-type]
 
 
 # -- registry -------------------------------------------------------------------------------
@@ -262,39 +260,25 @@ def make_recorder(journal: Journal, *, fallback_path: str | Path | None = None) 
 # -- oracles --------------------------------------------------------------------------------
 
 
-class _LoopThread:
-    """A private event loop in a thread, for calling async engine code from the auditor."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="audit-oracle",
-                                        daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Any, timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
 class EngineOracle:
     """Recompute with the in-process reference engine, through the same OpenAI translation the
     service uses (``cachesvc.engine_api``), so a deterministic request reproduces exactly."""
 
     exact = True
 
-    def __init__(self, engine: Any, *, timeout: float = 120.0) -> None:
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self._timeout = timeout
-        self._loop = _LoopThread()
 
     def complete(self, request: Mapping[str, Any], kind: RequestKind, *, tenant: str) -> Answer:
+        """In the calling thread (the auditor's worker, or the scan): no event loop or thread
+        hop per recompute, and the worker's CPU time includes the model's work."""
         from cachesvc import engine_api
 
         body = dict(request)
         body["stream"] = False
         body.pop("stream_options", None)
         try:
-            out = self._loop.run(engine_api.complete(self.engine, body, kind, tenant=tenant),
-                                 self._timeout)
+            out = engine_api.complete_blocking(self.engine, body, kind, tenant=tenant)
         except Exception as exc:
             raise OracleError(f"engine recompute failed: {exc!r}") from exc
         return Answer.of(out)
@@ -369,19 +353,15 @@ def build_shadow_auditor(
         journal = open_journal(redis_url=settings.redis.url, findings_path=findings_path)
     recorder = make_recorder(
         journal, fallback_path=None if isinstance(journal, FileJournal) else findings_path)
-    # NOTE: optional settings are read with getattr so they take effect as soon as the
-    # service's [audit] section grows them (recompute_budget, stale_grace_s).
-    extra: dict[str, Any] = {}
-    for name in ("recompute_budget", "recompute_burst_s"):
-        if getattr(a, name, None) is not None:
-            extra[name] = getattr(a, name)
-    grace = getattr(a, "stale_grace_s", None)
+    grace = a.stale_grace_s
     if grace is None:
-        grace = max(30.0, 2 * float(getattr(settings.cache, "registry_refresh_s", 2.0)))
+        grace = max(30.0, 2 * settings.cache.registry_refresh_s)
     config = ShadowConfig(
         sample_rate=a.sample_rate, fill_sample_rate=a.fill_sample_rate, queue_size=a.queue_size,
         stale_grace_s=grace, canaries=canaries_of(settings),
-        recompute=oracle is not None and a.oracle != "none", **extra,
+        recompute=oracle is not None and a.oracle != "none",
+        recompute_budget=a.recompute_budget, recompute_burst_s=a.recompute_burst_s,
+        batch_wait_s=a.batch_wait_s,
     )
     return ShadowAuditor(recorder=recorder, convert=sample_from_event, config=config,
                          oracle=oracle if a.oracle != "none" else None, registry=registry_view,

@@ -84,6 +84,34 @@ class TestSampling:
         assert 880 <= drawn <= 1120  # Binomial(10000, 0.1), four sds either way
 
 
+    def test_samples_are_independent_draws_at_the_rate(self, tmp_path):
+        """The gap to the next sample is drawn once per sample (geometric), which over many
+        events is the same as an independent draw per event: the rate holds, a sample is as
+        likely right after a sample as anywhere, and the counters and metric add up."""
+        from audit import metrics
+
+        skipped_metric = metrics.SAMPLES.labels(event="hit", outcome="skipped")
+        before = skipped_metric._value.get()
+        a = auditor(tmp_path, sample_rate=0.05)
+        seq = [a.draw("hit") for _ in range(200_000)]
+        n = sum(seq)
+        assert 9600 <= n <= 10400  # Binomial(200000, 0.05): sd 97, four either way
+        after = [b for prev, b in zip(seq, seq[1:]) if prev]
+        assert 0.041 <= sum(after) / len(after) <= 0.059  # ~10000 trials, sd 0.0022
+        assert (a.offered, a.skipped) == (200_000, 200_000 - n)
+        a.stop()
+        assert skipped_metric._value.get() - before == a.skipped
+
+    def test_a_new_rate_takes_effect_at_once(self, tmp_path):
+        a = auditor(tmp_path, sample_rate=0.0001)
+        a.draw("hit")  # draws a gap of thousands of events at this rate
+        a.config = ShadowConfig(sample_rate=1.0)
+        assert all(a.draw("hit") for _ in range(10))
+        a.config = ShadowConfig(sample_rate=0.0)
+        assert not any(a.draw("hit") for _ in range(10))
+        assert (a.offered, a.skipped) == (21, 11)
+
+
 class TestBoundedQueue:
     def test_a_full_queue_drops_and_counts_without_waiting(self, tmp_path):
         a = auditor(tmp_path, sample_rate=1.0, queue_size=5)  # no worker: nothing drains
@@ -148,6 +176,28 @@ class TestWorker:
         assert a.checked == 5
         assert min(seen_at) - t0 >= 0.25
         assert max(seen_at) - min(seen_at) < 0.25  # back to back, one batch
+
+    def test_the_worker_counts_its_own_cpu_time_not_its_waits(self, tmp_path):
+        """worker_cpu_s (and its metric) is what the checks burn in the worker thread: a
+        convert that spins for 50 ms of CPU per sample shows up; the batch wait does not."""
+        from audit import metrics
+
+        def busy(ev):
+            end = time.thread_time() + 0.05
+            while time.thread_time() < end:
+                pass
+            return sample_from_event(ev)
+
+        before = metrics.WORKER_CPU._value.get()
+        a = auditor(tmp_path, sample_rate=1.0, queue_size=100, batch_wait_s=0.5, convert=busy)
+        a.start()
+        for i in range(4):
+            a.offer(clean_event(i))
+        a.drain(timeout=10)
+        a.stop()
+        assert a.checked == 4
+        assert 0.2 <= a.worker_cpu_s < 0.45  # 4 x 50 ms spun, not the 0.5 s slept
+        assert metrics.WORKER_CPU._value.get() - before == pytest.approx(a.worker_cpu_s)
 
     def test_a_batch_wait_outside_its_range_is_refused(self):
         with pytest.raises(AuditConfigError, match="audit.batch_wait_s"):
