@@ -8,16 +8,24 @@ is measured in the same process, on the same warm caches:
 every sampled hit is decoded again, checked for provenance, canaries and the registry, and
 recomputed by the engine in the auditor's thread, which competes with the request path for the
 CPU and the GIL. That is the cost being measured. At 0% the service has no observer at all.
-N keep-alive clients in this process send hits (every request was filled beforehand); the rates
-are measured in interleaved rounds so drift in the machine's load hits them alike.
+N keep-alive clients in this process send hits (every request was filled beforehand).
 
-Two figures per rate: hits per second (wall clock), and server CPU time per hit (from
-``/proc``). The cost is the median, over rounds, of each rate's shortfall against the 0% run of
-the same round.
+Where the machine has two or more cores the service is pinned to one core (torch to one
+thread) and the load generator to the others, as a gateway's clients are on other machines:
+the auditor then competes with the request path for exactly the service's core, and the load
+generator's own scheduling does not leak into the figures (``--no-pin`` to share all cores).
 
-    .venv/bin/python bench/audit.py [--seconds 2] [--rounds 9] [--clients 16] [--oracle engine|none] [--json]
+Each round measures every rate once, in a shuffled order, and 0% twice: the second 0% run is
+an A/A control, the noise floor of one comparison. A rate's cost in a round is its shortfall
+against the mean of that round's two 0% runs; the cost reported is the mean over rounds with
+a 95% confidence interval (Student's t), and its median. Two more figures need no load test:
+the worker thread's own CPU time as a share of the service's (``worker_cpu_s``), and the
+request path's cost per hit measured directly (``micro``).
 
-Goal: 1% costs under 3% of hit throughput.
+    .venv/bin/python bench/audit.py [--seconds 2] [--rounds 9] [--clients 16] [--oracle engine|none] [--no-pin] [--json]
+
+Goal: 1% costs under 3% of hit throughput. The verdict is "met" when the interval's upper
+bound is under 3%, "missed" when its lower bound is over, and "not resolved" otherwise.
 """
 
 from __future__ import annotations
@@ -36,11 +44,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import cpu_seconds, free_port, http_roundtrip, pct, wait_port  # noqa: E402
+from bench._common import free_port, http_roundtrip, pct, wait_port  # noqa: E402
 
 KEY = "sk-bench-tenant-0123456789"
-ShadowConfigDefaults: Any = None
-RATES = (0.0, 0.01, 0.10)
+
+def parse_runs(rates: str) -> list[tuple[str, float]]:
+    """(label, sampling rate) of each run in a round: the 0% baseline, then ``rates`` (percent;
+    0 is the A/A control, a second 0% run)."""
+    runs = [("0%", 0.0)]
+    for part in rates.split(","):
+        pct_ = float(part)
+        if not 0 <= pct_ <= 100:
+            raise SystemExit(f"--rates: {part!r} is not a percentage from 0 to 100")
+        runs.append(("0% again", 0.0) if pct_ == 0 else (f"{pct_:g}%", pct_ / 100))
+    return runs
+
+GOAL_PCT = 3.0
 
 
 def body(i: int) -> bytes:
@@ -52,11 +71,18 @@ def body(i: int) -> bytes:
 # -- the service (its own process) ---------------------------------------------------------
 
 
-def serve(port: int, state: str, oracle: str) -> None:
+def serve(port: int, state: str, oracle: str, cpus: str, audit: dict[str, Any]) -> None:
     import logging
+    import os
 
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     import structlog
+    import torch
     import uvicorn
+
+    if cpus:
+        torch.set_num_threads(len(cpus.split(",")))
 
     from cachesvc.app import create_app
     from cachesvc.settings import load_settings
@@ -73,7 +99,7 @@ def serve(port: int, state: str, oracle: str) -> None:
                  {"id": "other", "api_keys": ["sk-bench-other-0123456789"],
                   "canaries": ["CANARY-other-1"]}],
         upstream={"model": "random-tiny"},
-        audit={"sample_rate": 0.01, "fill_sample_rate": 0.01, "oracle": oracle,
+        audit={**audit, "sample_rate": 0.01, "fill_sample_rate": 0.01, "oracle": oracle,
                "findings_path": str(Path(state) / "findings.jsonl"), "queue_size": 256},
         cache={"secret": "bench-secret-0123456789abcdef"},
         # A loop saturated by the benchmark lags; the default store timeout would turn hits
@@ -84,6 +110,7 @@ def serve(port: int, state: str, oracle: str) -> None:
     engine = Engine(load_model("random-tiny"))
     app = create_app(settings, upstream=EngineUpstream(engine), store=open_store(None))
     observers: list[Any] = []
+    first = [True]
 
     @app.post("/_bench/rate/{rate}")
     async def set_rate(rate: float) -> dict[str, Any]:
@@ -93,14 +120,27 @@ def serve(port: int, state: str, oracle: str) -> None:
         if not observers:
             observers.extend(cache.observers)
         auditor = observers[0].auditor
+        # What the last rate queued is checked now, not during the next rate's run.
+        await asyncio.to_thread(auditor.drain)
+        # NOTE: the recompute bucket runs only while sampling, and starts empty. In steady
+        # state 1% sampling asks for more recompute than the budget allows, so the bucket is
+        # empty; credit banked during the 0% runs (or the initial burst) would be spent in the
+        # 1% and 10% runs and inflate their cost.
+        if first[0] or not cache.observers:
+            auditor._budget_since = auditor._timer()
+        if first[0]:
+            auditor._recompute_credit = 0.0
+            first[0] = False
         if rate == 0:
             cache.observers = ()
         else:
             auditor.config = dataclasses.replace(auditor.config, sample_rate=rate,
                                                  fill_sample_rate=rate)
             cache.observers = tuple(observers)
-        return {"checked": auditor.checked, "dropped": auditor.dropped,
-                "enqueued": auditor.enqueued, "findings": auditor.findings}
+        return {"cpu_s": time.process_time(), "checked": auditor.checked, "dropped": auditor.dropped,
+                "enqueued": auditor.enqueued, "findings": auditor.findings,
+                "worker_cpu_s": auditor.worker_cpu_s,
+                "recompute_skipped": auditor.recompute_skipped}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False,
                 loop="uvloop", http="httptools")
@@ -191,41 +231,52 @@ async def fill(port: int, prompts: int) -> None:
     writer.close()
 
 
-async def load(port: int, pid: int, *, clients: int, seconds: float, prompts: int
-               ) -> dict[str, Any]:
-    reqs = [request(i) for i in range(prompts)]
-    latencies: list[float] = []
-    misses = 0
-    stop = 0.0
+class Clients:
+    """N keep-alive connections, opened once and reused by every run."""
 
-    async def client(c: int) -> None:
-        nonlocal misses
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        i = c
-        while time.perf_counter() < stop:
-            i = (i * 7919 + 13) % prompts
-            t0 = time.perf_counter()
-            status, xcache = await roundtrip(reader, writer, reqs[i])
-            latencies.append(time.perf_counter() - t0)
-            if status != 200 or not xcache.startswith("HIT"):
-                misses += 1
-        writer.close()
+    def __init__(self, port: int, n: int, prompts: int) -> None:
+        self.port, self.n, self.prompts = port, n, prompts
+        self.reqs = [request(i) for i in range(prompts)]
+        self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.cursor = list(range(n))
 
-    cpu0 = cpu_seconds(pid)
-    t0 = time.perf_counter()
-    stop = t0 + seconds
-    await asyncio.gather(*(client(c) for c in range(clients)))
-    elapsed = time.perf_counter() - t0
-    cpu = cpu_seconds(pid) - cpu0
-    n = len(latencies)
-    return {"hits_per_s": n / elapsed, "cpu_us_per_hit": 1e6 * cpu / n, "requests": n,
-            "misses": misses, "p50_ms": 1000 * pct(latencies, 0.50),
-            "p99_ms": 1000 * pct(latencies, 0.99)}
+    async def open(self) -> None:
+        self.conns = [await asyncio.open_connection("127.0.0.1", self.port)
+                      for _ in range(self.n)]
+
+    def close(self) -> None:
+        for _, writer in self.conns:
+            writer.close()
+
+    async def load(self, seconds: float) -> dict[str, Any]:
+        latencies: list[float] = []
+        misses = 0
+        stop = time.perf_counter() + seconds
+
+        async def client(c: int) -> None:
+            nonlocal misses
+            reader, writer = self.conns[c]
+            i = self.cursor[c]
+            while time.perf_counter() < stop:
+                i = (i * 7919 + 13) % self.prompts
+                t0 = time.perf_counter()
+                status, xcache = await roundtrip(reader, writer, self.reqs[i])
+                latencies.append(time.perf_counter() - t0)
+                if status != 200 or not xcache.startswith("HIT"):
+                    misses += 1
+            self.cursor[c] = i
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(self.n)))
+        elapsed = time.perf_counter() - t0
+        n = len(latencies)
+        return {"hits_per_s": n / elapsed, "requests": n, "misses": misses,
+                "p50_ms": 1000 * pct(latencies, 0.50), "p99_ms": 1000 * pct(latencies, 0.99)}
 
 
 def findings_of(state: Path) -> int:
     total = 0
-    for f in state.glob("findings*.jsonl"):
+    for f in state.rglob("findings*.jsonl"):
         total += sum(1 for line in f.read_text().splitlines() if line.strip())
     return total
 
@@ -239,78 +290,265 @@ async def set_rate(port: int, rate: float) -> dict[str, Any]:
     return json.loads(data.split(b"\r\n\r\n", 1)[1])
 
 
-async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95% confidence interval of the mean (Student's t)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("-inf"), float("inf")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float) -> str:
+    if high < GOAL_PCT:
+        return "met"
+    if low > GOAL_PCT:
+        return "missed"
+    return "not resolved (run more rounds)"
+
+
+def window(before: dict[str, Any], after: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    """One measured run: the load's figures plus what the server says it spent meanwhile."""
+    cpu = after["cpu_s"] - before["cpu_s"]
+    res["cpu_us_per_hit"] = 1e6 * cpu / max(1, res["requests"])
+    res["audited"] = after["checked"] - before["checked"]
+    res["dropped"] = after["dropped"] - before["dropped"]
+    res["worker_cpu_share_pct"] = 100 * (after["worker_cpu_s"] - before["worker_cpu_s"]) / cpu
+    return res
+
+
+def show(label: str, rnd: int, res: dict[str, Any]) -> None:
+    print(f"round {rnd + 1} sampling {label:>8}: {res['hits_per_s']:7.0f} hits/s, "
+          f"{res['cpu_us_per_hit']:6.0f} us CPU/hit, worker {res['worker_cpu_share_pct']:4.1f}% "
+          f"of CPU, p99 {res['p99_ms']:.2f} ms, audited {res['audited']}, "
+          f"dropped {res['dropped']}, misses {res['misses']}", flush=True)
+
+
+def summarise(label: str, rate: float, rs: list[dict[str, Any]], costs: list[float],
+              cpu_costs: list[float]) -> dict[str, Any]:
+    mean, low, high = interval(costs)
+    cpu_mean, cpu_low, cpu_high = interval(cpu_costs)
+    return {
+        "rate": rate,
+        "hits_per_s": statistics.median(r["hits_per_s"] for r in rs),
+        "throughput_cost_pct": mean, "throughput_cost_ci95": [low, high],
+        "throughput_cost_median_pct": statistics.median(costs),
+        "cpu_us_per_hit": statistics.median(r["cpu_us_per_hit"] for r in rs),
+        "cpu_cost_pct": cpu_mean, "cpu_cost_ci95": [cpu_low, cpu_high],
+        "worker_cpu_share_pct": statistics.fmean(r["worker_cpu_share_pct"] for r in rs),
+        "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+        "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+        "misses": sum(r["misses"] for r in rs),
+        "audited": sum(r["audited"] for r in rs),
+        "dropped": sum(r["dropped"] for r in rs),
+    }
+
+
+async def run_sequential(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
+    """One service; each round runs every rate once, in a shuffled order."""
+    import random
+
+    port = ports[0]
     await fill(port, args.prompts)
-    results: dict[float, list[dict[str, Any]]] = {r: [] for r in RATES}
-    stats: dict[str, Any] = {}
+    clients = Clients(port, args.clients, args.prompts)
+    await clients.open()
+    order_rng = random.Random(args.seed)
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in args.runs}
     for rnd in range(args.rounds):
-        order = RATES if rnd % 2 == 0 else tuple(reversed(RATES))
-        for rate in order:
+        order = list(args.runs)
+        order_rng.shuffle(order)
+        for label, rate in order:
             before = await set_rate(port, rate)
-            res = await load(port, pid, clients=args.clients, seconds=args.seconds,
-                             prompts=args.prompts)
-            after = await set_rate(port, rate)
-            res["audited"] = after["checked"] - before["checked"]
-            res["dropped"] = after["dropped"] - before["dropped"]
-            stats = after
-            results[rate].append(res)
+            res = await clients.load(args.seconds)
+            res = window(before, await set_rate(port, rate), res)
+            results[label].append(res)
             if not args.json:
-                print(f"round {rnd + 1} sampling {rate:>4.0%}: {res['hits_per_s']:7.0f} hits/s, "
-                      f"{res['cpu_us_per_hit']:6.0f} us CPU/hit, p50 {res['p50_ms']:.2f} ms, "
-                      f"p99 {res['p99_ms']:.2f} ms, audited {res['audited']}, dropped {res['dropped']}, "
-                      f"misses {res['misses']}", flush=True)
-    # NOTE: costs are medians of per-round ratios (each rate against the 0% run of the same
-    # round, measured seconds apart), which cancels most of a shared machine's load drift.
-    out: dict[str, Any] = {"oracle": args.oracle, "clients": args.clients,
-                           "seconds": args.seconds, "rounds": args.rounds, "rates": {}}
-    base = results[0.0]
-    for rate in RATES:
-        rs = results[rate]
-        hps_ratio = statistics.median(r["hits_per_s"] / b["hits_per_s"] for r, b in zip(rs, base))
-        cpu_ratio = statistics.median(r["cpu_us_per_hit"] / b["cpu_us_per_hit"]
-                                      for r, b in zip(rs, base))
-        out["rates"][f"{rate:.2f}"] = {
-            "hits_per_s": statistics.median(r["hits_per_s"] for r in rs),
-            "throughput_ratio": hps_ratio,
-            "throughput_cost_pct": 100 * (1 - hps_ratio),
-            "cpu_us_per_hit": statistics.median(r["cpu_us_per_hit"] for r in rs),
-            "cpu_cost_pct": 100 * (cpu_ratio - 1),
-            "p50_ms": statistics.median(r["p50_ms"] for r in rs),
-            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-            "misses": sum(r["misses"] for r in rs),
-            "audited": sum(r["audited"] for r in rs),
-            "dropped": sum(r["dropped"] for r in rs),
-        }
-    out["auditor"] = stats
-    return out
+                show(label, rnd, res)
+    clients.close()
+    # NOTE: each rate is compared with the mean of the two 0% runs of its own round, measured
+    # seconds apart, which cancels most of a shared machine's load drift; the A/A control
+    # ("0% again" against "0%") shows the noise floor that is left.
+    rates: dict[str, Any] = {}
+    a = results["0%"]
+    b = results.get("0% again", a)  # without the control, the one 0% run is the baseline
+    base = [(x["hits_per_s"] + y["hits_per_s"]) / 2 for x, y in zip(a, b)]
+    base_cpu = [(x["cpu_us_per_hit"] + y["cpu_us_per_hit"]) / 2 for x, y in zip(a, b)]
+    for label, rate in args.runs:
+        rs = results[label]
+        if label == "0% again":
+            costs = [100 * (1 - y["hits_per_s"] / x["hits_per_s"]) for x, y in zip(a, b)]
+            cpu_costs = [100 * (y["cpu_us_per_hit"] / x["cpu_us_per_hit"] - 1)
+                         for x, y in zip(a, b)]
+        else:
+            costs = [100 * (1 - r["hits_per_s"] / h) for r, h in zip(rs, base)]
+            cpu_costs = [100 * (r["cpu_us_per_hit"] / c - 1) for r, c in zip(rs, base_cpu)]
+        rates[label] = summarise(label, rate, rs, costs, cpu_costs)
+    return rates
+
+
+async def run_paired(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
+    """Two identical services on the same core, loaded at once: in each run one samples at
+    the rate under test and the other at 0% (which one is drawn at random per run), so both
+    see the same machine at the same instant. The cost is the sampled one's shortfall in
+    hits per CPU-second (its capacity on a core of its own) against its twin's."""
+    import random
+
+    for port in ports:
+        await fill(port, args.prompts)
+    clients = [Clients(port, args.clients, args.prompts) for port in ports]
+    for c in clients:
+        await c.open()
+    rng = random.Random(args.seed)
+    tests = [(label, rate) for label, rate in args.runs if label != "0%"]
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in args.runs}
+    costs: dict[str, list[float]] = {label: [] for label, _ in tests}
+    cpu_costs: dict[str, list[float]] = {label: [] for label, _ in tests}
+    raw: dict[str, list[float]] = {label: [] for label, _ in tests}
+    for rnd in range(args.rounds):
+        order = list(tests)
+        rng.shuffle(order)
+        for label, rate in order:
+            t = rng.randrange(2)  # the twin that samples this run
+            rate_of = [rate if i == t else 0.0 for i in range(2)]
+            before = [await set_rate(ports[i], rate_of[i]) for i in range(2)]
+            loads = await asyncio.gather(*(c.load(args.seconds) for c in clients))
+            res = [window(before[i], await set_rate(ports[i], rate_of[i]), loads[i])
+                   for i in range(2)]
+            test, control = res[t], res[1 - t]
+            results[label].append(test)
+            results["0%"].append(control)
+            costs[label].append(100 * (1 - control["cpu_us_per_hit"] / test["cpu_us_per_hit"]))
+            cpu_costs[label].append(100 * (test["cpu_us_per_hit"] / control["cpu_us_per_hit"] - 1))
+            raw[label].append(100 * (1 - test["hits_per_s"] / control["hits_per_s"]))
+            if not args.json:
+                show(label, rnd, test)
+                show("0%", rnd, control)
+    for c in clients:
+        c.close()
+    rates: dict[str, Any] = {"0%": summarise("0%", 0.0, results["0%"], [0.0, 0.0], [0.0, 0.0])}
+    for label, rate in tests:
+        rates[label] = summarise(label, rate, results[label], costs[label], cpu_costs[label])
+        mean, low, high = interval(raw[label])
+        rates[label]["raw_throughput_cost_pct"] = mean
+        rates[label]["raw_throughput_cost_ci95"] = [low, high]
+    return rates
+
+
+def split_cores(pin: bool) -> tuple[str, set[int] | None]:
+    """The service's core (as the ``--x-serve`` argument) and the load generator's cores; no
+    pinning where asked not to, or where fewer than two cores are ours."""
+    import os
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin or len(cores) < 2:
+        return "", None
+    return str(cores[0]), set(cores[1:])
+
+
+def report(summary: dict[str, Any]) -> None:
+    from audit import ShadowConfig
+
+    rates = summary["rates"]
+    print(f"\n{'sampling':>9} {'hits/s':>8} {'throughput cost (95% CI)':>26} {'median':>7} "
+          f"{'CPU us/hit':>11} {'worker CPU':>10} {'p99 ms':>7} {'audited':>8} {'dropped':>8}")
+    for label, r in rates.items():
+        low, high = r["throughput_cost_ci95"]
+        cost = "-" if label == "0%" else f"{r['throughput_cost_pct']:5.1f}% ({low:5.1f}..{high:4.1f})"
+        print(f"{label:>9} {r['hits_per_s']:>8.0f} {cost:>26} "
+              f"{r['throughput_cost_median_pct']:>6.1f}% {r['cpu_us_per_hit']:>11.0f} "
+              f"{r['worker_cpu_share_pct']:>9.2f}% {r['p99_ms']:>7.2f} {r['audited']:>8} "
+              f"{r['dropped']:>8}")
+    if summary["mode"] == "paired":
+        print("(paired: each cost is the shortfall in hits per CPU-second against a twin service "
+              "at 0% on the same core in the same seconds; '0% again' is the A/A control, both "
+              "twins at 0%)")
+        for label, r in rates.items():
+            if label != "0%":
+                low, high = r["raw_throughput_cost_ci95"]
+                print(f"  {label:>8}: hits/s while sharing the core "
+                      f"{r['raw_throughput_cost_pct']:.1f}% below the twin ({low:.1f}..{high:.1f})")
+    else:
+        print("(costs against the mean of the same round's 0% runs; '0% again' is the A/A "
+              "control: its row is the second 0% run against the first)")
+    budget = summary["audit_settings"].get("recompute_budget", ShadowConfig().recompute_budget)
+    print(f"Findings on clean traffic: {summary['findings']}. Recompute capped at "
+          f"{100 * budget:g}% of one core's wall time per service"
+          f"{' (half the default: each twin has half a core)' if summary['mode'] == 'paired' else ''}; "
+          f"[audit] settings given: {summary['audit_settings'] or 'none'}.")
+    m = summary["micro"]
+    print(f"Per hit on the request path (draw, and for a sample build + queue the event): "
+          f"{m['observe_us_0.01']:.2f} us at 1%, {m['observe_us_0.10']:.2f} us at 10%, against "
+          f"{m['hit_cpu_us']:.0f} us of service CPU per hit; per sample in the worker (no "
+          f"recompute): {m['check_us_no_oracle']:.0f} us.")
+    one = rates.get("1%")
+    if one is not None:
+        low, high = one["throughput_cost_ci95"]
+        direct = one["worker_cpu_share_pct"] + 100 * m["observe_us_0.01"] / m["hit_cpu_us"]
+        print(f"\n1% sampling costs {one['throughput_cost_pct']:.1f}% of hit throughput "
+              f"(95% CI {low:.1f}..{high:.1f}%, {summary['mode']}, {summary['rounds']} rounds "
+              f"of {summary['seconds']:g} s, "
+              f"{'pinned cores' if summary['pinned'] else 'shared cores'}); goal under "
+              f"{GOAL_PCT:g}%: {verdict(low, high)}. Of that, the worker thread's own CPU is "
+              f"{one['worker_cpu_share_pct']:.2f}% and the request path's draw "
+              f"{direct - one['worker_cpu_share_pct']:.2f}%.")
 
 
 def main() -> None:
-    global ShadowConfigDefaults
-    from audit import ShadowConfig
-
-    ShadowConfigDefaults = ShadowConfig()
-    if len(sys.argv) == 5 and sys.argv[1] == "--x-serve":
-        serve(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if len(sys.argv) == 7 and sys.argv[1] == "--x-serve":
+        serve(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], json.loads(sys.argv[6]))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=2.0, help="measured seconds per round")
-    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per rate")
-    p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
+    p.add_argument("--mode", choices=("paired", "sequential"), default="paired",
+                   help="paired: two twin services on one core, loaded at once (the default); "
+                        "sequential: one service, the rates one after another")
+    p.add_argument("--seconds", type=float, default=1.0, help="measured seconds per run")
+    p.add_argument("--rounds", type=int, default=20, help="rounds (each runs every rate once)")
+    p.add_argument("--clients", type=int, default=16, help="keep-alive clients per service")
     p.add_argument("--prompts", type=int, default=200, help="distinct cached requests")
     p.add_argument("--oracle", choices=("engine", "none"), default="engine",
                    help="recompute sampled hits with the engine, or check provenance only")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="let the services and the load generator share every core")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rounds' shuffled order")
+    p.add_argument("--set", dest="audit", action="append", default=[], metavar="NAME=VALUE",
+                   help="an [audit] setting for the services, e.g. batch_wait_s=0.2 (repeatable)")
+    p.add_argument("--rates", default="0,1,10",
+                   help="the sampling rates under test, in percent (0 runs the A/A control)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
+    args.runs = parse_runs(args.rates)
+    if args.mode == "paired" and not any(a.startswith("recompute_budget=") for a in args.audit):
+        from audit import ShadowConfig
+
+        # NOTE: the recompute budget is a share of one core, and each twin has half of one:
+        # half the budget is the same share of a twin's CPU as the default is of a service's
+        # own core (the default would cost a twin twice what it costs a service).
+        args.audit.append(f"recompute_budget={ShadowConfig().recompute_budget / 2}")
+    args.audit = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.audit)}
+    server_cpus, client_cpus = split_cores(args.pin)
+    args.pinned = client_cpus is not None
+    if client_cpus is not None:
+        import os
+
+        os.sched_setaffinity(0, client_cpus)
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, __file__, "--x-serve", str(port), tmp,
-                                     args.oracle])
-            procs.append(proc)
-            wait_port(port, proc)
-            summary = asyncio.run(run(args, port, proc.pid))
+            ports = []
+            for i in range(2 if args.mode == "paired" else 1):
+                port = free_port()
+                state = Path(tmp) / f"service-{i}"
+                state.mkdir()
+                procs.append(subprocess.Popen([sys.executable, __file__, "--x-serve", str(port),
+                                               str(state), args.oracle, server_cpus,
+                                               json.dumps(args.audit)]))
+                ports.append(port)
+            for port, proc in zip(ports, procs):
+                wait_port(port, proc)
+            runner = run_paired if args.mode == "paired" else run_sequential
+            rates = asyncio.run(runner(args, ports))
         finally:
             for proc in procs:
                 proc.terminate()  # SIGTERM: the auditor drains and closes its journal
@@ -319,37 +557,15 @@ def main() -> None:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        summary["findings"] = findings_of(Path(tmp))
-        summary["oracle"] = args.oracle
-    summary["micro"] = micro(summary["rates"]["0.00"]["cpu_us_per_hit"])
+        summary: dict[str, Any] = {
+            "mode": args.mode, "oracle": args.oracle, "clients": args.clients,
+            "seconds": args.seconds, "rounds": args.rounds, "pinned": args.pinned,
+            "audit_settings": args.audit, "rates": rates, "findings": findings_of(Path(tmp))}
+    summary["micro"] = micro(rates["0%"]["cpu_us_per_hit"])
     if args.json:
         print(json.dumps(summary, indent=2))
-        return
-    print(f"\n{'sampling':>9} {'hits/s':>8} {'vs 0%':>6} {'cost':>6} {'CPU us/hit':>11} "
-          f"{'cost':>6} {'p50 ms':>7} {'p99 ms':>7} {'audited':>8} {'dropped':>8}")
-    for rate, r in summary["rates"].items():
-        print(f"{float(rate):>9.0%} {r['hits_per_s']:>8.0f} {r['throughput_ratio']:>6.3f} "
-              f"{r['throughput_cost_pct']:>5.1f}% {r['cpu_us_per_hit']:>11.0f} "
-              f"{r['cpu_cost_pct']:>5.1f}% {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-              f"{r['audited']:>8} {r['dropped']:>8}")
-    one = summary["rates"]["0.01"]
-    m = summary["micro"]
-    print(f"\n1% sampling: {one['throughput_cost_pct']:.1f}% of hit throughput, "
-          f"{one['cpu_cost_pct']:.1f}% more CPU per hit (goal: under 3%). "
-          f"Findings on clean traffic: {summary['findings']}.")
-    print(f"\nPer hit on the request path (draw, and for a sample build + queue the event): "
-          f"{m['observe_us_0.01']:.2f} us at 1%, "
-          f"{m['observe_us_0.10']:.2f} us at 10%; per sample in the worker (no recompute): "
-          f"{m['check_us_no_oracle']:.0f} us; recompute capped at "
-          f"{100 * ShadowConfigDefaults.recompute_budget:.0f}% of one core.")
-    ten = summary["rates"]["0.10"]
-    base = summary["rates"]["0.00"]
-    per_sample = (ten["cpu_us_per_hit"] - base["cpu_us_per_hit"]) / 0.10
-    print(f"In the service at 10%: {ten['cpu_us_per_hit'] - base['cpu_us_per_hit']:+.0f} us CPU per hit, "
-          f"{per_sample:.0f} us per sample in place (the capped recompute included).")
-    print(f"Against {m['hit_cpu_us']:.0f} us of service CPU per hit: expected cost "
-          f"{m['expected_cost_pct_0.01']:.2f}% at 1%, {m['expected_cost_pct_0.10']:.2f}% at 10%, "
-          f"plus the recompute budget.")
+    else:
+        report(summary)
 
 
 if __name__ == "__main__":
