@@ -290,14 +290,24 @@ async def set_rate(port: int, rate: float) -> dict[str, Any]:
     return json.loads(data.split(b"\r\n\r\n", 1)[1])
 
 
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and the 95% confidence interval of the mean (Student's t)."""
+def interval(values: list[float], twins: list[int] | None = None) -> tuple[float, float, float]:
+    """Mean and the 95% confidence interval of the mean (Student's t). With ``twins`` (which
+    twin sampled in each run), the mean of the two twins' means: a constant difference between
+    the twins themselves cancels out instead of widening or shifting the figure."""
     from scipy import stats
 
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("-inf"), float("inf")
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    if twins is None or len(set(twins)) < 2:
+        mean = statistics.fmean(values)
+        if len(values) < 2:
+            return mean, float("-inf"), float("inf")
+        half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        return mean, mean - half, mean + half
+    groups = [[v for v, t in zip(values, twins) if t == twin] for twin in (0, 1)]
+    if min(len(g) for g in groups) < 2:
+        return interval(values)
+    mean = sum(statistics.fmean(g) for g in groups) / 2
+    se = sum(statistics.variance(g) / len(g) for g in groups) ** 0.5 / 2
+    half = stats.t.ppf(0.975, len(values) - 2) * se
     return mean, mean - half, mean + half
 
 
@@ -327,9 +337,9 @@ def show(label: str, rnd: int, res: dict[str, Any]) -> None:
 
 
 def summarise(label: str, rate: float, rs: list[dict[str, Any]], costs: list[float],
-              cpu_costs: list[float]) -> dict[str, Any]:
-    mean, low, high = interval(costs)
-    cpu_mean, cpu_low, cpu_high = interval(cpu_costs)
+              cpu_costs: list[float], twins: list[int] | None = None) -> dict[str, Any]:
+    mean, low, high = interval(costs, twins)
+    cpu_mean, cpu_low, cpu_high = interval(cpu_costs, twins)
     return {
         "rate": rate,
         "hits_per_s": statistics.median(r["hits_per_s"] for r in rs),
@@ -390,9 +400,10 @@ async def run_sequential(args: argparse.Namespace, ports: list[int]) -> dict[str
 
 async def run_paired(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
     """Two identical services on the same core, loaded at once: in each run one samples at
-    the rate under test and the other at 0% (which one is drawn at random per run), so both
-    see the same machine at the same instant. The cost is the sampled one's shortfall in
-    hits per CPU-second (its capacity on a core of its own) against its twin's."""
+    the rate under test and the other at 0% (the twins take turns), so both see the same
+    machine at the same instant. The cost is the sampled one's shortfall in hits per
+    CPU-second (its capacity on a core of its own) against its twin's, averaged over the two
+    twins' turns."""
     import random
 
     for port in ports:
@@ -402,15 +413,19 @@ async def run_paired(args: argparse.Namespace, ports: list[int]) -> dict[str, An
         await c.open()
     rng = random.Random(args.seed)
     tests = [(label, rate) for label, rate in args.runs if label != "0%"]
+    first = {label: rng.randrange(2) for label, _ in tests}
     results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in args.runs}
     costs: dict[str, list[float]] = {label: [] for label, _ in tests}
     cpu_costs: dict[str, list[float]] = {label: [] for label, _ in tests}
     raw: dict[str, list[float]] = {label: [] for label, _ in tests}
+    twins: dict[str, list[int]] = {label: [] for label, _ in tests}
     for rnd in range(args.rounds):
         order = list(tests)
         rng.shuffle(order)
         for label, rate in order:
-            t = rng.randrange(2)  # the twin that samples this run
+            # The twins take turns sampling at each rate, so each does half the runs.
+            t = (len(twins[label]) + first[label]) % 2
+            twins[label].append(t)
             rate_of = [rate if i == t else 0.0 for i in range(2)]
             before = [await set_rate(ports[i], rate_of[i]) for i in range(2)]
             loads = await asyncio.gather(*(c.load(args.seconds) for c in clients))
@@ -429,8 +444,9 @@ async def run_paired(args: argparse.Namespace, ports: list[int]) -> dict[str, An
         c.close()
     rates: dict[str, Any] = {"0%": summarise("0%", 0.0, results["0%"], [0.0, 0.0], [0.0, 0.0])}
     for label, rate in tests:
-        rates[label] = summarise(label, rate, results[label], costs[label], cpu_costs[label])
-        mean, low, high = interval(raw[label])
+        rates[label] = summarise(label, rate, results[label], costs[label], cpu_costs[label],
+                                 twins[label])
+        mean, low, high = interval(raw[label], twins[label])
         rates[label]["raw_throughput_cost_pct"] = mean
         rates[label]["raw_throughput_cost_ci95"] = [low, high]
     return rates
