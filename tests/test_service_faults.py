@@ -128,9 +128,11 @@ class TestRedisFaults:
         assert all(s < 500 for s in tally.statuses), tally.statuses
         assert any(healed < t <= healed + RECOVERY_S for t in tally.hits_after)
         # Redis hangs for 2 s; each call gives up after timeout_ms=100 and the breaker opens
-        # after 3, so no request waits out the hang (1 s leaves room for a loaded machine).
+        # after 3, so no request waits out the hang. 1.5 s leaves room for a loaded machine
+        # (one request in one make test run took 1.2 s; alone the slowest takes about 0.2 s);
+        # without the timeouts, the requests sent in the first half second wait 1.5-2 s.
         during = [took for at, took in tally.latencies if 1.0 < at <= 3.0 + 1.0]
-        assert during and max(during) < 1.0, max(during)
+        assert during and max(during) < 1.5, max(during)
 
     def test_losing_a_cluster_node_mid_load_never_fails_or_lies(self, tmp_path, redis_cluster):
         with serving(create_app(_settings(tmp_path, redis_cluster.url),
