@@ -167,6 +167,7 @@ class ShadowAuditor(Generic[T]):
         self._left: dict[str, int] = {}
         self._planned: dict[str, int] = {}
         self._flushed: dict[str, int] = {}
+        self._promised: dict[str, int] = {}  # handed to pass_over's caller, not yet counted
         self._skipped_done = 0
         self._sampled = 0
         self.enqueued = 0
@@ -230,6 +231,27 @@ class ShadowAuditor(Generic[T]):
             return False
         return self._draw(kind, force)
 
+    def pass_over(self, kind: EventKind) -> int:
+        """How many of the next events of ``kind`` will not be samples, handed to a caller
+        that will pass over them without calling :meth:`draw` (the service's cache counts them
+        down itself, so a skipped hit runs none of the auditor's code). They are counted as
+        skipped when the sample after them is drawn (so the counters lag by at most one gap,
+        and a caller that stops early leaves its last promise uncounted); the event after them
+        is a sample. 0: call :meth:`draw` for the next one."""
+        rate = self._config.sample_rate if kind == "hit" else self._config.fill_sample_rate
+        if self._stopping or not 0 < rate < 1:
+            return 0
+        if kind not in self._left:  # no gap drawn since the last sample: draw it now
+            skips = int(math.log1p(-self._random()) / math.log1p(-rate))
+            self._planned[kind], self._flushed[kind] = 0, 0  # 0 skips: the next is due
+        else:
+            skips = self._left[kind]
+            self._planned[kind] -= skips
+        # All of it is the caller's now; the next draw is the sample, and counts them.
+        self._left[kind] = 0
+        self._promised[kind] = skips
+        return skips
+
     def _draw(self, kind: str, force: bool) -> bool:
         if force:
             self._sampled += 1
@@ -257,8 +279,9 @@ class ShadowAuditor(Generic[T]):
         planned = self._planned.pop(kind, 0)
         left = self._left.pop(kind, 0)
         done = planned - left
-        self._skipped_done += done
+        self._skipped_done += done + self._promised.get(kind, 0)
         flushed = self._flushed.pop(kind, 0)
+        done += self._promised.pop(kind, 0)
         if done > flushed:
             self._m_skip.get(kind, self._m_skip["hit"]).inc(done - flushed)
 

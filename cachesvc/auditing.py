@@ -142,6 +142,8 @@ class ShadowObserver:
         #: runs on every hit). True when it is a sample, so the service builds the event (and
         #: calls :meth:`observe`) only for the ones checked.
         self.wants = auditor.draw
+        #: ``pass_over(kind)``: how many following events the service may count down itself.
+        self.pass_over = auditor.pass_over
 
     def observe(self, event: CacheEvent) -> None:
         """An event that :meth:`wants` drew as a sample: queue it (never blocks)."""

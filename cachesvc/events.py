@@ -61,8 +61,10 @@ class CacheObserver(Protocol):
 
     Optionally ``wants(kind) -> bool``, asked first for each event: False and the event is not
     even built for this observer (a sampling observer makes its draw there, so the request
-    path pays for the event only on a sample); and ``abandon(kind)``, told when an event it
-    wanted could not be built.
+    path pays for the event only on a sample); ``abandon(kind)``, told when an event it
+    wanted could not be built; and ``pass_over(kind) -> int``, asked after ``wants`` when it is
+    the only observer: that many following events of ``kind`` are not offered to it at all
+    (it counts them as skipped itself).
     """
 
     def observe(self, event: CacheEvent) -> None: ...

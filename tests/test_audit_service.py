@@ -152,3 +152,31 @@ class TestRefusedEntriesAreFindings:
         auditor_of(app).drain(timeout=60)
         kinds = [f.kind for f in journal.findings()]
         assert kinds and set(kinds) <= {"cross_scope", "collision"}
+
+
+class TestSamplingOnTheHotPath:
+    def test_skipped_hits_are_counted_down_by_the_cache_without_calling_the_auditor(
+            self, tmp_path, tiny_engine):
+        """At 10% the auditor is asked about roughly one hit in five (the sample, and the
+        draw after it): the cache counts down the gaps it was promised. The hits are still
+        counted as offered (a gap when it closes), and about a tenth are checked."""
+        with _running(tmp_path, tiny_engine, sample_rate=0.1, fill_sample_rate=0.0,
+                      oracle="none") as (server, app, _, journal):
+            post(server, chat("counted down"))  # the fill
+            observer = app.state.services.cache.observers[0]
+            auditor = observer.auditor
+            calls = []
+            draw = observer.wants
+            observer.wants = lambda kind: calls.append(kind) or draw(kind)
+            offered = auditor.offered
+            with httpx.Client(base_url=server.url, headers=auth(KEY_A), timeout=60) as client:
+                for _ in range(600):
+                    r = client.post("/v1/chat/completions", json=chat("counted down"))
+                    assert r.headers["x-cache"].startswith("HIT")
+            auditor.drain(timeout=60)
+            # Counted when the sample after a gap is drawn: the last gap may be open.
+            assert 500 <= auditor.offered - offered <= 600
+            assert 25 <= auditor.enqueued <= 100  # Binomial(600, 0.1): 60, sd 7.3
+            assert len(calls) <= 2 * auditor.enqueued + 2 < 600 / 3
+            assert journal.findings() == []
+            auditor.check_valid()

@@ -102,6 +102,28 @@ class TestSampling:
         a.stop()
         assert skipped_metric._value.get() - before == a.skipped
 
+    def test_a_caller_that_counts_down_pass_over_samples_the_same(self, tmp_path):
+        """The service's cache asks pass_over after each draw and skips that many events
+        without calling the auditor: the samples still come at the rate, independently, and
+        the skipped events are counted once the gap closes."""
+        a = auditor(tmp_path, sample_rate=0.05)
+        seq, calls, countdown = [], 0, 0
+        for _ in range(200_000):
+            if countdown > 0:
+                countdown -= 1
+                seq.append(False)
+                continue
+            calls += 1
+            seq.append(a.draw("hit"))
+            countdown = a.pass_over("hit")
+        n = sum(seq)
+        assert 9600 <= n <= 10400  # Binomial(200000, 0.05): sd 97, four either way
+        after = [b for prev, b in zip(seq, seq[1:]) if prev]
+        assert 0.041 <= sum(after) / len(after) <= 0.059
+        assert calls < 2.2 * n  # one call per sample, one per gap
+        open_gap = len(seq) - 1 - max(i for i, b in enumerate(seq) if b)
+        assert a.offered == 200_000 - open_gap and a.skipped == a.offered - n
+
     def test_a_new_rate_takes_effect_at_once(self, tmp_path):
         a = auditor(tmp_path, sample_rate=0.0001)
         a.draw("hit")  # draws a gap of thousands of events at this rate
