@@ -524,7 +524,7 @@ def report(summary: dict[str, Any]) -> None:
               f"of {summary['seconds']:g} s, "
               f"{'pinned cores' if summary['pinned'] else 'shared cores'}); goal under "
               f"{GOAL_PCT:g}%: {verdict(low, high)}. Of that, the worker thread's own CPU is "
-              f"{one['worker_cpu_share_pct']:.2f}% and the request path's draw "
+              f"{one['worker_cpu_share_pct']:.2f}% and the request path's (notify, in a tight loop) "
               f"{direct - one['worker_cpu_share_pct']:.2f}%.")
 
 
