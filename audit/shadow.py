@@ -215,7 +215,10 @@ class ShadowAuditor(Generic[T]):
 
     @property
     def skipped(self) -> int:
-        return self._skipped_done + sum(self._planned[k] - self._left[k] for k in self._left)
+        # list(): one step under the GIL, so a read from another thread (a test, a metrics
+        # scrape) never meets the dict mid-change.
+        gaps = list(self._left.items())
+        return self._skipped_done + sum(self._planned.get(k, left) - left for k, left in gaps)
 
     def draw(self, kind: EventKind, *, force: bool = False) -> bool:
         """The sampling decision alone, for callers that build the event only for a sample:
