@@ -162,14 +162,13 @@ class ShadowAuditor(Generic[T]):
         self.recompute_skipped = 0
         #: CPU seconds the worker thread spent checking (what the auditor costs, read directly).
         self.worker_cpu_s = 0.0
-        # Counters (read by check_valid and the benchmark). The hot path touches one dict: the
-        # events each kind still skips before its next sample (see draw).
+        # Per kind: the events still to skip before the next sample (absent: no gap drawn),
+        # and the skips handed to pass_over's caller, counted when that gap's sample comes.
         self._left: dict[str, int] = {}
-        self._planned: dict[str, int] = {}
-        self._flushed: dict[str, int] = {}
-        self._promised: dict[str, int] = {}  # handed to pass_over's caller, not yet counted
-        self._skipped_done = 0
-        self._sampled = 0
+        self._promised: dict[str, int] = {}
+        # Counters (read by check_valid and the benchmark).
+        self.offered = 0
+        self.skipped = 0
         self.enqueued = 0
         self.dropped = 0
         self.abandoned = 0
@@ -202,91 +201,59 @@ class ShadowAuditor(Generic[T]):
 
     @config.setter
     def config(self, config: ShadowConfig) -> None:
-        """A new config (new rates) takes effect at once: the skips drawn at the old rates
-        are counted and dropped."""
+        """A new config (new rates) takes effect at the next draw: gaps drawn at the old
+        rates are dropped (skips already promised to a caller stay promised)."""
         self._config = config
-        for kind in list(self._left):
-            self._close_gap(kind)
-
-    @property
-    def offered(self) -> int:
-        """Events the auditor was asked about (skipped + sampled)."""
-        return self.skipped + self._sampled
-
-    @property
-    def skipped(self) -> int:
-        # list(): one step under the GIL, so a read from another thread (a test, a metrics
-        # scrape) never meets the dict mid-change.
-        gaps = list(self._left.items())
-        return self._skipped_done + sum(self._planned.get(k, left) - left for k, left in gaps)
+        self._left.clear()
 
     def draw(self, kind: EventKind, *, force: bool = False) -> bool:
         """The sampling decision alone, for callers that build the event only for a sample:
         True means "build it and :meth:`enqueue` it" (or :meth:`abandon` it if that fails).
         Counted as offered, and as skipped when not drawn."""
-        # NOTE: one dict read and write per skipped event. Instead of a random draw per event,
-        # the gap to the next sample is drawn once per sample from the geometric distribution,
-        # which samples exactly as independent draws at the rate would. In the service a draw
-        # per event cost about 1% of hit throughput at 1% sampling.
-        left = self._left.get(kind, 0)
-        if left > 0 and not force:
+        self.offered += 1
+        if force:
+            return True
+        rate = self._config.sample_rate if kind == "hit" else self._config.fill_sample_rate
+        if rate <= 0 or self._stopping:
+            return self._skip(kind, 1)
+        left = self._left.get(kind)
+        if left is None:
+            left = self._gap(rate)
+        if left > 0:
             self._left[kind] = left - 1
-            return False
-        return self._draw(kind, force)
+            return self._skip(kind, 1)
+        self._left.pop(kind, None)
+        promised = self._promised.pop(kind, 0)
+        if promised:
+            self.offered += promised
+            self._skip(kind, promised)
+        return True
 
     def pass_over(self, kind: EventKind) -> int:
         """How many of the next events of ``kind`` will not be samples, handed to a caller
-        that will pass over them without calling :meth:`draw` (the service's cache counts them
-        down itself, so a skipped hit runs none of the auditor's code). They are counted as
-        skipped when the sample after them is drawn (so the counters lag by at most one gap,
-        and a caller that stops early leaves its last promise uncounted); the event after them
-        is a sample. 0: call :meth:`draw` for the next one."""
+        that passes over them without calling :meth:`draw` (the service's cache counts them
+        down itself, so a skipped hit runs none of the auditor's code). The event after them
+        is a sample. They are counted, as offered and skipped, when that sample is drawn: the
+        counters lag by at most one gap. 0: call :meth:`draw` for the next event."""
         rate = self._config.sample_rate if kind == "hit" else self._config.fill_sample_rate
         if self._stopping or not 0 < rate < 1:
             return 0
-        if kind not in self._left:  # no gap drawn since the last sample: draw it now
-            skips = int(math.log1p(-self._random()) / math.log1p(-rate))
-            self._planned[kind], self._flushed[kind] = 0, 0  # 0 skips: the next is due
-        else:
-            skips = self._left[kind]
-            self._planned[kind] -= skips
-        # All of it is the caller's now; the next draw is the sample, and counts them.
+        left = self._left.get(kind)
+        if left is None:
+            left = self._gap(rate)
         self._left[kind] = 0
-        self._promised[kind] = skips
-        return skips
+        self._promised[kind] = self._promised.get(kind, 0) + left
+        return left
 
-    def _draw(self, kind: str, force: bool) -> bool:
-        if force:
-            self._sampled += 1
-            return True
-        due = kind in self._left  # a gap ran out: this event is its sample
-        self._close_gap(kind)
-        rate = self._config.sample_rate if kind == "hit" else self._config.fill_sample_rate
-        if rate <= 0 or self._stopping:
-            self._skipped_done += 1
-            self._m_skip.get(kind, self._m_skip["hit"]).inc()
-            return False
-        skips = 0 if due or rate >= 1 else int(math.log1p(-self._random()) / math.log1p(-rate))
-        if skips == 0:
-            self._sampled += 1
-            return True
-        # This event is the gap's first skip; the rest are taken by draw's fast path.
-        self._skipped_done += 1
-        self._m_skip.get(kind, self._m_skip["hit"]).inc()
-        self._left[kind] = self._planned[kind] = skips - 1
-        self._flushed[kind] = 0
+    def _gap(self, rate: float) -> int:
+        """Events to skip before the next sample: geometric, drawn once per sample, which
+        samples exactly as an independent draw per event at ``rate`` would."""
+        return 0 if rate >= 1 else int(math.log1p(-self._random()) / math.log1p(-rate))
+
+    def _skip(self, kind: str, n: int) -> bool:
+        self.skipped += n
+        self._m_skip.get(kind, self._m_skip["hit"]).inc(n)
         return False
-
-    def _close_gap(self, kind: str) -> None:
-        """Count the skips of ``kind``'s current gap as done and forget what is left of it."""
-        planned = self._planned.pop(kind, 0)
-        left = self._left.pop(kind, 0)
-        done = planned - left
-        self._skipped_done += done + self._promised.get(kind, 0)
-        flushed = self._flushed.pop(kind, 0)
-        done += self._promised.pop(kind, 0)
-        if done > flushed:
-            self._m_skip.get(kind, self._m_skip["hit"]).inc(done - flushed)
 
     def enqueue(self, item: T, kind: EventKind | None = None) -> bool:
         """Queue a drawn sample without waiting; a full queue drops it (counted)."""
@@ -311,14 +278,6 @@ class ShadowAuditor(Generic[T]):
         """A drawn sample that never reached :meth:`enqueue` (building it failed)."""
         self.abandoned += 1
 
-    def _flush_skipped(self) -> None:
-        """Bring the skipped metric up to date within the current gaps (on stop)."""
-        for kind in list(self._left):
-            done = self._planned[kind] - self._left[kind]
-            if done > self._flushed[kind]:
-                self._m_skip.get(kind, self._m_skip["hit"]).inc(done - self._flushed[kind])
-                self._flushed[kind] = done
-
     # -- the worker ----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -331,7 +290,6 @@ class ShadowAuditor(Generic[T]):
     def stop(self, *, timeout: float = 30.0) -> None:
         """Stop taking samples, check what is queued (until ``timeout``), close the recorder."""
         self._stopping = True
-        self._flush_skipped()
         thread = self._thread
         if thread is not None:
             deadline = time.monotonic() + timeout
