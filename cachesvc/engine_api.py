@@ -11,6 +11,7 @@ never silently ignored: a cache keyed on them must not be handed an answer that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import uuid
@@ -295,18 +296,14 @@ def _run_error(exc: BaseException) -> EngineRequestError:
 
 
 async def complete(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> dict[str, Any]:
-    """Serve one non-streaming request; returns an OpenAI response object."""
-    prompt_ids, params, _ = parse_request(engine, body, kind, tenant=tenant)
-    try:
-        r = await _in_thread(engine.generate, prompt_ids, params)
-    except (AdmissionRefusedError, InvalidParamsError) as exc:
-        raise _run_error(exc) from None
-    return _response(engine, kind, params, r)
+    """Serve one non-streaming request (:func:`complete_blocking` in a thread of its own);
+    returns an OpenAI response object."""
+    return await _in_thread(functools.partial(complete_blocking, engine, body, kind, tenant=tenant))
 
 
 def complete_blocking(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> dict[str, Any]:
-    """:func:`complete` in the calling thread, for callers that are not on an event loop (the
-    auditor's worker recomputes here, so its own CPU time counts the model's work)."""
+    """One non-streaming request in the calling thread: :func:`complete` runs it in a thread of
+    its own; the auditor's worker calls it directly, so its CPU time counts the model's work."""
     prompt_ids, params, _ = parse_request(engine, body, kind, tenant=tenant)
     try:
         r = engine.generate(prompt_ids, params)
