@@ -91,9 +91,8 @@ class ShadowConfig:
     recompute: bool = True
     #: Share of one core's wall time the recompute may use (1.0: no limit). Recomputing is the
     #: one expensive check (a model forward pass on the service's own machine); over budget a
-    #: sample still gets every other check and the recompute is counted as skipped. Measured
-    #: with bench/audit.py, 1% sampling costs 2.2-2.6% of hit throughput with the recompute at
-    #: this default and 1.8% without it.
+    #: sample still gets every other check and the recompute is counted as skipped. It is a
+    #: small part of what sampling costs (bench/audit.py; figures in the README).
     recompute_budget: float = 0.01
     #: Most seconds of recompute that can be banked and spent at once (the bucket's size).
     recompute_burst_s: float = 2.0
@@ -115,8 +114,8 @@ class ShadowConfig:
         if not 0 < self.recompute_budget <= 1:
             raise AuditConfigError("audit.recompute_budget", f"{self.recompute_budget!r} is not in (0, 1]",
                                    "use the share of one core the recompute may use, e.g. 0.02")
-        if not self.recompute_burst_s >= 0:
-            raise AuditConfigError("audit.recompute_burst_s", f"{self.recompute_burst_s!r} is < 0",
+        if not self.recompute_burst_s > 0:  # 0 could never bank credit: no recompute at all
+            raise AuditConfigError("audit.recompute_burst_s", f"{self.recompute_burst_s!r} is not > 0",
                                    "use a number of seconds, e.g. 2")
         if not 0 <= self.batch_wait_s <= 10:
             raise AuditConfigError("audit.batch_wait_s", f"{self.batch_wait_s!r} is not in [0, 10]",

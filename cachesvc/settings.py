@@ -116,7 +116,7 @@ class AuditSettings(_Section):
     #: Share of one core's wall time the recompute may take (a token bucket).
     recompute_budget: float = Field(default=0.01, gt=0, le=1)
     #: Most seconds of recompute the bucket banks while idle and spends at once.
-    recompute_burst_s: float = Field(default=2.0, ge=0)
+    recompute_burst_s: float = Field(default=2.0, gt=0)
     #: The worker waits this long after a sample arrives, then checks all that are queued.
     batch_wait_s: float = Field(default=0.05, ge=0, le=10)
     #: Serving an epoch replaced longer than this ago is `stale`; default: 30 s, or twice

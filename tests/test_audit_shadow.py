@@ -309,6 +309,12 @@ class TestRecomputeBudget:
         with pytest.raises(AuditConfigError, match="audit.recompute_budget"):
             ShadowConfig(recompute_budget=0)
 
+    def test_a_bucket_that_could_never_hold_credit_is_refused(self):
+        """With no room to bank, the credit never goes above 0 and no recompute would ever
+        run: refused, naming the setting, rather than silently auditing less."""
+        with pytest.raises(AuditConfigError, match="audit.recompute_burst_s"):
+            ShadowConfig(recompute_burst_s=0)
+
 
 class AuditorMachine(RuleBasedStateMachine):
     """Offers and checks in any order keep the counters equal to a plain model's."""
