@@ -39,6 +39,16 @@ def auditor(tmp_path, **cfg) -> ShadowAuditor:
                          rng=random.Random(0), clock=clock)
 
 
+def assert_independent_at_five_percent(seq: list[bool]) -> int:
+    """200,000 sampling decisions at 5%: the rate holds, and a sample is as likely right after
+    a sample as anywhere (no memory). Returns the number of samples."""
+    n = sum(seq)
+    assert 9600 <= n <= 10400  # Binomial(200000, 0.05): sd 97, four either way
+    after = [b for prev, b in zip(seq, seq[1:]) if prev]
+    assert 0.041 <= sum(after) / len(after) <= 0.059  # ~10000 trials, sd 0.0022
+    return n
+
+
 class TestConfig:
     def test_a_rate_outside_zero_to_one_is_refused_naming_the_setting(self):
         with pytest.raises(AuditConfigError, match="audit.sample_rate"):
@@ -83,7 +93,6 @@ class TestSampling:
         drawn = sum(obs.wants("hit") for _ in range(10_000))
         assert 880 <= drawn <= 1120  # Binomial(10000, 0.1), four sds either way
 
-
     def test_samples_are_independent_draws_at_the_rate(self, tmp_path):
         """The gap to the next sample is drawn once per sample (geometric), which over many
         events is the same as an independent draw per event: the rate holds, a sample is as
@@ -94,10 +103,7 @@ class TestSampling:
         before = skipped_metric._value.get()
         a = auditor(tmp_path, sample_rate=0.05)
         seq = [a.draw("hit") for _ in range(200_000)]
-        n = sum(seq)
-        assert 9600 <= n <= 10400  # Binomial(200000, 0.05): sd 97, four either way
-        after = [b for prev, b in zip(seq, seq[1:]) if prev]
-        assert 0.041 <= sum(after) / len(after) <= 0.059  # ~10000 trials, sd 0.0022
+        n = assert_independent_at_five_percent(seq)
         assert (a.offered, a.skipped) == (200_000, 200_000 - n)
         a.stop()
         assert skipped_metric._value.get() - before == a.skipped
@@ -116,10 +122,7 @@ class TestSampling:
             calls += 1
             seq.append(a.draw("hit"))
             countdown = a.pass_over("hit")
-        n = sum(seq)
-        assert 9600 <= n <= 10400  # Binomial(200000, 0.05): sd 97, four either way
-        after = [b for prev, b in zip(seq, seq[1:]) if prev]
-        assert 0.041 <= sum(after) / len(after) <= 0.059
+        n = assert_independent_at_five_percent(seq)
         assert calls < 2.2 * n  # one call per sample, one per gap
         open_gap = len(seq) - 1 - max(i for i, b in enumerate(seq) if b)
         assert a.offered == 200_000 - open_gap and a.skipped == a.offered - n
