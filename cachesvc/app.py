@@ -19,7 +19,9 @@ from fastapi import FastAPI
 from cachesvc.api.responses import OrjsonResponse
 
 from cachesvc import metrics
+from cachesvc.access_log import AccessLog
 from cachesvc.api import admin, cache, health, proxy
+from cachesvc.api import docs as api_docs
 from cachesvc.api import errors as api_errors
 from cachesvc.api.deps import Services
 from cachesvc.breaker import CircuitBreaker
@@ -93,8 +95,13 @@ def create_app(
         summary="A response cache for LLM inference that can prove it is right.",
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
+        docs_url=None,  # served offline by api/docs.py
+        redoc_url=None,  # ReDoc loads from a CDN only
     )
     api_errors.install(app)
+    api_docs.install(app)
+    if settings.logging.access_log:
+        app.add_middleware(AccessLog, sample_rate=settings.logging.access_log_sample_rate)
     app.include_router(proxy.router)
     app.include_router(cache.router)
     app.include_router(admin.router)

@@ -394,17 +394,22 @@ class HttpProber:
         self._clock = clock
         self._client = client or httpx.Client(timeout=timeout)
 
-    def body(self, prompt: str) -> dict[str, Any]:
+    def body(self, prompt: str, user: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if user is not None:
+            body["user"] = user
         if self.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         return body
 
-    def __call__(self, *, key: str, prompt: str) -> float:
-        body = self.body(prompt)
-        headers = {"Authorization": f"Bearer {key}"}
+    def __call__(self, *, key: str, prompt: str, user: str | None = None) -> float:
+        body = self.body(prompt, user)
+        # NOTE: no-store keeps the probes' random prompts out of the tenant's response cache (a
+        # run would otherwise leave thousands of entries nobody will ask for again); a prefix
+        # cache behind the service still sees them, which is what the audit measures.
+        headers = {"Authorization": f"Bearer {key}", "Cache-Control": "no-store"}
         t0 = self._clock()
         try:
             resp = self._client.post(self.url, json=body, headers=headers)

@@ -153,6 +153,10 @@ class LoggingSettings(_Section):
     json_logs: bool | None = Field(default=None, alias="json")
     #: Put prompt and response text into logs. Off: logs carry digests, scopes and sizes only.
     log_content: bool = False
+    #: One structured line per request (cachesvc/access_log.py); never prompt or answer text.
+    access_log: bool = True
+    #: Share of successful requests logged; every 4xx and 5xx is logged regardless.
+    access_log_sample_rate: float = Field(default=1.0, ge=0, le=1)
 
 
 class Settings(BaseSettings):

@@ -23,9 +23,9 @@ class SimulatedTarget:
         self.rng = random.Random(seed)
         self.calls = 0
 
-    def __call__(self, *, key: str, prompt: str) -> float:
+    def __call__(self, *, key: str, prompt: str, user: str | None = None) -> float:
         self.calls += 1
-        part = "all" if self.shared else self.tenants[key]
+        part = "all" if self.shared else f"{self.tenants[key]}/{user}"
         words = tuple(prompt.split())
         seen = self.cache.setdefault(part, set())
         cached = 0

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from cachesvc import metrics
+from cachesvc import access_log, metrics
 from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
 from cachesvc.api.responses import OrjsonResponse
 from cachesvc.api.schemas import (
@@ -77,6 +77,7 @@ async def lookup(request: Request) -> Response:
     body, kind = _lookup_body(obj)
     cc = parse_cache_control(request.headers.get("cache-control"))
     keyed = await services.cache.key(tenant, body, _kind(body, kind), raw=raw)
+    access_log.note(request.scope, digest=keyed.key.digest)
     result = await services.cache.lookup(keyed, cc, route="cache_api")
     out: dict[str, Any] = {"status": result.status, "reason": result.reason}
     if result.status == "hit":

@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from cachesvc.api.responses import OrjsonResponse
 
-from cachesvc import metrics
+from cachesvc import access_log, metrics
 from cachesvc.api.deps import Services, hot_path_caller, read_json_body
 from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
 from cachesvc.cache_control import parse_cache_control
@@ -52,6 +52,7 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
     raw, body = await read_json_body(request, services.settings.limits.max_request_bytes)
     cc = parse_cache_control(request.headers.get("cache-control"))
     keyed = await services.cache.key(tenant, body, kind, raw=raw)
+    access_log.note(request.scope, digest=keyed.key.digest)
     result = await services.cache.lookup(keyed, cc, route="proxy")
     if services.settings.logging.log_content:
         # Off by default: prompts are the tenants' data. Enabled only for debugging.

@@ -1,0 +1,96 @@
+"""The access log: one structured line per HTTP request, never its content.
+
+Each line (structlog event ``access``) carries the method, the route template (``/admin/
+tenants/{tenant}/entries``, not the filled-in path), the status, ``X-Cache``, the tenant, the
+latency in milliseconds, and the entry digest when the request was keyed. It never carries a
+prompt, an answer, a header value other than ``X-Cache``, a query string or an API key: the
+fields are taken from the request line, the response start and two values the routes note on
+the request (:func:`note`), never from a body.
+
+Two ways in, one line format:
+
+* :class:`AccessLog`, pure ASGI middleware (no Starlette ``BaseHTTPMiddleware``, which would
+  copy every streamed body through a queue): ``create_app`` installs it;
+* :func:`log_access`, for a lean ASGI hot path that bypasses the middleware stack: call it once
+  per request with what it knows.
+
+``[logging] access_log_sample_rate`` logs that share of successful requests (statuses below
+400); every 4xx and 5xx (a 401 included) is always logged.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+_log = structlog.get_logger("cachesvc.access")
+
+#: Keys on the ASGI scope's ``state`` dict that the routes fill in (see :func:`note`).
+TENANT = "access_tenant"
+DIGEST = "access_digest"
+
+
+def note(scope: Any, *, tenant: str | None = None, digest: bytes | None = None) -> None:
+    """Record the request's tenant and entry digest for its access-log line."""
+    state = scope.setdefault("state", {})
+    if tenant is not None:
+        state[TENANT] = tenant
+    if digest is not None:
+        state[DIGEST] = digest
+
+
+def log_access(*, method: str, route: str, status: int, cache: str | None,
+               tenant: str | None, latency_s: float, digest: bytes | None = None) -> None:
+    """Write one access-log line (the function a hot path calls itself)."""
+    _log.info("access", method=method, route=route, status=status, cache=cache or "-",
+              tenant=tenant or "-", latency_ms=round(latency_s * 1000, 3),
+              digest=digest.hex() if digest else None)
+
+
+class AccessLog:
+    """ASGI middleware writing :func:`log_access` lines; see the module docstring."""
+
+    def __init__(self, app: Any, *, sample_rate: float = 1.0,
+                 rng: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.app = app
+        self.sample_rate = sample_rate
+        self.rng = rng
+        self.clock = clock
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = self.clock()
+        seen: dict[str, Any] = {"status": 500, "cache": None}
+
+        async def send_and_watch(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"x-cache":
+                        seen["cache"] = value.decode("latin-1")
+                        break
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            status = seen["status"]
+            if status >= 400 or self.sample_rate >= 1.0 or self.rng() < self.sample_rate:
+                route = scope.get("route")
+                state = scope.get("state") or {}
+                log_access(method=scope["method"],
+                           route=getattr(route, "path", None) or _unmatched(scope),
+                           status=status, cache=seen["cache"], tenant=state.get(TENANT),
+                           latency_s=self.clock() - start, digest=state.get(DIGEST))
+
+
+def _unmatched(scope: Any) -> str:
+    """No route matched (a 404): the path, cut short so a long junk path cannot flood the log."""
+    return str(scope.get("path", "-"))[:200]

@@ -1,0 +1,110 @@
+"""The access log: one structured line per request, with route, status, X-Cache, tenant,
+latency and digest, and never a prompt, an answer or a key; and ``/docs`` served offline."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import structlog
+from fastapi.testclient import TestClient
+
+from cachesvc.access_log import AccessLog
+from cachesvc.app import create_app
+from cachesvc.echo_upstream import EchoUpstream
+from tests.service_helpers import ADMIN, KEY_A, auth, chat, make_settings
+
+SECRET_PROMPT = "the launch code is PLUTO-4471-ZEBRA"
+
+
+@pytest.fixture
+def client(tmp_path: Any) -> Any:
+    with TestClient(create_app(make_settings(tmp_path), upstream=EchoUpstream())) as c:
+        yield c
+
+
+def access_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e.get("event") == "access"]
+
+
+class TestAccessLog:
+    def test_a_miss_and_a_hit_each_log_one_line_with_route_status_cache_tenant_and_digest(
+            self, client):
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                assert client.post("/v1/chat/completions", json=chat(SECRET_PROMPT),
+                                   headers=auth()).status_code == 200
+        miss, hit = access_lines(logs)
+        assert (miss["cache"], hit["cache"]) == ("MISS", "HIT")
+        for line in (miss, hit):
+            assert line["method"] == "POST" and line["route"] == "/v1/chat/completions"
+            assert line["status"] == 200 and line["tenant"] == "team-a"
+            assert re.fullmatch(r"[0-9a-f]{32}", line["digest"])
+            assert line["latency_ms"] > 0
+        assert miss["digest"] == hit["digest"]
+
+    def test_no_line_carries_prompt_answer_or_key_text(self, client):
+        with structlog.testing.capture_logs() as logs:
+            r = client.post("/v1/chat/completions", json=chat(SECRET_PROMPT), headers=auth())
+            client.post("/v1/cache/lookup", json={"request": chat(SECRET_PROMPT)},
+                        headers=auth())
+            client.post("/v1/chat/completions", json=chat(SECRET_PROMPT),
+                        headers=auth("sk-wrong-" + "x" * 20))
+        answer = r.json()["choices"][0]["message"]["content"]
+        text = json.dumps(logs)
+        assert len(access_lines(logs)) == 3
+        # The echo upstream's answer repeats the prompt, so both must be absent.
+        for needle in ("PLUTO-4471", answer, KEY_A, "sk-wrong-", ADMIN):
+            assert needle not in text
+
+    def test_a_401_is_logged_without_a_tenant(self, client):
+        with structlog.testing.capture_logs() as logs:
+            assert client.post("/v1/chat/completions", json=chat()).status_code == 401
+        (line,) = access_lines(logs)
+        assert line["status"] == 401 and line["tenant"] == "-"
+
+    def test_admin_routes_log_their_template_not_the_filled_in_path(self, client):
+        with structlog.testing.capture_logs() as logs:
+            client.delete("/admin/tenants/team-a/entries", headers=auth(ADMIN))
+        (line,) = access_lines(logs)
+        assert line["route"] == "/admin/tenants/{tenant}/entries" and line["status"] == 200
+
+    async def test_sampling_drops_only_successes(self):
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": scope["status"],
+                        "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        async def noop(message: Any) -> None:
+            return None
+
+        mw = AccessLog(app, sample_rate=0.0, rng=lambda: 0.5)
+        with structlog.testing.capture_logs() as logs:
+            for status in (200, 404, 500):
+                await mw({"type": "http", "method": "GET", "path": "/x", "status": status},
+                         None, noop)
+        assert [e["status"] for e in access_lines(logs)] == [404, 500]
+
+    def test_the_access_log_can_be_turned_off(self, tmp_path):
+        app = create_app(make_settings(tmp_path, logging={"access_log": False}),
+                         upstream=EchoUpstream())
+        with TestClient(app) as c, structlog.testing.capture_logs() as logs:
+            c.get("/healthz")
+        assert access_lines(logs) == []
+
+
+class TestOfflineDocs:
+    def test_docs_loads_its_script_and_css_from_this_service_not_a_cdn(self, client):
+        page = client.get("/docs")
+        assert page.status_code == 200
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)""", page.text)
+        assert urls and all(u.startswith("/") for u in urls), urls
+        assert "cdn" not in page.text.lower()
+        for url in urls:
+            asset = client.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 500, url
+
+    def test_redoc_which_needs_a_cdn_is_off(self, client):
+        assert client.get("/redoc").status_code == 404
