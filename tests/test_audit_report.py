@@ -48,7 +48,7 @@ class TestReport:
         text = render(report([finding(1), finding(2)], timing=TIMING), "md")
         assert "| `stale` | 2 |" in text
         assert text.count("| finding ") == 2
-        assert "| other_tenant | 1e-09 |" in text
+        assert "| other_tenant | 3 | 1e-09 |" in text
 
     def test_html_is_one_self_contained_page_with_a_timing_chart(self):
         text = render(report([finding(1)], timing=TIMING), "html")

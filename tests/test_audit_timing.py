@@ -64,7 +64,7 @@ class TestProtocol:
         assert result.findings(at=0.0) == []
 
     def test_without_a_cache_effect_the_isolated_verdict_is_inconclusive(self):
-        def flat(*, key: str, prompt: str) -> float:
+        def flat(*, key: str, prompt: str, user: str | None = None) -> float:
             return 0.01 + random.random() * 0.001
 
         result = run_timing(levels_for_keys(key_a="ka", key_b="kb"), flat, target="flat",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from scipy import optimize, stats
 
 from audit.assurance import assess, upper_bound
 from audit.report import build_report, render
@@ -98,8 +99,10 @@ class TestAssurance:
             assert a.rule_of_three == 3 / n and math.isclose(a.upper, 3 / n, rel_tol=0.1)
 
     def test_some_bad_gives_the_exact_binomial_bound(self):
-        # Clopper-Pearson, one-sided 95%: 2 bad in 100 -> 6.10% (published tables).
-        assert upper_bound(2, 100) == pytest.approx(0.0610, abs=5e-4)
+        # The bound is the rate at which seeing at most 2 bad in 100 has probability 5%.
+        p = optimize.brentq(lambda p: stats.binom.cdf(2, 100, p) - 0.05, 1e-9, 1 - 1e-9)
+        assert upper_bound(2, 100) == pytest.approx(p, rel=1e-6)
+        assert 0.06 < p < 0.063
         assert assess(2, 100).rule_of_three is None
 
     def test_nothing_checked_proves_nothing(self):
