@@ -224,6 +224,40 @@ async def registry_snapshot(registry: Any, models: Sequence[str] = ()) -> dict[s
     return out
 
 
+async def run_scan(settings: Any, store: Any, journal: Journal, *, registry: Any,
+                   target: str, batch: int = 500, oracle: Any = None,
+                   progress: Callable[[int], None] | None = None) -> Any:
+    """One offline scan of ``store``: the registry snapshot, every entry checked, findings
+    recorded, the result saved to ``journal`` for reports. Shared by ``cachesvc audit scan``
+    (Redis, from the CLI's process) and ``POST /admin/scan`` (any store, inside the service).
+    ``registry=None`` skips the checks against the registry."""
+    from audit import Scanner
+
+    snapshot = await registry_snapshot(registry) if registry is not None else {}
+    recorder = Recorder(journal)
+    scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
+                      check_registry=registry is not None, secret=material_secret(settings),
+                      oracle=oracle, target=target)
+    try:
+        result = await scanner.run(scan_items(store, batch=batch), progress=progress)
+        journal.save_result("scan", result.as_dict())
+    finally:
+        recorder.close()
+    return result
+
+
+def material_secret(settings: Any) -> bytes | None:
+    """The service's material-digest secret: the config's, else the one the service keeps in
+    ``<state_dir>/secret`` (read only; a scan never creates one)."""
+    if settings.cache.secret:
+        return settings.cache.secret.encode()
+    try:
+        data = (Path(settings.state_dir) / "secret").read_bytes().strip()
+    except OSError:
+        return None
+    return data if len(data) >= 32 else None
+
+
 # -- journals -------------------------------------------------------------------------------
 
 

@@ -152,9 +152,11 @@ class TestCli:
         res = runner.invoke(app, ["audit", "scan", "--config", str(cfg), "--findings",
                                   str(findings), "--quiet"])
         assert res.exit_code == 1, res.output
-        assert "scanned 16 entries" in res.output
         stored = FileJournal(findings)
-        assert stored.load_result("scan")["entries"] == 16
+        saved = stored.load_result("scan")
+        assert f"scan {saved['run_id']}: 16 entries" in res.output
+        assert saved["entries"] == 16 and saved["target"] == redis_url
+        assert "{" not in res.output.splitlines()[-1]  # counts as words, not a Python repr
         assert {f.kind for f in stored.findings()} >= {"cross_scope", "stale", "corrupt", "canary",
                                                         "collision"}
         assert any(f.summary.startswith("material digest") for f in stored.findings())

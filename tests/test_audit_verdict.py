@@ -131,3 +131,56 @@ class TestTimingSizing:
         for d in (0.1, 0.3, 0.5):
             n = trials_for(d, 1e-4)
             assert detectable_distance(n, 1e-4) <= d < detectable_distance(n - 1, 1e-4)
+
+
+class TestShadowCoverage:
+    """What the shadow auditor checked reaches the report: bounds per tenant and model, and the
+    blast radius of a bad entry (which scopes were served it, how often, from when to when)."""
+
+    def test_checked_samples_and_a_bad_entrys_blast_radius_are_saved_for_the_report(
+            self, tmp_path):
+        from audit import FileJournal
+        from tests import audit_world as w
+        from tests.test_audit_shadow import auditor
+
+        a = auditor(tmp_path, sample_rate=0.5)
+        bad_key = w.key_for("acme", 1)
+        bad = w.encode_entry(w.entry_for(bad_key, text="a wrong answer stored under a good key"))
+        for t in range(5):
+            a.process(w.hit_event("acme", 1, bad, at=w.NOW + t))
+        for i in range(40):
+            k = w.key_for("globex", i)
+            a.process(w.hit_event("globex", i, w.encode_entry(w.entry_for(k))))
+        a.coverage.check_valid()
+        a.stop(timeout=5)
+        shadow = FileJournal(tmp_path / "f.jsonl").load_result("shadow")
+        rows = {(r["tenant"], r["model"]): r for r in shadow["checked"]}
+        assert rows[("acme", w.MODEL)]["checked"] == 5 and rows[("acme", w.MODEL)]["bad"] == 5
+        assert (rows[("globex", w.MODEL)]["checked"], rows[("globex", w.MODEL)]["bad"]) == (40, 0)
+        (radius,) = shadow["blast_radius"]
+        assert radius["digest"] == bad_key.digest.hex()
+        assert radius["scopes"] == {"tenant:acme": 5} and radius["sampled_hits"] == 5
+        assert radius["estimated_hits"] == 10  # 5 sampled at a rate of 0.5
+        assert (radius["first_seen"], radius["last_seen"]) == (w.NOW, w.NOW + 4)
+        assert "mismatch" in radius["kinds"]
+
+        report = build_report([], scan=SCAN, timing=FULL, since=None, generated_at=1.0,
+                              shadow=shadow)
+        globex = next(r for r in report["assurance"]
+                      if r["source"] == "shadow" and r["tenant"] == "globex")
+        assert globex["upper"] == pytest.approx(1 - 0.05 ** (1 / 40))
+        for fmt in ("md", "html"):
+            text = render(report, fmt)
+            assert bad_key.digest.hex() in text and "tenant:acme" in text
+
+    def test_bookkeeping_stays_bounded(self):
+        from audit.coverage import Coverage
+
+        c = Coverage(started_at=0.0, sample_rate=1.0, max_entries=10, max_flagged=2)
+        for i in range(100):
+            c.record(tenant="t", model="m", event="hit", digest=f"{i:032x}", scope="tenant:t",
+                     at=float(i), findings=[])
+            c.check_valid()
+        assert c.as_dict()["checked"] == [{"tenant": "t", "model": "m",
+                                           "check": "every check on sampled hits",
+                                           "checked": 100, "bad": 0}]

@@ -16,6 +16,9 @@ app = typer.Typer(
     help="A response and prefix cache for LLM inference that can prove it is right.",
     no_args_is_help=True,
     add_completion=False,
+    # NOTE: no Rich markup: help texts name config sections such as [redis], which markup
+    # would swallow as style tags.
+    rich_markup_mode=None,
 )
 app.add_typer(_key.app, name="key")
 app.add_typer(_models.app, name="models")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 import sys
@@ -17,16 +18,16 @@ from audit import (
     FindingsLogError,
     Journal,
     Recorder,
-    Scanner,
     TimingConfig,
     TimingProbeError,
     levels_for_keys,
     run_timing,
 )
 from audit.report import REPORT_FORMATS, build_report, render
-from audit.timing import summarize
+from audit.finding import new_run_id
+from audit.timing import detectable_distance, summarize, trials_for
 
-app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks, write reports.",
+app = typer.Typer(rich_markup_mode=None, help="Audit the cache: scan entries, measure timing leaks, write reports.",
                   no_args_is_help=True)
 
 ConfigOpt = Annotated[
@@ -106,12 +107,12 @@ def scan(
     result = asyncio.run(_scan(settings, _journal(settings, findings), batch=batch, quiet=quiet,
                                oracle=the_oracle))
     typer.echo(
-        f"scanned {result.entries} entries: {result.findings} findings "
-        f"{dict(result.findings_by_kind) or ''}, {result.unreadable} unreadable, "
+        f"scan {result.run_id}: {result.entries} entries, {result.findings} findings"
+        f"{_counts(result.findings_by_kind)}, {result.unreadable} unreadable, "
         f"{result.reclaimable} reclaimable (old epochs)"
     )
     if result.recomputed:
-        typer.echo(f"recomputed: {dict(sorted(result.recomputed.items()))}")
+        typer.echo(f"recomputed:{_counts(result.recomputed)}")
     readable = result.entries - result.unreadable
     if readable and not result.material_checked:
         typer.echo("note: no entry carries its key material ([cache] store_material = false, or "
@@ -125,6 +126,22 @@ def scan(
         typer.echo("warning: every entry's material digest disagrees: is [cache] secret the "
                    "one the service ran with?", err=True)
     raise typer.Exit(code=1 if result.findings else 0)
+
+
+def _counts(counts: Any) -> str:
+    """``{'canary': 1, 'stale': 2}`` as `` (canary 1, stale 2)``; nothing when empty."""
+    return f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else ""
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password, for reports."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _scan_oracle(settings: Any, name: str | None) -> Any:
@@ -150,60 +167,54 @@ def _scan_oracle(settings: Any, name: str | None) -> Any:
     raise AssertionError  # unreachable
 
 
-def _material_secret(settings: Any) -> bytes | None:
-    """The service's material-digest secret: the config's, else the one the service keeps in
-    ``<state_dir>/secret`` (read only; the scan never creates one)."""
-    if settings.cache.secret:
-        return settings.cache.secret.encode()
-    try:
-        data = (Path(settings.state_dir) / "secret").read_bytes().strip()
-    except OSError:
-        return None
-    return data if len(data) >= 32 else None
-
-
 async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
                 oracle: Any = None) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cachesvc.auditing import canaries_of, registry_snapshot, scan_items
+    from cachesvc.auditing import run_scan
     from cachesvc.store import open_store
 
     store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
     registry = await _open_registry(store)
-    snapshot = await registry_snapshot(registry) if registry is not None else {}
     if registry is None:
         typer.echo("warning: no model registry reachable; epoch and version checks against the "
                    "registry are skipped", err=True)
-    recorder = Recorder(journal)
-    scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
-                      check_registry=registry is not None, secret=_material_secret(settings),
-                      oracle=oracle)
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
             task = progress.add_task("scan", total=None)
-            result = await scanner.run(scan_items(store, batch=batch),
-                                       progress=lambda n: progress.update(task, completed=n))
-        journal.save_result("scan", result.as_dict())
+            return await run_scan(settings, store, journal, registry=registry, batch=batch,
+                                  oracle=oracle, target=_redacted(settings.redis.store_url or "-"),
+                                  progress=lambda n: progress.update(task, completed=n))
     finally:
-        recorder.close()
         await store.close()
-    return result
 
 
 @app.command("timing")
 def timing(
     url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible endpoint.")],
-    key_a: Annotated[str, typer.Option("--key-a", help="API key of the victim (tenant A).")],
-    key_b: Annotated[str | None, typer.Option("--key-b", help="API key of another tenant.")] = None,
-    key_a2: Annotated[
-        str | None, typer.Option("--key-a2", help="A second API key of tenant A.")
+    victim_key: Annotated[str, typer.Option(
+        "--victim-key", "--key-a", help="API key of the victim (tenant A).")],
+    other_tenant_key: Annotated[str | None, typer.Option(
+        "--probe-key-other-tenant", "--key-b",
+        help="API key of another tenant: tests the other_tenant level (a leak if shared).")] = None,
+    same_tenant_key: Annotated[str | None, typer.Option(
+        "--probe-key-same-tenant", "--key-a2",
+        help="A second API key of the victim's tenant: tests the same_tenant level.")] = None,
+    user: Annotated[str | None, typer.Option(
+        help="For a per-user tenant (scope = \"user\"): the victim's `user` field.")] = None,
+    other_user: Annotated[str | None, typer.Option(
+        help="Another user of the victim's tenant: tests the other_user level (needs --user).")
     ] = None,
-    trials: Annotated[int, typer.Option(min=5, help="Hit/miss trial pairs per level.")] = 250,
+    trials: Annotated[int | None, typer.Option(
+        min=5, help="Hit/miss trial pairs per level (default 250, or as --detect needs).")] = None,
+    detect: Annotated[float | None, typer.Option(
+        help="Size the run: the KS distance between hit and miss times to detect with 90% "
+             "power (0.3 needs about 230 trials at alpha 1e-4).")] = None,
     model: Annotated[str | None, typer.Option(help="Model id; default: first of /v1/models.")] = None,
     endpoint: Annotated[str, typer.Option(help="chat or completion.")] = "chat",
-    prompt_words: Annotated[int, typer.Option(min=10, help="Words per random prompt.")] = 300,
+    prompt_words: Annotated[int, typer.Option(
+        min=10, help="Words per random prompt; longer prompts show a prefix cache more.")] = 300,
     shared_fraction: Annotated[float, typer.Option(help="Prefix share of a hit probe.")] = 0.9,
     alpha: Annotated[float, typer.Option(help="Significance level of the KS test.")] = 1e-4,
     same_tenant_is_leak: Annotated[
@@ -215,42 +226,66 @@ def timing(
     save: Annotated[bool, typer.Option(help="Store the result and findings for reports.")] = True,
 ) -> None:
     """Measure whether one caller can tell, by timing, that another caller's prompt is cached
-    (interleaved hit/miss trials, one-sided KS test). Exit 1 on a cross-tenant leak."""
+    (interleaved hit/miss trials, one-sided KS test). Progress and an estimate of the time left
+    go to stderr; the results so far are saved every 10 s, so a run stopped early still leaves
+    them (marked interrupted). Exit 1 on a leak."""
     from cachesvc.auditing import HttpProber, discover_model
 
     try:
-        cfg = TimingConfig(trials=trials, prompt_words=prompt_words,
+        n = trials or (trials_for(detect, alpha) if detect is not None else 250)
+        cfg = TimingConfig(trials=n, prompt_words=prompt_words,
                            shared_fraction=shared_fraction, alpha=alpha)
-        levels = levels_for_keys(key_a=key_a, key_b=key_b, key_a2=key_a2,
-                                 same_tenant_is_leak=same_tenant_is_leak)
-        chosen = model or discover_model(url, key=key_a)
+        levels = levels_for_keys(key_a=victim_key, key_b=other_tenant_key,
+                                 key_a2=same_tenant_key, same_tenant_is_leak=same_tenant_is_leak,
+                                 user=user, other_user=other_user)
+        chosen = model or discover_model(url, key=victim_key)
         prober = HttpProber(url, model=chosen, endpoint=endpoint)
     except (AuditConfigError, TimingProbeError, ValueError) as exc:
         _fail(str(exc))
-    from rich.progress import Progress
+    typer.echo(f"timing: {n} trials per level at {', '.join(lv.name for lv in levels)}; "
+               f"detects a KS distance of {detectable_distance(n, alpha):.2f} or more with 90% "
+               "power", err=True)
+    journal = _journal(_settings(config), findings) if save else None
+    run_id = new_run_id()
+    latest: list[Any] = []
+
+    def checkpoint(partial: Any) -> None:
+        latest[:] = [partial]
+        if journal is not None:
+            journal.save_result("timing", partial.as_dict())
+
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
 
     try:
-        with Progress(transient=True) as progress:
-            task = progress.add_task("timing trials", total=trials * len(levels))
+        with Progress(TextColumn("timing trials"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                      transient=True) as progress:
+            task = progress.add_task("timing trials", total=n * len(levels))
             result = run_timing(levels, prober, target=url, config=cfg,
-                                rng=random.Random(seed),
+                                rng=random.Random(seed), run_id=run_id, checkpoint=checkpoint,
                                 progress=lambda d, t: progress.update(task, completed=d))
-    except TimingProbeError as exc:
-        _fail(str(exc))
+    except (TimingProbeError, KeyboardInterrupt) as exc:
+        if latest and journal is not None:
+            journal.save_result("timing", dataclasses.replace(latest[0], status="interrupted")
+                                .as_dict())
+            typer.echo(f"timing run {run_id}: stopped; the results so far are saved", err=True)
+        _fail(str(exc) or "interrupted", code=2 if isinstance(exc, TimingProbeError) else 130)
     finally:
         prober.close()
+    typer.echo(f"timing run {run_id} against {url}")
     for name, line in summarize(result).items():
         typer.echo(f"{name:13s} {line}")
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
-    if save:
-        settings = _settings(config)
-        journal = _journal(settings, findings)
+    if journal is not None:
         recorder = Recorder(journal)
-        for finding in result.findings(at=time.time()):
+        found = result.findings(at=time.time())
+        for finding in found:
             recorder.record(finding)
         recorder.close()
-        journal.save_result("timing", result.as_dict())
+        journal.save_result("timing", {**result.as_dict(),
+                                       "finding_ids": [f.id for f in found]})
     raise typer.Exit(code=1 if result.leaks else 0)
 
 
@@ -296,7 +331,7 @@ def report(
     try:
         data = build_report(journal.findings(since=start), scan=journal.load_result("scan"),
                             timing=journal.load_result("timing"), since=start,
-                            generated_at=time.time())
+                            generated_at=time.time(), shadow=journal.load_result("shadow"))
     except FindingsLogError as exc:
         _fail(str(exc))
     text = render(data, format)  # type: ignore[arg-type]

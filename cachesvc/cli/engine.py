@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="The reference engine (SmolLM2 or a tiny random model) over HTTP.",
+app = typer.Typer(rich_markup_mode=None, help="The reference engine (SmolLM2 or a tiny random model) over HTTP.",
                   no_args_is_help=True)
 
 
