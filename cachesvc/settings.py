@@ -34,6 +34,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The in-process engine's models (gpu_prefix.models.MODEL_NAMES; not imported here, since that
+#: loads torch, and a test keeps the two equal).
+ENGINE_MODELS = ("smollm2", "random-tiny")
+
+
 class UpstreamSettings(_Section):
     """Where misses go. No ``url``: the reference engine runs in this process."""
 
@@ -47,6 +52,15 @@ class UpstreamSettings(_Section):
     timeout_s: float = Field(default=120.0, gt=0)
     #: Model version reported to the registry for the in-process engine at start-up.
     version: str = "1"
+
+    @field_validator("model")
+    @classmethod
+    def _engine_model_known(cls, model: str, info: Any) -> str:
+        if info.data.get("url") is None and model not in ENGINE_MODELS:
+            raise ValueError(
+                f"{model!r} is not a model the in-process engine has; use one of "
+                f"{', '.join(ENGINE_MODELS)}, or set upstream.url to an OpenAI-compatible server")
+        return model
 
 
 class RedisSettings(_Section):
@@ -264,5 +278,5 @@ def _describe(exc: Any, path: Path | None) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return f"{where}: " + "; ".join(parts)

@@ -143,6 +143,8 @@ class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(min_length=1, max_length=200)
+    #: The same version again keeps its epoch (and its entries) instead of a fresh one.
+    idempotent: bool = False
 
 
 class ModelVersion(BaseModel):
@@ -158,6 +160,25 @@ class ModelList(BaseModel):
 class PurgeResult(BaseModel):
     tenant: str
     deleted: int
+
+
+class ModelPurgeResult(BaseModel):
+    model: str
+    before_epoch: int | None
+    deleted: int
+
+
+class ScanSummary(BaseModel):
+    """What ``POST /admin/scan`` saw: the same counts ``cachesvc audit scan`` prints and saves."""
+
+    run_id: str
+    target: str
+    entries: int
+    findings: int
+    findings_by_kind: dict[str, int]
+    unreadable: int
+    reclaimable: int
+    material_checked: int
 
 
 class Health(BaseModel):

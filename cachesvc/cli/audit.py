@@ -24,6 +24,7 @@ from audit import (
     run_timing,
 )
 from audit.report import REPORT_FORMATS, build_report, render
+from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 from audit.finding import new_run_id
 from audit.timing import detectable_distance, summarize, trials_for
 
@@ -95,14 +96,28 @@ def scan(
     oracle: Annotated[str | None, typer.Option(
         help="Oracle for --recompute: engine (load [upstream] model here) or upstream "
              "([upstream] url). Default: [audit] oracle.")] = None,
+    url: UrlOpt = None,
+    admin_key: AdminKeyOpt = None,
 ) -> None:
     """Walk every entry (every node of a cluster), check every invariant that needs no request
     (and, with --recompute, each answer against the current model), record the findings, and
-    exit 1 when there are any."""
+    exit 1 when there are any. With --url the running service scans its own store (the
+    embedded one included) and records the findings in its journal."""
+    if url:
+        if recompute:
+            _fail("--recompute runs the oracle in this process and needs [redis] url; through "
+                  "--url the service scans without recomputing")
+        out = admin_api(url, admin_key, config).call("POST", "/admin/scan",
+                                                     params={"batch": batch})
+        typer.echo(f"scan {out['run_id']} of {out['target']} at {url}: {out['entries']} entries, "
+                   f"{out['findings']} findings{_counts(out['findings_by_kind'])}, "
+                   f"{out['unreadable']} unreadable, {out['reclaimable']} reclaimable (old epochs)")
+        raise typer.Exit(code=1 if out["findings"] else 0)
     settings = _settings(config)
     if not settings.redis.url:
-        _fail("the embedded store lives inside the service process, so an offline scan cannot "
-              "reach it; set [redis] url (the scan walks Redis or every node of a cluster)")
+        _fail("the embedded store lives inside the service process, so this process cannot "
+              "open it: pass --url http://HOST:PORT (and the admin key) to have the service "
+              "scan it, or set [redis] url")
     the_oracle = _scan_oracle(settings, oracle) if recompute else None
     result = asyncio.run(_scan(settings, _journal(settings, findings), batch=batch, quiet=quiet,
                                oracle=the_oracle))
