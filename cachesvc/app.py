@@ -32,6 +32,7 @@ from cachesvc.response_cache import ResponseCache
 from cachesvc.settings import Settings
 from cachesvc.single_flight import SingleFlight
 from cachesvc.tenants import TenantDirectory
+from cachesvc.upstream import EngineUpstream
 
 log = structlog.get_logger()
 
@@ -81,6 +82,9 @@ def create_app(
             services = await _build(settings, stack, upstream=upstream, store=store,
                                     versions=versions, observers=observers)
             app.state.services = services
+            metrics.watch(store=services.store,
+                          engine=services.upstream.engine
+                          if isinstance(services.upstream, EngineUpstream) else None)
             log.info("cachesvc_ready", tenants=len(settings.tenants),
                      store=type(services.store).__name__,
                      upstream=type(services.upstream).__name__)
@@ -88,6 +92,7 @@ def create_app(
             for task in list(services.background):
                 task.cancel()
             app.state.services = None
+            metrics.watch(store=None, engine=None)
 
     app = FastAPI(
         title="cachesvc",

@@ -82,21 +82,18 @@ async def lookup(request: Request) -> Response:
     out: dict[str, Any] = {"status": result.status, "reason": result.reason}
     if result.status == "hit":
         assert result.payload is not None
-        metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
         out["response"] = result.payload.as_body(keyed.kind)
         if keyed.stream:
             out["chunks"] = result.payload.as_chunks(keyed.kind,
                                                      include_usage=keyed.include_usage)
         out["age"] = result.age
-    elif result.status == "miss":
-        metrics.child(metrics.MISSES, tenant.id).inc()
-        if not cc.no_store:
-            out["fill_token"] = services.signer.sign(
-                tenant=tenant.id, scope=keyed.scope.as_material(),
-                digest=bytes(keyed.key.digest), material_digest=bytes(keyed.key.material_digest),
-                model=keyed.key.model, epoch=keyed.epoch, stream=keyed.stream,
-                ttl_seconds=tenant.ttl_seconds)
+    elif result.status == "miss" and not cc.no_store:
+        out["fill_token"] = services.signer.sign(
+            tenant=tenant.id, scope=keyed.scope.as_material(),
+            digest=bytes(keyed.key.digest), material_digest=bytes(keyed.key.material_digest),
+            model=keyed.key.model, epoch=keyed.epoch, stream=keyed.stream,
+            ttl_seconds=tenant.ttl_seconds)
     return OrjsonResponse(out)
 
 

@@ -59,7 +59,6 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
         log.info("request_content", tenant=tenant.id, status=result.status, request=body)
     if result.status == "hit":
         assert result.payload is not None
-        metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
         return _serve(keyed, result.payload, {"X-Cache": "HIT", "Age": str(result.age or 0)})
     if cc.only_if_cached:
@@ -69,7 +68,6 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
     if result.status == "bypass":
         return await _call(services, keyed, store=False,
                            headers={"X-Cache": "BYPASS", "X-Cache-Reason": _ascii(result.reason)})
-    metrics.child(metrics.MISSES, tenant.id).inc()
     headers = {"X-Cache": "MISS", "X-Cache-Reason": _ascii(result.reason)}
     if cc.no_store:
         return await _call(services, keyed, store=False, headers=headers)
@@ -140,7 +138,7 @@ async def _call(services: Services, keyed: Keyed, *, store: bool, headers: dict[
                     yield sse(chunk)
             ended = True
         except UpstreamError as exc:
-            metrics.UPSTREAM_ERRORS.labels(str(exc.status)).inc()
+            metrics.count_upstream_error(exc.status)
             log.warning("upstream_stream_broke", status=exc.status)
             body = exc.body if isinstance(exc.body, dict) else {"error": {"message": str(exc)}}
             yield sse(body)
@@ -175,7 +173,7 @@ def _failing_upstream(done: _Once, headers: dict[str, str]) -> Iterator[None]:
     try:
         yield
     except UpstreamError as exc:
-        metrics.UPSTREAM_ERRORS.labels(str(exc.status)).inc()
+        metrics.count_upstream_error(exc.status)
         done(None)
         exc.headers = {**exc.headers, **headers}
         raise

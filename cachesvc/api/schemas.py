@@ -183,5 +183,10 @@ class ScanSummary(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
-    store: str = "closed"
+    #: /readyz only. ``available``: store calls go through; ``unavailable``: the circuit
+    #: breaker is open (store calls are skipped, requests are served as misses from the
+    #: upstream); ``probing``: one trial call is checking whether the store is back.
+    store: Literal["available", "unavailable", "probing"] | None = None
+    #: /readyz only: the circuit breaker's own state (closed, open, half_open).
+    breaker: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
