@@ -8,9 +8,8 @@ the settings, unless the caller passes them in (tests and embedders do). Routers
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from cachesvc.guarded_store import GuardedStore
 from cachesvc.response_cache import ResponseCache
 from cachesvc.settings import Settings
 from cachesvc.single_flight import SingleFlight
+from cachesvc.state import state_value
 from cachesvc.tenants import TenantDirectory
 from cachesvc.upstream import EngineUpstream
 
@@ -46,24 +46,8 @@ def service_secret(settings: Settings) -> bytes:
     """
     if settings.cache.secret:
         return settings.cache.secret.encode()
-    path = Path(settings.state_dir) / "secret"
-    with contextlib.suppress(FileNotFoundError):
-        data = path.read_bytes().strip()
-        if len(data) >= 32:
-            return data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = secrets.token_hex(32).encode()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(fresh)
-    try:
-        os.link(tmp, path)  # first writer wins; the others read what it wrote
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_bytes().strip()
+    return state_value(Path(settings.state_dir) / "secret",
+                       lambda: secrets.token_hex(32)).encode()
 
 
 def create_app(
@@ -73,8 +57,10 @@ def create_app(
     store: Any = None,
     versions: Any = None,
     observers: Sequence[CacheObserver] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """Build the app. Anything not passed is created from ``settings`` at start-up."""
+    """Build the app. Anything not passed is created from ``settings`` at start-up.
+    ``on_ready()`` runs once everything (the engine's model included) is loaded."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +74,8 @@ def create_app(
             log.info("cachesvc_ready", tenants=len(settings.tenants),
                      store=type(services.store).__name__,
                      upstream=type(services.upstream).__name__)
+            if on_ready is not None:
+                on_ready()
             yield
             for task in list(services.background):
                 task.cancel()

@@ -265,10 +265,14 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
 
 
 def with_demo_tenant(settings: Settings) -> tuple[Settings, str | None]:
-    """Add the demo tenant when none is configured; return it with the generated key (or None)."""
+    """Add the demo tenant when none is configured; return it with its key (or None). The key
+    is kept in ``<state_dir>/demo-key``, so it survives a restart."""
     if settings.tenants:
         return settings, None
-    key = "sk-demo-" + secrets.token_urlsafe(24)
+    from cachesvc.state import state_value
+
+    key = state_value(Path(settings.state_dir) / "demo-key",
+                      lambda: "sk-demo-" + secrets.token_urlsafe(24))
     demo = TenantSettings(id=DEMO_TENANT, api_keys=[key])
     return settings.model_copy(update={"tenants": [demo]}), key
 

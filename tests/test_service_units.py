@@ -356,10 +356,15 @@ class TestSettings:
         with pytest.raises(ConfigError, match="does not exist"):
             load_settings(tmp_path / "nope.toml")
 
-    def test_no_tenants_gives_one_demo_tenant_with_a_fresh_key(self):
-        s, key = with_demo_tenant(load_settings(None))
-        assert key and s.tenants[0].api_keys == [key]
+    def test_no_tenants_gives_one_demo_tenant_whose_key_survives_a_restart(self, tmp_path):
+        s, key = with_demo_tenant(load_settings(None, state_dir=str(tmp_path)))
+        assert key and key.startswith("sk-demo-") and s.tenants[0].api_keys == [key]
         assert with_demo_tenant(s)[1] is None
+        again, key2 = with_demo_tenant(load_settings(None, state_dir=str(tmp_path)))
+        assert key2 == key
+        assert (tmp_path / "demo-key").stat().st_mode & 0o077 == 0  # owner-only
+        _, other = with_demo_tenant(load_settings(None, state_dir=str(tmp_path / "elsewhere")))
+        assert other != key
 
     def test_the_example_config_is_valid(self):
         example = os.path.join(os.path.dirname(__file__), "..", "examples", "cachesvc.toml")
