@@ -15,12 +15,12 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from cachesvc.api.responses import OrjsonResponse
 
 from cachesvc import metrics
 from cachesvc.access_log import AccessLog
 from cachesvc.api import admin, cache, health, proxy
-from cachesvc.api import docs as api_docs
 from cachesvc.api import errors as api_errors
 from cachesvc.api.deps import Services
 from cachesvc.breaker import CircuitBreaker
@@ -82,17 +82,17 @@ def create_app(
             app.state.services = None
             metrics.watch(store=None, engine=None)
 
-    app = FastAPI(
+    # NOTE: FastAPIOffline is FastAPI whose /docs and /redoc load their scripts from files this
+    # process serves (the fastapi-offline package), not from a CDN: they work with no internet.
+    app = FastAPIOffline(
+        static_url="/docs/assets",
         title="cachesvc",
         version="0.1.0",
         summary="A response cache for LLM inference that can prove it is right.",
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
-        docs_url=None,  # served offline by api/docs.py
-        redoc_url=None,  # ReDoc loads from a CDN only
     )
     api_errors.install(app)
-    api_docs.install(app)
     if settings.logging.access_log:
         app.add_middleware(AccessLog, sample_rate=settings.logging.access_log_sample_rate)
     app.include_router(proxy.router)

@@ -184,3 +184,9 @@ class TestShadowCoverage:
         assert c.as_dict()["checked"] == [{"tenant": "t", "model": "m",
                                            "check": "every check on sampled hits",
                                            "checked": 100, "bad": 0}]
+
+    def test_a_run_too_small_for_any_shift_says_so(self):
+        from audit.report import power_sentence
+
+        assert "cannot reach 90% power" in power_sentence(detectable_distance(20, 1e-4))
+        assert "0.29 or more" in power_sentence(detectable_distance(250, 1e-4))

@@ -23,7 +23,7 @@ from audit import (
     levels_for_keys,
     run_timing,
 )
-from audit.report import REPORT_FORMATS, build_report, render
+from audit.report import REPORT_FORMATS, build_report, power_sentence, render
 from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 from audit.finding import new_run_id
 from audit.timing import detectable_distance, summarize, trials_for
@@ -258,8 +258,7 @@ def timing(
     except (AuditConfigError, TimingProbeError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"timing: {n} trials per level at {', '.join(lv.name for lv in levels)}; "
-               f"detects a KS distance of {detectable_distance(n, alpha):.2f} or more with 90% "
-               "power", err=True)
+               f"{power_sentence(detectable_distance(n, alpha))}", err=True)
     journal = _journal(_settings(config), findings) if save else None
     run_id = new_run_id()
     latest: list[Any] = []
