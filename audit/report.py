@@ -129,6 +129,15 @@ def _nodes(by_node: Mapping[str, int]) -> str:
     return ", ".join(f"{node}: {n}" for node, n in sorted(by_node.items()))
 
 
+def power_sentence(distance: float) -> str:
+    """What a timing run of this size can detect (from :func:`audit.timing.detectable_distance`)."""
+    if distance > 1:
+        return ("with these trials the test cannot reach 90% power for any shift (a KS distance "
+                "is at most 1): run more trials")
+    return (f"with these trials the test detects a shift of KS distance {distance:.2f} or more "
+            "with 90% power")
+
+
 def _evidence(evidence: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(evidence.items()))
 
@@ -141,7 +150,8 @@ def _env(autoescape: bool) -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
     )
     env.filters.update(ts=_ts, pct=_pct, nodes=_nodes, evidence=_evidence)
-    env.globals.update(KINDS=FINDING_KINDS, KIND_MEANING=KIND_MEANING, cdf=_cdf_chart)
+    env.globals.update(KINDS=FINDING_KINDS, KIND_MEANING=KIND_MEANING, cdf=_cdf_chart,
+                       power_sentence=power_sentence)
     return env
 
 
@@ -156,7 +166,7 @@ def render(report: Mapping[str, Any], fmt: ReportFormat) -> str:
 
 
 #: Plot geometry of one CDF chart (pixels): the plot sits inside the margins, the legend below.
-_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 400, 270, 48, 12, 26, 70
+_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 400, 270, 48, 28, 26, 70
 
 
 def _cdf_chart(hit: Sequence[float], miss: Sequence[float]) -> dict[str, Any] | None:
