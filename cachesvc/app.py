@@ -32,7 +32,6 @@ from cachesvc.settings import Settings
 from cachesvc.single_flight import SingleFlight
 from cachesvc.state import state_value
 from cachesvc.tenants import TenantDirectory
-from cachesvc.upstream import EngineUpstream
 
 log = structlog.get_logger()
 
@@ -68,9 +67,7 @@ def create_app(
             services = await _build(settings, stack, upstream=upstream, store=store,
                                     versions=versions, observers=observers)
             app.state.services = services
-            metrics.watch(store=services.store,
-                          engine=services.upstream.engine
-                          if isinstance(services.upstream, EngineUpstream) else None)
+            metrics.watch_store(services.store)
             log.info("cachesvc_ready", tenants=len(settings.tenants),
                      store=type(services.store).__name__,
                      upstream=type(services.upstream).__name__)
@@ -80,7 +77,7 @@ def create_app(
             for task in list(services.background):
                 task.cancel()
             app.state.services = None
-            metrics.watch(store=None, engine=None)
+            metrics.watch_store(None)
 
     # NOTE: FastAPIOffline is FastAPI whose /docs and /redoc load their scripts from files this
     # process serves (the fastapi-offline package), not from a CDN: they work with no internet.

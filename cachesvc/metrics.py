@@ -53,14 +53,12 @@ def count_upstream_error(status: int) -> None:
 
 
 class _Live(Collector):
-    """Values read at scrape time from the running app's store and in-process engine: the
-    embedded store's bytes and entries, and the engine's KV pool and request gauges (the same
-    ``engine_*`` metrics ``cachesvc engine serve`` exports). A Redis store's size is Redis'
-    own (``INFO``), not read here."""
+    """The embedded store's bytes and entries, read at scrape time from the running app's store.
+    A Redis store's size is Redis' own (``INFO``), not read here. (The in-process engine's
+    ``engine_*`` metrics are registered by the engine's own collector.)"""
 
     def __init__(self) -> None:
         self.store: Any = None
-        self.engine: Any = None
 
     def collect(self) -> Iterator[Any]:
         from cachesvc.store import EmbeddedStore
@@ -73,19 +71,15 @@ class _Live(Collector):
                                     value=len(store))
             yield GaugeMetricFamily("cachesvc_store_max_bytes", "The embedded store's bound.",
                                     value=store.max_bytes)
-        if self.engine is not None:
-            from cachesvc.engine_app import EngineCollector
-
-            yield from EngineCollector(self.engine).collect()
 
 
 LIVE = _Live()
 REGISTRY.register(LIVE)
 
 
-def watch(*, store: Any, engine: Any) -> None:
-    """Export ``store`` and ``engine`` (either may be None) until the next call."""
-    LIVE.store, LIVE.engine = store, engine
+def watch_store(store: Any) -> None:
+    """Export ``store``'s size (None: nothing) until the next call."""
+    LIVE.store = store
 
 
 def child(metric: Counter, *labels: str) -> Counter:
