@@ -82,9 +82,9 @@ def assurance_rows(scan: Mapping[str, Any] | None,
             add("scan", "every stored check", tenant, model, counts["entries"],
                 counts["bad"])
         rec = scan.get("recomputed") or {}
-        if rec.get("pass", 0) + rec.get("finding", 0):
-            add("scan", "answer recompute", "all", "all", rec.get("pass", 0) + rec.get("finding", 0),
-                rec.get("finding", 0))
+        judged = rec.get("pass", 0) + rec.get("finding", 0)
+        if judged:
+            add("scan", "answer recompute", "all", "all", judged, rec.get("finding", 0))
     for row in (shadow or {}).get("checked", []):
         add("shadow", row["check"], row["tenant"], row["model"], row["checked"], row["bad"])
     return rows
@@ -94,14 +94,14 @@ def _group_by_run(findings: Sequence[Finding], scan: Mapping[str, Any] | None,
                   timing: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The findings split by the run that made them: the scan and timing runs the report shows,
     live hits (the shadow auditor), and anything from other, earlier runs."""
-    scan_ids = set((scan or {}).get("finding_ids", ()))
-    timing_ids = set((timing or {}).get("finding_ids", ()))
+    scan, timing = scan or {}, timing or {}
+    scan_ids, timing_ids = set(scan.get("finding_ids", ())), set(timing.get("finding_ids", ()))
     groups: dict[str, list[str]] = {}
     for f in findings:
         if f.id in scan_ids:
-            name = f"scan {scan.get('run_id', '-')} (shown above)"  # type: ignore[union-attr]
+            name = f"scan {scan.get('run_id', '-')} (shown above)"
         elif f.id in timing_ids:
-            name = f"timing run {timing.get('run_id', '-')} (shown above)"  # type: ignore[union-attr]
+            name = f"timing run {timing.get('run_id', '-')} (shown above)"
         elif f.source == "shadow":
             name = "shadow auditor (live hits)"
         else:

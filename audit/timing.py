@@ -66,7 +66,7 @@ class Prober(Protocol):
 def detectable_distance(trials: int, alpha: float, power: float = POWER) -> float:
     """The smallest true KS distance between hit and miss times that ``trials`` trials per level
     detect at significance ``alpha`` with probability ``power`` (see the module docstring)."""
-    return (math.sqrt(math.log(1 / alpha)) + math.sqrt(math.log(1 / (1 - power)))) / math.sqrt(trials)
+    return _power_root(alpha, power) / math.sqrt(trials)
 
 
 def trials_for(distance: float, alpha: float, power: float = POWER) -> int:
@@ -74,8 +74,12 @@ def trials_for(distance: float, alpha: float, power: float = POWER) -> int:
     if not 0 < distance <= 1:
         raise AuditConfigError("--detect", f"{distance!r} is not in (0, 1]",
                                "give the KS distance to detect, such as 0.3")
-    root = math.sqrt(math.log(1 / alpha)) + math.sqrt(math.log(1 / (1 - power)))
-    return max(5, math.ceil(root * root / (distance * distance)))
+    return max(5, math.ceil((_power_root(alpha, power) / distance) ** 2))
+
+
+def _power_root(alpha: float, power: float) -> float:
+    """``sqrt(ln(1/alpha)) + sqrt(ln(1/beta))``: the detectable distance times ``sqrt(n)``."""
+    return math.sqrt(math.log(1 / alpha)) + math.sqrt(math.log(1 / (1 - power)))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

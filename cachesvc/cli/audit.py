@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,13 +24,13 @@ from audit import (
     levels_for_keys,
     run_timing,
 )
-from audit.report import REPORT_FORMATS, build_report, power_sentence, render
-from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 from audit.finding import new_run_id
+from audit.report import REPORT_FORMATS, build_report, power_sentence, render
 from audit.timing import detectable_distance, summarize, trials_for
+from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 
-app = typer.Typer(rich_markup_mode=None, help="Audit the cache: scan entries, measure timing leaks, write reports.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks, write reports.",
+                  no_args_is_help=True, rich_markup_mode=None)
 
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", help="TOML config file (or env CACHESVC_CONFIG).")
@@ -155,7 +156,8 @@ def _redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{parts.username or ''}:***@{parts.hostname}{port}"
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -271,6 +273,9 @@ def timing(
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    # A time limit (`timeout`, a scheduler) stops with SIGTERM: treat it as Ctrl-C, so the
+    # results so far are saved as interrupted.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with Progress(TextColumn("timing trials"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
@@ -301,6 +306,10 @@ def timing(
         journal.save_result("timing", {**result.as_dict(),
                                        "finding_ids": [f.id for f in found]})
     raise typer.Exit(code=1 if result.leaks else 0)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _parse_since(value: str | None) -> float | None:

@@ -17,7 +17,8 @@ from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 from cachesvc.cli.redis_target import fail, open_redis_store
 from invalidation import InvalidationError, RedisRegistry
 
-app = typer.Typer(rich_markup_mode=None, help="The model registry: versions and epochs.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None,
+                  help="The model registry: versions and epochs.", no_args_is_help=True)
 
 RedisOpt = Annotated[
     str | None,
