@@ -91,7 +91,7 @@ def create_app(
     )
     api_errors.install(app)
     if settings.logging.access_log:
-        app.add_middleware(AccessLog, sample_rate=settings.logging.access_log_sample_rate)
+        app.add_middleware(AccessLog, max_per_s=settings.logging.access_log_max_per_s)
     app.include_router(proxy.router)
     app.include_router(cache.router)
     app.include_router(admin.router)

@@ -169,8 +169,9 @@ class LoggingSettings(_Section):
     log_content: bool = False
     #: One structured line per request (cachesvc/access_log.py); never prompt or answer text.
     access_log: bool = True
-    #: Share of successful requests logged; every 4xx and 5xx is logged regardless.
-    access_log_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    #: Most access-log lines per second for successful requests (a token bucket); every 4xx
+    #: and 5xx is logged regardless.
+    access_log_max_per_s: float = Field(default=100.0, gt=0)
 
 
 class Settings(BaseSettings):

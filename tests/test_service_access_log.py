@@ -72,7 +72,7 @@ class TestAccessLog:
         (line,) = access_lines(logs)
         assert line["route"] == "/admin/tenants/{tenant}/entries" and line["status"] == 200
 
-    async def test_sampling_drops_only_successes(self):
+    async def test_the_rate_limit_drops_only_successes_and_refills_with_time(self):
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await send({"type": "http.response.start", "status": scope["status"],
                         "headers": []})
@@ -81,12 +81,20 @@ class TestAccessLog:
         async def noop(message: Any) -> None:
             return None
 
-        mw = AccessLog(app, sample_rate=0.0, rng=lambda: 0.5)
+        now = [0.0]
+        mw = AccessLog(app, max_per_s=2.0, clock=lambda: now[0])
+
+        async def request(status: int) -> None:
+            await mw({"type": "http", "method": "GET", "path": "/x", "status": status},
+                     None, noop)
+
         with structlog.testing.capture_logs() as logs:
-            for status in (200, 404, 500):
-                await mw({"type": "http", "method": "GET", "path": "/x", "status": status},
-                         None, noop)
-        assert [e["status"] for e in access_lines(logs)] == [404, 500]
+            for status in (200, 200, 200, 404, 200, 500):  # a burst of 2 successes allowed
+                await request(status)
+            now[0] = 0.5  # half a second: one more token
+            await request(200)
+            await request(200)
+        assert [e["status"] for e in access_lines(logs)] == [200, 200, 404, 500, 200]
 
     def test_the_access_log_can_be_turned_off(self, tmp_path):
         app = create_app(make_settings(tmp_path, logging={"access_log": False}),
