@@ -38,6 +38,8 @@ SUPPRESSED = Counter("cachesvc_access_log_suppressed", "Successful requests not 
 #: Keys on the ASGI scope's ``state`` dict that the routes fill in (see :func:`note`).
 TENANT = "access_tenant"
 DIGEST = "access_digest"
+#: The tenant field of a request made with the admin key.
+ADMIN = "(admin)"
 
 
 def note(scope: Any, *, tenant: str | None = None, digest: bytes | None = None) -> None:

@@ -71,6 +71,7 @@ class TestAccessLog:
             client.delete("/admin/tenants/team-a/entries", headers=auth(ADMIN))
         (line,) = access_lines(logs)
         assert line["route"] == "/admin/tenants/{tenant}/entries" and line["status"] == 200
+        assert line["tenant"] == "(admin)"
 
     async def test_the_rate_limit_drops_only_successes_and_refills_with_time(self):
         async def app(scope: Any, receive: Any, send: Any) -> None:

@@ -4,7 +4,9 @@ model, and the offline scan run inside the service (the only way to scan an embe
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 import structlog
 
@@ -12,10 +14,12 @@ from cachesvc.api.deps import AdminDep, Services, ServicesDep
 from cachesvc.api.schemas import (
     ERROR_RESPONSES,
     ModelList,
+    ModelPurgeQuery,
     ModelPurgeResult,
     ModelVersion,
     PurgeResult,
     RolloutRequest,
+    ScanQuery,
     ScanSummary,
 )
 from cachesvc.errors import BadRequestError, NotFoundError
@@ -64,11 +68,11 @@ async def purge_tenant(tenant: str, services: ServicesDep, _: AdminDep) -> Purge
 
 @router.delete("/models/{model}/entries", response_model=ModelPurgeResult,
                responses=ERROR_RESPONSES)
-async def purge_model(model: str, services: ServicesDep, _: AdminDep,
-                      before_epoch: int | None = None,
-                      old_epochs: bool = False) -> ModelPurgeResult:
+async def purge_model(model: str, query: Annotated[ModelPurgeQuery, Query()],
+                      services: ServicesDep, _: AdminDep) -> ModelPurgeResult:
     """Delete ``model``'s entries: all of them, those below ``before_epoch``, or with
     ``old_epochs=true`` those below the model's current epoch (what a rollout reclaims)."""
+    before_epoch, old_epochs = query.before_epoch, query.old_epochs
     if old_epochs and before_epoch is not None:
         raise BadRequestError("old_epochs and before_epoch were both given", field="old_epochs",
                               fix="pass one of them")
@@ -79,7 +83,8 @@ async def purge_model(model: str, services: ServicesDep, _: AdminDep,
 
 
 @router.post("/scan", response_model=ScanSummary, responses=ERROR_RESPONSES)
-async def scan(services: ServicesDep, _: AdminDep, batch: int = 500) -> ScanSummary:
+async def scan(query: Annotated[ScanQuery, Query()], services: ServicesDep,
+               _: AdminDep) -> ScanSummary:
     """Scan every entry of the service's own store (embedded or Redis) as ``cachesvc audit
     scan`` does, record the findings in the service's journal and save the result for
     reports. Runs on the service's event loop: on a large store it competes with requests."""
@@ -91,7 +96,7 @@ async def scan(services: ServicesDep, _: AdminDep, batch: int = 500) -> ScanSumm
         findings_path=settings.audit.findings_path or default_findings_path(settings.state_dir))
     target = "embedded store" if not settings.redis.store_url else "the service's Redis store"
     result = await run_scan(settings, services.store, journal, registry=services.versions,
-                            target=target, batch=max(1, min(batch, 10_000)))
+                            target=target, batch=query.batch)
     return ScanSummary(run_id=result.run_id, target=result.target, entries=result.entries,
                        findings=result.findings, findings_by_kind=dict(result.findings_by_kind),
                        unreadable=result.unreadable, reclaimable=result.reclaimable,

@@ -71,10 +71,12 @@ async def current_tenant(
 
 
 async def require_admin(
+    request: Request,
     services: ServicesDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
 ) -> None:
     services.tenants.authenticate_admin(_auth_header(creds))
+    access_log.note(request.scope, tenant=access_log.ADMIN)
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]

@@ -144,7 +144,7 @@ class RolloutRequest(BaseModel):
 
     version: str = Field(min_length=1, max_length=200)
     #: The same version again keeps its epoch (and its entries) instead of a fresh one.
-    idempotent: bool = False
+    idempotent: bool = Field(default=False, strict=True)
 
 
 class ModelVersion(BaseModel):
@@ -160,6 +160,24 @@ class ModelList(BaseModel):
 class PurgeResult(BaseModel):
     tenant: str
     deleted: int
+
+
+class ModelPurgeQuery(BaseModel):
+    """Which of a model's entries ``DELETE /admin/models/{model}/entries`` deletes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Only entries of epochs below this one.
+    before_epoch: int | None = Field(default=None, ge=0, strict=True)
+    #: Only entries of epochs below the model's current one (what a rollout reclaims).
+    old_epochs: bool = False
+
+
+class ScanQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Keys per store round trip.
+    batch: int = Field(default=500, ge=1, le=10_000)
 
 
 class ModelPurgeResult(BaseModel):
