@@ -14,8 +14,8 @@ Two ways in, one line format:
 * :func:`log_access`, for a lean ASGI hot path that bypasses the middleware stack: call it once
   per request with what it knows.
 
-Cost and the rate limit: a line costs about 20 us of CPU (structlog's time stamp, JSON and the
-write; 64 us measured on a loaded 2-core VM), a noticeable share of a cache hit's few hundred.
+Cost and the rate limit: a line costs tens of microseconds of CPU (structlog's time stamp, JSON
+and the write; ``bench/access_log.py`` measures it), a real share of a cache hit's few hundred.
 So successful requests (statuses below 400) are logged up to ``[logging] access_log_max_per_s``
 lines per second (a token bucket; 100 by default: every request of a quiet service, a bounded
 cost on a busy one), and the lines left out are counted in ``cachesvc_access_log_suppressed``.
