@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from cachesvc import access_log, metrics
+from cachesvc import access_log
 from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
 from cachesvc.api.responses import OrjsonResponse
 from cachesvc.api.schemas import (
