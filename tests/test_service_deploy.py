@@ -165,7 +165,7 @@ class TestStartWithNoConfig:
                "CACHESVC_UPSTREAM__MODEL": "random-tiny"}
         env.pop("CACHESVC_CONFIG", None)
         proc = subprocess.Popen([str(cli), "serve", "--port", str(port)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         lines: list[str] = []
         assert proc.stdout is not None
@@ -178,7 +178,7 @@ class TestStartWithNoConfig:
             if line.startswith("try:"):
                 return proc, lines
         _stop(proc)
-        raise AssertionError(f"no try hint within 90 s: {lines}")
+        raise AssertionError(f"no try hint within 90 s (exit {proc.returncode}): {lines}")
 
     def test_the_hint_comes_when_the_service_answers_and_the_key_survives_a_restart(
             self, tmp_path):
