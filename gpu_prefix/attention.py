@@ -9,11 +9,13 @@ packed tokens belong to which sequence, where each token's K/V goes in the pool,
 slots hold each sequence's context.
 
 Reading in place: a sequence's context is a list of runs of consecutive pool slots (its block
-table, grouped). Each run is a view of the pool tensor, never a copy. With one run, attention is
-one ``scaled_dot_product_attention`` over that view; with several (a prefix shared with other
-requests, then the request's own blocks), attention is computed per run and the partial results
-are merged by their log-sum-exp, the split-KV scheme of flash-decoding. No request copies its
-prefix out of the pool.
+table, grouped). When it is one run (the allocator extends runs where it can), attention is one
+``scaled_dot_product_attention`` over a view of the pool: no copy at all. Otherwise (a prefix
+shared with other requests, then the request's own blocks) the step gathers the context by slot
+index (``index_select``, one gather per layer, into a temporary the step drops) and runs SDPA on
+it. No request keeps a private copy of its prefix: the pool is the only home of every K/V.
+(Attention per run merged by log-sum-exp avoids even the gather, but measured 5-30x slower than
+gather + SDPA on CPU, so the gather stays.)
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ class SeqSlice:
     """One sequence's part of a packed step.
 
     ``q_start``/``q_len``: its new tokens' place in the packed row. ``ctx_len``: the tokens of
-    context its queries see once this step's K/V are written (cached + computed + new). ``runs``:
-    ``(first_slot, n_slots)`` of consecutive pool slots covering positions ``0..ctx_len-1`` in
-    order.
+    context its queries see once this step's K/V are written (cached + computed + new). Its
+    context is either one run of pool slots (``run``: first slot, then a view) or ``gather``,
+    the slot of each position in order. ``mask``: the causal mask of a chunk whose queries start
+    past position 0 (``None``: a decode, or ``is_causal`` from position 0).
     """
 
     q_start: int
     q_len: int
     ctx_len: int
-    runs: tuple[tuple[int, int], ...]
+    run: int | None
+    gather: torch.Tensor | None
+    mask: torch.Tensor | None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,6 +63,25 @@ class StepLayout:
 
     write_slots: torch.Tensor  # [T] pool slot of each packed token's K/V
     seqs: tuple[SeqSlice, ...]
+
+
+def seq_slice(*, q_start: int, q_len: int, ctx_len: int, table: Sequence[int], block_size: int,
+              device: torch.device) -> SeqSlice:
+    """The layout of one sequence whose context is the first ``ctx_len`` positions of
+    ``table`` (its block table) and whose queries are the last ``q_len`` of them."""
+    runs = slot_runs(table, block_size, ctx_len)
+    gather = None
+    if len(runs) > 1:
+        blocks = torch.tensor(table[: -(-ctx_len // block_size)], dtype=torch.long)
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).flatten()[:ctx_len]
+        gather = slots.to(device)
+    mask = None
+    q_pos0 = ctx_len - q_len
+    if q_len > 1 and q_pos0 > 0:
+        mask = (torch.arange(ctx_len, device=device)[None, :]
+                <= (q_pos0 + torch.arange(q_len, device=device))[:, None])
+    return SeqSlice(q_start=q_start, q_len=q_len, ctx_len=ctx_len, run=runs[0][0] if len(runs) == 1 else None,
+                    gather=gather, mask=mask)
 
 
 def slot_runs(block_ids: Sequence[int], block_size: int, n_tokens: int) -> tuple[tuple[int, int], ...]:
@@ -101,42 +125,6 @@ class PoolCache(Cache):
         return 0
 
 
-def _attend_runs(q: torch.Tensor, k_runs: list[torch.Tensor], v_runs: list[torch.Tensor], *,
-                 q_pos0: int, scale: float) -> torch.Tensor:
-    """Attention of ``q`` ``[H, q_len, d]`` over K/V given as consecutive runs of positions
-    (each ``[kv_heads, n, d]``, in position order), causal for queries at positions
-    ``q_pos0 ..``; returns ``[H, q_len, d]``."""
-    heads, q_len, d = q.shape
-    kv_heads = k_runs[0].shape[0]
-    group = heads // kv_heads
-    qg = q.reshape(kv_heads, group * q_len, d).float()
-    q_pos = (q_pos0 + torch.arange(q_len, device=q.device)).repeat(group)  # row r is query r % q_len
-    acc = norm = top = None
-    k_pos0 = 0
-    for k, v in zip(k_runs, v_runs, strict=True):
-        n = k.shape[1]
-        s = torch.matmul(qg, k.transpose(1, 2).float()) * scale  # [kv_heads, group*q_len, n]
-        if k_pos0 + n - 1 > q_pos0:  # some key of this run lies after some query: mask it
-            k_pos = k_pos0 + torch.arange(n, device=q.device)
-            s = s.masked_fill((k_pos[None, :] > q_pos[:, None])[None], float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # a fully masked row adds nothing
-        p = torch.exp(s - m)
-        o = torch.matmul(p, v.float())
-        l = p.sum(dim=-1, keepdim=True)
-        if acc is None:
-            acc, norm, top = o, l, m
-        else:
-            new_top = torch.maximum(top, m)
-            a, b = torch.exp(top - new_top), torch.exp(m - new_top)
-            acc = acc * a + o * b
-            norm = norm * a + l * b
-            top = new_top
-        k_pos0 += n
-    out = acc / norm
-    return out.reshape(heads, q_len, d).to(q.dtype)
-
-
 def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -153,25 +141,17 @@ def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     heads, total, d = query.shape[1], query.shape[2], query.shape[3]
     out = torch.empty((1, total, heads, d), dtype=query.dtype, device=query.device)
     for s in layout.seqs:
-        q = query[0, :, s.q_start : s.q_start + s.q_len, :]
-        k_runs = [k_all[:, a : a + n, :] for a, n in s.runs]
-        v_runs = [v_all[:, a : a + n, :] for a, n in s.runs]
-        q_pos0 = s.ctx_len - s.q_len
-        if len(s.runs) == 1:
-            # One run: SDPA straight over the pool view.
-            k, v = k_runs[0][None], v_runs[0][None]
-            if s.q_len == 1 or q_pos0 == 0:
-                o = F.scaled_dot_product_attention(q[None], k.to(q.dtype), v.to(q.dtype), scale=scale,
-                                                   is_causal=s.q_len > 1, enable_gqa=True)
-            else:
-                causal = (torch.arange(s.ctx_len, device=q.device)[None, :]
-                          <= (q_pos0 + torch.arange(s.q_len, device=q.device))[:, None])
-                o = F.scaled_dot_product_attention(q[None], k.to(q.dtype), v.to(q.dtype), attn_mask=causal,
-                                                   scale=scale, enable_gqa=True)
-            o = o[0]
+        q = query[:, :, s.q_start : s.q_start + s.q_len, :]
+        if s.run is not None:  # one run: a view of the pool, no copy
+            k = k_all[None, :, s.run : s.run + s.ctx_len, :]
+            v = v_all[None, :, s.run : s.run + s.ctx_len, :]
         else:
-            o = _attend_runs(q, k_runs, v_runs, q_pos0=q_pos0, scale=scale)
-        out[0, s.q_start : s.q_start + s.q_len] = o.transpose(0, 1)
+            k = k_all.index_select(1, s.gather)[None]
+            v = v_all.index_select(1, s.gather)[None]
+        o = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=s.mask, scale=scale,
+            is_causal=s.mask is None and s.q_len > 1, enable_gqa=True)
+        out[0, s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
     return out, None
 
 

@@ -3,9 +3,11 @@
 Layout ``[layers, 2, kv_heads, num_blocks * block_size, head_dim]``: per layer, K and V are each
 ``[kv_heads, slots, head_dim]``, the layout attention that reads the pool in place wants (a
 block-major layout would force a copy per step): a run of consecutive blocks is one strided view
-per layer, which ``gpu_prefix.attention`` reads without copying. The allocator hands out the
-lowest free block, or the block right after a given one when it is free, so a request's blocks
-tend to form long runs.
+per layer, which ``gpu_prefix.attention`` reads without copying. The allocator keeps a
+request's blocks in long runs: it hands out the block right after the request's last one when
+that is free; when it is not, the middle of a free stretch (so the request has room to grow
+there, and a neighbour growing beside it does not interleave with it); otherwise the lowest free
+block.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class KVShape:
     def bytes_per_token(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return self.num_layers * 2 * self.kv_heads * self.head_dim * elem
+
+
+#: Blocks a request that must start a new run gets room to grow into (see ``KVPool.allocate``).
+EXTENT = 8
+_STRETCH = b"\x01" * (2 * EXTENT)
 
 
 def runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -90,10 +97,11 @@ class KVPool:
             dtype=shape.dtype,
             device=self.device,
         )
-        # A min-heap of free ids with lazy deletion: ``_is_free`` is the truth, and a heap entry
-        # whose block was since taken by ``allocate(after=...)`` is skipped when popped.
+        # A min-heap of free ids with lazy deletion: ``_is_free`` (1 = free, a bytearray so
+        # ``find`` can look for free stretches in C) is the truth, and a heap entry whose block
+        # was since taken out of order is skipped when popped.
         self._heap: list[int] = list(range(self.num_blocks))
-        self._is_free = [True] * self.num_blocks
+        self._is_free = bytearray(b"\x01") * self.num_blocks
         self._num_free = self.num_blocks
 
     @property
@@ -109,16 +117,22 @@ class KVPool:
         return self.num_blocks - self._num_free
 
     def allocate(self, after: int | None = None) -> int:
-        """A free block: ``after + 1`` when that one is free (extending a run), else the lowest."""
+        """A free block for a request whose last block is ``after`` (``None``: its first)."""
         if self._num_free == 0:
             raise PoolExhaustedError("no free KV block; evict first")
-        if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
-            b = after + 1
-        else:
+        b = -1
+        if after is not None:
+            if after + 1 < self.num_blocks and self._is_free[after + 1]:
+                b = after + 1
+            else:
+                stretch = self._is_free.find(_STRETCH)
+                if stretch >= 0:
+                    b = stretch + EXTENT
+        if b < 0:
             b = heapq.heappop(self._heap)
             while not self._is_free[b]:
                 b = heapq.heappop(self._heap)
-        self._is_free[b] = False
+        self._is_free[b] = 0
         self._num_free -= 1
         if len(self._heap) > 2 * self.num_blocks:
             self._heap = [i for i in range(self.num_blocks) if self._is_free[i]]
@@ -127,7 +141,7 @@ class KVPool:
     def free(self, block: int) -> None:
         if self._is_free[block]:
             raise RuntimeError(f"block {block} freed twice")
-        self._is_free[block] = True
+        self._is_free[block] = 1
         self._num_free += 1
         heapq.heappush(self._heap, block)
 

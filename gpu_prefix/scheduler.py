@@ -44,7 +44,7 @@ from typing import Any
 import structlog
 import torch
 
-from gpu_prefix.attention import SeqSlice, StepLayout, packed_forward, slot_runs
+from gpu_prefix.attention import SeqSlice, StepLayout, packed_forward, seq_slice
 from gpu_prefix.errors import AdmissionRefusedError, InvalidParamsError
 from gpu_prefix.hashing import BlockKeys, extend_chain
 from gpu_prefix.store import ChainItem, Lease, PrefixStore
@@ -466,7 +466,8 @@ class Scheduler:
                 ids.extend(seq.tokens[a:b])
                 positions.extend(range(a, b))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(a, b))
-                slices.append(SeqSlice(q_start=q_start, q_len=b - a, ctx_len=b, runs=slot_runs(table, bs, b)))
+                slices.append(seq_slice(q_start=q_start, q_len=b - a, ctx_len=b, table=table, block_size=bs,
+                                        device=pool.device))
                 keep.extend(q_start + p - a for p in keeps[i])
             layout = StepLayout(write_slots=torch.tensor(slots, dtype=torch.long, device=pool.device),
                                 seqs=tuple(slices))
