@@ -12,8 +12,8 @@ Each step (one thread runs them) takes, under a token budget (``max_batch_tokens
 New requests are admitted at the next step, finished ones leave at once. Memory:
 
 - admission at the pool's high watermark: a request is admitted while fewer than
-  ``max_running`` run and the blocks running requests hold plus its prompt's blocks stay under
-  ``high_watermark`` of the pool; otherwise it waits in a bounded FIFO queue, and past the
+  ``max_running`` run and the blocks running requests hold (or still need for the tokens they
+  know) plus its prompt's blocks stay under ``high_watermark`` of the pool; otherwise it waits in a bounded FIFO queue, and past the
   bound or its wait timeout it is refused with ``AdmissionRefusedError`` (retryable);
 - a running request that needs a block when none is free or evictable preempts the most recently
   admitted request (itself, if it is the newest): that one's private blocks are freed, its
@@ -272,8 +272,13 @@ class Scheduler:
     # -- admission and preemption (under the lock) ----------------------------------------------
 
     def _fits(self, seq: Seq) -> bool:
-        return (len(self._running) < self.config.max_running
-                and self.store.held_blocks() + self.blocks_for(len(seq.tokens)) <= self.limit)
+        """Room under the watermark for ``seq``'s known tokens, beside what running requests
+        hold and what their known tokens still need (admitted, not yet computed)."""
+        if len(self._running) >= self.config.max_running:
+            return False
+        owed = sum(max(0, self.blocks_for(len(s.tokens)) - len(s.lease.table))
+                   for s in self._running if s.lease is not None)
+        return self.store.held_blocks() + owed + self.blocks_for(len(seq.tokens)) <= self.limit
 
     def _admit(self, seq: Seq) -> None:
         if seq.admit_no == 0:
@@ -364,7 +369,7 @@ class Scheduler:
                 plan.append((seq, seq.computed, seq.computed + 1))
                 budget -= 1
         for seq in list(self._running):
-            if budget < bs:
+            if budget <= 0:
                 break
             if seq not in self._running or len(seq.tokens) - seq.computed <= 1 or any(p[0] is seq for p in plan):
                 continue
