@@ -49,6 +49,27 @@ class UpstreamSettings(_Section):
     version: str = "1"
 
 
+class EngineSettings(_Section):
+    """The in-process reference engine's scheduler and KV pool (``[upstream]`` with no ``url``).
+    The trade-offs of each are in the README's engine section."""
+
+    #: KV pool budget, preallocated at start (``cachesvc capacity --pool`` shows what it holds).
+    pool_mb: int = Field(default=512, gt=0)
+    block_size: int = Field(default=16, ge=1, le=256)
+    #: Requests scheduled in every step. More: higher throughput, slower steps for each.
+    max_running: int = Field(default=8, ge=1)
+    #: Tokens in one step (decodes first, then prefill chunks). Lower: decodes never wait long
+    #: behind a long prompt; higher: long prompts reach their first token in fewer steps.
+    max_batch_tokens: int = Field(default=512, ge=2)
+    #: Requests that may wait for admission; past it, 503 with Retry-After.
+    max_queue: int = Field(default=64, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    #: Admission stops when running requests would hold this fraction of the pool.
+    high_watermark: float = Field(default=0.8, gt=0, le=1)
+    #: Per-request cap on max_tokens.
+    max_tokens_limit: int = Field(default=4096, ge=1)
+
+
 class RedisSettings(_Section):
     """The response store. No ``url`` and no ``nodes``: the embedded in-process store."""
 
@@ -164,6 +185,7 @@ class Settings(BaseSettings):
 
     state_dir: str = Field(default_factory=lambda: str(Path.home() / ".local/state/cachesvc"))
     upstream: UpstreamSettings = UpstreamSettings()
+    engine: EngineSettings = EngineSettings()
     redis: RedisSettings = RedisSettings()
     embedded: EmbeddedStoreSettings = EmbeddedStoreSettings()
     breaker: BreakerSettings = BreakerSettings()

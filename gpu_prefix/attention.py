@@ -10,12 +10,16 @@ slots hold each sequence's context.
 
 Reading in place: a sequence's context is a list of runs of consecutive pool slots (its block
 table, grouped). When it is one run (the allocator extends runs where it can), attention is one
-``scaled_dot_product_attention`` over a view of the pool: no copy at all. Otherwise (a prefix
-shared with other requests, then the request's own blocks) the step gathers the context by slot
-index (``index_select``, one gather per layer, into a temporary the step drops) and runs SDPA on
-it. No request keeps a private copy of its prefix: the pool is the only home of every K/V.
-(Attention per run merged by log-sum-exp avoids even the gather, but measured 5-30x slower than
-gather + SDPA on CPU, so the gather stays.)
+``scaled_dot_product_attention`` over a view of the pool: no copy at all. With several runs (a
+prefix shared with other requests, then the request's own blocks):
+
+- a decode (one query) on the CPU attends to each run's view with the fused CPU attention kernel,
+  which also returns each query's log-sum-exp, and merges the runs' outputs weighted by their
+  log-sum-exp (the split-KV scheme of flash-decoding): nothing is copied;
+- otherwise (a prefill chunk, or another device) the step gathers the context by slot index
+  (``index_select``, into a temporary the layer drops) and runs SDPA on it.
+
+No request keeps a private copy of its prefix: the pool is the only home of every K/V.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class SeqSlice:
     q_start: int
     q_len: int
     ctx_len: int
+    runs: tuple[tuple[int, int], ...]
     run: int | None
     gather: torch.Tensor | None
     mask: torch.Tensor | None
@@ -71,7 +76,7 @@ def seq_slice(*, q_start: int, q_len: int, ctx_len: int, table: Sequence[int], b
     ``table`` (its block table) and whose queries are the last ``q_len`` of them."""
     runs = slot_runs(table, block_size, ctx_len)
     gather = None
-    if len(runs) > 1:
+    if len(runs) > 1 and not (q_len == 1 and device.type == "cpu" and _FLASH_CPU is not None):
         blocks = torch.tensor(table[: -(-ctx_len // block_size)], dtype=torch.long)
         slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).flatten()[:ctx_len]
         gather = slots.to(device)
@@ -80,8 +85,8 @@ def seq_slice(*, q_start: int, q_len: int, ctx_len: int, table: Sequence[int], b
     if q_len > 1 and q_pos0 > 0:
         mask = (torch.arange(ctx_len, device=device)[None, :]
                 <= (q_pos0 + torch.arange(q_len, device=device))[:, None])
-    return SeqSlice(q_start=q_start, q_len=q_len, ctx_len=ctx_len, run=runs[0][0] if len(runs) == 1 else None,
-                    gather=gather, mask=mask)
+    return SeqSlice(q_start=q_start, q_len=q_len, ctx_len=ctx_len, runs=runs,
+                    run=runs[0][0] if len(runs) == 1 else None, gather=gather, mask=mask)
 
 
 def slot_runs(block_ids: Sequence[int], block_size: int, n_tokens: int) -> tuple[tuple[int, int], ...]:
@@ -125,6 +130,30 @@ class PoolCache(Cache):
         return 0
 
 
+#: The fused CPU attention kernel that returns the log-sum-exp beside the output (what SDPA runs
+#: on the CPU); ``None`` where this torch build lacks it, and then decodes gather too.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _decode_over_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                      runs: tuple[tuple[int, int], ...], scale: float) -> torch.Tensor:
+    """One query per head (``q``: ``[1, heads, 1, d]``) over several runs of pool slots, each
+    read as a view; returns ``[1, heads, 1, d]``."""
+    heads, d = q.shape[1], q.shape[3]
+    kv_heads = k_all.shape[0]
+    # Grouped-query attention without repeating K/V: the heads sharing a K/V head become that
+    # head's queries (one position, so no causal mask is involved).
+    qg = q.reshape(1, kv_heads, heads // kv_heads, d)
+    outs, lses = [], []
+    for a, n in runs:
+        o, lse = _FLASH_CPU(qg, k_all[None, :, a : a + n].to(q.dtype), v_all[None, :, a : a + n].to(q.dtype),
+                            scale=scale)[:2]
+        outs.append(o)
+        lses.append(lse)
+    weights = torch.softmax(torch.stack(lses).float(), dim=0).to(q.dtype)[..., None]
+    return (torch.stack(outs) * weights).sum(dim=0).reshape(1, heads, 1, d)
+
+
 def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -145,6 +174,9 @@ def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         if s.run is not None:  # one run: a view of the pool, no copy
             k = k_all[None, :, s.run : s.run + s.ctx_len, :]
             v = v_all[None, :, s.run : s.run + s.ctx_len, :]
+        elif s.gather is None:  # a decode over several runs: views merged by log-sum-exp
+            out[0, s.q_start] = _decode_over_runs(q, k_all, v_all, s.runs, scale)[0, :, 0]
+            continue
         else:
             k = k_all.index_select(1, s.gather)[None]
             v = v_all.index_select(1, s.gather)[None]

@@ -46,6 +46,7 @@ class GenerationParams:
     forgetting to pass one fails closed."""
 
     max_tokens: int = 16
+    min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens (benchmarks)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -154,7 +155,11 @@ class _Generation(Seq):
 
     def on_logits(self, positions: list[int], rows: torch.Tensor) -> bool:
         p = self.params
-        c = choose(rows[-1], temperature=p.temperature, top_p=p.top_p,
+        logits = rows[-1]
+        if len(self.generated) < p.min_tokens and self.eos_ids:
+            logits = logits.clone()
+            logits[list(self.eos_ids)] = float("-inf")
+        c = choose(logits, temperature=p.temperature, top_p=p.top_p,
                    top_logprobs=p.top_logprobs if p.logprobs else 0, generator=self.generator)
         if c.token_id in self.eos_ids:
             self.finish = "stop"
@@ -456,6 +461,8 @@ class Engine:
     def _check_params(self, p: GenerationParams) -> None:
         if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
             raise InvalidParamsError("max_tokens", f"must be a positive integer, got {p.max_tokens!r}", "use e.g. 16")
+        if not 0 <= p.min_tokens <= p.max_tokens:
+            raise InvalidParamsError("min_tokens", f"must be in [0, max_tokens], got {p.min_tokens}", "use 0")
         if p.max_tokens > self.max_tokens_limit:
             raise InvalidParamsError("max_tokens", f"{p.max_tokens} is over this engine's per-request budget of "
                                      f"{self.max_tokens_limit} tokens", f"ask for at most {self.max_tokens_limit}")

@@ -105,7 +105,7 @@ class TestInPlaceAttention:
         rng = random.Random(1)
         a = [rng.randrange(10, 200) for _ in range(21)]
         b = [rng.randrange(10, 200) for _ in range(7)]
-        tab_a, tab_b = [5, 6, 1, 9, 10, 11], [20, 21]
+        tab_a, tab_b = [5, 6, 1, 9, 10, 11], [20, 21, 22]
 
         def slots(tab, lo, hi):
             return [tab[p // bs] * bs + p % bs for p in range(lo, hi)]
@@ -125,15 +125,23 @@ class TestInPlaceAttention:
 
         first = step([(a, tab_a, 0, 13), (b, tab_b, 0, 7)])
         second = step([(a, tab_a, 13, 21), (b + [42], tab_b, 7, 8)])
+        third = step([(a + [77], tab_a, 21, 22), (b + [42, 43], tab_b, 8, 9)])  # two decodes
         with torch.inference_mode():
-            full_a = model(input_ids=torch.tensor([a])).logits[0]
-            full_b = model(input_ids=torch.tensor([b + [42]])).logits[0]
+            full_a = model(input_ids=torch.tensor([a + [77]])).logits[0]
+            full_b = model(input_ids=torch.tensor([b + [42, 43]])).logits[0]
         assert (first[:13] - full_a[:13]).abs().max().item() < 1e-4
         assert (first[13:] - full_b[:7]).abs().max().item() < 1e-4
-        assert (second[:8] - full_a[13:]).abs().max().item() < 1e-4
+        assert (second[:8] - full_a[13:21]).abs().max().item() < 1e-4
         assert (second[8] - full_b[7]).abs().max().item() < 1e-4
-        assert seq_slice(q_start=0, q_len=1, ctx_len=21, table=tab_a, block_size=bs, device=pool.device).gather is not None
-        assert seq_slice(q_start=0, q_len=1, ctx_len=8, table=tab_b, block_size=bs, device=pool.device).run == 80
+        assert (third[0] - full_a[21]).abs().max().item() < 1e-4
+        assert (third[1] - full_b[8]).abs().max().item() < 1e-4
+
+        def layout_of(q_len, ctx_len, tab):
+            return seq_slice(q_start=0, q_len=q_len, ctx_len=ctx_len, table=tab, block_size=bs, device=pool.device)
+
+        assert layout_of(8, 21, tab_a).gather is not None  # a chunk over three runs gathers
+        assert layout_of(1, 22, tab_a).gather is None and len(layout_of(1, 22, tab_a).runs) == 3  # a decode does not
+        assert layout_of(1, 8, tab_b).run == 80  # one run: a view
 
     def test_a_plain_forward_of_the_same_model_is_unchanged(self, tiny_model: LoadedModel):
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
