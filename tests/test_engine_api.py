@@ -193,6 +193,11 @@ class TestApp:
         hit = next(line for line in metrics.splitlines() if line.startswith("engine_prefix_hit_tokens_total"))
         assert float(hit.split()[-1]) > 0
         assert "engine_kv_pool_usage_ratio" in metrics and "engine_requests_refused_total" in metrics
+        steps = next(line for line in metrics.splitlines() if line.startswith("engine_steps_total"))
+        ttft = next(line for line in metrics.splitlines() if line.startswith("engine_ttft_seconds_count"))
+        assert float(steps.split()[-1]) > 0 and float(ttft.split()[-1]) == 2
+        cached = next(line for line in metrics.splitlines() if line.startswith('engine_kv_blocks{state="cached"}'))
+        assert float(cached.split()[-1]) > 0
 
     async def test_the_openai_client_works_against_it(self, tiny_engine: Engine):
         import openai
