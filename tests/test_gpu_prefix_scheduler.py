@@ -324,3 +324,20 @@ class TestStreams:
         events = list(engine.generate_stream([1, 2, 3], GenerationParams(max_tokens=5)))
         assert isinstance(events[-1], FinalEvent)
         assert sum(isinstance(e, FinalEvent) for e in events) == 1
+
+
+@pytest.mark.gpu
+class TestBatchingOnCuda:
+    def test_batched_greedy_on_cuda_equals_the_cpu_reference(self, tiny_model: LoadedModel):
+        from gpu_prefix.models import load_model
+
+        engine = Engine(load_model("random-tiny", device="cuda"), pool_bytes=40 * BLOCK_BYTES, max_running=4,
+                        max_batch_tokens=40)
+        rng = random.Random(4)
+        shared = [rng.randrange(engine.vocab_size) for _ in range(40)]
+        requests = [(rng.randrange(0, 4), shared + [rng.randrange(engine.vocab_size) for _ in range(rng.randrange(1, 30))],
+                     GenerationParams(max_tokens=20, scope_salt=engine.scope_salt_for("t"))) for _ in range(6)]
+        results = run_arrivals(engine, requests)
+        for i, (_, prompt, params) in enumerate(requests):
+            assert list(results[i].token_ids) == greedy_reference(tiny_model.model, prompt, 20, engine.eos_ids)
+        engine.store.check_valid()
