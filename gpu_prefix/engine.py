@@ -211,19 +211,22 @@ class _Logits(Seq):
 
     def __init__(self, tokens: list[int], from_pos: int, keys: BlockKeys | None, model: Any) -> None:
         super().__init__(tokens, keys=keys, model=model, max_total=len(tokens))
-        self.from_pos = from_pos
+        self.next_pos = from_pos  # the first position whose logits it has not received yet
         self.rows: list[torch.Tensor] = []
         self.out = _Outbox()
 
     def first_logit_pos(self) -> int:
-        return self.from_pos
+        return self.next_pos
 
     def logit_positions(self, a: int, b: int) -> list[int]:
-        return list(range(max(a, self.from_pos), b))
+        # NOTE: from next_pos, not from the first position asked for: a preempted request
+        # recomputes positions whose logits it already holds, and must not take them twice.
+        return list(range(max(a, self.next_pos), b))
 
     def on_logits(self, positions: list[int], rows: torch.Tensor) -> bool:
         self.rows.append(rows.float().clone())
-        return positions[-1] == len(self.tokens) - 1
+        self.next_pos = positions[-1] + 1
+        return self.next_pos == len(self.tokens)
 
     def on_finished(self) -> None:
         self.out.events.put(torch.cat(self.rows, dim=0))

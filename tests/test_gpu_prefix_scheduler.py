@@ -326,6 +326,27 @@ class TestStreams:
         assert sum(isinstance(e, FinalEvent) for e in events) == 1
 
 
+class TestScoringPreempted:
+    def test_a_scoring_request_preempted_mid_prefill_is_recomputed_and_takes_no_logit_twice(self, make_engine):
+        engine = make_engine(max_batch_tokens=20, max_running=2)
+        rng = random.Random(3)
+        prompt = [rng.randrange(engine.vocab_size) for _ in range(31)]
+        completion = [rng.randrange(engine.vocab_size) for _ in range(400)]
+        expected = make_engine().score(prompt, completion)
+        seq = engine._logits_seq(prompt + completion[:-1], len(prompt) - 1, None, False)
+        wait_for(lambda: seq.next_pos > len(prompt))  # some logits taken, most still to come
+        with engine.scheduler.paused():
+            assert seq.lease is not None, "finished before it could be preempted"
+            with engine.scheduler._cond:
+                engine.scheduler._preempt(seq)
+            assert engine.stats().preempted_total == 1 and engine.stats().held_blocks == 0
+        rows = engine._wait(seq)
+        assert rows.shape[0] == len(completion)
+        lp = torch.log_softmax(rows, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+        assert max(abs(float(a) - b) for a, b in zip(lp, expected, strict=True)) < 1e-4
+        engine.store.check_valid()
+
+
 @pytest.mark.gpu
 class TestBatchingOnCuda:
     def test_batched_greedy_on_cuda_equals_the_cpu_reference(self, tiny_model: LoadedModel):
