@@ -8,7 +8,7 @@ All measured in this run, on the same model, device and machine:
   a batch; the batch's answers come back when its longest request ends; arrivals wait for the
   next batch), and continuously (this engine). ``short_p50_speedup_vs_fifo`` is the short
   requests' median latency FIFO over continuous; ``long_slowdown`` the long request's latency
-  continuous over alone (FIFO runs it first, alone);
+  continuous over alone (FIFO runs it first, alone; the others arrive 50 ms after it);
 - a burst of 50 requests into an idle engine: p99 time to first token and how many were
   refused;
 - throughput (generated tokens per second) at 1, 4, 8 and 16 concurrent requests against the
@@ -129,7 +129,9 @@ def scenario(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random) 
     per_token = (time.perf_counter() - t) / 50
     probe.close()
     expected_long = per_token * args.long_tokens
-    arrivals = [0.0, 0.0, 0.0] + [expected_long * f for f in (0.05, 0.10, 0.15, 0.20)]
+    # "With it" is 50 ms after it, so the long request is first in line in every mode (FIFO
+    # runs it first, alone: its FIFO latency is its latency alone).
+    arrivals = [0.05, 0.05, 0.05] + [expected_long * f for f in (0.05, 0.10, 0.15, 0.20)]
 
     def requests() -> list[Timed]:
         rs = [Timed("long", 0.0, long_prompt, args.long_tokens)]
