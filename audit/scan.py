@@ -94,6 +94,7 @@ class Scanner:
         check_registry: bool = True,
         oracle: Oracle | None = None,
         tolerance: Tolerance | None = None,
+        previous_secrets: Mapping[str, bytes] | None = None,
     ) -> None:
         """``check_registry=False`` when no registry is reachable: epoch and version checks
         against it are skipped (placement, material, canary and decode checks still run).
@@ -101,7 +102,8 @@ class Scanner:
         recomputed. With an ``oracle``, every entry of a current epoch that carries its key
         material and passed every other check is recomputed from the request read back out of
         that material (:func:`audit.oracle.recompute`): this is what finds a wrong answer
-        stored under a valid key."""
+        stored under a valid key. ``previous_secrets`` (key id hex -> secret) key the material
+        digests of entries signed under a rotated-out secret."""
         self.check_registry = check_registry
         self.oracle = oracle
         self.tolerance = tolerance or Tolerance()
@@ -110,6 +112,7 @@ class Scanner:
         self.registry = dict(registry)
         self.canaries = dict(canaries or {})
         self.secret = secret
+        self.previous_secrets = dict(previous_secrets or {})
         self.clock = clock
 
     def check(self, item: ScanItem) -> list[Finding]:
@@ -121,7 +124,8 @@ class Scanner:
         else:
             drafts = check_stored(
                 item, current=self.registry.get(item.model), canaries=self.canaries,
-                secret=self.secret, check_registry_state=self.check_registry,
+                secret=self.previous_secrets.get(item.key_id or "", self.secret),
+                check_registry_state=self.check_registry,
             )
             if self.oracle is not None:
                 outcome, draft = self._recompute(item, clean=not drafts)

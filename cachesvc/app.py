@@ -29,6 +29,7 @@ from cachesvc.guarded_store import GuardedStore
 from cachesvc.response_cache import ResponseCache
 from cachesvc.settings import Settings
 from cachesvc.single_flight import SingleFlight
+from cachesvc.store.mac import EntryKeys
 from cachesvc.tenants import TenantDirectory
 
 log = structlog.get_logger()
@@ -61,6 +62,13 @@ def service_secret(settings: Settings) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return path.read_bytes().strip()
+
+
+def service_keys(settings: Settings) -> EntryKeys:
+    """The entry MAC keys: the service secret signs, it and ``[cache] previous_secrets``
+    verify."""
+    return EntryKeys(service_secret(settings),
+                     [s.encode() for s in settings.cache.previous_secrets])
 
 
 def create_app(
@@ -108,6 +116,7 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
     from cachesvc import wiring
 
     secret = service_secret(settings)
+    keys = service_keys(settings)
     if store is None:
         store = await wiring.open_store(settings)
         stack.push_async_callback(store.close)
@@ -118,14 +127,15 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
         upstream = await wiring.open_upstream(settings, versions)
         stack.push_async_callback(upstream.aclose)
     if observers is None:
-        observers = await wiring.open_observers(settings, upstream, versions, stack)
+        observers = await wiring.open_observers(settings, upstream, versions, stack, keys)
     breaker = CircuitBreaker(
         failures=settings.breaker.failures, reset_after_s=settings.breaker.reset_after_s,
         on_change=lambda s: metrics.BREAKER_STATE.set(metrics.BREAKER_VALUES[s]))
     metrics.BREAKER_STATE.set(0)
     guard = GuardedStore(store, timeout_s=settings.redis.timeout_ms / 1000, breaker=breaker)
-    rc = ResponseCache(store=store, guard=guard, versions=versions, secret=secret,
+    rc = ResponseCache(store=store, guard=guard, versions=versions, secret=secret, keys=keys,
                        observers=tuple(observers), max_entry_bytes=settings.limits.max_entry_bytes,
+                       max_ttl_s=settings.limits.max_ttl_seconds,
                        max_request_bytes=settings.limits.max_request_bytes,
                        strict_epoch=settings.cache.strict_epoch,
                        store_material=settings.cache.store_material)

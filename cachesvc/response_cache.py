@@ -24,9 +24,18 @@ from cachesvc.memo import Memo
 from cachesvc.store.base import ResponseStore, storage_key
 from cachesvc.store.envelope import Entry, decode_entry, encode_entry
 from cachesvc.store.errors import EntryDecodeError, InvalidEntryError
+from cachesvc.store.mac import EntryKeys
 from cachesvc.streaming import body_to_chunks, chunks_to_body, replay
 from cachesvc.tenants import Tenant
-from keying import InvalidRequestError, KeyLimits, KeyParams, KeyResult, Scope, build_key
+from keying import (
+    InvalidRequestError,
+    KeyLimits,
+    KeyParams,
+    KeyResult,
+    Scope,
+    build_key,
+    material_digest,
+)
 
 log = structlog.get_logger()
 
@@ -121,9 +130,13 @@ class ResponseCache:
     guard: GuardedStore
     versions: Any  # cachesvc.models.ModelVersions
     secret: bytes
+    #: Signs every entry written and verifies every entry read (see cachesvc.store.mac).
+    keys: EntryKeys
     observers: Sequence[CacheObserver] = field(default_factory=tuple)
     max_entry_bytes: int = 4 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
+    #: The longest TTL the fill path writes; an entry read back with a longer one is refused.
+    max_ttl_s: float = 30 * 86_400
     strict_epoch: bool = False
     #: Keep each entry's key material in it, for the offline scan (see ``Entry.material``).
     store_material: bool = True
@@ -215,18 +228,26 @@ class ResponseCache:
             metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
 
     async def _verify(self, keyed: Keyed, raw: bytes, cc: CacheControl) -> LookupResult:
-        entry = self._entries.get(raw)
+        entry = self._entries.get(raw) if len(raw) <= self.max_entry_bytes else None
         if entry is None:
             try:
-                entry = decode_entry(raw, material=False)  # the hit never reads it
+                # Oversize bytes are refused before they are hashed or decoded; the MAC is
+                # checked before the payload is parsed.
+                entry = decode_entry(raw, keys=self.keys, material=False,  # the hit never reads it
+                                     max_bytes=self.max_entry_bytes)
             except EntryDecodeError as exc:
                 return self._reject("corrupt",
                                     f"entry could not be decoded ({type(exc).__name__})", raw,
                                     keyed=keyed, entry=None)
             self._entries.put(raw, entry, 2 * len(raw))
+        md = bytes(keyed.key.material_digest)
+        if entry.key_id != self.keys.current_id:
+            # During a rotation an entry signed under a previous secret keeps the material
+            # digest of that secret (the MAC already proved the key id is one of ours).
+            old = self.keys.secret_for(entry.key_id)
+            md = material_digest(keyed.key.material, old) if old is not None else b""
         why = entry.mismatch(scope=keyed.scope, model=keyed.key.model, epoch=keyed.epoch,
-                             digest=bytes(keyed.key.digest),
-                             material_digest=bytes(keyed.key.material_digest),
+                             digest=bytes(keyed.key.digest), material_digest=md,
                              adapter=keyed.key.adapter)
         if why is not None:
             return self._reject(why, f"entry does not match the request ({why})", raw,
@@ -236,6 +257,9 @@ class ResponseCache:
                 return self._reject("stale", "entry's epoch has passed (strict check)", raw,
                                     keyed=keyed, entry=entry)
         now = self.clock()
+        problem = entry.lifetime_problem(now, max_ttl_s=self.max_ttl_s)
+        if problem is not None:
+            return self._reject("corrupt", problem, raw, keyed=keyed, entry=entry)
         if entry.is_expired(now):
             return LookupResult(status="miss", reason="expired", raw=raw)
         age = int(entry.age(now))
@@ -286,7 +310,7 @@ class ResponseCache:
                 adapter=target.adapter, response=payload.body, stream=payload.chunks,
                 material=target.material if self.store_material else None,
             )
-            raw = encode_entry(entry)
+            raw = encode_entry(entry, keys=self.keys)
         except (InvalidEntryError, TypeError, ValueError) as exc:
             metrics.FILL_SKIPS.labels("unencodable").inc()
             log.warning("fill_skipped", reason="unencodable", error=str(exc)[:200])
@@ -294,7 +318,7 @@ class ResponseCache:
         if len(raw) > self.max_entry_bytes and entry.material is not None:
             # The material is for the audit; it must never cost the entry its place.
             entry = replace(entry, material=None)
-            raw = encode_entry(entry)
+            raw = encode_entry(entry, keys=self.keys)
         if len(raw) > self.max_entry_bytes:
             metrics.FILL_SKIPS.labels("too_large").inc()
             log.info("fill_skipped", reason="too_large", bytes=len(raw))

@@ -132,9 +132,14 @@ class LimitSettings(_Section):
 
 
 class CacheSettings(_Section):
-    #: Secret for fill tokens and the material digest; generated per process when absent, which
-    #: is wrong for several workers or replicas: set it (env CACHESVC_CACHE__SECRET) there.
+    #: Secret (16 to 64 bytes) for entry MACs, fill tokens and the material digest; without
+    #: it, one is kept in <state_dir>/secret, which is wrong for replicas on several hosts: set
+    #: it (env CACHESVC_CACHE__SECRET) there.
     secret: str | None = None
+    #: Secrets rotated out: entries signed under them still verify (and are served) until
+    #: their TTL ends. Rotate by moving the old secret here, then drop it after
+    #: limits.max_ttl_seconds.
+    previous_secrets: list[str] = Field(default_factory=list)
     fill_token_ttl_s: float = Field(default=300.0, gt=0)
     #: How long concurrent identical misses wait for the one fill before calling upstream too.
     single_flight_wait_s: float = Field(default=120.0, gt=0)
@@ -181,6 +186,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        from cachesvc.store.errors import StoreConfigError
+        from cachesvc.store.mac import check_secret
+
+        for name, value in [("cache.secret", self.cache.secret),
+                            *(("cache.previous_secrets", s) for s in self.cache.previous_secrets)]:
+            if value is None:
+                continue
+            try:
+                check_secret(value.encode())
+            except StoreConfigError as exc:
+                raise ValueError(str(exc).replace("cache.secret", name, 1)) from None
+        if self.cache.previous_secrets and not self.cache.secret:
+            raise ValueError("cache.previous_secrets: needs cache.secret (the current secret "
+                             "that replaces them)")
         seen_ids: set[str] = set()
         seen_keys: set[str] = set()
         for t in self.tenants:

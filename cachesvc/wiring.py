@@ -83,7 +83,7 @@ async def attach_engine(engine: Any, versions: Any, version: str) -> None:
 
 
 async def open_observers(settings: Settings, upstream: Any, versions: Any,
-                         stack: contextlib.AsyncExitStack) -> list[CacheObserver]:
+                         stack: contextlib.AsyncExitStack, keys: Any) -> list[CacheObserver]:
     """The shadow auditor as an observer, started now and stopped at shutdown (``[audit]``).
 
     NOTE: it runs even with both sample rates at 0, because entries the service refuses are
@@ -110,7 +110,7 @@ async def open_observers(settings: Settings, upstream: Any, versions: Any,
         log.warning("audit_oracle_unavailable", oracle=settings.audit.oracle,
                     detail="provenance checks only; set [audit] oracle to match the upstream")
     auditor = build_shadow_auditor(
-        settings, oracle=oracle,
+        settings, keys=keys, oracle=oracle,
         registry_view=LoopRegistryView(versions, asyncio.get_running_loop()))
     auditor.start()
     # NOTE: stop() drains the queue and may wait on registry reads that run on this loop, so

@@ -16,6 +16,7 @@ from cachesvc.events import CacheEvent
 from cachesvc.store import EmbeddedStore, decode_entry
 from keying import rebuild_key
 from tests.service_helpers import ADMIN, KEY_A, KEY_A2, KEY_B, KEY_U, auth, chat, make_settings
+from tests.store_helpers import KEYS
 
 
 class Recorder:
@@ -524,7 +525,7 @@ class TestStoredMaterial:
     @staticmethod
     def _entries(store: EmbeddedStore) -> list[Any]:
         async def collect() -> list[Any]:
-            return [decode_entry(raw) async for _, raw in store.scan_entries()]
+            return [decode_entry(raw, keys=KEYS) async for _, raw in store.scan_entries()]
 
         return asyncio.run(collect())
 

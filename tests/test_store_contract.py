@@ -22,6 +22,7 @@ from cachesvc.store import (
 )
 from keying import Scope
 from tests.store_helpers import digest_of, key_for, make_entry
+from tests.store_helpers import KEYS
 
 
 class FakeClock:
@@ -111,10 +112,11 @@ class TestStoreContract:
             await harness.store.set(k("a"), b"x", ttl=0)
 
     async def test_an_encoded_entry_round_trips(self, harness: Harness) -> None:
-        entry = make_entry(stream=[{"choices": [{"delta": {"content": "hé"}}]}], response=None)
-        await harness.store.set(key_for(entry), encode_entry(entry), ttl=entry.ttl)
+        entry = make_entry(stream=[{"choices": [{"delta": {"content": "hé"}, "finish_reason": "stop"}]}],
+                           response=None)
+        await harness.store.set(key_for(entry), encode_entry(entry, keys=KEYS), ttl=entry.ttl)
         raw = await harness.store.get(key_for(entry))
-        assert raw is not None and decode_entry(raw) == entry
+        assert raw is not None and decode_entry(raw, keys=KEYS) == entry
 
     async def test_delete_tenant_removes_its_tenant_and_user_entries_only(
         self, harness: Harness
@@ -160,7 +162,7 @@ class TestStoreContract:
         expected = {}
         for i in range(120):
             entry = make_entry(name=i, scope=Scope.for_tenant(f"t{i % 7}"))
-            expected[key_for(entry)] = encode_entry(entry)
+            expected[key_for(entry)] = encode_entry(entry, keys=KEYS)
             await harness.store.set(key_for(entry), expected[key_for(entry)], ttl=60)
         seen: dict[str, bytes] = {}
         async for key, raw in harness.store.scan_entries(batch=17):
