@@ -78,3 +78,9 @@ class NotFoundError(ServiceError, LookupError):
 
     status = 404
     code = "not_found"
+
+
+class RegistryConflictError(RuntimeError):
+    """Raised at start-up when the configured model version is not the registry's: the
+    service refuses to start rather than roll the registry or serve under another version's
+    epoch. The message names both versions and both fixes."""

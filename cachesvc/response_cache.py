@@ -298,7 +298,8 @@ class ResponseCache:
     async def fill(self, target: FillTarget, payload: Payload, *, source: str,
                    keyed: Keyed | None = None) -> str | None:
         """Store ``payload`` at ``target``; None when stored, else why not (and a metric):
-        "too_large", "unencodable" or "store_unavailable".
+        "too_large", "unencodable", "store_unavailable" or "stale_epoch" (a rollout happened
+        while it was computed; the entry is deleted again).
 
         ``keyed`` (the request that produced it) is passed on to observers when known.
         """
@@ -329,10 +330,23 @@ class ResponseCache:
         if self.guard.failed(res):
             metrics.FILL_SKIPS.labels("store_unavailable").inc()
             return "store_unavailable"
+        if not await self._epoch_current(target):
+            # A fill that raced a rollout (its upstream call began under the old epoch) must
+            # not outlive it: asked after the write, so a rollout either came first and is seen
+            # here, or came after and its purge deletes the entry.
+            await self.guard.call("delete", lambda: self.store.delete(skey))
+            metrics.FILL_SKIPS.labels("stale_epoch").inc()
+            return "stale_epoch"
         metrics.FILLS.labels(source).inc()
         if keyed is not None:
             self.notify("fill", keyed, raw, entry, payload, source=source)
         return None
+
+    async def _epoch_current(self, target: FillTarget) -> bool:
+        try:
+            return (await self.versions.current(target.model))[1] == target.epoch
+        except ServiceError:
+            return False  # the epoch cannot be confirmed: do not keep the entry
 
     def notify(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None,
                payload: Payload, *, source: str = "", served_stream: bool | None = None) -> None:

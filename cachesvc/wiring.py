@@ -62,18 +62,33 @@ def load_engine(settings: Settings) -> Any:
 
 
 async def attach_engine(engine: Any, versions: Any, version: str) -> None:
-    """Register the engine's model in the registry (idempotently: a restart with the same
-    version keeps the epoch and so the cache) and follow its rollouts: a new epoch drops the
-    old epoch's prefix blocks from the engine's pool."""
+    """Register the engine's model if the registry has never seen it, and follow its
+    rollouts: a new epoch drops the old epoch's prefix blocks from the engine's pool.
+
+    NOTE: start-up never changes a model the registry knows. A configured version that is not
+    the registry's refuses to start (:class:`RegistryConflictError`): rolling the registry to
+    the config's version would invalidate the whole cache for every replica (a stale config
+    rolls back), and serving under the registry's epoch would store this process's answers as
+    another version's. Rollouts are explicit (`cachesvc models rollout`)."""
     import asyncio
+
+    from cachesvc.errors import RegistryConflictError
 
     model = engine.model_id
     try:
-        _, epoch = await versions.rollout(model, version, idempotent=True)
-        if epoch != engine.model_epoch:
-            await asyncio.to_thread(engine.on_rollout, None, epoch)
+        current, epoch = await versions.adopt(model, version)
     except Exception as exc:  # noqa: BLE001 - a down registry must not stop start-up
         log.warning("engine_registration_failed", model=model, error=str(exc)[:200])
+    else:
+        if current != version:
+            raise RegistryConflictError(
+                f"the registry serves model {model!r} at version {current!r} (epoch {epoch}), "
+                f"but [upstream] version is {version!r}: set [upstream] version = {current!r} "
+                f"if these are its weights, or roll out explicitly with `cachesvc models "
+                f"rollout {model} {version}` (a new epoch: every cached entry of the model "
+                "becomes unreachable)")
+        if epoch != engine.model_epoch:
+            await asyncio.to_thread(engine.on_rollout, None, epoch)
 
     async def on_epoch(changed: str, old: int | None, new: int) -> None:
         if changed == model and new != engine.model_epoch:

@@ -321,7 +321,7 @@ class TestCacheApi:
 
     def test_a_store_after_a_rollout_is_refused(self, client):
         token = self.lookup(client, chat("q4")).json()["fill_token"]
-        client.post("/admin/models/echo-1/rollout", json={"version": "v2"}, headers=auth(ADMIN))
+        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True}, headers=auth(ADMIN))
         r = self.store(client, token, self.answer())
         assert r.status_code == 409 and r.json()["error"]["code"] == "stale_epoch"
 
@@ -387,7 +387,7 @@ class TestCacheApi:
 class TestAdmin:
     def test_a_rollout_turns_the_next_request_into_a_miss(self, client):
         post(client, chat())
-        r = client.post("/admin/models/echo-1/rollout", json={"version": "v2"},
+        r = client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True},
                         headers=auth(ADMIN))
         assert r.status_code == 200 and r.json()["version"] == "v2" and r.json()["epoch"] > 0
         assert post(client, chat()).headers["x-cache"] == "MISS"
@@ -398,7 +398,7 @@ class TestAdmin:
         post(client, chat("other"))
         store = client.app.state.services.store
         assert len(store._items) == 2  # noqa: SLF001
-        client.post("/admin/models/echo-1/rollout", json={"version": "v2"}, headers=auth(ADMIN))
+        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True}, headers=auth(ADMIN))
         import time
 
         deadline = time.monotonic() + 5
@@ -409,17 +409,17 @@ class TestAdmin:
         assert post(client, chat()).headers["x-cache"] == "HIT"
 
     def test_a_rollback_gets_a_fresh_epoch(self, client):
-        e1 = client.post("/admin/models/m/rollout", json={"version": "a"},
+        e1 = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
                          headers=auth(ADMIN)).json()["epoch"]
-        client.post("/admin/models/m/rollout", json={"version": "b"}, headers=auth(ADMIN))
-        e3 = client.post("/admin/models/m/rollout", json={"version": "a"},
+        client.post("/admin/models/m/rollout", json={"version": "b", "create": True}, headers=auth(ADMIN))
+        e3 = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
                          headers=auth(ADMIN)).json()["epoch"]
         assert e3 > e1
         models = client.get("/admin/models", headers=auth(ADMIN)).json()["models"]
         assert {"model": "m", "version": "a", "epoch": e3} in models
 
     def test_admin_endpoints_refuse_tenant_keys(self, client):
-        r = client.post("/admin/models/m/rollout", json={"version": "a"}, headers=auth(KEY_A))
+        r = client.post("/admin/models/m/rollout", json={"version": "a", "create": True}, headers=auth(KEY_A))
         assert r.status_code == 401
         assert client.get("/admin/models").status_code == 401
 

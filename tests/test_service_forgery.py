@@ -57,7 +57,7 @@ class TestForgedAndInvalidEntries:
                                  limits={"max_entry_bytes": MAX_ENTRY})
         prompts = [f"question {i}" for i in range(9)]
         with TestClient(create_app(settings, upstream=EchoUpstream())) as c:
-            r = c.post("/admin/models/echo-1/rollout", json={"version": "v1"},
+            r = c.post("/admin/models/echo-1/rollout", json={"version": "v1", "create": True},
                        headers=auth(ADMIN))
             assert r.status_code == 200, r.text
             for p in prompts:

@@ -177,13 +177,14 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
     store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
     registry = await _open_registry(store)
     snapshot = await registry_snapshot(registry) if registry is not None else {}
+    genesis = await registry.genesis() if registry is not None else None
     if registry is None:
         typer.echo("warning: no model registry reachable; epoch and version checks against the "
                    "registry are skipped", err=True)
     recorder = Recorder(journal)
     scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
                       check_registry=registry is not None, secret=secret, oracle=oracle,
-                      previous_secrets={key_id(s).hex(): s for s in previous})
+                      previous_secrets={key_id(s).hex(): s for s in previous}, genesis=genesis)
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
