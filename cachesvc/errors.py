@@ -73,6 +73,13 @@ class StaleEpochError(ServiceError, LookupError):
     code = "stale_epoch"
 
 
+class TokenUsedError(ServiceError, LookupError):
+    """Raised when a fill token is presented a second time: each permits one store."""
+
+    status = 409
+    code = "fill_token_used"
+
+
 class NotFoundError(ServiceError, LookupError):
     """Raised when an admin call names a tenant or model the service does not know."""
 

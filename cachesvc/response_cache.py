@@ -8,6 +8,7 @@ collision, a stale entry or a corrupted value is a miss, never a wrong answer.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,8 @@ from keying import (
 log = structlog.get_logger()
 
 Status = Literal["hit", "miss", "bypass"]
+#: Where used fill tokens are marked (by digest): outside the entries' ``llmc:v1:`` keyspace.
+FILL_TOKEN_PREFIX = "llmc:ft:"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -341,6 +344,15 @@ class ResponseCache:
         if keyed is not None:
             self.notify("fill", keyed, raw, entry, payload, source=source)
         return None
+
+    async def claim_fill_token(self, token: str, expires_at: float) -> bool | None:
+        """Use ``token`` up: True the first time, False after; None when the store cannot say
+        (the caller must not store then: a token must never permit two writes)."""
+        digest = hashlib.blake2b(token.encode(), digest_size=16).hexdigest()
+        ttl = max(1.0, expires_at - self.clock())
+        res = await self.guard.call("claim", lambda: self.store.claim(
+            f"{FILL_TOKEN_PREFIX}{digest}", ttl=ttl))
+        return None if self.guard.failed(res) else bool(res)
 
     async def _epoch_current(self, target: FillTarget) -> bool:
         try:

@@ -330,7 +330,43 @@ class TestCacheApi:
         ans = self.answer()
         ans["choices"][0]["finish_reason"] = None
         r = self.store(client, token, ans)
-        assert r.status_code == 422 and r.json()["error"]["param"] == "response.choices"
+        assert r.status_code == 422
+        assert r.json()["error"]["param"] == "response.choices[0].finish_reason"
+
+    @pytest.mark.parametrize(("answer", "param"), [
+        ({"choices": ["x"]}, "response.choices[0]"),
+        ({"choices": [{"index": [1], "finish_reason": "stop", "message": {}}]},
+         "response.choices[0].index"),
+        ({"choices": [{"index": 0, "finish_reason": "stop", "message": "hi"}]},
+         "response.choices[0].message"),
+        ({"choices": []}, "response.choices"),
+        ([{"choices": ["x"]}], "chunks[0].choices[0]"),
+        ([{"choices": [{"index": 0, "delta": "hi", "finish_reason": "stop"}]}],
+         "chunks[0].choices[0].delta"),
+        ([{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+          {"choices": [{"index": "1", "delta": {}, "finish_reason": "stop"}]}],
+         "chunks[1].choices[0].index"),
+    ])
+    def test_an_answer_not_in_the_openai_shape_is_a_422_naming_the_field_and_not_stored(
+            self, client, answer, param):
+        req = chat(f"malformed {param}", stream=isinstance(answer, list))
+        token = self.lookup(client, req).json()["fill_token"]
+        body = {"chunks": answer} if isinstance(answer, list) else {"response": answer}
+        r = self.store(client, token, **body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+        assert self.lookup(client, req).json()["status"] == "miss"
+
+    def test_a_fill_token_stores_once(self, client):
+        token = self.lookup(client, chat("once")).json()["fill_token"]
+        assert self.store(client, token, self.answer("first")).json()["stored"]
+        again = self.store(client, token, self.answer("overwritten"))
+        assert again.status_code == 409 and again.json()["error"]["code"] == "fill_token_used"
+        assert self.lookup(client, chat("once")).json()["response"] == self.answer("first")
+        # ... nor re-creates the entry after the tenant's entries were deleted.
+        assert client.delete("/admin/tenants/team-a/entries",
+                             headers=auth(ADMIN)).json()["deleted"] >= 1
+        assert self.store(client, token, self.answer("back")).status_code == 409
+        assert self.lookup(client, chat("once")).json()["status"] == "miss"
 
     def test_a_request_that_does_not_match_the_token_is_refused(self, client):
         token = self.lookup(client, chat("q6")).json()["fill_token"]

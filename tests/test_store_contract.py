@@ -89,6 +89,17 @@ class TestStoreContract:
         assert await harness.store.delete(k("a")) is False
         assert await harness.store.get(k("a")) is None
 
+    async def test_only_the_first_claim_of_a_key_succeeds_until_it_expires(
+        self, harness: Harness
+    ) -> None:
+        assert await harness.store.claim("llmc:ft:a", ttl=0.3) is True
+        assert await harness.store.claim("llmc:ft:a", ttl=0.3) is False
+        assert await harness.store.claim("llmc:ft:b", ttl=60) is True
+        assert [k async for k, _ in harness.store.scan_entries()] == []  # not an entry
+        await harness.advance(0.4)
+        assert await harness.store.claim("llmc:ft:a", ttl=60) is True
+        assert await harness.store.claim("llmc:ft:b", ttl=60) is False
+
     async def test_an_entry_expires_after_its_ttl(self, harness: Harness) -> None:
         await harness.store.set(k("short"), b"x", ttl=0.3)
         await harness.store.set(k("long"), b"y", ttl=60)

@@ -10,7 +10,7 @@ from dataclasses import replace
 import msgpack
 import pytest
 import xxhash
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachesvc.store import (
@@ -313,3 +313,55 @@ class TestReadLimits:
         assert problem in (entry.lifetime_problem(1_700_000_000.0, max_ttl_s=30 * 86_400.0)
                            or "")
         assert make_entry().lifetime_problem(1_700_000_000.0, max_ttl_s=30 * 86_400.0) is None
+
+
+#: Values where the shape check does not look: anything JSON.
+_wild = st.none() | st.booleans() | st.integers(-2, 3) | st.text(max_size=3) | st.lists(
+    st.integers(0, 2), max_size=2) | st.dictionaries(st.sampled_from(["a", "index"]),
+                                                     st.integers(0, 2), max_size=2)
+_calls = st.lists(st.fixed_dictionaries({}, optional={
+    "index": st.integers(0, 2), "id": _wild, "type": _wild,
+    "function": st.fixed_dictionaries({}, optional={"name": _wild, "arguments": _wild}),
+}), max_size=3)
+_message = st.fixed_dictionaries({}, optional={
+    "role": st.text(max_size=3), "content": st.none() | st.text(max_size=3)
+    | st.lists(st.dictionaries(st.text(max_size=2), _wild, max_size=2), max_size=2),
+    "tool_calls": _calls, "refusal": _wild, "reasoning_content": _wild})
+_choice = st.fixed_dictionaries(
+    {"index": st.integers(0, 2)},
+    optional={"finish_reason": st.sampled_from(["stop", "length"]), "logprobs": _wild,
+              "extra": _wild}).flatmap(lambda c: st.sampled_from([
+                  st.fixed_dictionaries({**{k: st.just(v) for k, v in c.items()},
+                                         "message": _message}),
+                  st.fixed_dictionaries({**{k: st.just(v) for k, v in c.items()},
+                                         "delta": _message}),
+                  st.fixed_dictionaries({**{k: st.just(v) for k, v in c.items()},
+                                         "text": st.text(max_size=3)})])).flatmap(lambda x: x)
+_answers = st.fixed_dictionaries({"choices": st.lists(_choice, min_size=1, max_size=3)},
+                                 optional={"usage": st.none() | st.dictionaries(
+                                     st.text(max_size=2), _wild, max_size=2), "id": _wild})
+
+
+class TestEveryAcceptedAnswerCanBeServed:
+    """What passes the shape check converts both ways without raising: a stored entry is
+    served (as a body or a stream, chat or completion), never a 500."""
+
+    @settings(max_examples=300)  # about one in six generated answers passes the check
+    @given(answer=_answers)
+    def test_a_body(self, answer) -> None:  # type: ignore[no-untyped-def]
+        from cachesvc.response_cache import Payload
+        from cachesvc.store.answer import answer_problem
+
+        if answer_problem(response=answer) is None:
+            for kind in ("chat", "completion"):
+                Payload(stream=False, body=answer).as_chunks(kind, include_usage=True)
+
+    @settings(max_examples=300)
+    @given(chunks=st.lists(_answers, min_size=1, max_size=3))
+    def test_a_stream(self, chunks) -> None:  # type: ignore[no-untyped-def]
+        from cachesvc.response_cache import Payload
+        from cachesvc.store.answer import answer_problem
+
+        if answer_problem(stream=chunks) is None:
+            for kind in ("chat", "completion"):
+                Payload(stream=True, chunks=chunks).as_body(kind)
