@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from cachesvc import metrics
 from cachesvc.api import admin, cache, health, proxy
 from cachesvc.api import errors as api_errors
 from cachesvc.api.deps import Services
+from cachesvc.body_limit import BodyLimit
 from cachesvc.breaker import CircuitBreaker
 from cachesvc.events import CacheObserver
 from cachesvc.fill_token import FillTokenSigner
@@ -71,6 +72,27 @@ def service_keys(settings: Settings) -> EntryKeys:
                      [s.encode() for s in settings.cache.previous_secrets])
 
 
+#: Routes whose bodies are OpenAI requests (bounded by limits.max_request_bytes).
+_REQUEST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/cache/lookup"})
+
+
+def body_limits(settings: Settings) -> Callable[[str], tuple[int, str]]:
+    """Each route's body limit and the setting it comes from: requests, a store (a request and
+    an answer), every other route."""
+    lim = settings.limits
+    request = (lim.max_request_bytes, "limits.max_request_bytes")
+    store = (lim.max_request_bytes + 2 * lim.max_entry_bytes,
+             "limits.max_request_bytes + 2 * limits.max_entry_bytes")
+    other = (lim.max_other_body_bytes, "limits.max_other_body_bytes")
+
+    def limit_for(path: str) -> tuple[int, str]:
+        if path in _REQUEST_ROUTES:
+            return request
+        return store if path == "/v1/cache/store" else other
+
+    return limit_for
+
+
 def create_app(
     settings: Settings,
     *,
@@ -102,6 +124,8 @@ def create_app(
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit, limit_for=body_limits(settings),
+                       body_timeout_s=settings.limits.body_timeout_s)
     api_errors.install(app)
     app.include_router(proxy.router)
     app.include_router(cache.router)

@@ -83,6 +83,9 @@ class BreakerSettings(_Section):
 
 class AdminSettings(_Section):
     api_key: str | None = Field(default=None, description="Bearer key for /admin/*; none: off.")
+    #: Bearer key for GET /metrics (a Prometheus scrape); the admin key works there too. With
+    #: neither, /metrics is off: its labels name every tenant with its hit and miss counts.
+    metrics_key: str | None = Field(default=None, min_length=16)
 
 
 class TenantSettings(_Section):
@@ -125,8 +128,17 @@ class AuditSettings(_Section):
 
 
 class LimitSettings(_Section):
+    #: Largest request body on the proxy and lookup routes (and the keyed request).
     max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    #: Largest stored entry; a store body may be up to max_request_bytes + 2 * this.
     max_entry_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: Largest body on every other route (admin, metrics, health).
+    max_other_body_bytes: int = Field(default=64 * 1024, gt=0)
+    #: A request's head (line and headers) must arrive within this many seconds of the
+    #: connection opening or the previous answer; a slower connection is closed.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    #: A request's whole body must arrive within this many seconds of its head (else 408).
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     #: Upper bound on any tenant's ttl_seconds; a larger one is refused at start-up.
     max_ttl_seconds: int = Field(default=30 * 86_400, gt=0)
 
@@ -207,7 +219,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"tenants: id {t.id!r} appears twice; give each tenant one entry")
             seen_ids.add(t.id)
             for k in t.api_keys:
-                if k in seen_keys or (self.admin.api_key and k == self.admin.api_key):
+                if k in seen_keys or k in (self.admin.api_key, self.admin.metrics_key):
                     raise ValueError(
                         f"tenants[{t.id}].api_keys: a key is shared with another tenant or the "
                         "admin; every key must identify exactly one caller"

@@ -478,7 +478,9 @@ class TestHealth:
         post(client, chat())
         assert client.get("/healthz").json()["status"] == "ok"
         assert client.get("/readyz").json()["store"] == "closed"
-        text = client.get("/metrics").text
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=auth(KEY_A)).status_code == 401
+        text = client.get("/metrics", headers=auth(ADMIN)).text
         assert 'cachesvc_lookups_total{outcome="hit",route="proxy"}' in text
         assert "cachesvc_lookup_seconds_bucket" in text
         assert "cachesvc_breaker_state" in text
