@@ -21,6 +21,7 @@ from cachesvc.cache_control import CacheControl
 from cachesvc.errors import BadRequestError, ServiceError
 from cachesvc.events import CacheEvent, CacheObserver
 from cachesvc.guarded_store import GuardedStore
+from cachesvc.json_body import check_exact
 from cachesvc.memo import Memo
 from cachesvc.store.base import ResponseStore, storage_key
 from cachesvc.store.envelope import Entry, decode_entry, encode_entry
@@ -187,6 +188,8 @@ class ResponseCache:
         memo_key = (raw, scope, epoch, kind, tenant.cache_nondeterministic) if raw else None
         key = self._keys.get(memo_key) if memo_key is not None else None
         if key is None:
+            if raw is not None:
+                check_exact(raw, body)
             try:
                 key = build_key(body, KeyParams(
                     scope=scope, epoch=epoch, kind=kind,  # type: ignore[arg-type]

@@ -203,6 +203,13 @@ class TestInvalidInput:
             (chat(messages=[{"role": "user", "content": 5}]), r"messages\[0\].content"),
             (chat(stop=[1]), r"stop\[0\]"),
             (chat(logit_bias={"abc": 1}), "logit_bias.abc"),
+            # str.isdigit() passes these; int() raises on the first and folds the rest
+            (chat(logit_bias={"--5": 1}), "logit_bias.--5"),
+            (chat(logit_bias={"\u00b2": 1}), "logit_bias.\u00b2"),
+            (chat(logit_bias={"\u0663": 1}), "logit_bias.\u0663"),
+            (chat(logit_bias={" 3": 1}), "logit_bias. 3"),
+            (chat(logit_bias={"03": 1}), "logit_bias.03"),
+            (chat(logit_bias={"1" * 21: 1}), "logit_bias.1{21}"),
             (chat(logit_bias={"1": 101}), "logit_bias.1"),
             ({"messages": [{"role": "user", "content": "x"}]}, "model"),
             ({"model": "", "prompt": "x"}, "model"),

@@ -237,6 +237,54 @@ class TestBadInput:
         err = r.json()["error"]
         assert err["param"] == field and err["fix"]
 
+    @pytest.mark.parametrize("body,field", [
+        (chat(logit_bias={"--5": 1}), "logit_bias.--5"),
+        (chat(logit_bias={"\u00b2": 1}), "logit_bias.\u00b2"),
+        # an Arabic-Indic three: int() reads it as 3, so it would share "3"'s entry
+        (chat(logit_bias={"\u0663": 1}), "logit_bias.\u0663"),
+    ])
+    def test_what_str_isdigit_passes_but_a_token_id_is_not_is_a_400(self, client, body, field):
+        r = post(client, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+    @pytest.mark.parametrize("value", [b"\xb2", "\u0663".encode(), b"9" * 5000])
+    def test_a_max_age_of_odd_digits_is_a_400_or_clamped_never_a_500(self, client, value):
+        # b"\xb2" is "\u00b2" in latin-1 (how header bytes are read): str.isdigit() is true
+        r = client.post("/v1/chat/completions", json=chat(),
+                        headers={**auth(), "Cache-Control": b"max-age=" + value})
+        assert r.status_code in (200, 400), r.text
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] == "Cache-Control"
+
+    @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/cache/lookup"])
+    def test_a_body_nested_deeper_than_can_be_sent_on_is_a_400(self, client, route):
+        deep = "1"
+        for _ in range(254):
+            deep = f"[{deep}]"
+        body = orjson.dumps(chat()).replace(b'"temperature"', b'"x_deep":' + deep.encode()
+                                            + b',"temperature"')
+        if route.endswith("lookup"):
+            body = b'{"request":' + body + b"}"
+        r = client.post(route, content=body, headers={**auth(), "Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, r.text
+
+    @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/cache/lookup"])
+    def test_integers_beyond_64_bits_are_refused_not_rounded_into_one_key(self, client, route):
+        def send(n: str) -> Any:
+            body = orjson.dumps(chat()).replace(b'"temperature"', b'"x_n":' + n.encode()
+                                                + b',"temperature"')
+            if route.endswith("lookup"):
+                body = b'{"request":' + body + b"}"
+            return client.post(route, content=body,
+                               headers={**auth(), "Content-Type": "application/json"})
+
+        for n in ("100000000000000000000001", "100000000000000000000002", "-9223372036854775809"):
+            r = send(n)
+            assert r.status_code == 400 and "64-bit" in r.json()["error"]["message"], r.text
+        assert send("18446744073709551615").status_code == 200
+        # A long run of digits in text is no number: served as usual.
+        assert post(client, chat("call 100000000000000000000001")).status_code == 200
+
     def test_invalid_json_is_a_400(self, client):
         r = client.post("/v1/chat/completions", content=b"{nope", headers=auth())
         assert r.status_code == 400 and r.json()["error"]["param"] == "body"
@@ -355,6 +403,15 @@ class TestCacheApi:
         r = self.store(client, token, **body)
         assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
         assert self.lookup(client, req).json()["status"] == "miss"
+
+    @pytest.mark.parametrize("extra", [b"100000000000000000000001", b"[" * 300 + b"]" * 300])
+    def test_an_answer_that_cannot_be_sent_back_is_a_422_never_a_500(self, client, extra):
+        token = self.lookup(client, chat(f"unsendable {len(extra)}")).json()["fill_token"]
+        body = orjson.dumps({"fill_token": token, "response": self.answer()})
+        body = body.replace(b'"created":1', b'"created":' + extra)
+        r = client.post("/v1/cache/store", content=body,
+                        headers={**auth(), "Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "response", r.text
 
     def test_a_fill_token_stores_once(self, client):
         token = self.lookup(client, chat("once")).json()["fill_token"]

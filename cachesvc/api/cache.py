@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
 
 from cachesvc import metrics
@@ -165,6 +166,15 @@ def _payload(body: StoreRequest) -> Payload:
     if problem is not None:
         raise UnprocessableError(problem[1], field=problem[0],
                                  fix="store only the model's complete answer, as it returned it")
+    answer_field = "response" if body.response is not None else "chunks"
+    try:
+        # What a hit will send: an answer orjson cannot write (an integer beyond 64 bits, or
+        # nested deeper than it writes) would be a 500 on every hit.
+        orjson.dumps(body.response if body.response is not None else body.chunks)
+    except orjson.JSONEncodeError as exc:
+        raise UnprocessableError(f"the answer cannot be sent back as JSON ({exc})",
+                                 field=answer_field,
+                                 fix="store the model's answer as it returned it") from None
     if body.response is not None:
         return Payload(stream=False, body=body.response)
     return Payload(stream=True, chunks=body.chunks)

@@ -114,7 +114,7 @@ async def read_json_body(request: Request, limit: int) -> tuple[bytes, Any]:
     import orjson
 
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
+    if declared is not None and declared.isascii() and declared.isdigit():
         if int(declared) > limit:
             raise _too_large(limit)
         raw = await request.body()
