@@ -223,6 +223,19 @@ class TestUpstreamErrors:
         assert r.status_code == 503 and r.headers["x-cache"] == "MISS"
 
 
+class TestLiveData:
+    @pytest.mark.parametrize("extra", [
+        {"search_parameters": {"mode": "on"}}, {"plugins": [{"id": "web"}]},
+        {"model": "echo-1:online"}, {"tools": [{"type": "web_search_preview"}]},
+    ])
+    def test_a_live_data_request_bypasses_and_says_why(self, client, upstream, extra):
+        for _ in range(2):
+            r = post(client, {**chat("what happened today?"), **extra})
+            assert r.headers["x-cache"] == "BYPASS", r.text
+        assert r.headers["x-cache-reason"].startswith("live data")
+        assert upstream.calls == 2
+
+
 class TestBadInput:
     @pytest.mark.parametrize("body,field", [
         ({"model": "m", "messages": "hi"}, "messages"),
