@@ -78,7 +78,8 @@ def serve_service(port: int, redis_url: str, state_dir: str) -> None:
 
     # The protocol `cachesvc serve` runs (httptools with a header timeout).
     uvicorn.run(create_app(settings, upstream=EchoUpstream()), host="127.0.0.1", port=port,
-                loop="uvloop", http=http_protocol(settings.limits.header_timeout_s),
+                loop="uvloop", http=http_protocol(header_timeout_s=settings.limits.header_timeout_s,
+                                    body_timeout_s=settings.limits.body_timeout_s),
                 log_level="warning", access_log=False)
 
 

@@ -65,13 +65,6 @@ def service_secret(settings: Settings) -> bytes:
     return path.read_bytes().strip()
 
 
-def service_keys(settings: Settings) -> EntryKeys:
-    """The entry MAC keys: the service secret signs, it and ``[cache] previous_secrets``
-    verify."""
-    return EntryKeys(service_secret(settings),
-                     [s.encode() for s in settings.cache.previous_secrets])
-
-
 #: Routes whose bodies are OpenAI requests (bounded by limits.max_request_bytes).
 _REQUEST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/cache/lookup"})
 
@@ -125,7 +118,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, limit_for=body_limits(settings),
-                       body_timeout_s=settings.limits.body_timeout_s)
+                       drain_s=settings.limits.body_timeout_s)
     api_errors.install(app)
     app.include_router(proxy.router)
     app.include_router(cache.router)
@@ -140,7 +133,8 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
     from cachesvc import wiring
 
     secret = service_secret(settings)
-    keys = service_keys(settings)
+    # The service secret signs entries; it and the rotated-out secrets verify them.
+    keys = EntryKeys(secret, [s.encode() for s in settings.cache.previous_secrets])
     if store is None:
         store = await wiring.open_store(settings)
         stack.push_async_callback(store.close)

@@ -1,28 +1,30 @@
-"""Every request body has a size limit and a time limit, enforced before the body is read.
+"""Every request body has a size limit, enforced before the body is read.
 
 An ASGI middleware, so it covers every route alike (routes that parse with pydantic included)
 and runs before any of them reads a byte:
 
-* a declared ``Content-Length`` over the route's limit is answered 413 at once;
-* a body without one (chunked) is counted as it arrives and refused when it passes the limit;
-* the whole body must arrive within ``body_timeout_s`` of the request head, else 408.
+* a declared ``Content-Length`` over the route's limit is answered 413 at once (the server
+  delivers no more body than a declared length, so a body within it needs no counting);
+* a body without one (chunked) is counted as it arrives and refused when it passes the limit.
 
 NOTE: a client that sends its whole body before reading the answer (plain ``urllib``, many
 SDKs) would see a connection reset, not the 413, if the server answered and closed with body
-bytes unread. So the rest of an oversize body is read and dropped first, within the same time
-bound and at most ``drain_bytes``; a client that announced ``Expect: 100-continue`` has not sent
-its body and is answered at once. Past either bound the connection is closed.
+bytes unread. So the rest of an oversize body is read and dropped first, for at most
+``drain_s`` seconds and ``drain_bytes`` bytes; a client that announced ``Expect: 100-continue``
+has not sent its body and is answered at once. Past either bound the connection is closed.
+How long a body may take to arrive at all is the server protocol's bound
+(:mod:`cachesvc.http_protocol`).
 
 NOTE: Starlette's own ``max_body_size`` (RequestBodyLimitMiddleware) is not used: it answers
-without reading the rest (the reset above), has no time bound, and takes one limit per app or
-route where this service's limits follow its settings. Its signalling is reused: the refusal is
-an ``HTTPException``, which FastAPI's body parsing re-raises instead of turning into a 400.
+without reading the rest (the reset above) and takes one limit per app or route, where this
+service's limits follow its settings. Its signalling is reused: the refusal is an
+``HTTPException``, which FastAPI's body parsing re-raises instead of turning into a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -37,7 +39,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class BodyRefused(HTTPException):
-    """Raised (inside the app) when a request body is over its limit or too slow; answered by
+    """Raised (inside the app) when a request body is over its limit; answered by
     :func:`refusal` through the app's handler, or by the middleware itself."""
 
     def __init__(self, status: int, message: str, fix: str) -> None:
@@ -47,84 +49,69 @@ class BodyRefused(HTTPException):
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit_for(path)`` (bytes, and the setting that sets them),
-    or slower than ``body_timeout_s``."""
+    """Refuse request bodies over ``limit_for(path)`` (bytes, and the setting that sets them)."""
 
     def __init__(self, app: ASGIApp, *, limit_for: Callable[[str], tuple[int, str]],
-                 body_timeout_s: float,
-                 drain_bytes: int = 1 << 30, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 drain_s: float = 30.0, drain_bytes: int = 1 << 30) -> None:
         self.app = app
         self.limit_for = limit_for
-        self.body_timeout_s = body_timeout_s
+        self.drain_s = drain_s
         self.drain_bytes = drain_bytes
-        self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit, setting = self.limit_for(scope["path"])
-        deadline = self.clock() + self.body_timeout_s
-        declared = expect = None
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                declared = value
-            elif name == b"expect":
-                expect = value.lower()
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is None:
+            await self.app(scope, self._counting(receive, limit, setting), send)
+        elif declared.isdigit() and int(declared) <= limit:
+            await self.app(scope, receive, send)  # the hot path: nothing more to do
+        else:
             # Refused before the app runs (and before a byte of the body is kept).
             if not declared.isdigit():
                 refused = BodyRefused(400, "Content-Length is not a number",
                                       "send the body's length in bytes")
             else:
-                if expect != b"100-continue":
-                    await self._drain(receive, deadline, int(declared))
+                if headers.get(b"expect", b"").lower() != b"100-continue":
+                    await self._drain(receive, int(declared))
                 refused = _too_large(limit, setting)
-            status, headers, body = refusal(refused)
-            await send({"type": "http.response.start", "status": status, "headers": [
-                (k.encode(), v.encode()) for k, v in headers.items()]})
+            status, out, body = refusal(refused)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(k.encode(), v.encode()) for k, v in out.items()]})
             await send({"type": "http.response.body", "body": body})
-            return
+
+    def _counting(self, receive: Receive, limit: int, setting: str) -> Receive:
         seen = 0
 
         async def counted() -> Message:
             # Raises BodyRefused inside the app, which answers it (cachesvc.api.errors).
             nonlocal seen
-            message = await self._receive(receive, deadline)
+            message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     if message.get("more_body", False):
-                        await self._drain(receive, deadline, self.drain_bytes)
+                        await self._drain(receive, self.drain_bytes)
                     raise _too_large(limit, setting)
             return message
 
-        await self.app(scope, counted, send)
+        return counted
 
-    async def _receive(self, receive: Receive, deadline: float) -> Message:
-        try:
-            async with asyncio.timeout(max(0.0, deadline - self.clock())):
-                return await receive()
-        except TimeoutError:
-            raise BodyRefused(408, f"the request body did not arrive within "
-                               f"{self.body_timeout_s:g}s",
-                               "send the whole body promptly, or raise "
-                               "limits.body_timeout_s") from None
-
-    async def _drain(self, receive: Receive, deadline: float, budget: int) -> None:
-        """Read and drop the rest of the body, within the deadline and ``budget`` bytes."""
+    async def _drain(self, receive: Receive, budget: int) -> None:
+        """Read and drop the rest of the body, for at most ``drain_s`` and ``budget`` bytes."""
         dropped = 0
-        while dropped <= min(budget, self.drain_bytes):
-            try:
-                message = await self._receive(receive, deadline)
-            except BodyRefused:
-                return  # too slow to drain: the answer goes out and the connection closes
-            if message["type"] != "http.request":
-                return
-            dropped += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.drain_s):
+                while dropped <= min(budget, self.drain_bytes):
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return
+                    dropped += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
 
 
 def _too_large(limit: int, setting: str) -> BodyRefused:

@@ -137,7 +137,8 @@ class LimitSettings(_Section):
     #: A request's head (line and headers) must arrive within this many seconds of the
     #: connection opening or the previous answer; a slower connection is closed.
     header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
-    #: A request's whole body must arrive within this many seconds of its head (else 408).
+    #: A request's whole body must arrive within this many seconds of its head; a slower
+    #: connection is closed (and an oversize body is drained for at most this long).
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     #: Upper bound on any tenant's ttl_seconds; a larger one is refused at start-up.
     max_ttl_seconds: int = Field(default=30 * 86_400, gt=0)

@@ -1,6 +1,6 @@
 """Bodies and slow clients, over a real socket (uvicorn with the service's protocol): every route
 has a body limit enforced before the body is read, a plain client reads the 413 (not a reset),
-a slow body is a 408, and a connection slow to send its request head is closed."""
+and a connection slow to send its request head or its body is closed."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     config = uvicorn.Config(create_app(settings, upstream=EchoUpstream()), host="127.0.0.1",
                             port=port, log_level="warning", loop="asyncio", lifespan="on",
-                            http=http_protocol(settings.limits.header_timeout_s))
+                            http=http_protocol(header_timeout_s=settings.limits.header_timeout_s,
+                                    body_timeout_s=settings.limits.body_timeout_s))
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -120,15 +121,13 @@ class TestBodyLimits:
 
 
 class TestSlowClients:
-    def test_a_body_slower_than_the_bound_is_a_408_and_the_connection_closes(
-            self, server: str) -> None:
+    def test_a_connection_slow_to_send_its_body_is_closed(self, server: str) -> None:
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                 b"Authorization: Bearer " + KEY_A.encode() + b"\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
         t0 = time.monotonic()
-        answer = _raw(server, head)
-        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-        assert time.monotonic() - t0 < BODY_TIMEOUT + 3.0
+        assert _raw(server, head, wait=10.0) == b""
+        assert time.monotonic() - t0 < BODY_TIMEOUT + 4.0
 
     @pytest.mark.parametrize("sent", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"])
     def test_a_connection_slow_to_send_its_request_head_is_closed(self, server: str,
