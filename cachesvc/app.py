@@ -133,8 +133,9 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
     from cachesvc import wiring
 
     secret = service_secret(settings)
-    # The service secret signs entries; it and the rotated-out secrets verify them.
-    keys = EntryKeys(secret, [s.encode() for s in settings.cache.previous_secrets])
+    # The service secret signs entries and fill tokens; it and the rotated-out secrets verify.
+    previous = [s.encode() for s in settings.cache.previous_secrets]
+    keys = EntryKeys(secret, previous)
     if store is None:
         store = await wiring.open_store(settings)
         stack.push_async_callback(store.close)
@@ -159,5 +160,6 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
                        store_material=settings.cache.store_material)
     return Services(settings=settings, tenants=TenantDirectory(settings), cache=rc,
                     upstream=upstream, flights=SingleFlight(),
-                    signer=FillTokenSigner(secret, ttl_s=settings.cache.fill_token_ttl_s),
+                    signer=FillTokenSigner(secret, previous=previous,
+                                           ttl_s=settings.cache.fill_token_ttl_s),
                     versions=versions, store=store)

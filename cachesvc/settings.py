@@ -149,8 +149,8 @@ class CacheSettings(_Section):
     #: it, one is kept in <state_dir>/secret, which is wrong for replicas on several hosts: set
     #: it (env CACHESVC_CACHE__SECRET) there.
     secret: str | None = None
-    #: Secrets rotated out: entries signed under them still verify (and are served) until
-    #: their TTL ends. Rotate by moving the old secret here, then drop it after
+    #: Secrets rotated out: entries (and fill tokens) signed under them still verify, and are
+    #: served, until their TTL ends. Rotate by moving the old secret here, then drop it after
     #: limits.max_ttl_seconds.
     previous_secrets: list[str] = Field(default_factory=list)
     fill_token_ttl_s: float = Field(default=300.0, gt=0)

@@ -166,6 +166,13 @@ class TestFillTokens:
         with pytest.raises(UnprocessableError, match="invalid signature"):
             b.verify(self.grant(a))
 
+    def test_a_token_signed_before_a_rotation_still_verifies(self):
+        old = FillTokenSigner(b"a" * 32, clock=Clock())
+        rotated = FillTokenSigner(b"b" * 32, previous=[b"a" * 32], clock=Clock())
+        assert rotated.verify(self.grant(old)).model == "m"
+        with pytest.raises(UnprocessableError, match="invalid signature"):
+            old.verify(self.grant(rotated))  # new tokens are signed under the new secret
+
     def test_an_expired_token_is_refused(self):
         clock = Clock()
         s = FillTokenSigner(b"k" * 32, ttl_s=10, clock=clock)
