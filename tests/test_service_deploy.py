@@ -83,7 +83,7 @@ class TestWorkers:
                 states = [_chat(port).headers["x-cache"] for _ in range(12)]
                 assert first.headers["x-cache"] == "MISS" and set(states) == {"HIT"}
                 r = httpx.post(f"http://127.0.0.1:{port}/admin/models/echo-1/rollout",
-                               json={"version": "v2"},
+                               json={"version": "v2", "create": True},
                                headers={"Authorization": f"Bearer {ADMIN}"})
                 assert r.status_code == 200
                 time.sleep(0.5)  # > the event poll interval; far below the refresh bound
@@ -120,7 +120,7 @@ class TestEngineUpstream:
             streamed = c.post("/v1/chat/completions", json={**body, "stream": True},
                               headers=auth())
             assert streamed.headers["x-cache"] == "HIT" and "data: [DONE]" in streamed.text
-            r = c.post("/admin/models/random-tiny/rollout", json={"version": "2"},
+            r = c.post("/admin/models/random-tiny/rollout", json={"version": "2", "create": True},
                        headers=auth(ADMIN)).json()
             assert engine.model_epoch == r["epoch"]
             again = c.post("/v1/chat/completions", json=body, headers=auth())
