@@ -145,12 +145,13 @@ class TestShadowCoverage:
 
         a = auditor(tmp_path, sample_rate=0.5)
         bad_key = w.key_for("acme", 1)
-        bad = w.encode_entry(w.entry_for(bad_key, text="a wrong answer stored under a good key"))
+        bad = w.encode_entry(w.entry_for(bad_key, text="a wrong answer stored under a good key"),
+                             keys=w.KEYS)
         for t in range(5):
             a.process(w.hit_event("acme", 1, bad, at=w.NOW + t))
         for i in range(40):
             k = w.key_for("globex", i)
-            a.process(w.hit_event("globex", i, w.encode_entry(w.entry_for(k))))
+            a.process(w.hit_event("globex", i, w.encode_entry(w.entry_for(k), keys=w.KEYS)))
         a.coverage.check_valid()
         a.stop(timeout=5)
         shadow = FileJournal(tmp_path / "f.jsonl").load_result("shadow")

@@ -58,7 +58,7 @@ def service(tmp_path_factory: Any) -> Any:
 class TestThroughTheAdminApi:
     def test_rollout_and_show_reach_the_embedded_registry(self, service):
         out = cli("models", "rollout", "echo-1", "v7", "--url", service.url, "--admin-key",
-                  ADMIN, "--json")
+                  ADMIN, "--create", "--json")
         assert out.exit_code == 0, out.output
         epoch = last_json(out.output)["epoch"]
         shown = cli("models", "show", "--url", service.url, "--json",
@@ -68,6 +68,20 @@ class TestThroughTheAdminApi:
             last_json(shown.output)["models"]
         table = cli("models", "show", "--url", service.url, CACHESVC_ADMIN_KEY=ADMIN)
         assert "echo-1" in table.output and "v7" in table.output
+
+    def test_a_rollout_of_a_model_the_registry_lacks_needs_create_through_the_api_too(
+            self, service):
+        out = cli("models", "rollout", "echo-typo", "v1", "--url", service.url, "--admin-key",
+                  ADMIN)
+        assert out.exit_code == 1
+        line = one_error_line(out.output)
+        assert "answered 404" in line and "--create" in line
+        shown = cli("models", "show", "--url", service.url, "--json", CACHESVC_ADMIN_KEY=ADMIN)
+        assert "echo-typo" not in {m["model"] for m in last_json(shown.output)["models"]}
+        out = cli("models", "rollout", "echo-typo", "v1", "--url", service.url, "--admin-key",
+                  ADMIN, "--create", "--json")
+        assert out.exit_code == 0, out.output
+        assert last_json(out.output)["version"] == "v1"
 
     def test_the_admin_key_can_come_from_the_config(self, service, tmp_path):
         cfg = tmp_path / "c.toml"
@@ -125,7 +139,7 @@ class TestThroughTheAdminApi:
 class TestOneRolloutBehaviour:
     def test_a_cli_rollout_deletes_the_old_epochs_entries_as_the_http_rollout_does(
             self, redis_url: str, redis_standalone: Any) -> None:
-        old = last_json(cli("models", "rollout", "m", "v1", "--redis", redis_url,
+        old = last_json(cli("models", "rollout", "m", "v1", "--create", "--redis", redis_url,
                             "--json").output)
         client = redis.Redis(host=redis_standalone.host, port=redis_standalone.port)
         keys = [storage_key(scope=Scope.for_tenant("t"), model="m", epoch=old["epoch"],

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from cachesvc.app import create_app
 from cachesvc.echo_upstream import EchoUpstream
-from tests.service_helpers import KEY_B, auth, chat, make_settings
+from tests.service_helpers import ADMIN, KEY_B, auth, chat, make_settings
 
 
 def value(name: str, **labels: str) -> float:
@@ -57,7 +57,7 @@ class TestCounters:
 
     def test_the_embedded_stores_size_and_entries_are_exported(self, client):
         client.post("/v1/chat/completions", json=chat("size me"), headers=auth())
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers=auth(ADMIN)).text
         entries = value("cachesvc_store_entries")
         assert entries >= 1 and value("cachesvc_store_bytes") > 0
         assert "cachesvc_store_max_bytes" in text

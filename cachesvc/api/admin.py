@@ -28,13 +28,15 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 log = structlog.get_logger()
 
 
-@router.post("/models/{model}/rollout", response_model=ModelVersion, responses=ERROR_RESPONSES)
+@router.post("/models/{model}/rollout", response_model=ModelVersion,
+             responses={**ERROR_RESPONSES, 404: {"description": "Unknown model, no create."}})
 async def rollout(model: str, body: RolloutRequest, services: ServicesDep,
                   _: AdminDep) -> ModelVersion:
     """Make ``version`` current for ``model`` under a fresh epoch: every older entry (and every
     prefix block of the old epoch) becomes unreachable at once, rollbacks included."""
     version, epoch = await services.versions.rollout(model, body.version,
-                                                     idempotent=body.idempotent)
+                                                     idempotent=body.idempotent,
+                                                     create=body.create)
     # The new epoch already makes old entries unreachable; deleting them only returns memory,
     # so it runs in the background and its failure is a log line, not a failed rollout.
     services.spawn(_purge_old_epochs(services, model, epoch), name=f"purge-{model}")
@@ -95,8 +97,11 @@ async def scan(query: Annotated[ScanQuery, Query()], services: ServicesDep,
         redis_url=settings.redis.url,
         findings_path=settings.audit.findings_path or default_findings_path(settings.state_dir))
     target = "embedded store" if not settings.redis.store_url else "the service's Redis store"
+    keys = services.cache.keys
+    secret = keys.secret_for(keys.current_id)
+    assert secret is not None  # the current key is always one of its keys
     result = await run_scan(settings, services.store, journal, registry=services.versions,
-                            target=target, batch=query.batch)
+                            secret=secret, target=target, batch=query.batch)
     return ScanSummary(run_id=result.run_id, target=result.target, entries=result.entries,
                        findings=result.findings, findings_by_kind=dict(result.findings_by_kind),
                        unreadable=result.unreadable, reclaimable=result.reclaimable,

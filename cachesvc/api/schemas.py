@@ -145,6 +145,11 @@ class RolloutRequest(BaseModel):
     version: str = Field(min_length=1, max_length=200)
     #: The same version again keeps its epoch (and its entries) instead of a fresh one.
     idempotent: bool = Field(default=False, strict=True)
+    # NOTE: strict like ``idempotent``: a lax bool would take "yes" or 1 for a flag that lets
+    # a name start a new model (and schemathesis' negative cases expect the refusal).
+    create: bool = Field(default=False, strict=True,
+                         description="Allow a model the registry does not know yet (otherwise "
+                                     "404: a misspelt name must not start a model).")
 
 
 class ModelVersion(BaseModel):

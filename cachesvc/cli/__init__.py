@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cachesvc.cli import audit as _audit
+from cachesvc.cli import capacity as _capacity
 from cachesvc.cli import engine as _engine
 from cachesvc.cli import key as _key
 from cachesvc.cli import models as _models
@@ -26,6 +27,7 @@ app.add_typer(_audit.app, name="audit")
 app.add_typer(_engine.app, name="engine")
 _serve.register(app)
 _purge.register(app)
+_capacity.register(app)
 
 
 def main() -> None:

@@ -134,12 +134,8 @@ def scan(
         typer.echo("note: no entry carries its key material ([cache] store_material = false, or "
                    "filled before it was on), so digests were not recomputed and answers not "
                    "read back (the shadow auditor checks them against live requests)", err=True)
-    if not result.material_digest_checked and result.material_checked:
-        typer.echo("note: the service's secret is not known here ([cache] secret or "
-                   "<state_dir>/secret), so keyed material digests were not recomputed", err=True)
-    forged = result.findings_by_kind.get("collision", 0)
-    if result.material_checked >= 10 and forged >= result.material_checked:
-        typer.echo("warning: every entry's material digest disagrees: is [cache] secret the "
+    if result.entries >= 10 and readable == 0:
+        typer.echo("warning: no entry verified: is [cache] secret the "
                    "one the service ran with?", err=True)
     raise typer.Exit(code=1 if result.findings else 0)
 
@@ -188,9 +184,14 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
                 oracle: Any = None) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cachesvc.auditing import run_scan
+    from cachesvc.auditing import material_secret, run_scan
     from cachesvc.store import open_store
 
+    secret = material_secret(settings)
+    if secret is None:
+        _fail("the scan verifies every entry's MAC, which needs the service secret: set "
+              "[cache] secret (or run where the service's <state_dir>/secret is)")
+    assert secret is not None
     store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
     registry = await _open_registry(store)
     if registry is None:
@@ -200,8 +201,9 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
             task = progress.add_task("scan", total=None)
-            return await run_scan(settings, store, journal, registry=registry, batch=batch,
-                                  oracle=oracle, target=_redacted(settings.redis.store_url or "-"),
+            return await run_scan(settings, store, journal, registry=registry, secret=secret,
+                                  batch=batch, oracle=oracle,
+                                  target=_redacted(settings.redis.store_url or "-"),
                                   progress=lambda n: progress.update(task, completed=n))
     finally:
         await store.close()

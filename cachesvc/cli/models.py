@@ -42,6 +42,11 @@ def rollout(
         bool,
         typer.Option(help="If VERSION is already current, change nothing (no new epoch)."),
     ] = False,
+    create: Annotated[
+        bool,
+        typer.Option(help="Allow a MODEL the registry does not know yet (refused otherwise: a "
+                          "misspelt name must not start a model of its own)."),
+    ] = False,
     redis: RedisOpt = None,
     config: ConfigOpt = None,
     url: UrlOpt = None,
@@ -54,7 +59,7 @@ def rollout(
     if url:
         out = admin_api(url, admin_key, config).call(
             "POST", f"/admin/models/{quote(model, safe='')}/rollout",
-            json={"version": version, "idempotent": idempotent})
+            json={"version": version, "idempotent": idempotent, "create": create})
         if as_json:
             typer.echo(orjson.dumps(out).decode())
         else:
@@ -65,7 +70,8 @@ def rollout(
     async def run() -> None:
         store = open_redis_store(redis, config)
         try:
-            r = await RedisRegistry(store.client).rollout(model, version, idempotent=idempotent)
+            r = await RedisRegistry(store.client).rollout(
+                model, version, idempotent=idempotent, only=None if create else "existing")
             deleted = (await store.delete_model(model, before_epoch=r.current.epoch)
                        if r.changed else 0)
         finally:
