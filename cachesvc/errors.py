@@ -78,3 +78,11 @@ class NotFoundError(ServiceError, LookupError):
 
     status = 404
     code = "not_found"
+
+
+class CacheUnavailableError(ServiceError, ConnectionError):
+    """Raised by ``cachesvc.client`` (only when it is asked not to fail open) when the service
+    cannot be reached, does not answer within the timeout, or answers with a 5xx."""
+
+    status = 503
+    code = "cache_unavailable"
