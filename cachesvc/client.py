@@ -55,6 +55,8 @@ log = logging.getLogger("cachesvc.client")
 DEFAULT_TIMEOUT_S = 1.0
 
 JSON = dict[str, Any]
+#: A request: the OpenAI body, or its JSON already encoded (``orjson.Fragment``), sent as is.
+Request = Mapping[str, Any] | orjson.Fragment
 Kind = Literal["chat", "completion"]
 
 # The service's 4xx statuses and the error each stands for (cachesvc/api/errors.py).
@@ -127,13 +129,13 @@ class _Protocol:
         return self.auth if cache_control is None else {**self.auth, "Cache-Control": cache_control}
 
     @staticmethod
-    def lookup_body(request: Mapping[str, Any], kind: Kind | None) -> bytes:
+    def lookup_body(request: Request, kind: Kind | None) -> bytes:
         return _dumps({"request": request} if kind is None else {"request": request, "kind": kind})
 
     @staticmethod
     def store_body(found: Lookup, response: Mapping[str, Any] | None,
                    chunks: Iterable[Mapping[str, Any]] | None,
-                   request: Mapping[str, Any] | None, ttl_seconds: int | None) -> bytes:
+                   request: Request | None, ttl_seconds: int | None) -> bytes:
         body: JSON = {"fill_token": found.fill_token}
         if response is not None:
             body["response"] = response
@@ -223,7 +225,7 @@ class CacheClient:
             raise self._p.unreachable(exc) from exc
         return self._p.read(r)
 
-    def lookup(self, request: Mapping[str, Any], *, kind: Kind | None = None,
+    def lookup(self, request: Request, *, kind: Kind | None = None,
                cache_control: str | None = None) -> Lookup:
         """Look ``request`` (an OpenAI chat or completion body) up. ``cache_control``: the
         request's ``Cache-Control`` (``no-cache``, ``no-store``, ``max-age=N``)."""
@@ -236,7 +238,7 @@ class CacheClient:
 
     def store(self, found: Lookup, *, response: Mapping[str, Any] | None = None,
               chunks: Iterable[Mapping[str, Any]] | None = None,
-              request: Mapping[str, Any] | None = None,
+              request: Request | None = None,
               ttl_seconds: int | None = None) -> Stored:
         """Store the model's complete answer (``response``, or its stream's ``chunks``) under
         the entry ``found`` (a miss) is allowed to fill. ``request``: send it again to have the
@@ -297,7 +299,7 @@ class AsyncCacheClient:
             raise self._p.unreachable(exc) from exc
         return self._p.read(r)
 
-    async def lookup(self, request: Mapping[str, Any], *, kind: Kind | None = None,
+    async def lookup(self, request: Request, *, kind: Kind | None = None,
                      cache_control: str | None = None) -> Lookup:
         """See ``CacheClient.lookup``."""
         try:
@@ -309,7 +311,7 @@ class AsyncCacheClient:
 
     async def store(self, found: Lookup, *, response: Mapping[str, Any] | None = None,
                     chunks: Iterable[Mapping[str, Any]] | None = None,
-                    request: Mapping[str, Any] | None = None,
+                    request: Request | None = None,
                     ttl_seconds: int | None = None) -> Stored:
         """See ``CacheClient.store``."""
         if found.fill_token is None:
