@@ -48,12 +48,17 @@ test-litellm: $(STAMP) .venv-bench/.installed
 # pins must not move the service's dependencies. The package goes in without its dependencies:
 # the client and the adapter need only httpx (LiteLLM's) and orjson; the keying bench needs
 # msgpack and xxhash. LiteLLM's cache-hit path imports fastapi and soundfile (from its proxy
-# code) without declaring them; redis is for its Redis cache in bench/gateway.py.
+# code) without declaring them; redis is for its Redis cache in bench/gateway.py. The proxy server
+# (tests/gateway/test_litellm_proxy.py) needs the rest of the list: the `litellm[proxy]` extra
+# pins a `litellm-proxy` package that the registry does not serve, so they are named one by one.
 LITELLM ?= litellm==1.110.2
+LITELLM_PROXY_DEPS := uvicorn uvloop websockets backoff apscheduler pyjwt cryptography semver \
+  python-multipart expression fastapi-sso mcp
 .venv-bench/.installed: pyproject.toml
 	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q msgpack xxhash orjson '$(LITELLM)' fastapi soundfile \
-	  'redis>=5.0,<9' 'pytest>=8,<10' 'pytest-asyncio>=0.24,<2' 'pytest-timeout>=2.3,<3'
+	  $(LITELLM_PROXY_DEPS) 'redis>=5.0,<9' 'pytest>=8,<10' 'pytest-asyncio>=0.24,<2' \
+	  'pytest-timeout>=2.3,<3'
 	.venv-bench/bin/python -m pip install -q --no-deps -e .
 	@touch $@
 

@@ -10,70 +10,39 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: the bundled map
 litellm = pytest.importorskip("litellm")
-import httpx  # noqa: E402
-import orjson  # noqa: E402
 from litellm.caching.caching import Cache  # noqa: E402
 from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
 
 from cachesvc.client import CacheClient  # noqa: E402
 from cachesvc.integrations.litellm import ProvableCache, openai_request  # noqa: E402
+from tests.gateway.harness import Stack  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "openai/echo-1"
-#: The interpreter of the service's virtualenv (it has the service's dependencies).
-SERVICE_PYTHON = os.environ.get("CACHESVC_PYTHON", str(ROOT / ".venv/bin/python"))
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, Any]]:
-    proc = subprocess.Popen([SERVICE_PYTHON, "-m", "tests.gateway.stack"], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail(f"the service stack did not start ({SERVICE_PYTHON} exited "
-                        f"{proc.wait(timeout=10)}); run `make install` first")
-        yield orjson.loads(line)
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
-def cache(stack: dict[str, Any]) -> Iterator[ProvableCache]:
-    litellm.cache = ProvableCache(stack["service"], stack["key_a"], timeout_s=5)
+def cache(stack: Stack) -> Iterator[ProvableCache]:
+    litellm.cache = ProvableCache(stack.service, stack.key_a, timeout_s=5)
     yield litellm.cache
     litellm.cache = None
 
 
-def request(stack: dict[str, Any], text: str, **extra: Any) -> dict[str, Any]:
+def request(stack: Stack, text: str, **extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], "temperature": 0,
-            "api_base": stack["upstream"], "api_key": "sk-upstream", **extra}
+            "api_base": stack.upstream, "api_key": "sk-upstream", **extra}
 
 
-def model_calls(stack: dict[str, Any]) -> int:
-    return httpx.get(stack["upstream"].removesuffix("/v1") + "/calls").json()["calls"]
-
-
-def wait_stored(stack: dict[str, Any], req: dict[str, Any], key: str = "key_a") -> None:
+def wait_stored(stack: Stack, req: dict[str, Any]) -> None:
     """LiteLLM fills after answering (a background task for async calls): wait for the entry."""
-    with CacheClient(stack["service"], stack[key]) as c:
+    with CacheClient(stack.service, stack.key_a) as c:
         deadline = time.monotonic() + 10
         while not c.lookup(openai_request(req)).hit:
             assert time.monotonic() < deadline, "the fill never reached the service"
@@ -95,13 +64,13 @@ def streamed(chunks: list[Any]) -> str:
 class TestMissThenHit:
     def test_a_repeat_is_a_hit_that_does_not_call_the_model(self, stack, cache):
         req = request(stack, "miss then hit")
-        calls = model_calls(stack)
+        calls = stack.model_calls()
         first = litellm.completion(**req)
         wait_stored(stack, req)
         second = litellm.completion(**req)
         assert not hit(first) and hit(second)
         assert text_of(second) == text_of(first) and text_of(first).startswith("echo ")
-        assert model_calls(stack) == calls + 1
+        assert stack.model_calls() == calls + 1
 
     async def test_acompletion_hits_too(self, stack, cache):
         req = request(stack, "async miss then hit")
@@ -140,7 +109,7 @@ class TestMissThenHit:
                 litellm.cache = None
 
         try:
-            ours, our_flag = hit_through(ProvableCache(stack["service"], stack["key_a"]))
+            ours, our_flag = hit_through(ProvableCache(stack.service, stack.key_a))
             own, own_flag = hit_through(Cache(type="local"))
         finally:
             litellm.callbacks = []
@@ -188,29 +157,29 @@ class TestRequestsLiteLLMsKeyConfuses:
     def test_a_request_sampled_without_a_seed_is_never_served_from_the_cache(
             self, stack, cache):
         req = request(stack, "sampled", temperature=0.9)
-        calls = model_calls(stack)
+        calls = stack.model_calls()
         assert not hit(litellm.completion(**req)) and not hit(litellm.completion(**req))
-        assert model_calls(stack) == calls + 2
+        assert stack.model_calls() == calls + 2
 
     def test_another_tenant_does_not_see_the_entry(self, stack, cache):
         req = request(stack, "tenant")
         litellm.completion(**req)
         wait_stored(stack, req)
-        litellm.cache = ProvableCache(stack["service"], stack["key_b"])
+        litellm.cache = ProvableCache(stack.service, stack.key_b)
         assert not hit(litellm.completion(**req))
 
 
 class TestStreaming:
     def test_a_completed_stream_is_stored_and_replayed_as_a_stream(self, stack, cache):
         req = request(stack, "stream", stream=True)
-        calls = model_calls(stack)
+        calls = stack.model_calls()
         first = list(litellm.completion(**req))
         wait_stored(stack, req)
         replay = litellm.completion(**req)
         assert isinstance(replay, litellm.CustomStreamWrapper)
         second = list(replay)
         assert streamed(second) == streamed(first) and streamed(first).startswith("echo ")
-        assert model_calls(stack) == calls + 1
+        assert stack.model_calls() == calls + 1
         # the entry serves a plain request too (`stream` is not keyed)
         plain = litellm.completion(**{**req, "stream": False})
         assert hit(plain) and text_of(plain) == streamed(first)
@@ -219,21 +188,21 @@ class TestStreaming:
         req = request(stack, "async stream", stream=True)
         first = [c async for c in await litellm.acompletion(**req)]
         await asyncio.to_thread(wait_stored, stack, req)
-        calls = model_calls(stack)
+        calls = stack.model_calls()
         second = [c async for c in await litellm.acompletion(**req)]
-        assert streamed(second) == streamed(first) and model_calls(stack) == calls
+        assert streamed(second) == streamed(first) and stack.model_calls() == calls
 
 
 class TestFailures:
     def test_with_the_service_down_litellm_answers_from_the_model(self, stack):
         down = f"http://127.0.0.1:{_closed_port()}"
-        litellm.cache = ProvableCache(down, stack["key_a"])
+        litellm.cache = ProvableCache(down, stack.key_a)
         try:
             req = request(stack, "service down")
-            calls = model_calls(stack)
+            calls = stack.model_calls()
             answers = [litellm.completion(**req) for _ in range(2)]
             assert all(text_of(a).startswith("echo ") and not hit(a) for a in answers)
-            assert model_calls(stack) == calls + 2
+            assert stack.model_calls() == calls + 2
         finally:
             litellm.cache = None
 
@@ -242,12 +211,10 @@ class TestFailures:
         litellm.completion(**req)
         wait_stored(stack, req)
         assert hit(litellm.completion(**req))
-        r = httpx.post(f"{stack['service']}/admin/models/{MODEL}/rollout",
-                       json={"version": "2"}, headers={"Authorization": f"Bearer {stack['admin']}"})
-        assert r.status_code == 200, r.text
-        calls = model_calls(stack)
+        stack.rollout(MODEL, "2")
+        calls = stack.model_calls()
         assert not hit(litellm.completion(**req))
-        assert model_calls(stack) == calls + 1
+        assert stack.model_calls() == calls + 1
 
 
 def _closed_port() -> int:
