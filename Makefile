@@ -65,7 +65,10 @@ LITELLM_PROXY_DEPS := uvicorn uvloop websockets backoff apscheduler pyjwt crypto
 bench-keying: .venv-bench/.installed
 	.venv-bench/bin/python bench/keying.py
 
-bench: $(STAMP) bench-keying
+bench-gateway: $(STAMP) .venv-bench/.installed
+	CACHESVC_PYTHON=$(BIN)/python .venv-bench/bin/python bench/gateway.py
+
+bench: $(STAMP) bench-keying bench-gateway
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/prefix.py
 

@@ -1,6 +1,6 @@
 """The service stack a gateway test talks to over HTTP, run in the service's own virtualenv.
 
-    python -m tests.gateway.stack [--redis URL]
+    python -m tests.gateway.stack [--redis URL] [--production]
 
 Starts the echo upstream (an OpenAI-compatible server around ``EchoUpstream``; ``GET /calls``
 counts the requests it answered) and the cache
@@ -28,6 +28,9 @@ from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, make_set
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", default=None, help="redis:// URL of the response store")
+    parser.add_argument("--production", action="store_true",
+                        help="serve as `cachesvc serve` does (uvloop, httptools, 1%% of hits "
+                             "audited): for benchmarks")
     args = parser.parse_args()
     configure_logging("WARNING")  # stdout carries only the JSON line
     echo = EchoUpstream()
@@ -35,10 +38,12 @@ def main() -> None:
     model.get("/calls")(lambda: {"calls": echo.calls})  # how often the model was asked
     with tempfile.TemporaryDirectory(prefix="gateway-stack-") as tmp, \
             serving(model) as upstream:
+        sampled = {"sample_rate": 0.01, "fill_sample_rate": 0.01} if args.production else {}
         settings = make_settings(Path(tmp), upstream={"url": upstream.url + "/v1"},
-                                 audit={"oracle": "none"},
+                                 audit={"oracle": "none", **sampled},
                                  redis={"url": args.redis} if args.redis else {})
-        with serving(create_app(settings)) as service:
+        server = {"loop": "uvloop", "http": "httptools"} if args.production else {}
+        with serving(create_app(settings), **server) as service:
             sys.stdout.write(orjson.dumps({
                 "service": service.url, "upstream": upstream.url + "/v1",
                 "key_a": KEY_A, "key_b": KEY_B, "admin": ADMIN}).decode() + "\n")
