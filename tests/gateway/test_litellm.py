@@ -119,6 +119,23 @@ class TestMissThenHit:
         assert our_flag is own_flag is True
 
 
+class TestPerRequestControls:
+    def test_no_cache_asks_the_model_and_refreshes_the_entry(self, stack, cache):
+        req = request(stack, "no-cache")
+        litellm.completion(**req)
+        wait_stored(stack, req)
+        calls = stack.model_calls()
+        fresh = litellm.completion(**req, cache={"no-cache": True})
+        assert not hit(fresh) and stack.model_calls() == calls + 1
+        assert hit(litellm.completion(**req))
+
+    def test_no_store_leaves_nothing_behind(self, stack, cache):
+        req = request(stack, "no-store")
+        litellm.completion(**req, cache={"no-store": True})
+        time.sleep(0.3)  # a fill, had there been one, lands well within this
+        assert not hit(litellm.completion(**req))
+
+
 class TestRequestsLiteLLMsKeyConfuses:
     def test_a_different_provider_option_is_a_miss_with_its_own_answer(self, stack, cache):
         # LiteLLM's own key leaves extra_body out: the second request would get the first's
