@@ -47,8 +47,11 @@ async def open_upstream(settings: Settings, versions: Any) -> Any:
                             timeout_s=settings.upstream.timeout_s)
     import asyncio
 
+    from cachesvc.engine_metrics import register_default
+
     engine = await asyncio.to_thread(load_engine, settings)
     await attach_engine(engine, versions, settings.upstream.version)
+    register_default(engine)
     return EngineUpstream(engine)
 
 

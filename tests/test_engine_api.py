@@ -169,15 +169,16 @@ class TestApp:
 
     async def test_an_overloaded_engine_answers_503_with_retry_after(self, make_engine):
         engine = make_engine(max_running=1, max_queue=0)
-        lease = engine.store.acquire(0)
-        try:
+        with engine.scheduler.paused():
+            busy = asyncio.ensure_future(engine_api.complete(engine, chat(), "chat", tenant="t"))
+            while engine.stats().running == 0:
+                await asyncio.sleep(0.005)
             async with client_for(create_engine_app(engine)) as c:
                 r = await c.post("/v1/chat/completions", json=chat())
                 s = await c.post("/v1/chat/completions", json=chat(stream=True))
-        finally:
-            engine.store.release(lease)
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         assert s.status_code == 503
+        assert (await busy)["choices"][0]["finish_reason"] in ("stop", "length")
 
     async def test_models_health_and_metrics(self, tiny_engine: Engine):
         app = create_engine_app(tiny_engine)
