@@ -123,7 +123,10 @@ class _Protocol:
 
     def reached(self, ok: bool) -> None:
         with self._lock:
-            self._breaker.success() if ok else self._breaker.failure()
+            if ok:
+                self._breaker.success()
+            else:
+                self._breaker.failure()
 
     def headers(self, cache_control: str | None) -> dict[str, str]:
         return self.auth if cache_control is None else {**self.auth, "Cache-Control": cache_control}
@@ -182,6 +185,9 @@ class _Protocol:
 
     @staticmethod
     def lookup_result(body: JSON) -> Lookup:
+        if body.get("status") not in ("hit", "miss", "bypass"):
+            raise CacheUnavailableError("the answer is not a lookup result",
+                                        fix="check that the URL is the cache service's")
         return Lookup(status=body["status"], reason=body.get("reason", ""),
                       response=body.get("response"), chunks=body.get("chunks"),
                       age=body.get("age"), fill_token=body.get("fill_token"))

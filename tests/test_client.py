@@ -163,6 +163,14 @@ class TestFailOpen:
             c.lookup(chat())
             assert len(calls) == 3
 
+    def test_a_url_that_is_not_the_cache_service_is_an_error_not_a_crash(self):
+        def other(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, json={"hello": "world"})
+
+        with CacheClient("http://elsewhere", KEY_A, transport=httpx.MockTransport(other)) as c:
+            found = c.lookup(chat())
+        assert found.status == "error" and isinstance(found.error, CacheUnavailableError)
+
     def test_a_refused_request_is_an_error_result_naming_the_field(self, client):
         found = client.lookup({"model": "echo-1", "temperature": 0})
         assert found.status == "error"

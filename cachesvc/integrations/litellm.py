@@ -90,6 +90,8 @@ def openai_request(kwargs: Mapping[str, Any], inert: frozenset[str] = INERT_KWAR
 def _json(value: Any) -> Any:
     if isinstance(value, BaseModel):  # messages LiteLLM returned, sent back in a conversation
         return value.model_dump(exclude_none=True)
+    if isinstance(value, type) and issubclass(value, BaseModel):  # response_format=MyModel
+        return {"pydantic_model": value.__name__, "schema": value.model_json_schema()}
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
@@ -173,8 +175,13 @@ class ProvableCache(Cache):
         return dict(result)
 
     def get_cache_key(self, **kwargs: Any) -> str:
-        """Only a label for LiteLLM's logs and ``_hidden_params``: the service builds the key."""
-        return "cachesvc:" + self._request(kwargs)[1].hex()
+        """Only a label for LiteLLM's logs and ``_hidden_params``: the service builds the key.
+        Never raises (LiteLLM calls it outside its own guard); a request that cannot be sent is
+        not cached (its lookup and fill fail, as misses)."""
+        try:
+            return "cachesvc:" + self._request(kwargs)[1].hex()
+        except TypeError:
+            return "cachesvc:unsendable"
 
     def _found(self, digest: bytes, found: Lookup) -> dict[str, Any] | None:
         if found.hit:

@@ -171,6 +171,27 @@ class TestRequestsLiteLLMsKeyConfuses:
         second = litellm.completion(**b)
         assert hit(second) and text_of(second) == text_of(first)
 
+    async def test_a_pydantic_response_format_is_keyed_by_its_schema(self, stack, cache):
+        from pydantic import BaseModel
+
+        class Order(BaseModel):
+            id: int
+
+        class Refund(BaseModel):
+            amount: float
+
+        first = await litellm.acompletion(**request(stack, "schema", response_format=Order))
+        assert not hit(first)
+        again = None
+        for _ in range(200):  # the fill lands in the background
+            again = await litellm.acompletion(**request(stack, "schema", response_format=Order))
+            if hit(again):
+                break
+            await asyncio.sleep(0.05)
+        assert hit(again) and text_of(again) == text_of(first)
+        other = await litellm.acompletion(**request(stack, "schema", response_format=Refund))
+        assert not hit(other) and text_of(other) != text_of(first)
+
     def test_a_request_sampled_without_a_seed_is_never_served_from_the_cache(
             self, stack, cache):
         req = request(stack, "sampled", temperature=0.9)
