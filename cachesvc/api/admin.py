@@ -14,7 +14,9 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 log = structlog.get_logger()
 
 
-@router.post("/models/{model:path}/rollout", response_model=ModelVersion, responses=ERROR_RESPONSES)
+# NOTE: `:path`: gateways name models by provider path (LiteLLM: "openai/gpt-4o").
+@router.post("/models/{model:path}/rollout", response_model=ModelVersion,
+             responses=ERROR_RESPONSES)
 async def rollout(model: str, body: RolloutRequest, services: ServicesDep,
                   _: AdminDep) -> ModelVersion:
     """Make ``version`` current for ``model`` under a fresh epoch: every older entry (and every
