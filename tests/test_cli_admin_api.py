@@ -83,6 +83,18 @@ class TestThroughTheAdminApi:
         assert out.exit_code == 0, out.output
         assert last_json(out.output)["version"] == "v1"
 
+    def test_a_model_named_by_provider_path_rolls_out_and_purges_through_the_api(
+            self, service):
+        # Gateways name models with slashes (LiteLLM: "openai/gpt-4o"); the CLI quotes them.
+        out = cli("models", "rollout", "openai/echo-1", "v1", "--create", "--url", service.url,
+                  "--admin-key", ADMIN, "--json")
+        assert out.exit_code == 0, out.output
+        assert last_json(out.output)["model"] == "openai/echo-1"
+        out = cli("purge", "--model", "openai/echo-1", "--old-epochs", "--url", service.url,
+                  "--admin-key", ADMIN, "--json")
+        assert out.exit_code == 0, out.output
+        assert last_json(out.output)["model"] == "openai/echo-1"
+
     def test_the_admin_key_can_come_from_the_config(self, service, tmp_path):
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'[admin]\napi_key = "{ADMIN}"\n')

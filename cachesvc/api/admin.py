@@ -28,7 +28,8 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 log = structlog.get_logger()
 
 
-@router.post("/models/{model}/rollout", response_model=ModelVersion,
+# NOTE: `:path`: gateways name models by provider path (LiteLLM: "openai/gpt-4o").
+@router.post("/models/{model:path}/rollout", response_model=ModelVersion,
              responses={**ERROR_RESPONSES, 404: {"description": "Unknown model, no create."}})
 async def rollout(model: str, body: RolloutRequest, services: ServicesDep,
                   _: AdminDep) -> ModelVersion:
@@ -68,7 +69,7 @@ async def purge_tenant(tenant: str, services: ServicesDep, _: AdminDep) -> Purge
     return PurgeResult(tenant=tenant, deleted=deleted)
 
 
-@router.delete("/models/{model}/entries", response_model=ModelPurgeResult,
+@router.delete("/models/{model:path}/entries", response_model=ModelPurgeResult,
                responses=ERROR_RESPONSES)
 async def purge_model(model: str, query: Annotated[ModelPurgeQuery, Query()],
                       services: ServicesDep, _: AdminDep) -> ModelPurgeResult:
