@@ -259,6 +259,7 @@ class Engine:
                            kv_dtype=kv_dtype)
         self.kv_dtype = kv_dtype
         self.int8_disabled_reason: str | None = None  # set by the drift guard
+        self.last_drift: Any = None  # the last ``gpu_prefix.drift.DriftReport`` measured on this engine
         self.store = PrefixStore(self.pool)
         self.scheduler = Scheduler(self.store, SchedulerConfig(
             max_running=max_running, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
