@@ -1,7 +1,7 @@
 """Reports for people and machines, from the journal: stored findings, the last scan, the last
-timing audit.
+timing audit, the last INT8 KV drift audit.
 
-* ``json``: one object (summary, findings, scan, timing), for machines and diffing.
+* ``json``: one object (summary, findings, scan, timing, drift), for machines and diffing.
 * ``md``: a Markdown page for a ticket or a pull request.
 * ``html``: one self-contained page (inline CSS and SVG, no script, nothing fetched) a reviewer
   can open from disk: the summary, the findings table and, per timing level, the empirical CDFs
@@ -32,12 +32,14 @@ def build_report(
     timing: Mapping[str, Any] | None,
     since: float | None,
     generated_at: float,
+    drift: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as one JSON-ready dict (the other formats render this)."""
     by_kind = Counter(f.kind for f in findings)
     by_source = Counter(f.source for f in findings)
     verdict = "clean"
-    if findings or (scan and scan.get("findings")) or (timing and timing.get("leaks")):
+    if (findings or (scan and scan.get("findings")) or (timing and timing.get("leaks"))
+            or (drift and drift.get("exceeded"))):
         verdict = "findings"
     return {
         "generated_at": generated_at,
@@ -51,6 +53,7 @@ def build_report(
         "findings": [f.as_dict() for f in findings],
         "scan": dict(scan) if scan else None,
         "timing": dict(timing) if timing else None,
+        "drift": dict(drift) if drift else None,
     }
 
 
@@ -72,6 +75,23 @@ def render(report: Mapping[str, Any], fmt: ReportFormat) -> str:
 
 def _evidence_line(evidence: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(evidence.items()))
+
+
+DRIFT_COLUMNS = ("positions", "tokens", "mean KLD", "p99 KLD", "top-1 agreement")
+
+
+def _drift_rows(drift: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """The drift table: the whole run, then each position bucket."""
+    rows = [("all", drift)] + list(drift.get("buckets", {}).items())
+    return [(name, str(f["tokens"]), f"{f['kld_mean']:.3g}", f"{f['kld_p99']:.3g}", f"{f['top1_agreement']:.4f}")
+            for name, f in rows]
+
+
+def _drift_summary(drift: Mapping[str, Any]) -> str:
+    verdict = ("over its thresholds, INT8 turned off: " + "; ".join(drift["exceeded"])
+               if drift.get("exceeded") else "within its thresholds")
+    return (f"Model `{drift.get('model')}`, {drift.get('prompts')} prompts x {drift.get('max_tokens')} greedy tokens; "
+            f"first greedy divergence median {drift.get('first_divergence_median')}; {verdict}.")
 
 
 def _markdown(r: Mapping[str, Any]) -> str:
@@ -117,6 +137,13 @@ def _markdown(r: Mapping[str, Any]) -> str:
             out += ["", f"> {note}"]
     else:
         out.append("No timing audit recorded. Run `cachesvc audit timing`.")
+    drift = r.get("drift")
+    out += ["", "## Last INT8 KV drift audit", ""]
+    if drift:
+        out += [_drift_summary(drift), "", "| " + " | ".join(DRIFT_COLUMNS) + " |", "|---|---:|---:|---:|---:|"]
+        out += ["| " + " | ".join(row) + " |" for row in _drift_rows(drift)]
+    else:
+        out.append("No drift audit recorded. Run `cachesvc audit drift`.")
     out += ["", "## Findings", ""]
     if r["findings"]:
         out += ["| time | kind | source | scope | model | epoch | storage key | summary | evidence |",
@@ -245,6 +272,16 @@ def _html(r: Mapping[str, Any]) -> str:
             parts.append(f"<p class=muted>{e(note)}</p>")
     else:
         parts.append("<p class=muted>No timing audit recorded. Run <code>cachesvc audit timing</code>.</p>")
+    drift = r.get("drift")
+    parts.append("<h2>Last INT8 KV drift audit</h2>")
+    if drift:
+        parts.append(f"<p>{e(_drift_summary(drift))}</p><table><tr>"
+                     + "".join(f"<th>{e(c)}</th>" for c in DRIFT_COLUMNS) + "</tr>")
+        for row in _drift_rows(drift):
+            parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p class=muted>No drift audit recorded. Run <code>cachesvc audit drift</code>.</p>")
     parts.append("<h2>Findings</h2>")
     if r["findings"]:
         parts.append("<table><tr><th>time</th><th>kind</th><th>source</th><th>scope</th><th>model</th>"

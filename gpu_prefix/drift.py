@@ -56,6 +56,9 @@ class DriftThresholds:
     kld_mean: float
     kld_p99: float
     top1_agreement: float
+    #: A bucket with fewer positions is reported, not judged: two close calls in 32 tokens
+    #: are 94% agreement, noise rather than drift.
+    min_tokens: int = 64
 
 
 #: Defaults per model id (``"default"`` for any other). Reasoning: llama.cpp measures q8_0 K+V on
@@ -139,7 +142,7 @@ def check(figures: Mapping[str, Figures], t: DriftThresholds) -> list[str]:
     """What is over the thresholds, one line each (empty: within them)."""
     out = []
     for name, f in figures.items():
-        if not f.tokens:
+        if f.tokens < t.min_tokens:
             continue
         if f.kld_mean > t.kld_mean:
             out.append(f"{name}: mean KLD {f.kld_mean:.4g} > {t.kld_mean:g}")

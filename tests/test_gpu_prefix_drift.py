@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from gpu_prefix.drift import BUCKETS, DriftThresholds, corpus, guard, measure
+from gpu_prefix.drift import BUCKETS, DEFAULT_THRESHOLDS, DriftThresholds, corpus, guard, measure, thresholds_for
 from gpu_prefix.engine import GenerationParams
 from gpu_prefix.kvquant import QMAX
 
@@ -95,7 +95,12 @@ class TestDriftGuard:
             fp.close()
         int8_engine.store.check_valid()
 
-    def test_thresholds_are_per_model_and_a_strict_one_trips_on_clean_int8(self, int8_engine):
+    def test_thresholds_are_looked_up_per_model_with_a_default(self):
+        own = DriftThresholds(kld_mean=0.5, kld_p99=1.0, top1_agreement=0.5)
+        assert thresholds_for("smollm2", {"smollm2": own}) is own
+        assert thresholds_for("other", {"smollm2": own}) == DEFAULT_THRESHOLDS["default"]
+
+    def test_a_strict_threshold_trips_on_clean_int8_and_turns_it_off(self, int8_engine):
         strict = DriftThresholds(kld_mean=0.0, kld_p99=1.0, top1_agreement=0.0)
         report = guard(int8_engine, corpus(int8_engine, prompts=1, seed=1), max_tokens=64, thresholds=strict,
                        per_layer=False)
