@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,8 @@ class DriftReport:
     layers: list[LayerError]
     thresholds: DriftThresholds
     exceeded: list[str] = field(default_factory=list)
+    #: Wall seconds of the greedy generations: ``reference`` (full precision) and ``int8``.
+    generate_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def first_divergence_median(self) -> float:
@@ -128,7 +131,7 @@ class DriftReport:
             "first_divergence_median": self.first_divergence_median,
             "buckets": {name: asdict(f) for name, f in self.buckets.items()},
             "layers": [asdict(e) for e in self.layers], "thresholds": asdict(self.thresholds),
-            "exceeded": list(self.exceeded),
+            "exceeded": list(self.exceeded), "generate_seconds": dict(self.generate_seconds),
         }
 
 
@@ -206,9 +209,14 @@ def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int
         raise ValueError("the quantized engine's pool is not INT8 (or its INT8 was turned off)")
     params = GenerationParams(max_tokens=max_tokens, min_tokens=max_tokens)
     klds, agrees, firsts, continuations = [], [], [], []
+    seconds = {"reference": 0.0, "int8": 0.0}
     for prompt in prompts:
+        t0 = time.perf_counter()
         ref = list(reference.generate(prompt, params).token_ids)
+        t1 = time.perf_counter()
         got = list(quantized.generate(prompt, params).token_ids)
+        seconds["reference"] += t1 - t0
+        seconds["int8"] += time.perf_counter() - t1
         firsts.append(_first_divergence(ref, got, max_tokens))
         kld, agree = _kld_top1(reference.teacher_forced_logits(prompt, ref), quantized.teacher_forced_logits(prompt, ref))
         klds.append(kld)
@@ -223,7 +231,7 @@ def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int
         model=quantized.model_id, kv_dtype="int8", prompts=len(prompts), max_tokens=max_tokens, overall=overall,
         buckets=buckets, first_divergence=firsts,
         layers=layer_errors(quantized, continuations, quant) if per_layer else [],
-        thresholds=t, exceeded=check({"all": overall, **buckets}, t),
+        thresholds=t, exceeded=check({"all": overall, **buckets}, t), generate_seconds=seconds,
     )
 
 
