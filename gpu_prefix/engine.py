@@ -368,7 +368,7 @@ class Engine:
     ) -> list[float]:
         """Teacher-forced log-probabilities of ``completion_ids`` after ``prompt_ids``."""
         completion = list(completion_ids)
-        rows = self.teacher_forced_logits(prompt_ids, completion_ids, scope_salt=scope_salt,
+        rows = self.teacher_forced_logits(prompt_ids, completion, scope_salt=scope_salt,
                                           use_prefix_cache=use_prefix_cache)
         if not len(rows):
             return []
