@@ -160,11 +160,15 @@ def _first_divergence(a: Sequence[int], b: Sequence[int], n: int) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b), n))
 
 
-def _kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    p = torch.log_softmax(ref_logits.double(), dim=-1)
-    q = torch.log_softmax(q_logits.double(), dim=-1)
-    kld = (p.exp() * (p - q)).sum(dim=-1).clamp_min(0.0)
-    return kld, ref_logits.argmax(dim=-1) == q_logits.argmax(dim=-1)
+def _kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: ``KL(P_ref || P_q)`` (in float64, a few rows at a time: a 1,000-token run
+    over a 49k vocabulary is 200 MB per copy) and whether the top tokens agree."""
+    klds = []
+    for a in range(0, len(ref_logits), chunk):
+        p = torch.log_softmax(ref_logits[a : a + chunk].double(), dim=-1)
+        q = torch.log_softmax(q_logits[a : a + chunk].double(), dim=-1)
+        klds.append((p.exp() * (p - q)).sum(dim=-1).clamp_min(0.0))
+    return torch.cat(klds), ref_logits.argmax(dim=-1) == q_logits.argmax(dim=-1)
 
 
 def layer_errors(engine: Engine, sequences: Sequence[Sequence[int]], quant: QuantizedKV) -> list[LayerError]:
@@ -172,7 +176,7 @@ def layer_errors(engine: Engine, sequences: Sequence[Sequence[int]], quant: Quan
     full-precision K/V of ``sequences`` (one plain forward each)."""
     model = engine.model
     bs = quant.block_size
-    num = torch.zeros((len(model.model.layers), 2), dtype=torch.float64)
+    num = torch.zeros((engine.shape.num_layers, 2), dtype=torch.float64)
     den = torch.zeros_like(num)
     for tokens in sequences:
         with torch.inference_mode():
@@ -180,7 +184,7 @@ def layer_errors(engine: Engine, sequences: Sequence[Sequence[int]], quant: Quan
         cache = getattr(out, "cache", None) or out.past_key_values
         n = len(tokens)
         blocks = -(-n // bs)
-        scratch = QuantizedKV(num_layers=len(cache.layers), kv_heads=engine.shape.kv_heads,
+        scratch = QuantizedKV(num_layers=engine.shape.num_layers, kv_heads=engine.shape.kv_heads,
                               head_dim=engine.shape.head_dim, num_blocks=blocks, block_size=bs,
                               dtype=engine.shape.dtype, device=engine.device)
         scratch.k_scale_for, scratch.v_scale_for = quant.k_scale_for, quant.v_scale_for
