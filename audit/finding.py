@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-FindingKind = Literal["stale", "cross_scope", "collision", "corrupt", "mismatch", "canary", "timing"]
+FindingKind = Literal["stale", "cross_scope", "collision", "corrupt", "mismatch", "canary", "timing", "drift"]
 FINDING_KINDS: tuple[str, ...] = get_args(FindingKind)
 
-#: What produced a finding: the shadow auditor (on a sampled hit or fill), the offline scan, or
-#: the timing audit.
-FindingSource = Literal["hit", "fill", "scan", "timing"]
+#: What produced a finding: the shadow auditor (on a sampled hit or fill), the offline scan, the
+#: timing audit, or the INT8 KV drift audit.
+FindingSource = Literal["hit", "fill", "scan", "timing", "drift"]
 FINDING_SOURCES: tuple[str, ...] = get_args(FindingSource)
 
 #: One line per kind, for reports and the README.
@@ -31,6 +31,7 @@ KIND_MEANING: Mapping[str, str] = {
     "mismatch": "a recompute under the current model disagrees with the cached answer",
     "canary": "another tenant's planted canary string appears in an answer",
     "timing": "response times tell one caller whether another caller's prompt is cached",
+    "drift": "INT8 KV drifts from full precision beyond the model's thresholds (INT8 turned off)",
 }
 
 

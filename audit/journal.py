@@ -31,7 +31,7 @@ from audit.finding import Finding
 log = structlog.get_logger("audit.journal")
 
 #: Names of the stored results a report reads (the last scan, the last timing audit).
-RESULT_NAMES = ("scan", "timing", "shadow")
+RESULT_NAMES = ("scan", "timing", "shadow", "drift")
 
 
 class Journal(Protocol):
@@ -46,7 +46,7 @@ class Journal(Protocol):
         ...
 
     def save_result(self, name: str, data: Mapping[str, Any]) -> None:
-        """Replace the stored result ``name`` (``scan`` or ``timing``)."""
+        """Replace the stored result ``name`` (``scan``, ``timing`` or ``drift``)."""
         ...
 
     def load_result(self, name: str) -> dict[str, Any] | None:

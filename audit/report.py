@@ -1,5 +1,5 @@
 """Reports for people and machines, from the journal: stored findings, the last scan, the last
-timing audit, and what they cover.
+timing audit, the last INT8 KV drift audit, and what they cover.
 
 * ``json``: one object (verdict with its coverage, assurance bounds, runs, findings), for
   machines and diffing.
@@ -40,6 +40,7 @@ def build_report(
     since: float | None,
     generated_at: float,
     shadow: Mapping[str, Any] | None = None,
+    drift: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as one JSON-ready dict (the other formats render this)."""
     by_kind = Counter(f.kind for f in findings)
@@ -61,6 +62,7 @@ def build_report(
         "scan": dict(scan) if scan else None,
         "timing": dict(timing) if timing else None,
         "shadow": dict(shadow) if shadow else None,
+        "drift": dict(drift) if drift else None,
     }
 
 
@@ -151,8 +153,25 @@ def _env(autoescape: bool) -> jinja2.Environment:
     )
     env.filters.update(ts=_ts, pct=_pct, nodes=_nodes, evidence=_evidence)
     env.globals.update(KINDS=FINDING_KINDS, KIND_MEANING=KIND_MEANING, cdf=_cdf_chart,
-                       power_sentence=power_sentence)
+                       power_sentence=power_sentence, drift_rows=_drift_rows, drift_summary=_drift_summary)
     return env
+
+
+DRIFT_COLUMNS = ("positions", "tokens", "mean KLD", "p99 KLD", "top-1 agreement")
+
+
+def _drift_rows(drift: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """The INT8 drift table: the whole run, then each position bucket."""
+    rows = [("all", drift)] + list(drift.get("buckets", {}).items())
+    return [(name, str(f["tokens"]), f"{f['kld_mean']:.3g}", f"{f['kld_p99']:.3g}", f"{f['top1_agreement']:.4f}")
+            for name, f in rows]
+
+
+def _drift_summary(drift: Mapping[str, Any]) -> str:
+    verdict = ("over its thresholds, INT8 turned off: " + "; ".join(drift["exceeded"])
+               if drift.get("exceeded") else "within its thresholds")
+    return (f"Model {drift.get('model')}, {drift.get('prompts')} prompts x {drift.get('max_tokens')} greedy tokens; "
+            f"first greedy divergence median {drift.get('first_divergence_median')}; {verdict}.")
 
 
 def render(report: Mapping[str, Any], fmt: ReportFormat) -> str:

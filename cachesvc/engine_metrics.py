@@ -49,9 +49,26 @@ class EngineCollector(Collector):
                                        s.limit_blocks),
             "engine_step_last_tokens": ("Tokens in the last step's packed batch.", s.last_step_tokens),
             "engine_model_epoch": ("Model epoch in the block hashes.", engine.model_epoch),
+            "engine_kv_int8": ("1 while the KV pool stores INT8 (kv_dtype int8 and not turned off).",
+                               int(engine.kv_dtype == "int8")),
+            "engine_kv_int8_disabled": ("1 once the drift guard turned this engine's INT8 KV off.",
+                                        int(engine.int8_disabled_reason is not None)),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
+        drift = engine.last_drift
+        if drift is not None:
+            figures = {"all": drift.overall, **drift.buckets}
+            for name, doc, attr in (
+                ("engine_kv_drift_kld_mean", "Last drift audit: mean KLD of INT8 against full precision.", "kld_mean"),
+                ("engine_kv_drift_kld_p99", "Last drift audit: p99 KLD of INT8 against full precision.", "kld_p99"),
+                ("engine_kv_drift_top1_agreement", "Last drift audit: share of positions where INT8 keeps the "
+                 "full-precision top token.", "top1_agreement"),
+            ):
+                family = GaugeMetricFamily(name, doc, labels=["positions"])
+                for bucket, f in figures.items():
+                    family.add_metric([bucket], getattr(f, attr))
+                yield family
         blocks = GaugeMetricFamily("engine_kv_blocks", "KV pool blocks by state: free; cached (indexed, "
                                    "evictable); pinned (indexed, used by a request); private (a request's own).",
                                    labels=["state"])

@@ -82,6 +82,9 @@ class EngineSettings(_Section):
     high_watermark: float = Field(default=0.8, gt=0, le=1)
     #: Per-request cap on max_tokens.
     max_tokens_limit: int = Field(default=4096, ge=1)
+    #: KV pool storage: "full" (the model's dtype) or "int8" (about half the bytes of fp16 K/V;
+    #: `cachesvc audit drift` measures what it costs and turns it off past its thresholds).
+    kv_dtype: Literal["full", "int8"] = "full"
 
 
 class RedisSettings(_Section):

@@ -65,7 +65,7 @@ def load_engine(settings: Settings) -> Any:
                             pool_bytes=e.pool_mb * 2**20, block_size=e.block_size, max_running=e.max_running,
                             max_batch_tokens=e.max_batch_tokens, max_queue=e.max_queue,
                             queue_timeout_s=e.queue_timeout_s, high_watermark=e.high_watermark,
-                            max_tokens_limit=e.max_tokens_limit)
+                            max_tokens_limit=e.max_tokens_limit, kv_dtype=e.kv_dtype)
 
 
 async def attach_engine(engine: Any, versions: Any, version: str) -> None:

@@ -20,6 +20,10 @@ prefix shared with other requests, then the request's own blocks):
   (``index_select``, into a temporary the layer drops) and runs SDPA on it.
 
 No request keeps a private copy of its prefix: the pool is the only home of every K/V.
+
+An INT8 pool (``gpu_prefix.kvquant``): ``update()`` quantizes the new K/V as it writes them, and
+attention dequantizes each sequence's context slots into a temporary for the layer (one gather by
+slot index), then runs SDPA on it.
 """
 
 from __future__ import annotations
@@ -34,12 +38,16 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from gpu_prefix.kvquant import QuantizedKV
+
 #: The name under which the pool attention is registered with transformers.
 ATTN_IMPLEMENTATION = "provable_pool"
 
 #: The keyword the engine passes the step layout under; it reaches the attention function
 #: through the model's ``**kwargs`` (transformers forwards unknown keywords to attention).
 LAYOUT_KWARG = "pool_layout"
+#: ... and an INT8 pool's storage under this one.
+QUANT_KWARG = "pool_quant"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -112,14 +120,18 @@ class PoolCache(Cache):
     """The step's cache: ``update()`` writes the new K/V into the pool through the layout's slot
     mapping. The attention function then reads them (with the context) from the pool."""
 
-    def __init__(self, pool_tensor: torch.Tensor, layout: StepLayout) -> None:
+    def __init__(self, pool_tensor: torch.Tensor, layout: StepLayout, quant: QuantizedKV | None = None) -> None:
         super().__init__(layers=[])
         self.pool_tensor = pool_tensor
         self.layout = layout
+        self.quant = quant
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.layout.write_slots
+        if self.quant is not None:
+            self.quant.write(layer_idx, slots, key_states[0], value_states[0])
+            return key_states, value_states
         layer = self.pool_tensor[layer_idx]
         # key_states: [1, kv_heads, T, head_dim]; the pool's layer K/V: [kv_heads, slots, head_dim].
         layer[0].index_copy_(1, slots, key_states[0].to(layer.dtype))
@@ -161,10 +173,13 @@ def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     model elsewhere) it is transformers' SDPA attention, mask and all."""
     layout: StepLayout | None = kwargs.pop(LAYOUT_KWARG, None)
     pool_tensor: torch.Tensor | None = kwargs.pop("pool_tensor", None)
+    quant: QuantizedKV | None = kwargs.pop(QUANT_KWARG, None)
     if layout is None or pool_tensor is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if quant is not None:
+        return _quantized_attention(module.layer_idx, query, quant, layout, scale), None
     k_all = pool_tensor[module.layer_idx, 0]  # [kv_heads, slots, head_dim]
     v_all = pool_tensor[module.layer_idx, 1]
     heads, total, d = query.shape[1], query.shape[2], query.shape[3]
@@ -187,6 +202,28 @@ def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     return out, None
 
 
+def _context_slots(s: SeqSlice, device: torch.device) -> torch.Tensor:
+    """The pool slot of each of a sequence's context positions, in order."""
+    if s.gather is not None:
+        return s.gather
+    return torch.cat([torch.arange(a, a + n, device=device) for a, n in s.runs])
+
+
+def _quantized_attention(layer: int, query: torch.Tensor, quant: QuantizedKV, layout: StepLayout,
+                         scale: float) -> torch.Tensor:
+    """Attention over an INT8 pool: each sequence's context dequantized into a temporary."""
+    heads, total, d = query.shape[1], query.shape[2], query.shape[3]
+    out = torch.empty((1, total, heads, d), dtype=query.dtype, device=query.device)
+    for s in layout.seqs:
+        q = query[:, :, s.q_start : s.q_start + s.q_len, :]
+        k, v = quant.read(layer, _context_slots(s, query.device))
+        o = F.scaled_dot_product_attention(
+            q, k[None].to(q.dtype), v[None].to(q.dtype), attn_mask=s.mask, scale=scale,
+            is_causal=s.mask is None and s.q_len > 1, enable_gqa=True)
+        out[0, s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
+    return out
+
+
 def install(model: Any) -> None:
     """Route ``model``'s attention through :func:`pool_attention` (idempotent). A forward without
     a step layout still runs transformers' SDPA attention, so the model stays usable as is."""
@@ -196,15 +233,16 @@ def install(model: Any) -> None:
 
 
 def packed_forward(model: Any, pool_tensor: torch.Tensor, input_ids: Sequence[int], positions: Sequence[int],
-                   layout: StepLayout, keep: Sequence[int]) -> torch.Tensor:
+                   layout: StepLayout, keep: Sequence[int], quant: QuantizedKV | None = None) -> torch.Tensor:
     """One forward over a packed step; returns the logits of the packed positions in ``keep``
-    (``[len(keep), vocab]``)."""
+    (``[len(keep), vocab]``). ``quant``: the pool's INT8 storage, when it is one."""
     device = pool_tensor.device
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     pos = torch.tensor([list(positions)], dtype=torch.long, device=device)
     # NOTE: a 4-D mask is taken as prepared and passed through unread: the layout is the mask.
     no_mask = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
-    out = model(input_ids=ids, position_ids=pos, attention_mask=no_mask, cache=PoolCache(pool_tensor, layout),
+    out = model(input_ids=ids, position_ids=pos, attention_mask=no_mask,
+                cache=PoolCache(pool_tensor, layout, quant),
                 use_cache=True, logits_to_keep=torch.tensor(list(keep), dtype=torch.long, device=device),
-                **{LAYOUT_KWARG: layout, "pool_tensor": pool_tensor})
+                **{LAYOUT_KWARG: layout, "pool_tensor": pool_tensor, QUANT_KWARG: quant})
     return out.logits[0]

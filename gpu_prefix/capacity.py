@@ -32,7 +32,7 @@ KNOWN_MODELS: dict[str, tuple[int, int, int, float]] = {
 class PoolPlan:
     """What a KV budget holds."""
 
-    kv_bytes_per_token: int
+    kv_bytes_per_token: float  # a fraction for INT8, whose K scales are per block
     block_size: int
     block_bytes: int
     pool_bytes: int
@@ -52,15 +52,19 @@ class PoolPlan:
         return asdict(self)
 
 
-def pool_plan(*, kv_bytes_per_token: int, pool_bytes: int, block_size: int = 16,
-              high_watermark: float = 0.8) -> PoolPlan:
-    """The pool a byte budget gives (the same rounding ``KVPool`` applies)."""
+def pool_plan(*, kv_bytes_per_token: int | None = None, pool_bytes: int, block_size: int = 16,
+              high_watermark: float = 0.8, block_bytes: int | None = None) -> PoolPlan:
+    """The pool a byte budget gives (the same rounding ``KVPool`` applies), from the bytes of a
+    token or (INT8, whose K scales are per block) of a block."""
     if block_size < 1:
         raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}", "use 16")
     if not 0.0 < high_watermark <= 1.0:
         raise InvalidParamsError("high_watermark", f"must be in (0, 1], got {high_watermark}", "use 0.8")
-    per_token = kv_bytes_per_token
-    block_bytes = per_token * block_size
+    if block_bytes is None:
+        if kv_bytes_per_token is None:
+            raise InvalidParamsError("kv_bytes_per_token", "missing", "give kv_bytes_per_token or block_bytes")
+        block_bytes = kv_bytes_per_token * block_size
+    per_token = kv_bytes_per_token if kv_bytes_per_token is not None else block_bytes / block_size
     blocks = max(0, int(pool_bytes)) // block_bytes
     admit = max(1, int(high_watermark * blocks)) if blocks else 0
     return PoolPlan(
@@ -78,9 +82,29 @@ def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes
     return layers * 2 * kv_heads * head_dim * dtype_bytes
 
 
+def int8_block_bytes(*, layers: int, kv_heads: int, head_dim: int, block_size: int, scale_bytes: int) -> int:
+    """Bytes of one INT8 pool block (``gpu_prefix.kvquant``): K and V codes (one byte each), the
+    block's per-channel K scales and its tokens' V scales, over every layer and KV head."""
+    per_head = 2 * block_size * head_dim + head_dim * scale_bytes + block_size * scale_bytes
+    return layers * kv_heads * per_head
+
+
+def block_bytes_for(*, layers: int, kv_heads: int, head_dim: int, block_size: int, kv_dtype: str,
+                    scale_bytes: int = 2) -> int:
+    """Bytes of one pool block of ``kv_dtype`` (one of ``DTYPE_BYTES``); INT8 blocks carry their
+    scales, ``scale_bytes`` each (the model's dtype: 2 for fp16/bf16, 4 for fp32)."""
+    if kv_dtype not in DTYPE_BYTES:
+        raise InvalidParamsError("kv_dtype", f"unknown KV dtype {kv_dtype!r}", f"use one of {', '.join(DTYPE_BYTES)}")
+    if kv_dtype == "int8":
+        return int8_block_bytes(layers=layers, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                                scale_bytes=scale_bytes)
+    return kv_bytes_per_token(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                              dtype_bytes=DTYPE_BYTES[kv_dtype]) * block_size
+
+
 def device_plan(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, device_bytes: int,
                 weights_bytes: int, block_size: int = 16, high_watermark: float = 0.8,
-                reserve_bytes: int = 0) -> PoolPlan:
+                reserve_bytes: int = 0, block_bytes: int | None = None) -> PoolPlan:
     """The pool that fits on a device of ``device_bytes`` next to ``weights_bytes`` of weights
     (and ``reserve_bytes`` kept for activations)."""
     free = device_bytes - weights_bytes - reserve_bytes
@@ -88,6 +112,9 @@ def device_plan(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, 
         raise InvalidParamsError(
             "device_memory", f"{device_bytes} bytes hold no KV next to {weights_bytes} bytes of weights"
             f" and {reserve_bytes} reserved", "use a larger device, a smaller model, or quantized weights")
+    if block_bytes is not None:
+        return pool_plan(block_bytes=block_bytes, pool_bytes=free, block_size=block_size,
+                         high_watermark=high_watermark)
     per_token = kv_bytes_per_token(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
     return pool_plan(kv_bytes_per_token=per_token, pool_bytes=free, block_size=block_size,
                      high_watermark=high_watermark)

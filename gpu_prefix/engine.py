@@ -237,6 +237,7 @@ class Engine:
         salt_secret: bytes | None = None,
         rng: random.Random | None = None,
         model_id: str | None = None,
+        kv_dtype: str = "full",
     ) -> None:
         self.model = loaded.model
         install(self.model)
@@ -253,7 +254,12 @@ class Engine:
         if max_tokens_limit < 1:
             raise InvalidParamsError("max_tokens_limit", f"must be at least 1, got {max_tokens_limit}", "use 4096")
         self.max_tokens_limit = max_tokens_limit
-        self.pool = KVPool(self.shape, budget_bytes=pool_bytes, block_size=block_size, device=self.device)
+        self.pool_bytes = pool_bytes
+        self.pool = KVPool(self.shape, budget_bytes=pool_bytes, block_size=block_size, device=self.device,
+                           kv_dtype=kv_dtype)
+        self.kv_dtype = kv_dtype
+        self.int8_disabled_reason: str | None = None  # set by the drift guard
+        self.last_drift: Any = None  # the last ``gpu_prefix.drift.DriftReport`` measured on this engine
         self.store = PrefixStore(self.pool)
         self.scheduler = Scheduler(self.store, SchedulerConfig(
             max_running=max_running, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
@@ -263,8 +269,9 @@ class Engine:
         self.vocab_size = int(config.vocab_size)
         eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        plan = pool_plan(kv_bytes_per_token=self.shape.bytes_per_token(), pool_bytes=pool_bytes, block_size=block_size, high_watermark=high_watermark)
-        log.info("engine.pool", model=self.model_id, device=str(self.device), **plan.as_log())
+        plan = pool_plan(block_bytes=self.pool.block_bytes, pool_bytes=pool_bytes, block_size=block_size,
+                         high_watermark=high_watermark)
+        log.info("engine.pool", model=self.model_id, device=str(self.device), kv_dtype=kv_dtype, **plan.as_log())
 
     @classmethod
     def from_name(cls, name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any) -> Engine:
@@ -360,15 +367,31 @@ class Engine:
         use_prefix_cache: bool = True,
     ) -> list[float]:
         """Teacher-forced log-probabilities of ``completion_ids`` after ``prompt_ids``."""
-        prompt = self._check_prompt(prompt_ids, extra=0)
-        completion = self._check_prompt(completion_ids, extra=len(prompt), field_name="completion_ids", allow_empty=True)
-        if not completion:
+        completion = list(completion_ids)
+        rows = self.teacher_forced_logits(prompt_ids, completion, scope_salt=scope_salt,
+                                          use_prefix_cache=use_prefix_cache)
+        if not len(rows):
             return []
-        # The last completion token never runs: its log-probability comes from the one before.
-        rows = self._logits(prompt + completion[:-1], len(prompt) - 1, scope_salt, use_prefix_cache)
         lp = torch.log_softmax(rows, dim=-1)
         idx = torch.tensor(completion, device=lp.device)[:, None]
         return [float(v) for v in lp.gather(1, idx)[:, 0].cpu()]
+
+    def teacher_forced_logits(
+        self,
+        prompt_ids: Sequence[int],
+        completion_ids: Sequence[int],
+        *,
+        scope_salt: bytes | None = None,
+        use_prefix_cache: bool = True,
+    ) -> torch.Tensor:
+        """The next-token logits before each of ``completion_ids`` (``[len(completion), vocab]``,
+        float32), the completion fed in as if generated: what ``score`` and the drift audit read."""
+        prompt = self._check_prompt(prompt_ids, extra=0)
+        completion = self._check_prompt(completion_ids, extra=len(prompt), field_name="completion_ids", allow_empty=True)
+        if not completion:
+            return torch.empty((0, self.vocab_size))
+        # The last completion token never runs: its log-probability comes from the one before.
+        return self._logits(prompt + completion[:-1], len(prompt) - 1, scope_salt, use_prefix_cache)
 
     def next_token_logits(
         self, prompt_ids: Sequence[int], *, scope_salt: bytes | None = None, use_prefix_cache: bool = True
@@ -405,14 +428,15 @@ class Engine:
         # NOTE: weights and epoch are read together under the lock on_rollout swaps them under:
         # old weights' KV hashed under a new epoch would be served as the new model's.
         with self._model_lock:
-            model, epoch = self.model, self.model_epoch
+            model, epoch, kv_dtype = self.model, self.model_epoch, self.kv_dtype
         # NOTE: no salt, no cache: a salt of its own would only fill the pool with blocks that
         # no request can ever match, evicting other tenants' (the auditor's scoring did this).
         if not params.use_prefix_cache or params.scope_salt is None:
             return model, None
-        return model, self._block_keys(prompt, params, epoch)
+        return model, self._block_keys(prompt, params, epoch, kv_dtype)
 
-    def _block_keys(self, prompt: Sequence[int], params: GenerationParams, epoch: int | None = None) -> BlockKeys:
+    def _block_keys(self, prompt: Sequence[int], params: GenerationParams, epoch: int | None = None,
+                    kv_dtype: str | None = None) -> BlockKeys:
         salt = params.scope_salt
         assert salt is not None, "unsalted requests do not use the prefix cache"
         public = 0
@@ -420,7 +444,8 @@ class Engine:
             if len(p) > public and len(prompt) >= len(p) and tuple(prompt[: len(p)]) == p:
                 public = len(p)
         epoch = self.model_epoch if epoch is None else epoch
-        return BlockKeys(model_epoch=epoch, adapter=params.adapter, salt=salt, public_tokens=public)
+        return BlockKeys(model_epoch=epoch, adapter=params.adapter, salt=salt, public_tokens=public,
+                         kv_dtype=self.kv_dtype if kv_dtype is None else kv_dtype)
 
     def _check_prompt(
         self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids", allow_empty: bool = False
@@ -481,6 +506,31 @@ class Engine:
         freed = self.store.drop_epochs_except(new_epoch)
         log.info("engine.rollout", epoch=new_epoch, blocks_freed=freed)
         return freed
+
+    def disable_int8(self, reason: str) -> int:
+        """Turn INT8 KV off (the drift guard): new requests use full precision at once; running
+        ones are preempted and recomputed in full precision; every INT8 block goes (the KV dtype
+        is in their hashes, so none could match a full-precision request anyway). The pool keeps
+        its byte budget, so it holds fewer blocks. Returns the INT8 blocks dropped."""
+        if self.kv_dtype != "int8":
+            return 0
+        old = self.store
+        dropped = old.pool.num_used
+
+        def full_store() -> PrefixStore:
+            old.pool.tensor = old.pool.quant = None  # let the INT8 storage go before allocating
+            self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes, block_size=old.block_size,
+                               device=self.device)
+            self.store = PrefixStore(self.pool)
+            return self.store
+
+        with self._model_lock:
+            self.kv_dtype = "full"
+            self.scheduler.replace_store(full_store)
+        self.int8_disabled_reason = reason
+        log.warning("engine.int8_disabled", model=self.model_id, reason=reason, blocks_dropped=dropped,
+                    pool_blocks=self.pool.num_blocks)
+        return dropped
 
     def close(self) -> None:
         """Stop the scheduler's thread; requests in flight fail. (It also stops by itself when

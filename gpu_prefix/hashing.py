@@ -1,7 +1,7 @@
 """Chained block hashes for prefix reuse, and the scope salt that keeps tenants apart.
 
 Block ``i`` hashes its parent's hash, its token ids and the extra keys (model epoch, adapter,
-scope salt) through ``keying.hash_block_tokens``, so equal hashes mean equal prefixes under the
+scope salt, KV storage dtype) through ``keying.hash_block_tokens``, so equal hashes mean equal prefixes under the
 same weights, adapter and scope, up to ``xxh3_128`` collisions; the store verifies token ids,
 parent link and extra keys on every match, so a collision is a miss, never another's KV.
 """
@@ -37,7 +37,9 @@ def scope_salt(tenant: str, *, secret: bytes = DEFAULT_SALT_SECRET) -> bytes:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BlockKeys:
-    """What besides the tokens decides a block: weights epoch, adapter, scope.
+    """What besides the tokens decides a block: weights epoch, adapter, scope, and how its K/V
+    are stored (``kv_dtype``: ``"full"`` precision or ``"int8"``), so blocks of one storage never
+    match requests of the other.
 
     ``public_tokens`` leading tokens (rounded down to whole blocks) are hashed with the public
     salt instead of ``salt``; the engine sets it only when the prompt starts with a prefix the
@@ -48,10 +50,11 @@ class BlockKeys:
     adapter: str = ""
     salt: bytes = PUBLIC_SALT
     public_tokens: int = 0
+    kv_dtype: str = "full"
 
     def extra_keys(self, block_index: int, block_size: int) -> tuple[object, ...]:
         public = (block_index + 1) * block_size <= self.public_tokens
-        return (self.model_epoch, self.adapter, PUBLIC_SALT if public else self.salt)
+        return (self.model_epoch, self.adapter, PUBLIC_SALT if public else self.salt, self.kv_dtype)
 
 
 def block_hashes(

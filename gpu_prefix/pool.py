@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_prefix.capacity import block_bytes_for
 from gpu_prefix.errors import InvalidParamsError, PoolExhaustedError
+from gpu_prefix.kvquant import QuantizedKV
+
+#: What a pool stores: the model's own dtype ("full"), or INT8 codes with scales (``kvquant``).
+KV_DTYPES = ("full", "int8")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,12 +79,22 @@ class KVPool:
         budget_bytes: int,
         block_size: int = 16,
         device: str | torch.device = "cpu",
+        kv_dtype: str = "full",
     ) -> None:
         if block_size < 1:
             raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}", "use 16")
+        if kv_dtype not in KV_DTYPES:
+            raise InvalidParamsError("kv_dtype", f"unknown KV storage {kv_dtype!r}", f"use one of {', '.join(KV_DTYPES)}")
         self.shape = shape
         self.block_size = block_size
-        self.block_bytes = shape.bytes_per_token() * block_size
+        self.kv_dtype = kv_dtype
+        if kv_dtype == "int8":
+            scale_bytes = torch.empty((), dtype=shape.dtype).element_size()
+            self.block_bytes = block_bytes_for(layers=shape.num_layers, kv_heads=shape.kv_heads,
+                                               head_dim=shape.head_dim, block_size=block_size, kv_dtype="int8",
+                                               scale_bytes=scale_bytes)
+        else:
+            self.block_bytes = shape.bytes_per_token() * block_size
         self.num_blocks = int(budget_bytes) // self.block_bytes
         if self.num_blocks < 1:
             raise InvalidParamsError(
@@ -92,11 +107,18 @@ class KVPool:
         self.device = torch.device(device)
         # NOTE: allocated once, up front: the pool never grows past its budget, and a burst
         # cannot make the process ask the device for more memory on the cache's behalf.
-        self.tensor = torch.zeros(
-            (shape.num_layers, 2, shape.kv_heads, self.num_blocks * block_size, shape.head_dim),
-            dtype=shape.dtype,
-            device=self.device,
-        )
+        self.quant: QuantizedKV | None = None
+        if kv_dtype == "int8":
+            self.quant = QuantizedKV(num_layers=shape.num_layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                                     num_blocks=self.num_blocks, block_size=block_size, dtype=shape.dtype,
+                                     device=self.device)
+            self.tensor = self.quant.codes
+        else:
+            self.tensor = torch.zeros(
+                (shape.num_layers, 2, shape.kv_heads, self.num_blocks * block_size, shape.head_dim),
+                dtype=shape.dtype,
+                device=self.device,
+            )
         # A min-heap of free ids with lazy deletion: ``_is_free`` (1 = free, a bytearray so
         # ``find`` can look for free stretches in C) is the truth, and a heap entry whose block
         # was since taken out of order is skipped when popped.
@@ -156,4 +178,5 @@ class KVPool:
         assert {b for b in self._heap if self._is_free[b]} == {
             b for b in range(self.num_blocks) if self._is_free[b]
         }, "a free block is missing from the free heap"
-        assert self.tensor.numel() * self.tensor.element_size() == self.capacity_bytes, "pool size drifted"
+        nbytes = self.quant.nbytes if self.quant is not None else self.tensor.numel() * self.tensor.element_size()
+        assert nbytes == self.capacity_bytes, "pool size drifted"

@@ -38,7 +38,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -269,6 +269,24 @@ class Scheduler:
                                     self._step_time.count),
             )
 
+    def replace_store(self, make_store: Callable[[], PrefixStore]) -> None:
+        """Move to a new store (the engine turning INT8 off): between steps, every running
+        request is preempted (recomputed later, as after any preemption, with block keys of the
+        new pool's KV dtype), and the old store is let go before ``make_store`` allocates the new
+        one. Requests that can never fit the new store fail with a clear error."""
+        with self.paused(), self._cond:
+            for seq in list(self._running):
+                self._preempt(seq)
+            self.store = make_store()
+            self.limit = max(1, int(self.config.high_watermark * self.store.pool.num_blocks))
+            for seq in list(self._waiting):
+                if self.blocks_for(seq.max_total) > self.limit:
+                    self._waiting.remove(seq)
+                    seq.on_failed(InvalidParamsError(
+                        "max_tokens", f"the engine's KV pool shrank to {self.limit} blocks under its watermark "
+                        "(INT8 KV turned off); this request no longer fits", "retry with a lower max_tokens"))
+            self._cond.notify_all()
+
     # -- admission and preemption (under the lock) ----------------------------------------------
 
     def _fits(self, seq: Seq) -> bool:
@@ -283,6 +301,12 @@ class Scheduler:
     def _admit(self, seq: Seq) -> None:
         if seq.admit_no == 0:
             self._admitted += 1  # a preempted request's return is not a new admission
+        kv_dtype = self.store.pool.kv_dtype
+        if seq.keys is not None and seq.keys.kv_dtype != kv_dtype:
+            # NOTE: the KV dtype in a block's hash names how the pool stores it; a request keyed
+            # before the engine turned INT8 off must not index full-precision K/V as INT8.
+            seq.keys = replace(seq.keys, kv_dtype=kv_dtype)
+            seq.chain = []
         seq.lease = self.store.open(indexing=seq.keys is not None)
         seq.computed = 0
         seq.admit_no = next(self._admit_nos)
@@ -453,6 +477,7 @@ class Scheduler:
         weights both have requests in flight). Returns each plan entry's logits rows."""
         bs = self.block_size
         pool = self.store.pool.tensor
+        quant = self.store.pool.quant
         groups: dict[int, list[int]] = {}
         for i, (seq, _, _) in enumerate(plan):
             groups.setdefault(id(seq.model), []).append(i)
@@ -477,7 +502,7 @@ class Scheduler:
             layout = StepLayout(write_slots=torch.tensor(slots, dtype=torch.long, device=pool.device),
                                 seqs=tuple(slices))
             with torch.inference_mode():
-                logits = packed_forward(plan[members[0]][0].model, pool, ids, positions, layout, keep)
+                logits = packed_forward(plan[members[0]][0].model, pool, ids, positions, layout, keep, quant)
             at = 0
             for i in members:
                 n = len(keeps[i])

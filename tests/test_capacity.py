@@ -72,9 +72,20 @@ class TestCli:
         out = CliRunner().invoke(app, ["capacity", "--model", "gpt-9", "--device-memory", "24GB"])
         assert out.exit_code == 2 and "llama-2-7b" in out.output
 
-    def test_int8_kv_halves_a_float16_pool_figure(self):
+    def test_int8_kv_holds_almost_twice_a_float16_pool_its_scales_taking_the_rest(self):
         def tokens(dtype: str) -> int:
             out = CliRunner().invoke(app, ["capacity", "--model", "smollm2", "--kv-dtype", dtype, "--pool",
                                            "64MiB", "--json"])
             return json.loads(out.output)["pool_tokens"]
-        assert tokens("int8") == 2 * tokens("float16")
+        # smollm2: per KV head and 16-token block, 2 x 16 x 64 code bytes + 64 K scales + 16 V
+        # scales of 2 bytes = 2208 bytes, against 4096 in float16.
+        assert tokens("int8") == pytest.approx(tokens("float16") * 4096 / 2208, rel=0.01)
+
+    def test_capacity_and_an_int8_engine_agree_on_blocks_and_bytes(self, make_engine):
+        engine = make_engine(kv_dtype="int8", pool_bytes=3 * 2**20)
+        out = CliRunner().invoke(app, ["capacity", "--model", "random-tiny", "--kv-dtype", "int8", "--scale-dtype",
+                                       "float32", "--pool", str(3 * 2**20), "--json"])
+        data = json.loads(out.output)
+        assert data["block_bytes"] == engine.pool.block_bytes == engine.pool.quant.nbytes // engine.pool.num_blocks
+        assert data["num_blocks"] == engine.pool.num_blocks and data["admit_blocks"] == engine.stats().limit_blocks
+        engine.close()

@@ -1,4 +1,4 @@
-"""``cachesvc audit``: the offline scan, the timing audit and reports."""
+"""``cachesvc audit``: the offline scan, the timing audit, the INT8 KV drift audit and reports."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from audit.report import REPORT_FORMATS, build_report, power_sentence, render
 from audit.timing import detectable_distance, summarize, trials_for
 from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 
-app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks, write reports.",
+app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks and INT8 KV drift, write reports.",
                   no_args_is_help=True, rich_markup_mode=None)
 
 ConfigOpt = Annotated[
@@ -310,6 +310,59 @@ def timing(
     raise typer.Exit(code=1 if result.leaks else 0)
 
 
+@app.command("drift")
+def drift(
+    model: Annotated[str, typer.Option(help="random-tiny or smollm2.")] = "smollm2",
+    prompts: Annotated[int, typer.Option(min=1, max=8, help="Prompts of the fixed corpus.")] = 3,
+    max_tokens: Annotated[int, typer.Option(min=16, help="Greedy tokens per prompt.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Which prompts of the corpus.")] = 0,
+    pool_mb: Annotated[int, typer.Option("--pool-mb", help="INT8 KV pool budget in MiB.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "cpu",
+    per_layer: Annotated[bool, typer.Option(help="Attribute the error to layers.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    config: ConfigOpt = None,
+    findings: FindingsOpt = None,
+    save: Annotated[bool, typer.Option(help="Store the result and any finding for reports.")] = True,
+) -> None:
+    """Measure how far INT8 KV drifts from full precision on a fixed, seeded corpus of long greedy
+    generations (teacher-forced KLD, top-1 agreement, first divergence, by position bucket and
+    layer). Exit 1 when over the model's thresholds (a running engine would turn INT8 off)."""
+    import json
+
+    from audit.drift import run_drift_audit
+    from gpu_prefix.drift import corpus
+    from gpu_prefix.engine import Engine
+    from gpu_prefix.errors import PrefixCacheError
+
+    try:
+        engine = Engine.from_name(model, device=device, kv_dtype="int8", pool_bytes=pool_mb * 2**20,
+                                  max_tokens_limit=max_tokens, model_id=model)
+    except (PrefixCacheError, ValueError) as exc:
+        _fail(str(exc))
+    journal = recorder = None
+    if save:
+        journal = _journal(_settings(config), findings)
+        recorder = Recorder(journal)
+    try:
+        report = run_drift_audit(engine, corpus(engine, prompts=prompts, seed=seed), max_tokens=max_tokens,
+                                 recorder=recorder, journal=journal, per_layer=per_layer)
+    finally:
+        engine.close()
+        if recorder is not None:
+            recorder.close()
+    if as_json:
+        typer.echo(json.dumps(report.as_dict()))
+    else:
+        for name, f in {"all": report.overall, **report.buckets}.items():
+            typer.echo(f"{name:8s} tokens {f.tokens:6d}  KLD mean {f.kld_mean:.3g}  p99 {f.kld_p99:.3g}  "
+                       f"top-1 {f.top1_agreement:.4f}")
+        typer.echo(f"first greedy divergence: {report.first_divergence} (median {report.first_divergence_median})")
+        for e in report.layers:
+            typer.echo(f"layer {e.layer:3d}: K error {e.k_rel_error:.4f}, V error {e.v_rel_error:.4f}")
+        typer.echo("verdict: " + ("; ".join(report.exceeded) if report.exceeded else "within thresholds"))
+    raise typer.Exit(code=1 if report.exceeded else 0)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -347,7 +400,7 @@ def report(
     config: ConfigOpt = None,
     findings: FindingsOpt = None,
 ) -> None:
-    """Write a report from the stored findings and the last scan and timing results."""
+    """Write a report from the stored findings and the last scan, timing and drift results."""
     if format not in REPORT_FORMATS:
         _fail(f"--format {format!r}: use one of {', '.join(REPORT_FORMATS)}")
     settings = _settings(config)
@@ -356,7 +409,8 @@ def report(
     try:
         data = build_report(journal.findings(since=start), scan=journal.load_result("scan"),
                             timing=journal.load_result("timing"), since=start,
-                            generated_at=time.time(), shadow=journal.load_result("shadow"))
+                            generated_at=time.time(), shadow=journal.load_result("shadow"),
+                            drift=journal.load_result("drift"))
     except FindingsLogError as exc:
         _fail(str(exc))
     text = render(data, format)  # type: ignore[arg-type]

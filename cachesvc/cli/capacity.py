@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from gpu_prefix.capacity import DTYPE_BYTES, KNOWN_MODELS, device_plan, kv_bytes_per_token, parse_bytes, pool_plan
+from gpu_prefix.capacity import DTYPE_BYTES, KNOWN_MODELS, block_bytes_for, device_plan, parse_bytes, pool_plan
 from gpu_prefix.errors import InvalidParamsError
 
 
@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str | None, typer.Option(help=f"A known model: {', '.join(KNOWN_MODELS)}.")] = None,
         config: Annotated[Path | None, typer.Option(help="A transformers config.json instead of --model.")] = None,
         kv_dtype: Annotated[str, typer.Option(help=f"KV element type: {', '.join(DTYPE_BYTES)}.")] = "float16",
+        scale_dtype: Annotated[str, typer.Option(
+            help="INT8 only: the dtype of its scales, the model's (float16, bfloat16 or float32).")] = "float16",
         device_memory: Annotated[str | None, typer.Option(
             help="Device memory, e.g. 24GiB (GB = 10^9 bytes, GiB = 2^30).")] = None,
         weights: Annotated[str | None, typer.Option(
@@ -61,12 +63,16 @@ def register(app: typer.Typer) -> None:
         layers, kv_heads, head_dim, params = _geometry(model, config)
         if kv_dtype not in DTYPE_BYTES:
             raise typer.BadParameter(f"{kv_dtype!r}: use one of {', '.join(DTYPE_BYTES)}", param_hint="--kv-dtype")
+        if scale_dtype not in DTYPE_BYTES or scale_dtype == "int8":
+            raise typer.BadParameter(f"{scale_dtype!r}: use float16, bfloat16 or float32", param_hint="--scale-dtype")
         dtype_bytes = DTYPE_BYTES[kv_dtype]
         try:
+            # NOTE: the same block arithmetic the engine's pool applies (INT8 scales included).
+            block_bytes = block_bytes_for(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                                          block_size=block_size, kv_dtype=kv_dtype,
+                                          scale_bytes=DTYPE_BYTES[scale_dtype])
             if pool is not None:
-                per_token = kv_bytes_per_token(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
-                                               dtype_bytes=dtype_bytes)
-                plan = pool_plan(kv_bytes_per_token=per_token, pool_bytes=parse_bytes(pool, field="--pool"),
+                plan = pool_plan(block_bytes=block_bytes, pool_bytes=parse_bytes(pool, field="--pool"),
                                  block_size=block_size, high_watermark=watermark)
                 weights_bytes = None
             else:
@@ -79,7 +85,7 @@ def register(app: typer.Typer) -> None:
                 plan = device_plan(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes,
                                    device_bytes=parse_bytes(device_memory, field="--device-memory"),
                                    weights_bytes=weights_bytes, block_size=block_size, high_watermark=watermark,
-                                   reserve_bytes=parse_bytes(reserve, field="--reserve"))
+                                   reserve_bytes=parse_bytes(reserve, field="--reserve"), block_bytes=block_bytes)
         except InvalidParamsError as exc:
             raise typer.BadParameter(str(exc)) from None
         sessions = {str(n): dict(zip(("fit", "fit_under_watermark"), plan.sessions(n), strict=True))
@@ -90,8 +96,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(out))
             return
         mib = 2**20
+        scales = (f" + {scale_dtype} scales (K per block and channel, V per token)" if kv_dtype == "int8" else "")
         typer.echo(f"{out['model']}: {layers} layers x 2 (K, V) x {kv_heads} KV heads x {head_dim} dims x "
-                   f"{dtype_bytes} bytes = {plan.kv_bytes_per_token / mib:.4g} MiB of KV per token")
+                   f"{dtype_bytes} bytes{scales} = {plan.kv_bytes_per_token / mib:.4g} MiB of KV per token")
         typer.echo(f"pool: {plan.pool_bytes / 2**30:.3g} GiB = {plan.num_blocks} blocks of {block_size} tokens "
                    f"= {plan.pool_tokens} tokens; admission stops at {watermark:.0%}: {plan.admit_tokens} tokens")
         for n, fit in sessions.items():
