@@ -16,12 +16,13 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
-from cachesvc.api.responses import OrjsonResponse
 
 from cachesvc import metrics
 from cachesvc.api import admin, cache, health, proxy
 from cachesvc.api import errors as api_errors
 from cachesvc.api.deps import Services
+from cachesvc.api.lean import CacheApp
+from cachesvc.api.responses import OrjsonResponse
 from cachesvc.breaker import CircuitBreaker
 from cachesvc.events import CacheObserver
 from cachesvc.fill_token import FillTokenSigner
@@ -87,7 +88,9 @@ def create_app(
                 task.cancel()
             app.state.services = None
 
-    app = FastAPI(
+    # NOTE: a CacheApp serves the hot routes (proxy, lookup) past FastAPI's per-request layers;
+    # see cachesvc/api/lean.py.
+    app = CacheApp(
         title="cachesvc",
         version="0.1.0",
         summary="A response cache for LLM inference that can prove it is right.",

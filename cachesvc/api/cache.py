@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from cachesvc import metrics
 from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
+from cachesvc.api.lean import lean
 from cachesvc.api.responses import OrjsonResponse
 from cachesvc.api.schemas import (
     BEARER_SECURITY,
@@ -70,6 +71,7 @@ _LOOKUP_OPENAPI = {
 @router.post("/lookup", response_model=None, openapi_extra=_LOOKUP_OPENAPI,
              responses={200: {"model": LookupResponse, "description": "hit, miss or bypass"},
                         **ERROR_RESPONSES})
+@lean
 async def lookup(request: Request) -> Response:
     """Look a request up. A miss carries a fill token for storing the model's answer."""
     services, tenant = hot_path_caller(request)

@@ -21,6 +21,7 @@ from cachesvc.api.responses import OrjsonResponse
 
 from cachesvc import metrics
 from cachesvc.api.deps import Services, hot_path_caller, read_json_body
+from cachesvc.api.lean import lean
 from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
 from cachesvc.cache_control import parse_cache_control
 from cachesvc.errors import OnlyIfCachedMissError, UpstreamError
@@ -34,6 +35,7 @@ router = APIRouter(tags=["proxy"])
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES,
              openapi_extra=proxy_openapi("chat"), response_model=None)
+@lean
 async def chat_completions(request: Request) -> Response:
     """OpenAI-compatible chat completions, served from the cache when it can prove it may."""
     services, tenant = hot_path_caller(request)
@@ -42,6 +44,7 @@ async def chat_completions(request: Request) -> Response:
 
 @router.post("/v1/completions", responses=ERROR_RESPONSES,
              openapi_extra=proxy_openapi("completion"), response_model=None)
+@lean
 async def completions(request: Request) -> Response:
     """OpenAI-compatible (legacy) text completions, served from the cache when it may."""
     services, tenant = hot_path_caller(request)

@@ -1,0 +1,135 @@
+"""The lean path for the hot routes (cachesvc/api/lean.py): it answers exactly as the full
+FastAPI stack does, and it is the path actually taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from cachesvc.app import create_app
+from cachesvc.echo_upstream import EchoUpstream
+from tests.service_helpers import KEY_B, auth, chat, make_settings
+
+_FULL = "/full"
+
+
+def _both(app: Any) -> Any:
+    """One ASGI app serving ``app`` as it is, and under ``/full`` through FastAPI's own
+    ``__call__`` (middleware stack, router, request handler): one loop, one lifespan."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(_FULL + "/"):
+            path = scope["path"][len(_FULL):]
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+            await FastAPI.__call__(app, scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return asgi
+
+
+class _Seen:
+    """Wraps the app's middleware stack and records the paths that went through it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.paths.append(scope["path"])
+        await self.inner(scope, receive, send)
+
+
+def _app(tmp_path: Any) -> Any:
+    return create_app(make_settings(tmp_path, limits={"max_request_bytes": 4_000}),
+                      upstream=EchoUpstream())
+
+
+# (name, path, body or raw bytes, extra headers). Run in order: the first fills, later ones hit.
+CASES: list[tuple[str, str, Any, dict[str, str]]] = [
+    ("miss then fill", "/v1/chat/completions", chat("lean"), {}),
+    ("hit", "/v1/chat/completions", chat("lean"), {}),
+    ("streamed hit", "/v1/chat/completions", chat("lean", stream=True), {}),
+    ("max-age", "/v1/chat/completions", chat("lean"), {"Cache-Control": "max-age=0"}),
+    ("bad max-age", "/v1/chat/completions", chat("lean"), {"Cache-Control": "max-age=x"}),
+    ("only-if-cached miss", "/v1/chat/completions", chat("other"),
+     {"Cache-Control": "only-if-cached"}),
+    ("bypass", "/v1/chat/completions", chat("lean", temperature=0.7), {}),
+    ("completion", "/v1/completions", {"model": "echo-1", "prompt": "hi", "temperature": 0}, {}),
+    ("lookup hit", "/v1/cache/lookup", {"request": chat("lean")}, {}),
+    ("lookup miss", "/v1/cache/lookup", {"request": chat("nothing")}, {}),
+    ("lookup unknown field", "/v1/cache/lookup", {"request": chat("x"), "extra": 1}, {}),
+    ("lookup bad kind", "/v1/cache/lookup", {"request": chat("x"), "kind": "image"}, {}),
+    ("not json", "/v1/chat/completions", b"{nope", {}),
+    ("empty body", "/v1/cache/lookup", b"", {}),
+    ("not an object", "/v1/chat/completions", [1, 2], {}),
+    ("bad field", "/v1/chat/completions", chat("x", max_tokens=-1), {}),
+    ("too large", "/v1/chat/completions", chat("x" * 5_000), {}),
+    ("no key", "/v1/chat/completions", chat("lean"), {"Authorization": ""}),
+    ("unknown key", "/v1/cache/lookup", {"request": chat("lean")},
+     {"Authorization": "Bearer sk-nobody"}),
+]
+
+_VOLATILE = {"date", "age", "content-length"}
+
+
+def _answer(client: TestClient, path: str, body: Any, headers: dict[str, str]) -> Any:
+    hdrs = {**auth(), "Content-Type": "application/json", **headers}
+    hdrs = {k: v for k, v in hdrs.items() if v}
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers=hdrs)
+    else:
+        r = client.post(path, json=body, headers=hdrs)
+    head = {k: v for k, v in r.headers.items() if k not in _VOLATILE}
+    body_out: Any = r.json() if r.headers.get("content-type") == "application/json" else r.text
+    if isinstance(body_out, dict) and isinstance(body_out.get("fill_token"), str):
+        body_out["fill_token"] = "<signed>"  # each token is fresh by design
+    return r.status_code, head, body_out
+
+
+class TestLeanPath:
+    @pytest.mark.parametrize("name,path,body,headers", CASES, ids=[c[0] for c in CASES])
+    def test_a_hot_route_answers_as_the_full_fastapi_stack_does(self, tmp_path, name, path,
+                                                                body, headers):
+        answers = []
+        for prefix in ("", _FULL):  # a fresh service each, so the first cannot fill for the second
+            with TestClient(_both(_app(tmp_path / (prefix or "lean")))) as client:
+                _answer(client, *CASES[0][1:])  # the entry the hits read
+                answers.append(_answer(client, prefix + path, body, headers))
+        lean, full = answers
+        assert lean == full
+        if name != "miss then fill":
+            assert lean[0] != 500
+
+    def test_the_hot_routes_skip_the_middleware_stack_and_the_rest_do_not(self, tmp_path):
+        app = _app(tmp_path)
+        with TestClient(app) as client:
+            seen = app.middleware_stack = _Seen(app.build_middleware_stack())
+            assert client.post("/v1/chat/completions", json=chat("x"),
+                               headers=auth()).status_code == 200
+            assert client.post("/v1/completions", json={"model": "echo-1", "prompt": "x"},
+                               headers=auth()).status_code == 200
+            assert client.post("/v1/cache/lookup", json={"request": chat("x")},
+                               headers=auth(KEY_B)).status_code == 200
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/v1/chat/completions").status_code == 405
+        assert seen.paths == ["/healthz", "/v1/chat/completions"]
+
+    def test_with_a_middleware_added_every_route_takes_the_full_stack(self, tmp_path):
+        app = _app(tmp_path)
+        marked: list[str] = []
+
+        async def mark(request: Any, call_next: Any) -> Any:
+            marked.append(request.url.path)
+            return await call_next(request)
+
+        app.add_middleware(BaseHTTPMiddleware, dispatch=mark)
+        with TestClient(app) as client:
+            assert client.post("/v1/chat/completions", json=chat("x"),
+                               headers=auth()).status_code == 200
+        assert marked == ["/v1/chat/completions"]
