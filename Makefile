@@ -41,7 +41,7 @@ test: $(STAMP)
 # service's dependencies.
 .venv-bench/.installed: pyproject.toml
 	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/python -m pip install -q msgpack xxhash orjson 'litellm>=1.50'
+	.venv-bench/bin/python -m pip install -q msgpack xxhash blake3 orjson 'litellm>=1.50'
 	.venv-bench/bin/python -m pip install -q --no-deps -e .
 	@touch $@
 

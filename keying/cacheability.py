@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from keying.canonical import CanonicalRequest
@@ -41,12 +42,16 @@ def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -
     reason = _nondeterminism(request)
     if reason is None:
         seed = request.keyed.get("seed")
-        if seed is not None:
-            return Cacheability(cacheable=True, reason=f"seeded: seed={seed}", reproducible=True)
-        return _GREEDY
+        return _GREEDY if seed is None else _seeded(seed)
     if allow_nondeterministic:
         return Cacheability(cacheable=True, reason=f"opted in: {reason}")
     return Cacheability(cacheable=False, reason=reason)
+
+
+@functools.lru_cache(maxsize=1024)
+def _seeded(seed: int) -> Cacheability:
+    # Agents send the same few seeds again and again; the verdict is a value, built once.
+    return Cacheability(cacheable=True, reason=f"seeded: seed={seed}", reproducible=True)
 
 
 def _nondeterminism(request: CanonicalRequest) -> str | None:
