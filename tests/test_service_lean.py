@@ -133,3 +133,22 @@ class TestLeanPath:
             assert client.post("/v1/chat/completions", json=chat("x"),
                                headers=auth()).status_code == 200
         assert marked == ["/v1/chat/completions"]
+
+
+class TestEncodedHits:
+    def test_a_hit_sends_the_same_bytes_as_rendering_the_answer_would(self, tmp_path):
+        import orjson
+
+        with TestClient(_app(tmp_path)) as client:
+            miss = client.post("/v1/chat/completions", json=chat("bytes"), headers=auth())
+            hits = [client.post("/v1/chat/completions", json=chat("bytes"), headers=auth())
+                    for _ in range(2)]
+            looked = client.post("/v1/cache/lookup", json={"request": chat("bytes")},
+                                 headers=auth())
+        assert miss.headers["x-cache"] == "MISS"
+        for hit in hits:  # the first encodes the entry's answer, the second reuses it
+            assert hit.headers["x-cache"] == "HIT" and hit.content == miss.content
+            assert hit.headers["content-length"] == str(len(miss.content))
+        assert looked.content == orjson.dumps({"status": "hit", "reason": "verified",
+                                               "response": miss.json(),
+                                               "age": int(looked.json()["age"])})

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
 
 from cachesvc import metrics
 from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
 from cachesvc.api.lean import lean
-from cachesvc.api.responses import OrjsonResponse
+from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
 from cachesvc.api.schemas import (
     BEARER_SECURITY,
     ERROR_RESPONSES,
@@ -85,6 +86,13 @@ async def lookup(request: Request) -> Response:
         assert result.payload is not None
         metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
+        if not keyed.stream:
+            # The same bytes as rendering ``out`` (status, reason, response, age), with the
+            # answer encoded once per entry.
+            return EncodedJsonResponse(
+                b'{"status":"hit","reason":%b,"response":%b,"age":%d}' % (
+                    orjson.dumps(result.reason), services.bodies.body(result.payload, keyed.kind),
+                    result.age or 0), [])
         out["response"] = result.payload.as_body(keyed.kind)
         if keyed.stream:
             out["chunks"] = result.payload.as_chunks(keyed.kind,

@@ -17,7 +17,7 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from cachesvc.api.responses import OrjsonResponse
+from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
 
 from cachesvc import metrics
 from cachesvc.api.deps import Services, hot_path_caller, read_json_body
@@ -31,6 +31,8 @@ from cachesvc.tenants import Tenant
 
 log = structlog.get_logger()
 router = APIRouter(tags=["proxy"])
+
+_HIT = (b"x-cache", b"HIT")
 
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES,
@@ -63,6 +65,9 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
         assert result.payload is not None
         metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
+        if not keyed.stream:
+            return EncodedJsonResponse(services.bodies.body(result.payload, keyed.kind),
+                                       [_HIT, (b"age", b"%d" % (result.age or 0))])
         return _serve(keyed, result.payload, {"X-Cache": "HIT", "Age": str(result.age or 0)})
     if cc.only_if_cached:
         raise OnlyIfCachedMissError(

@@ -6,12 +6,12 @@ three times the CPU of the GET here (bench/store.py measures both). None of that
 this path: ``GuardedStore`` already bounds every call with its timeout, and its circuit breaker
 decides when to try again.
 
-So GETs go out on one connection, each written at once, and replies come back in order (Redis
-answers a connection's commands in the order it received them), matched to their callers
-first-in, first-out. The connection is opened from the redis-py client's own settings (host,
-port or unix socket, db, credentials), lazily, by the first caller; everything else the store
-does (SET, purges, the registry) stays on redis-py. TLS connections are left to redis-py
-(:meth:`PipelinedGet.for_client` returns None for them).
+So GETs go out on one connection, those of one turn of the event loop in one write, and replies
+come back in order (Redis answers a connection's commands in the order it received them),
+matched to their callers first-in, first-out. The connection is opened from the redis-py
+client's own settings (host, port or unix socket, db, credentials), lazily, by the first caller;
+everything else the store does (SET, purges, the registry) stays on redis-py. TLS connections
+are left to redis-py (:meth:`PipelinedGet.for_client` returns None for them).
 
 NOTE: a caller that gives up (its timeout cancels it) closes the connection. Every reply behind a
 late one is later still, so the other GETs in flight fail at once (misses) instead of each
@@ -36,6 +36,7 @@ class _Replies(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.outbox: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.closed = False
@@ -64,10 +65,20 @@ class _Replies(asyncio.Protocol):
         self.fail(f"redis closed the connection{f': {exc}' if exc else ''}")
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.waiters.append(waiter)
-        self.transport.write(command)  # type: ignore[union-attr]
+        if not self.outbox:
+            self.loop.call_soon(self.flush)
+        self.outbox.append(command)
         return waiter
+
+    def flush(self) -> None:
+        # NOTE: the commands of one turn of the event loop go out in one write: under load many
+        # requests reach their GET in the same turn, and a write to a socket costs more CPU
+        # than the GET itself.
+        if self.outbox and not self.closed:
+            self.transport.write(b"".join(self.outbox))  # type: ignore[union-attr]
+        self.outbox.clear()
 
     def expire(self, waiter: asyncio.Future[Any], after: float) -> None:
         if not waiter.done():
