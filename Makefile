@@ -49,6 +49,7 @@ bench-keying: .venv-bench/.installed
 	.venv-bench/bin/python bench/keying.py
 
 bench: $(STAMP) bench-keying
+	$(BIN)/python -m pip install -q -e '.[serve-bench]'
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/prefix.py
 

@@ -1,7 +1,8 @@
 """Benchmark: cache hits through the service against the floor of its own stack.
 
 In one run, with N concurrent keep-alive clients on loopback, under each HTTP server named by
-``--servers`` (uvicorn with uvloop and httptools; granian):
+``--servers`` (uvicorn with uvloop and httptools, the service's own; granian, installed with
+``pip install '.[serve-bench]'``):
 
 * ``service proxy``  - ``POST /v1/chat/completions`` answered from the cache (X-Cache: HIT);
 * ``service lookup`` - ``POST /v1/cache/lookup`` answered with a hit;
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -197,15 +199,17 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per target")
-    ap.add_argument("--servers", default="uvicorn,granian",
+    ap.add_argument("--servers", default=None,
                     help="comma-separated, from: " + ", ".join(SERVERS) + "; the service's "
-                    "own server first (its ratios are the headline)")
+                    "own server (uvicorn) first: its ratios are the headline. Default: both, "
+                    "or uvicorn alone where granian is not installed")
     ap.add_argument("--no-workers2", action="store_true",
                     help="skip the --workers 2 target")
     ap.add_argument("--json", action="store_true",
                     help="also print one JSON object on the last line")
     args = ap.parse_args()
-    servers = args.servers.split(",")
+    servers = args.servers.split(",") if args.servers else ["uvicorn"] + (
+        ["granian"] if importlib.util.find_spec("granian") else [])
     if not servers or any(s not in SERVERS for s in servers):
         ap.error(f"--servers: choose from {', '.join(SERVERS)}")
 
