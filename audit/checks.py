@@ -116,14 +116,11 @@ def check_registry(facts: EntryFacts, current: ModelState | None) -> list[Draft]
     and no entry may claim an epoch the registry has not issued yet.
 
     An entry of an older epoch is not a finding: the epoch is in its key, so no lookup can reach
-    it; it only waits to be purged (the scan counts these as reclaimable). A model the registry
-    does not know is served at epoch 0, so its epoch-0 entries are current.
+    it; it only waits to be purged (the scan counts these as reclaimable). A model nobody rolled
+    out is served at the registry's genesis epoch: pass it as ``current`` (version
+    ``unversioned``). With no state at all, no epoch of the model was issued by this registry.
     """
     if current is None:
-        # NOTE: the service serves a model nobody rolled out at epoch 0 (unversioned), so such
-        # entries are current; any other epoch was issued by a registry that no longer has it.
-        if facts.epoch == 0:
-            return []
         return [Draft(kind="stale", summary="entry's model is unknown to the registry",
                       evidence={"model": facts.model, "entry_epoch": facts.epoch})]
     if facts.epoch > current.epoch:

@@ -60,9 +60,17 @@ class EntryFacts:
     material: bytes | None = None
     answer: Answer = field(default_factory=lambda: Answer(choices=()))
     has_answer: bool = True
+    #: The id (hex) of the key the entry's MAC verified under; it names the secret that keys
+    #: the entry's material digest (a previous one during a rotation).
+    key_id: str | None = None
 
 
-UnreadableReason = Literal["corrupt", "foreign", "unsupported"]
+#: Why the service's codec refused stored bytes. ``forged``: the MAC does not verify;
+#: ``unknown_key``: signed under a key id no configured secret has; ``oversize``: over
+#: max_entry_bytes; ``lifetime``: no TTL, a TTL over the limit, or created in the future;
+#: ``corrupt``: truncated, or not the entry schema or the response shape.
+UnreadableReason = Literal["corrupt", "foreign", "unsupported", "forged", "unknown_key",
+                           "oversize", "lifetime"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -29,6 +29,9 @@ from audit.recorder import Recorder
 
 log = structlog.get_logger("audit.scan")
 
+#: The version the service reports for a model with no rollout (cachesvc.models.UNVERSIONED).
+UNVERSIONED = "unversioned"
+
 ScanItem = EntryFacts | UnreadableEntry
 
 
@@ -94,6 +97,8 @@ class Scanner:
         check_registry: bool = True,
         oracle: Oracle | None = None,
         tolerance: Tolerance | None = None,
+        previous_secrets: Mapping[str, bytes] | None = None,
+        genesis: int | None = None,
     ) -> None:
         """``check_registry=False`` when no registry is reachable: epoch and version checks
         against it are skipped (placement, material, canary and decode checks still run).
@@ -101,7 +106,9 @@ class Scanner:
         recomputed. With an ``oracle``, every entry of a current epoch that carries its key
         material and passed every other check is recomputed from the request read back out of
         that material (:func:`audit.oracle.recompute`): this is what finds a wrong answer
-        stored under a valid key."""
+        stored under a valid key. ``previous_secrets`` (key id hex -> secret) key the material
+        digests of entries signed under a rotated-out secret. ``genesis``: the registry's
+        epoch for models it has no rollout of (they are served at it, as ``unversioned``)."""
         self.check_registry = check_registry
         self.oracle = oracle
         self.tolerance = tolerance or Tolerance()
@@ -110,6 +117,8 @@ class Scanner:
         self.registry = dict(registry)
         self.canaries = dict(canaries or {})
         self.secret = secret
+        self.previous_secrets = dict(previous_secrets or {})
+        self.genesis = genesis
         self.clock = clock
 
     def check(self, item: ScanItem) -> list[Finding]:
@@ -120,8 +129,9 @@ class Scanner:
             ref = EntryRef(storage_key=item.storage_key, node=item.node)
         else:
             drafts = check_stored(
-                item, current=self.registry.get(item.model), canaries=self.canaries,
-                secret=self.secret, check_registry_state=self.check_registry,
+                item, current=self._current(item.model), canaries=self.canaries,
+                secret=self.previous_secrets.get(item.key_id or "", self.secret),
+                check_registry_state=self.check_registry,
             )
             if self.oracle is not None:
                 outcome, draft = self._recompute(item, clean=not drafts)
@@ -136,6 +146,13 @@ class Scanner:
             )
         return [d.stamp(source="scan", entry=ref, at=now) for d in drafts]
 
+    def _current(self, model: str) -> ModelState | None:
+        """The registry's state of ``model``; the genesis epoch for one never rolled out."""
+        state = self.registry.get(model)
+        if state is None and self.genesis is not None:
+            return ModelState(model=model, version=UNVERSIONED, epoch=self.genesis)
+        return state
+
     def _recompute(self, item: EntryFacts, *, clean: bool) -> tuple[str, Draft | None]:
         """Recompute one entry's answer; returns the outcome (for the counts) and a finding."""
         assert self.oracle is not None
@@ -143,8 +160,8 @@ class Scanner:
             return "skipped_other_finding", None
         if item.material is None:
             return "skipped_no_material", None
-        current = self.registry.get(item.model)
-        if self.check_registry and item.epoch != (current.epoch if current else 0):
+        current = self._current(item.model)
+        if self.check_registry and (current is None or item.epoch != current.epoch):
             # NOTE: the oracle is the current model; an older epoch's answers may differ from it
             # rightly, and no lookup reaches them.
             return "skipped_old_epoch", None
@@ -189,7 +206,7 @@ class Scanner:
             else:
                 if item.material is not None:
                     material += 1
-                current = self.registry.get(item.model)
+                current = self._current(item.model)
                 if current is not None and item.epoch < current.epoch:
                     reclaimable += 1
             for finding in found:

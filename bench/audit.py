@@ -164,21 +164,25 @@ def micro(hit_cpu_us: float) -> dict[str, Any]:
     import timeit
 
     from audit import FileJournal, Recorder, ShadowAuditor, ShadowConfig
-    from cachesvc.auditing import ShadowObserver, sample_from_event
+    from cachesvc.auditing import EntryReader, ShadowObserver
     from cachesvc.events import CacheEvent
     from cachesvc.response_cache import Keyed, Payload, ResponseCache
-    from cachesvc.store import Entry, decode_entry, encode_entry
+    from cachesvc.store import Entry, EntryKeys, decode_entry, encode_entry
     from cachesvc.tenants import Tenant
     from keying import KeyParams, Scope, build_key
 
+    keys = EntryKeys(b"bench-secret-0123456789abcdef")
+    sample_from_event = EntryReader(keys=keys, max_entry_bytes=1 << 22,
+                                    max_ttl_s=86_400.0).sample
     req = json.loads(body(1))
     key = build_key(req, KeyParams(scope=Scope.for_tenant("bench"), epoch=1, kind="chat"))
     raw = encode_entry(Entry(
         scope=key.scope, model=key.model, model_version="1", epoch=1, created_at=time.time(),
         ttl=600.0, digest=bytes(key.digest), material_digest=bytes(key.material_digest),
         response={"choices": [{"index": 0, "finish_reason": "length",
-                               "message": {"role": "assistant", "content": "x" * 200}}]}))
-    entry = decode_entry(raw)
+                               "message": {"role": "assistant", "content": "x" * 200}}]}),
+        keys=keys)
+    entry = decode_entry(raw, keys=keys)
 
     def make_event() -> CacheEvent:
         return CacheEvent(kind="hit", tenant="bench", scope=key.scope, request=req, key=key,
@@ -201,7 +205,7 @@ def micro(hit_cpu_us: float) -> dict[str, Any]:
             # The service's own per-hit call: the countdown, and for the events it does not
             # skip the draw; for a sample, building the event and queueing it.
             cache = ResponseCache(store=None, guard=None, versions=None, secret=b"bench",
-                                  observers=(ShadowObserver(auditor),))
+                                  keys=keys, observers=(ShadowObserver(auditor),))
             on_hit = functools.partial(cache.notify, "hit", keyed, raw, entry, payload)
             n = 200_000
             out[f"observe_us_{rate:.2f}"] = 1e6 * timeit.timeit(on_hit, number=n) / n

@@ -36,7 +36,17 @@ sys.path.insert(0, os.path.dirname(_HERE))
 from redis.asyncio import Redis  # noqa: E402
 
 from bench._common import pct, start_private_redis  # noqa: E402
-from cachesvc.store import Entry, decode_entry, encode_entry, open_store, storage_key  # noqa: E402
+from cachesvc.store import (  # noqa: E402
+    Entry,
+    EntryKeys,
+    decode_entry,
+    encode_entry,
+    open_store,
+    storage_key,
+)
+
+#: Entries are signed as the service signs them (a keyed MAC under its secret).
+KEYS = EntryKeys(b"bench-secret-0123456789abcdef")
 from keying import Scope  # noqa: E402
 
 SCOPE = Scope.for_tenant("bench")
@@ -95,13 +105,13 @@ def material_cost(repeat: int = 2000) -> dict[str, dict[str, float]]:
         bare = make_entry(1024)
         row: dict[str, float] = {"material_bytes": len(key.material)}
         for label, entry in (("without", bare), ("with", replace(bare, material=key.material))):
-            blob = encode_entry(entry)
+            blob = encode_entry(entry, keys=KEYS)
             t0 = time.perf_counter()
             for _ in range(repeat):
-                encode_entry(entry)
+                encode_entry(entry, keys=KEYS)
             t1 = time.perf_counter()
             for _ in range(repeat):
-                decode_entry(blob, material=False)
+                decode_entry(blob, keys=KEYS, material=False)
             t2 = time.perf_counter()
             row[f"{label}_bytes"] = len(blob)
             row[f"{label}_fill_us"] = (t1 - t0) / repeat * 1e6
@@ -124,7 +134,7 @@ async def throughput(op: Callable[[int], Awaitable[Any]], n: int, concurrency: i
 
 async def measure(url: str, size: int, ops: int, concurrency: int, rounds: int) -> dict[str, Any]:
     entry = make_entry(size)
-    blob = encode_entry(entry)
+    blob = encode_entry(entry, keys=KEYS)
     keys = [storage_key(scope=SCOPE, model="bench-model", epoch=1, digest=i.to_bytes(16, "big"))
             for i in range(256)]
     raw = Redis.from_url(url, socket_timeout=5, max_connections=concurrency + 4)
@@ -142,12 +152,12 @@ async def measure(url: str, size: int, ops: int, concurrency: int, rounds: int) 
     }
 
     async def env_set(i: int) -> None:
-        await store.set(keys[i % 256], encode_entry(entry), ttl=3600.0)
+        await store.set(keys[i % 256], encode_entry(entry, keys=KEYS), ttl=3600.0)
 
     async def env_get(i: int) -> Entry:
         got = await store.get(keys[i % 256])
         assert got is not None
-        return decode_entry(got)
+        return decode_entry(got, keys=KEYS)
 
     paths["store+envelope"] = (env_set, env_get)
     for k in keys:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cachesvc.api import errors as api_errors
 from cachesvc.api.deps import Services
 from cachesvc.api.lean import CacheApp
 from cachesvc.api.responses import OrjsonResponse
+from cachesvc.body_limit import BodyLimit
 from cachesvc.breaker import CircuitBreaker
 from cachesvc.events import CacheObserver
 from cachesvc.fill_token import FillTokenSigner
@@ -30,6 +31,7 @@ from cachesvc.guarded_store import GuardedStore
 from cachesvc.response_cache import ResponseCache
 from cachesvc.settings import Settings
 from cachesvc.single_flight import SingleFlight
+from cachesvc.store.mac import EntryKeys
 from cachesvc.tenants import TenantDirectory
 
 log = structlog.get_logger()
@@ -62,6 +64,27 @@ def service_secret(settings: Settings) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return path.read_bytes().strip()
+
+
+#: Routes whose bodies are OpenAI requests (bounded by limits.max_request_bytes).
+_REQUEST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/cache/lookup"})
+
+
+def body_limits(settings: Settings) -> Callable[[str], tuple[int, str]]:
+    """Each route's body limit and the setting it comes from: requests, a store (a request and
+    an answer), every other route."""
+    lim = settings.limits
+    request = (lim.max_request_bytes, "limits.max_request_bytes")
+    store = (lim.max_request_bytes + 2 * lim.max_entry_bytes,
+             "limits.max_request_bytes + 2 * limits.max_entry_bytes")
+    other = (lim.max_other_body_bytes, "limits.max_other_body_bytes")
+
+    def limit_for(path: str) -> tuple[int, str]:
+        if path in _REQUEST_ROUTES:
+            return request
+        return store if path == "/v1/cache/store" else other
+
+    return limit_for
 
 
 def create_app(
@@ -97,6 +120,9 @@ def create_app(
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
     )
+    # NOTE: an edge middleware, so the lean hot routes pass it too (cachesvc/api/lean.py).
+    app.add_edge_middleware(BodyLimit, limit_for=body_limits(settings),
+                            drain_s=settings.limits.body_timeout_s)
     api_errors.install(app)
     app.include_router(proxy.router)
     app.include_router(cache.router)
@@ -111,6 +137,9 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
     from cachesvc import wiring
 
     secret = service_secret(settings)
+    # The service secret signs entries and fill tokens; it and the rotated-out secrets verify.
+    previous = [s.encode() for s in settings.cache.previous_secrets]
+    keys = EntryKeys(secret, previous)
     if store is None:
         store = await wiring.open_store(settings)
         stack.push_async_callback(store.close)
@@ -121,18 +150,20 @@ async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstre
         upstream = await wiring.open_upstream(settings, versions)
         stack.push_async_callback(upstream.aclose)
     if observers is None:
-        observers = await wiring.open_observers(settings, upstream, versions, stack)
+        observers = await wiring.open_observers(settings, upstream, versions, stack, keys)
     breaker = CircuitBreaker(
         failures=settings.breaker.failures, reset_after_s=settings.breaker.reset_after_s,
         on_change=lambda s: metrics.BREAKER_STATE.set(metrics.BREAKER_VALUES[s]))
     metrics.BREAKER_STATE.set(0)
     guard = GuardedStore(store, timeout_s=settings.redis.timeout_ms / 1000, breaker=breaker)
-    rc = ResponseCache(store=store, guard=guard, versions=versions, secret=secret,
+    rc = ResponseCache(store=store, guard=guard, versions=versions, secret=secret, keys=keys,
                        observers=tuple(observers), max_entry_bytes=settings.limits.max_entry_bytes,
+                       max_ttl_s=settings.limits.max_ttl_seconds,
                        max_request_bytes=settings.limits.max_request_bytes,
                        strict_epoch=settings.cache.strict_epoch,
                        store_material=settings.cache.store_material)
     return Services(settings=settings, tenants=TenantDirectory(settings), cache=rc,
                     upstream=upstream, flights=SingleFlight(),
-                    signer=FillTokenSigner(secret, ttl_s=settings.cache.fill_token_ttl_s),
+                    signer=FillTokenSigner(secret, previous=previous,
+                                           ttl_s=settings.cache.fill_token_ttl_s),
                     versions=versions, store=store)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,20 @@ from audit import (
     TimingProbeError,
     UnreadableEntry,
 )
+from audit.facts import UnreadableReason
 from audit.oracle import RequestKind
 from cachesvc.events import CacheEvent
 from cachesvc.store.base import parse_storage_key, scope_component, storage_key
 from cachesvc.store.envelope import Entry, decode_entry
-from cachesvc.store.errors import CorruptEntryError, ForeignEntryError, UnsupportedVersionError
+from cachesvc.store.errors import (
+    EntryDecodeError,
+    ForeignEntryError,
+    ForgedEntryError,
+    OversizeEntryError,
+    UnknownKeyError,
+    UnsupportedVersionError,
+)
+from cachesvc.store.mac import EntryKeys
 from keying import escape_component
 
 log = structlog.get_logger("cachesvc.auditing")
@@ -65,23 +75,72 @@ def facts_from_entry(entry: Entry, *, key: str, node: str | None = None) -> Entr
         material_digest=entry.material_digest, created_at=entry.created_at, ttl=entry.ttl,
         adapter=entry.adapter, key_fields=fields, material=entry.material,
         answer=Answer.of(served), has_answer=served is not None,
+        key_id=entry.key_id.hex() if entry.key_id else None,
     )
 
 
-def facts_from_raw(key: str, raw: bytes, *, node: str | None = None) -> EntryFacts | UnreadableEntry:
-    """Decode ``raw`` with the store's own codec (checksum verified) into facts."""
-    try:
-        entry = decode_entry(raw)
-    except CorruptEntryError as exc:
-        return UnreadableEntry(storage_key=key, node=node, reason="corrupt", error=str(exc),
-                               size=len(raw))
-    except ForeignEntryError as exc:
-        return UnreadableEntry(storage_key=key, node=node, reason="foreign", error=str(exc),
-                               size=len(raw))
-    except UnsupportedVersionError as exc:
-        return UnreadableEntry(storage_key=key, node=node, reason="unsupported", error=str(exc),
-                               size=len(raw))
-    return facts_from_entry(entry, key=key, node=node)
+_UNREADABLE: tuple[tuple[type[EntryDecodeError], UnreadableReason], ...] = (
+    (OversizeEntryError, "oversize"),
+    (ForgedEntryError, "forged"),
+    (UnknownKeyError, "unknown_key"),
+    (ForeignEntryError, "foreign"),
+    (UnsupportedVersionError, "unsupported"),
+    (EntryDecodeError, "corrupt"),
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EntryReader:
+    """How the auditor reads stored bytes: with the service's own keys and limits, so the scan
+    and the shadow auditor refuse exactly what the hit path refuses (an unverified MAC, an
+    unknown key id, oversize bytes, a bad answer shape, a lifetime the fill path never writes).
+    """
+
+    keys: EntryKeys
+    max_entry_bytes: int
+    max_ttl_s: float
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def of(cls, settings: Any, keys: EntryKeys) -> EntryReader:
+        return cls(keys=keys, max_entry_bytes=settings.limits.max_entry_bytes,
+                   max_ttl_s=settings.limits.max_ttl_seconds)
+
+    def facts(self, key: str, raw: bytes, *, node: str | None = None,
+              now: float | None = None) -> EntryFacts | UnreadableEntry:
+        """Decode ``raw`` with the store's own codec (MAC verified) into facts."""
+        try:
+            entry = decode_entry(raw, keys=self.keys, max_bytes=self.max_entry_bytes)
+        except EntryDecodeError as exc:
+            reason = next(r for t, r in _UNREADABLE if isinstance(exc, t))
+            return UnreadableEntry(storage_key=key, node=node, reason=reason, error=str(exc),
+                                   size=len(raw))
+        problem = entry.lifetime_problem(self.clock() if now is None else now,
+                                         max_ttl_s=self.max_ttl_s)
+        if problem is not None:
+            return UnreadableEntry(storage_key=key, node=node, reason="lifetime", error=problem,
+                                   size=len(raw))
+        return facts_from_entry(entry, key=key, node=node)
+
+    def sample(self, event: CacheEvent) -> Sample:
+        """Convert a service event in the auditor's thread (never on the request path).
+
+        The raw bytes are decoded again here, independently of the service's own verification,
+        and the storage key is the one the request was looked up under, so an entry of another
+        scope, epoch or digest stored under this request's key shows up as a placement finding.
+        """
+        key = event.key
+        lookup_key = storage_key(scope=event.scope, model=key.model, epoch=key.epoch,
+                                 digest=bytes(key.digest))
+        entry = self.facts(lookup_key, event.raw, now=event.at) if event.raw else None
+        served = event.served
+        return Sample(
+            event=event.kind, tenant=event.tenant, scope=event.scope, request=event.request,
+            key=key,
+            expected=ModelState(model=event.expected_model, version=event.expected_version,
+                                epoch=event.expected_epoch),
+            entry=entry, served=Answer.of(served) if served is not None else None, at=event.at,
+        )
 
 
 def _node_namer(store: Any) -> Callable[[str], str | None]:
@@ -101,36 +160,16 @@ def _node_namer(store: Any) -> Callable[[str], str | None]:
     return name
 
 
-async def scan_items(store: Any, *, batch: int = 500) -> AsyncIterator[EntryFacts | UnreadableEntry]:
+async def scan_items(store: Any, reader: EntryReader, *, batch: int = 500
+                     ) -> AsyncIterator[EntryFacts | UnreadableEntry]:
     """Every entry of ``store`` (every node of a cluster) as facts, for :class:`audit.Scanner`."""
     node_of = _node_namer(store)
     async for key, raw in store.scan_entries(batch=batch):
         k = key.decode() if isinstance(key, bytes) else key
-        yield facts_from_raw(k, raw, node=node_of(k))
+        yield reader.facts(k, raw, node=node_of(k))
 
 
 # -- events -> samples -----------------------------------------------------------------------
-
-
-def sample_from_event(event: CacheEvent) -> Sample:
-    """Convert a service event in the auditor's thread (never on the request path).
-
-    The raw bytes are decoded again here, independently of the service's own verification, and
-    the storage key is the one the request was looked up under, so an entry of another scope,
-    epoch or digest stored under this request's key shows up as a placement finding.
-    """
-    key = event.key
-    lookup_key = storage_key(scope=event.scope, model=key.model, epoch=key.epoch,
-                             digest=bytes(key.digest))
-    entry = facts_from_raw(lookup_key, event.raw) if event.raw else None
-    served = event.served
-    return Sample(
-        event=event.kind, tenant=event.tenant, scope=event.scope, request=event.request,
-        key=key,
-        expected=ModelState(model=event.expected_model, version=event.expected_version,
-                            epoch=event.expected_epoch),
-        entry=entry, served=Answer.of(served) if served is not None else None, at=event.at,
-    )
 
 
 class ShadowObserver:
@@ -343,6 +382,7 @@ def canaries_of(settings: Any) -> dict[str, list[str]]:
 def build_shadow_auditor(
     settings: Any,
     *,
+    keys: EntryKeys,
     oracle: Any = None,
     registry_view: Any = None,
     journal: Journal | None = None,
@@ -365,7 +405,8 @@ def build_shadow_auditor(
         recompute_budget=a.recompute_budget, recompute_burst_s=a.recompute_burst_s,
         batch_wait_s=a.batch_wait_s,
     )
-    return ShadowAuditor(recorder=recorder, convert=sample_from_event, config=config,
+    return ShadowAuditor(recorder=recorder, convert=EntryReader.of(settings, keys).sample,
+                         config=config,
                          oracle=oracle if a.oracle != "none" else None, registry=registry_view,
                          rng=rng)
 

@@ -16,6 +16,7 @@ class CacheControl:
 
 
 NONE = CacheControl()
+_MAX_DELTA_SECONDS = 2**31
 
 
 def parse_cache_control(header: str | None) -> CacheControl:
@@ -37,10 +38,15 @@ def parse_cache_control(header: str | None) -> CacheControl:
         elif name == "only-if-cached":
             flags["only_if_cached"] = True
         elif name == "max-age":
-            if not value.isdigit():
+            # ASCII digits only: str.isdigit() also passes "²", which int() refuses.
+            if not (value.isascii() and value.isdigit()):
                 raise BadRequestError(
                     f"Cache-Control max-age={value!r} is not a non-negative integer",
                     field="Cache-Control", fix="send max-age=N with N whole seconds",
                 )
-            flags["max_age"] = int(value)
+            # RFC 9111 5.2.1.1: a delta-seconds too large to hold is 2**31 (and int() of
+            # thousands of digits raises).
+            digits = value.lstrip("0") or "0"
+            flags["max_age"] = (min(int(digits), _MAX_DELTA_SECONDS) if len(digits) <= 10
+                                else _MAX_DELTA_SECONDS)
     return CacheControl(**flags)  # type: ignore[arg-type]

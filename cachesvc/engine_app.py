@@ -8,53 +8,19 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (SSE when ``stre
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cachesvc import engine_api
+from cachesvc.engine_metrics import engine_registry
 from cachesvc.streaming import DONE, sse
 from gpu_prefix.engine import Engine
 
 ANONYMOUS = "anonymous"
-
-
-class EngineCollector(Collector):
-    """Reads the store's gauges at scrape time, so the numbers are never stale."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def collect(self) -> Iterator[Any]:
-        s = self.engine.stats()
-        gauges = {
-            "engine_kv_pool_usage_ratio": ("Fraction of KV pool blocks in use (cached or pinned).", s.usage),
-            "engine_kv_pool_used_bytes": ("Bytes of KV pool blocks in use.", s.used_bytes),
-            "engine_kv_pool_capacity_bytes": ("KV pool size (preallocated).", s.capacity_bytes),
-            "engine_kv_pinned_blocks": ("Blocks pinned by requests in flight.", s.pinned_blocks),
-            "engine_kv_reserved_blocks": ("Blocks reserved by admitted requests.", s.reserved_blocks),
-            "engine_requests_running": ("Requests admitted and in flight.", s.running),
-            "engine_requests_queued": ("Requests waiting for KV pool room.", s.queued),
-            "engine_model_epoch": ("Model epoch in the block hashes.", self.engine.model_epoch),
-        }
-        for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=value)
-        counters = {
-            "engine_prefix_hit_tokens": ("Prompt tokens served from cached KV blocks.", s.hit_tokens_total),
-            "engine_prefix_query_tokens": ("Prompt tokens in full blocks looked up.", s.query_tokens_total),
-            "engine_requests_refused": ("Requests refused by admission control (retryable).", s.refused_total),
-            "engine_requests_admitted": ("Requests admitted.", s.admitted_total),
-            "engine_kv_evicted_blocks": ("KV blocks evicted (unpinned leaves, LRU).", s.evicted_blocks_total),
-            "engine_kv_block_collisions": ("Block hash matches refused by verification.", s.collisions_total),
-        }
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(name, doc, value=value)
 
 
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -77,8 +43,7 @@ def create_engine_app(engine: Engine, *, api_keys: Mapping[str, str] | None = No
     tenants share prefix blocks: the timing audit uses one to show the side channel)."""
     keys = dict(api_keys or {})
     app = FastAPI(title="provable-llm-cache reference engine")
-    registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))
+    registry = engine_registry(engine)
     app.state.engine = engine
 
     def tenant_of(request: Request) -> str | None:

@@ -73,8 +73,21 @@ class StaleEpochError(ServiceError, LookupError):
     code = "stale_epoch"
 
 
+class TokenUsedError(ServiceError, LookupError):
+    """Raised when a fill token is presented a second time: each permits one store."""
+
+    status = 409
+    code = "fill_token_used"
+
+
 class NotFoundError(ServiceError, LookupError):
     """Raised when an admin call names a tenant or model the service does not know."""
 
     status = 404
     code = "not_found"
+
+
+class RegistryConflictError(RuntimeError):
+    """Raised at start-up when the configured model version is not the registry's: the
+    service refuses to start rather than roll the registry or serve under another version's
+    epoch. The message names both versions and both fixes."""

@@ -11,7 +11,7 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -37,13 +37,17 @@ class FillGrant:
 
 
 class FillTokenSigner:
-    """Signs and verifies fill tokens. ``clock`` is wall-clock seconds (tokens cross processes)."""
+    """Signs and verifies fill tokens. ``clock`` is wall-clock seconds (tokens cross processes).
 
-    def __init__(self, secret: bytes, *, ttl_s: float = 300.0,
+    ``secret`` signs; tokens signed under a ``previous`` secret still verify, so a secret
+    rotation does not refuse the tokens lookups handed out just before it."""
+
+    def __init__(self, secret: bytes, *, previous: Sequence[bytes] = (), ttl_s: float = 300.0,
                  clock: Callable[[], float] = time.time) -> None:
         if len(secret) < 16:
             raise ValueError("fill token secret must be at least 16 bytes")
-        self._key = hashlib.blake2b(secret, person=b"cachesvc-fill").digest()
+        self._key, *self._previous = [hashlib.blake2b(s, person=b"cachesvc-fill").digest()
+                                      for s in (secret, *previous)]
         self._ttl = ttl_s
         self._clock = clock
 
@@ -67,8 +71,8 @@ class FillTokenSigner:
             payload, mac = _unb64(p64), _unb64(m64)
         except ValueError:
             raise _bad("is not a fill token") from None
-        expected = hmac.new(self._key, payload, hashlib.sha256).digest()
-        if not hmac.compare_digest(mac, expected):
+        if not any(hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest())
+                   for key in (self._key, *self._previous)):
             raise _bad("has an invalid signature")
         try:
             v, tenant, scope, dg, mdg, model, epoch, stream, exp, ttl = orjson.loads(payload)

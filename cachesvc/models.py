@@ -6,8 +6,10 @@ follows the durable rollout events and re-reads the registry at least every
 is down), :meth:`ModelVersions.current` raises :class:`RegistryUnavailable` and the request
 bypasses the cache: better no cache than a possibly stale one.
 
-A model that was never rolled out has epoch 0 and version ``"unversioned"``: its entries
-become unreachable at its first rollout, like any other epoch change.
+A model that was never rolled out has version ``"unversioned"`` and the registry's genesis
+epoch (clock-based, issued once; a registry that lost its keys issues a larger one): its
+entries become unreachable at its first rollout, like any other epoch change, and no epoch is
+ever handed out twice.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from invalidation import (
     UnknownModelError,
 )
 
-from cachesvc.errors import BadRequestError, ServiceError
+from cachesvc.errors import BadRequestError, NotFoundError, ServiceError
 
 log = structlog.get_logger()
 
@@ -64,17 +66,19 @@ class ModelVersions:
     async def current(self, model: str, *, fresh: bool = False) -> tuple[str, int]:
         """The model's version and epoch from this replica's view, or with ``fresh`` from one
         registry read (the auditor must not judge a replica by the view it is checking). An
-        unregistered model is at epoch 0."""
+        unregistered model is at the genesis epoch."""
         if fresh:
             try:
                 mv = await self.registry.get(model)
+                return ((UNVERSIONED, await self.registry.genesis()) if mv is None
+                        else (mv.version, mv.epoch))
             except InvalidationError as exc:
                 raise RegistryUnavailable(f"registry read failed: {exc}") from None
-            return (UNVERSIONED, 0) if mv is None else (mv.version, mv.epoch)
         try:
             mv = self.view.current(model)
         except UnknownModelError:
-            return UNVERSIONED, 0
+            assert self.view.genesis is not None  # a fresh view has read it
+            return UNVERSIONED, self.view.genesis
         except StaleViewError as exc:
             raise RegistryUnavailable(str(exc)) from None
         return mv.version, mv.epoch
@@ -87,23 +91,44 @@ class ModelVersions:
         except RegistryUnavailable:
             return False
 
-    async def rollout(self, model: str, version: str, *, idempotent: bool = False
-                      ) -> tuple[str, int]:
+    async def rollout(self, model: str, version: str, *, idempotent: bool = False,
+                      create: bool = False) -> tuple[str, int]:
         """Roll ``model`` out at ``version`` (``idempotent``: the same version again keeps its
-        epoch) and apply it on this replica at once; the others learn it from the events."""
+        epoch) and apply it on this replica at once; the others learn it from the events.
+        A model the registry does not know is refused unless ``create`` (a typo must not
+        start a model of its own)."""
         try:
-            result = await self.registry.rollout(model, version, idempotent=idempotent)
+            result = await self.registry.rollout(model, version, idempotent=idempotent,
+                                                 only=None if create else "existing")
+        except UnknownModelError as exc:
+            raise NotFoundError(str(exc), field="model",
+                                fix="check the model name; to start a new model, roll it out "
+                                    "with create") from None
         except InvalidModelNameError as exc:
             raise BadRequestError(str(exc), field="version" if "version" in str(exc) else "model",
                                   fix="use printable names without control characters") from None
         except InvalidationError as exc:
             raise RegistryUnavailable(f"rollout failed: {exc}") from None
+        await self._apply_now()
+        return result.current.version, result.current.epoch
+
+    async def adopt(self, model: str, version: str) -> tuple[str, int]:
+        """Start-up: register ``model`` at ``version`` if the registry has never seen it, and
+        never change a model it has. Returns the registry's (version, epoch); a version other
+        than ``version`` means this process serves weights the registry does not name."""
+        try:
+            result = await self.registry.rollout(model, version, only="absent")
+        except InvalidationError as exc:
+            raise RegistryUnavailable(f"registry read failed: {exc}") from None
+        await self._apply_now()
+        return result.current.version, result.current.epoch
+
+    async def _apply_now(self) -> None:
         try:
             # Apply at once on this replica; the others learn it from the event stream.
             await self.view.poll()
         except InvalidationError:
             pass
-        return result.current.version, result.current.epoch
 
     async def list(self) -> list[dict[str, Any]]:
         try:

@@ -8,6 +8,7 @@ collision, a stale entry or a corrupted value is a miss, never a wrong answer.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,17 +21,29 @@ from cachesvc.cache_control import CacheControl
 from cachesvc.errors import BadRequestError, ServiceError
 from cachesvc.events import CacheEvent, CacheObserver
 from cachesvc.guarded_store import GuardedStore
+from cachesvc.json_body import check_exact
 from cachesvc.memo import Memo
 from cachesvc.store.base import ResponseStore, storage_key
 from cachesvc.store.envelope import Entry, decode_entry, encode_entry
 from cachesvc.store.errors import EntryDecodeError, InvalidEntryError
+from cachesvc.store.mac import EntryKeys
 from cachesvc.streaming import body_to_chunks, chunks_to_body, replay
 from cachesvc.tenants import Tenant
-from keying import InvalidRequestError, KeyLimits, KeyParams, KeyResult, Scope, build_key
+from keying import (
+    InvalidRequestError,
+    KeyLimits,
+    KeyParams,
+    KeyResult,
+    Scope,
+    build_key,
+    material_digest,
+)
 
 log = structlog.get_logger()
 
 Status = Literal["hit", "miss", "bypass"]
+#: Where used fill tokens are marked (by digest): outside the entries' ``llmc:v1:`` keyspace.
+FILL_TOKEN_PREFIX = "llmc:ft:"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,9 +134,13 @@ class ResponseCache:
     guard: GuardedStore
     versions: Any  # cachesvc.models.ModelVersions
     secret: bytes
+    #: Signs every entry written and verifies every entry read (see cachesvc.store.mac).
+    keys: EntryKeys
     observers: Sequence[CacheObserver] = field(default_factory=tuple)
     max_entry_bytes: int = 4 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
+    #: The longest TTL the fill path writes; an entry read back with a longer one is refused.
+    max_ttl_s: float = 30 * 86_400
     strict_epoch: bool = False
     #: Keep each entry's key material in it, for the offline scan (see ``Entry.material``).
     store_material: bool = True
@@ -171,6 +188,8 @@ class ResponseCache:
         memo_key = (raw, scope, epoch, kind, tenant.cache_nondeterministic) if raw else None
         key = self._keys.get(memo_key) if memo_key is not None else None
         if key is None:
+            if raw is not None:
+                check_exact(raw, body)
             try:
                 key = build_key(body, KeyParams(
                     scope=scope, epoch=epoch, kind=kind,  # type: ignore[arg-type]
@@ -215,18 +234,26 @@ class ResponseCache:
             metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
 
     async def _verify(self, keyed: Keyed, raw: bytes, cc: CacheControl) -> LookupResult:
-        entry = self._entries.get(raw)
+        entry = self._entries.get(raw) if len(raw) <= self.max_entry_bytes else None
         if entry is None:
             try:
-                entry = decode_entry(raw, material=False)  # the hit never reads it
+                # Oversize bytes are refused before they are hashed or decoded; the MAC is
+                # checked before the payload is parsed.
+                entry = decode_entry(raw, keys=self.keys, material=False,  # the hit never reads it
+                                     max_bytes=self.max_entry_bytes)
             except EntryDecodeError as exc:
                 return self._reject("corrupt",
                                     f"entry could not be decoded ({type(exc).__name__})", raw,
                                     keyed=keyed, entry=None)
             self._entries.put(raw, entry, 2 * len(raw))
+        md = bytes(keyed.key.material_digest)
+        if entry.key_id != self.keys.current_id:
+            # During a rotation an entry signed under a previous secret keeps the material
+            # digest of that secret (the MAC already proved the key id is one of ours).
+            old = self.keys.secret_for(entry.key_id)
+            md = material_digest(keyed.key.material, old) if old is not None else b""
         why = entry.mismatch(scope=keyed.scope, model=keyed.key.model, epoch=keyed.epoch,
-                             digest=bytes(keyed.key.digest),
-                             material_digest=bytes(keyed.key.material_digest),
+                             digest=bytes(keyed.key.digest), material_digest=md,
                              adapter=keyed.key.adapter)
         if why is not None:
             return self._reject(why, f"entry does not match the request ({why})", raw,
@@ -236,6 +263,9 @@ class ResponseCache:
                 return self._reject("stale", "entry's epoch has passed (strict check)", raw,
                                     keyed=keyed, entry=entry)
         now = self.clock()
+        problem = entry.lifetime_problem(now, max_ttl_s=self.max_ttl_s)
+        if problem is not None:
+            return self._reject("corrupt", problem, raw, keyed=keyed, entry=entry)
         if entry.is_expired(now):
             return LookupResult(status="miss", reason="expired", raw=raw)
         age = int(entry.age(now))
@@ -274,7 +304,8 @@ class ResponseCache:
     async def fill(self, target: FillTarget, payload: Payload, *, source: str,
                    keyed: Keyed | None = None) -> str | None:
         """Store ``payload`` at ``target``; None when stored, else why not (and a metric):
-        "too_large", "unencodable" or "store_unavailable".
+        "too_large", "unencodable", "store_unavailable" or "stale_epoch" (a rollout happened
+        while it was computed; the entry is deleted again).
 
         ``keyed`` (the request that produced it) is passed on to observers when known.
         """
@@ -286,7 +317,7 @@ class ResponseCache:
                 adapter=target.adapter, response=payload.body, stream=payload.chunks,
                 material=target.material if self.store_material else None,
             )
-            raw = encode_entry(entry)
+            raw = encode_entry(entry, keys=self.keys)
         except (InvalidEntryError, TypeError, ValueError) as exc:
             metrics.FILL_SKIPS.labels("unencodable").inc()
             log.warning("fill_skipped", reason="unencodable", error=str(exc)[:200])
@@ -294,7 +325,7 @@ class ResponseCache:
         if len(raw) > self.max_entry_bytes and entry.material is not None:
             # The material is for the audit; it must never cost the entry its place.
             entry = replace(entry, material=None)
-            raw = encode_entry(entry)
+            raw = encode_entry(entry, keys=self.keys)
         if len(raw) > self.max_entry_bytes:
             metrics.FILL_SKIPS.labels("too_large").inc()
             log.info("fill_skipped", reason="too_large", bytes=len(raw))
@@ -305,10 +336,32 @@ class ResponseCache:
         if self.guard.failed(res):
             metrics.FILL_SKIPS.labels("store_unavailable").inc()
             return "store_unavailable"
+        if not await self._epoch_current(target):
+            # A fill that raced a rollout (its upstream call began under the old epoch) must
+            # not outlive it: asked after the write, so a rollout either came first and is seen
+            # here, or came after and its purge deletes the entry.
+            await self.guard.call("delete", lambda: self.store.delete(skey))
+            metrics.FILL_SKIPS.labels("stale_epoch").inc()
+            return "stale_epoch"
         metrics.FILLS.labels(source).inc()
         if keyed is not None:
             self.notify("fill", keyed, raw, entry, payload, source=source)
         return None
+
+    async def claim_fill_token(self, token: str, expires_at: float) -> bool | None:
+        """Use ``token`` up: True the first time, False after; None when the store cannot say
+        (the caller must not store then: a token must never permit two writes)."""
+        digest = hashlib.blake2b(token.encode(), digest_size=16).hexdigest()
+        ttl = max(1.0, expires_at - self.clock())
+        res = await self.guard.call("claim", lambda: self.store.claim(
+            f"{FILL_TOKEN_PREFIX}{digest}", ttl=ttl))
+        return None if self.guard.failed(res) else bool(res)
+
+    async def _epoch_current(self, target: FillTarget) -> bool:
+        try:
+            return (await self.versions.current(target.model))[1] == target.epoch
+        except ServiceError:
+            return False  # the epoch cannot be confirmed: do not keep the entry
 
     def notify(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None,
                payload: Payload, *, source: str = "", served_stream: bool | None = None) -> None:

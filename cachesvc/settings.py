@@ -49,6 +49,27 @@ class UpstreamSettings(_Section):
     version: str = "1"
 
 
+class EngineSettings(_Section):
+    """The in-process reference engine's scheduler and KV pool (``[upstream]`` with no ``url``).
+    The trade-offs of each are in the README's engine section."""
+
+    #: KV pool budget, preallocated at start (``cachesvc capacity --pool`` shows what it holds).
+    pool_mb: int = Field(default=512, gt=0)
+    block_size: int = Field(default=16, ge=1, le=256)
+    #: Requests scheduled in every step. More: higher throughput, slower steps for each.
+    max_running: int = Field(default=8, ge=1)
+    #: Tokens in one step (decodes first, then prefill chunks). Lower: decodes never wait long
+    #: behind a long prompt; higher: long prompts reach their first token in fewer steps.
+    max_batch_tokens: int = Field(default=512, ge=2)
+    #: Requests that may wait for admission; past it, 503 with Retry-After.
+    max_queue: int = Field(default=64, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    #: Admission stops when running requests would hold this fraction of the pool.
+    high_watermark: float = Field(default=0.8, gt=0, le=1)
+    #: Per-request cap on max_tokens.
+    max_tokens_limit: int = Field(default=4096, ge=1)
+
+
 class RedisSettings(_Section):
     """The response store. No ``url`` and no ``nodes``: the embedded in-process store."""
 
@@ -83,6 +104,9 @@ class BreakerSettings(_Section):
 
 class AdminSettings(_Section):
     api_key: str | None = Field(default=None, description="Bearer key for /admin/*; none: off.")
+    #: Bearer key for GET /metrics (a Prometheus scrape); the admin key works there too. With
+    #: neither, /metrics is off: its labels name every tenant with its hit and miss counts.
+    metrics_key: str | None = Field(default=None, min_length=16)
 
 
 class TenantSettings(_Section):
@@ -125,16 +149,31 @@ class AuditSettings(_Section):
 
 
 class LimitSettings(_Section):
+    #: Largest request body on the proxy and lookup routes (and the keyed request).
     max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    #: Largest stored entry; a store body may be up to max_request_bytes + 2 * this.
     max_entry_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: Largest body on every other route (admin, metrics, health).
+    max_other_body_bytes: int = Field(default=64 * 1024, gt=0)
+    #: A request's head (line and headers) must arrive within this many seconds of the
+    #: connection opening or the previous answer; a slower connection is closed.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    #: A request's whole body must arrive within this many seconds of its head; a slower
+    #: connection is closed (and an oversize body is drained for at most this long).
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     #: Upper bound on any tenant's ttl_seconds; a larger one is refused at start-up.
     max_ttl_seconds: int = Field(default=30 * 86_400, gt=0)
 
 
 class CacheSettings(_Section):
-    #: Secret for fill tokens and the material digest; generated per process when absent, which
-    #: is wrong for several workers or replicas: set it (env CACHESVC_CACHE__SECRET) there.
+    #: Secret (16 to 64 bytes) for entry MACs, fill tokens and the material digest; without
+    #: it, one is kept in <state_dir>/secret, which is wrong for replicas on several hosts: set
+    #: it (env CACHESVC_CACHE__SECRET) there.
     secret: str | None = None
+    #: Secrets rotated out: entries (and fill tokens) signed under them still verify, and are
+    #: served, until their TTL ends. Rotate by moving the old secret here, then drop it after
+    #: limits.max_ttl_seconds.
+    previous_secrets: list[str] = Field(default_factory=list)
     fill_token_ttl_s: float = Field(default=300.0, gt=0)
     #: How long concurrent identical misses wait for the one fill before calling upstream too.
     single_flight_wait_s: float = Field(default=120.0, gt=0)
@@ -164,6 +203,7 @@ class Settings(BaseSettings):
 
     state_dir: str = Field(default_factory=lambda: str(Path.home() / ".local/state/cachesvc"))
     upstream: UpstreamSettings = UpstreamSettings()
+    engine: EngineSettings = EngineSettings()
     redis: RedisSettings = RedisSettings()
     embedded: EmbeddedStoreSettings = EmbeddedStoreSettings()
     breaker: BreakerSettings = BreakerSettings()
@@ -181,6 +221,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        from cachesvc.store.errors import StoreConfigError
+        from cachesvc.store.mac import check_secret
+
+        for name, value in [("cache.secret", self.cache.secret),
+                            *(("cache.previous_secrets", s) for s in self.cache.previous_secrets)]:
+            if value is None:
+                continue
+            try:
+                check_secret(value.encode())
+            except StoreConfigError as exc:
+                raise ValueError(str(exc).replace("cache.secret", name, 1)) from None
+        if self.cache.previous_secrets and not self.cache.secret:
+            raise ValueError("cache.previous_secrets: needs cache.secret (the current secret "
+                             "that replaces them)")
         seen_ids: set[str] = set()
         seen_keys: set[str] = set()
         for t in self.tenants:
@@ -188,7 +242,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"tenants: id {t.id!r} appears twice; give each tenant one entry")
             seen_ids.add(t.id)
             for k in t.api_keys:
-                if k in seen_keys or (self.admin.api_key and k == self.admin.api_key):
+                if k in seen_keys or k in (self.admin.api_key, self.admin.metrics_key):
                     raise ValueError(
                         f"tenants[{t.id}].api_keys: a key is shared with another tenant or the "
                         "admin; every key must identify exactly one caller"

@@ -71,6 +71,7 @@ class TenantDirectory:
                 self._by_key[_fingerprint(k)] = tenant
         admin = settings.admin.api_key
         self._admin = _fingerprint(admin) if admin else None
+        self._metrics = [_fingerprint(k) for k in (admin, settings.admin.metrics_key) if k]
 
     def tenants(self) -> list[Tenant]:
         return list(self._tenants.values())
@@ -91,6 +92,14 @@ class TenantDirectory:
         if self._admin is None or not hmac.compare_digest(fp, self._admin):
             raise AuthError("admin endpoints need the admin key", field="Authorization",
                             fix="send Authorization: Bearer <[admin] api_key from the config>")
+
+
+    def authenticate_metrics(self, authorization: str | None) -> None:
+        fp = _fingerprint(_bearer(authorization))
+        if not any(hmac.compare_digest(fp, k) for k in self._metrics):
+            raise AuthError("/metrics needs the metrics key or the admin key",
+                            field="Authorization",
+                            fix="send Authorization: Bearer <[admin] metrics_key or api_key>")
 
 
 def _bearer(authorization: str | None) -> str:

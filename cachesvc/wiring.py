@@ -47,8 +47,11 @@ async def open_upstream(settings: Settings, versions: Any) -> Any:
                             timeout_s=settings.upstream.timeout_s)
     import asyncio
 
+    from cachesvc.engine_metrics import register_default
+
     engine = await asyncio.to_thread(load_engine, settings)
     await attach_engine(engine, versions, settings.upstream.version)
+    register_default(engine)
     return EngineUpstream(engine)
 
 
@@ -56,24 +59,43 @@ def load_engine(settings: Settings) -> Any:
     from gpu_prefix.engine import Engine
 
     device = settings.upstream.device
+    e = settings.engine
     log.info("engine_loading", model=settings.upstream.model, device=device)
-    return Engine.from_name(settings.upstream.model, device=device,
-                            model_id=settings.upstream.model)
+    return Engine.from_name(settings.upstream.model, device=device, model_id=settings.upstream.model,
+                            pool_bytes=e.pool_mb * 2**20, block_size=e.block_size, max_running=e.max_running,
+                            max_batch_tokens=e.max_batch_tokens, max_queue=e.max_queue,
+                            queue_timeout_s=e.queue_timeout_s, high_watermark=e.high_watermark,
+                            max_tokens_limit=e.max_tokens_limit)
 
 
 async def attach_engine(engine: Any, versions: Any, version: str) -> None:
-    """Register the engine's model in the registry (idempotently: a restart with the same
-    version keeps the epoch and so the cache) and follow its rollouts: a new epoch drops the
-    old epoch's prefix blocks from the engine's pool."""
+    """Register the engine's model if the registry has never seen it, and follow its
+    rollouts: a new epoch drops the old epoch's prefix blocks from the engine's pool.
+
+    NOTE: start-up never changes a model the registry knows. A configured version that is not
+    the registry's refuses to start (:class:`RegistryConflictError`): rolling the registry to
+    the config's version would invalidate the whole cache for every replica (a stale config
+    rolls back), and serving under the registry's epoch would store this process's answers as
+    another version's. Rollouts are explicit (`cachesvc models rollout`)."""
     import asyncio
+
+    from cachesvc.errors import RegistryConflictError
 
     model = engine.model_id
     try:
-        _, epoch = await versions.rollout(model, version, idempotent=True)
-        if epoch != engine.model_epoch:
-            await asyncio.to_thread(engine.on_rollout, None, epoch)
+        current, epoch = await versions.adopt(model, version)
     except Exception as exc:  # noqa: BLE001 - a down registry must not stop start-up
         log.warning("engine_registration_failed", model=model, error=str(exc)[:200])
+    else:
+        if current != version:
+            raise RegistryConflictError(
+                f"the registry serves model {model!r} at version {current!r} (epoch {epoch}), "
+                f"but [upstream] version is {version!r}: set [upstream] version = {current!r} "
+                f"if these are its weights, or roll out explicitly with `cachesvc models "
+                f"rollout {model} {version}` (a new epoch: every cached entry of the model "
+                "becomes unreachable)")
+        if epoch != engine.model_epoch:
+            await asyncio.to_thread(engine.on_rollout, None, epoch)
 
     async def on_epoch(changed: str, old: int | None, new: int) -> None:
         if changed == model and new != engine.model_epoch:
@@ -83,7 +105,7 @@ async def attach_engine(engine: Any, versions: Any, version: str) -> None:
 
 
 async def open_observers(settings: Settings, upstream: Any, versions: Any,
-                         stack: contextlib.AsyncExitStack) -> list[CacheObserver]:
+                         stack: contextlib.AsyncExitStack, keys: Any) -> list[CacheObserver]:
     """The shadow auditor as an observer, started now and stopped at shutdown (``[audit]``).
 
     NOTE: it runs even with both sample rates at 0, because entries the service refuses are
@@ -110,7 +132,7 @@ async def open_observers(settings: Settings, upstream: Any, versions: Any,
         log.warning("audit_oracle_unavailable", oracle=settings.audit.oracle,
                     detail="provenance checks only; set [audit] oracle to match the upstream")
     auditor = build_shadow_auditor(
-        settings, oracle=oracle,
+        settings, keys=keys, oracle=oracle,
         registry_view=LoopRegistryView(versions, asyncio.get_running_loop()))
     auditor.start()
     # NOTE: stop() drains the queue and may wait on registry reads that run on this loop, so

@@ -10,16 +10,17 @@ from typing import Any
 # NOTE: exports load lazily: importing ``gpu_prefix.errors`` or ``gpu_prefix.hashing`` must
 # not pull in torch and transformers (seconds), e.g. for a service that proxies over HTTP.
 _HOME = {
-    "BufferArena": "adapter", "RequestCache": "adapter",
-    "Engine": "engine", "FinalEvent": "engine", "GenerationParams": "engine",
+    "PoolCache": "attention", "StepLayout": "attention",
+    "PoolPlan": "capacity", "pool_plan": "capacity",
+    "Engine": "engine", "EngineStats": "engine", "FinalEvent": "engine", "GenerationParams": "engine",
     "GenerationResult": "engine", "TokenEvent": "engine",
     "AdmissionRefusedError": "errors", "InvalidParamsError": "errors", "ModelLoadError": "errors",
     "PoolExhaustedError": "errors", "PrefixCacheError": "errors",
     "PUBLIC_SALT": "hashing", "BlockKeys": "hashing", "block_hashes": "hashing", "scope_salt": "hashing",
     "MODEL_NAMES": "models", "LoadedModel": "models", "load_model": "models",
     "KVPool": "pool", "KVShape": "pool",
-    "InsertResult": "store", "Lease": "store", "MatchResult": "store", "PrefixStore": "store",
-    "StoreStats": "store",
+    "Lease": "store", "MatchResult": "store", "PrefixStore": "store", "StoreStats": "store",
+    "Scheduler": "scheduler", "SchedulerConfig": "scheduler",
 }
 
 
@@ -34,12 +35,11 @@ __all__ = [
     "PUBLIC_SALT",
     "AdmissionRefusedError",
     "BlockKeys",
-    "BufferArena",
     "Engine",
     "FinalEvent",
     "GenerationParams",
     "GenerationResult",
-    "InsertResult",
+    "EngineStats",
     "InvalidParamsError",
     "KVPool",
     "KVShape",
@@ -50,10 +50,15 @@ __all__ = [
     "PoolExhaustedError",
     "PrefixCacheError",
     "PrefixStore",
-    "RequestCache",
+    "PoolCache",
+    "PoolPlan",
+    "Scheduler",
+    "SchedulerConfig",
+    "StepLayout",
     "StoreStats",
     "TokenEvent",
     "block_hashes",
     "load_model",
+    "pool_plan",
     "scope_salt",
 ]

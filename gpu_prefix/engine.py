@@ -1,31 +1,37 @@
-"""The reference engine: generation and teacher-forced scoring with prefix reuse.
+"""The reference engine: generation and teacher-forced scoring, continuously batched over the
+paged KV pool with prefix reuse.
 
-Each request is admitted by the store (or queued, or refused with a retryable error), matches
-its longest cached prefix (pinning it), loads those blocks into its ``RequestCache``, runs only
-the rest of the prompt, writes its new full prompt blocks back to the pool, and decodes. Model
-forwards run under one lock, step by step, so streaming requests interleave and many can be in
-flight (up to the store's ``max_running``) while the model itself is used by one at a time.
+Every request becomes a sequence of ``gpu_prefix.scheduler``: admitted at the pool's watermark
+(or queued, or refused with a retryable error), it matches its longest cached prefix (pinning
+it), then runs in the scheduler's steps beside the other requests: one packed forward per step,
+attention reading each request's K/V from the pool by its block table (``gpu_prefix.attention``).
+Its blocks enter the index as they fill, prompt and completion alike, so a follow-up turn reuses
+both. Callers' threads only submit and wait for events; one thread runs the model.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import random
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import torch
 
-from gpu_prefix.adapter import BufferArena, RequestCache
+from gpu_prefix.attention import install
+from gpu_prefix.capacity import pool_plan
 from gpu_prefix.errors import InvalidParamsError
-from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, scope_salt
+from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, scope_salt
 from gpu_prefix.models import LoadedModel, load_model
 from gpu_prefix.pool import KVPool, KVShape
 from gpu_prefix.sampling import choose
-from gpu_prefix.store import Lease, PrefixStore, StoreStats
+from gpu_prefix.scheduler import Histogram, Scheduler, SchedulerConfig, Seq
+from gpu_prefix.store import PrefixStore
+from gpu_prefix.text import Detokenizer, find_stop, safe_len
 
 log = structlog.get_logger()
 
@@ -40,6 +46,7 @@ class GenerationParams:
     forgetting to pass one fails closed."""
 
     max_tokens: int = 16
+    min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens (benchmarks)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -79,18 +86,157 @@ class FinalEvent:
     text: str = ""  # text released only at the end (a held-back tail)
 
 
-@dataclass(kw_only=True)
-class _Prefill:
-    lease: Lease | None
-    cache: RequestCache
-    logits: torch.Tensor
-    cached_tokens: int
-    model: Any = field(repr=False)
-    keys: BlockKeys | None = None
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineStats:
+    """The store's and the scheduler's figures together (the engine's Prometheus metrics)."""
+
+    num_blocks: int
+    block_size: int
+    used_blocks: int
+    free_blocks: int
+    pinned_blocks: int
+    private_blocks: int
+    cached_blocks: int
+    held_blocks: int
+    limit_blocks: int
+    usage: float
+    capacity_bytes: int
+    used_bytes: int
+    hit_tokens_total: int
+    query_tokens_total: int
+    inserted_blocks_total: int
+    evicted_blocks_total: int
+    collisions_total: int
+    running: int
+    queued: int
+    admitted_total: int
+    refused_total: int
+    preempted_total: int
+    finished_total: int
+    steps_total: int
+    step_tokens_total: int
+    last_step_tokens: int
+    ttft: Histogram
+    step_time: Histogram
+
+
+_DONE = object()
+
+
+class _Outbox:
+    """Events from the scheduler's thread to the caller's."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def failed(self, exc: BaseException) -> None:
+        self.events.put(exc)
+
+
+class _Generation(Seq):
+    """A generation request: samples a token from each step's last logits, detokenizes, stops."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: GenerationParams, keys: BlockKeys | None,
+                 model: Any, generator: torch.Generator | None) -> None:
+        super().__init__(prompt, keys=keys, model=model, max_total=len(prompt) + params.max_tokens)
+        self.params = params
+        self.prompt_tokens = len(prompt)
+        self.generator = generator
+        self.eos_ids = engine.eos_ids
+        self.detok = Detokenizer(engine.tokenizer)
+        self.out = _Outbox()
+        self.generated: list[int] = []
+        self.logprobs: list[float] = []
+        self.tops: list[tuple[tuple[int, float], ...]] = []
+        self.emitted = 0
+        self.text = ""
+        self.finish: FinishReason = "length"
+        self.cut = False  # ended by a stop sequence: the text is final
+
+    def on_logits(self, positions: list[int], rows: torch.Tensor) -> bool:
+        p = self.params
+        logits = rows[-1]
+        if len(self.generated) < p.min_tokens and self.eos_ids:
+            logits = logits.clone()
+            logits[list(self.eos_ids)] = float("-inf")
+        c = choose(logits, temperature=p.temperature, top_p=p.top_p,
+                   top_logprobs=p.top_logprobs if p.logprobs else 0, generator=self.generator)
+        if c.token_id in self.eos_ids:
+            self.finish = "stop"
+            return True
+        self.generated.append(c.token_id)
+        self.tokens.append(c.token_id)
+        self.logprobs.append(c.logprob)
+        self.tops.append(c.top)
+        before = len(self.text)
+        self.text += self.detok.add(c.token_id)
+        longest = max((len(s) for s in p.stop), default=0)
+        cut = find_stop(self.text, p.stop, max(0, before - longest + 1)) if p.stop else None
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.finish = "stop"
+            self.cut = True
+            self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted :], logprob=c.logprob,
+                                           top_logprobs=c.top))
+            self.emitted = len(self.text)
+            return True
+        safe = safe_len(self.text, p.stop)
+        self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted : safe], logprob=c.logprob,
+                                       top_logprobs=c.top))
+        self.emitted = max(self.emitted, safe)
+        return len(self.generated) >= p.max_tokens
+
+    def on_finished(self) -> None:
+        if not self.cut:
+            tail = self.detok.flush()
+            if tail:
+                self.text += tail
+                cut = find_stop(self.text, self.params.stop)
+                if cut is not None:
+                    self.text = self.text[:cut]
+        result = GenerationResult(
+            token_ids=tuple(self.generated), text=self.text, logprobs=tuple(self.logprobs),
+            top_logprobs=tuple(self.tops), finish_reason=self.finish, prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens or 0,
+        )
+        self.out.events.put(FinalEvent(result=result, text=self.text[self.emitted :]))
+        self.out.events.put(_DONE)
+
+    def on_failed(self, exc: BaseException) -> None:
+        self.out.failed(exc)
+
+
+class _Logits(Seq):
+    """A prefill-only request: the logits of positions ``from_pos..`` of its tokens."""
+
+    def __init__(self, tokens: list[int], from_pos: int, keys: BlockKeys | None, model: Any) -> None:
+        super().__init__(tokens, keys=keys, model=model, max_total=len(tokens))
+        self.next_pos = from_pos  # the first position whose logits it has not received yet
+        self.rows: list[torch.Tensor] = []
+        self.out = _Outbox()
+
+    def first_logit_pos(self) -> int:
+        return self.next_pos
+
+    def logit_positions(self, a: int, b: int) -> list[int]:
+        # NOTE: from next_pos, not from the first position asked for: a preempted request
+        # recomputes positions whose logits it already holds, and must not take them twice.
+        return list(range(max(a, self.next_pos), b))
+
+    def on_logits(self, positions: list[int], rows: torch.Tensor) -> bool:
+        self.rows.append(rows.float().clone())
+        self.next_pos = positions[-1] + 1
+        return self.next_pos == len(self.tokens)
+
+    def on_finished(self) -> None:
+        self.out.events.put(torch.cat(self.rows, dim=0))
+
+    def on_failed(self, exc: BaseException) -> None:
+        self.out.failed(exc)
 
 
 class Engine:
-    """A thread-safe single-model engine over a ``PrefixStore``."""
+    """A thread-safe single-model engine: a continuous-batching scheduler over a ``PrefixStore``."""
 
     def __init__(
         self,
@@ -101,6 +247,8 @@ class Engine:
         high_watermark: float = 0.8,
         max_queue: int = 64,
         max_running: int = 8,
+        max_batch_tokens: int = 512,
+        max_tokens_limit: int = 4096,
         queue_timeout_s: float = 30.0,
         model_epoch: int = 1,
         isolate_tenants: bool = True,
@@ -110,6 +258,7 @@ class Engine:
         model_id: str | None = None,
     ) -> None:
         self.model = loaded.model
+        install(self.model)
         self.tokenizer = loaded.tokenizer
         self.model_id = model_id or loaded.name
         self.model_epoch = model_epoch
@@ -120,20 +269,21 @@ class Engine:
         self._model_lock = threading.Lock()
         self.shape = KVShape.from_config(self.model.config, loaded.dtype)
         self.device = loaded.device
+        if max_tokens_limit < 1:
+            raise InvalidParamsError("max_tokens_limit", f"must be at least 1, got {max_tokens_limit}", "use 4096")
+        self.max_tokens_limit = max_tokens_limit
         self.pool = KVPool(self.shape, budget_bytes=pool_bytes, block_size=block_size, device=self.device)
-        self.store = PrefixStore(
-            self.pool,
-            high_watermark=high_watermark,
-            max_queue=max_queue,
-            max_running=max_running,
-            queue_timeout_s=queue_timeout_s,
-        )
-        self._arena = BufferArena(self.shape, device=self.device, max_buffers=max_running)
+        self.store = PrefixStore(self.pool)
+        self.scheduler = Scheduler(self.store, SchedulerConfig(
+            max_running=max_running, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+            queue_timeout_s=queue_timeout_s, high_watermark=high_watermark))
         config = self.model.config.get_text_config(decoder=True)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         self.vocab_size = int(config.vocab_size)
         eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        plan = pool_plan(kv_bytes_per_token=self.shape.bytes_per_token(), pool_bytes=pool_bytes, block_size=block_size, high_watermark=high_watermark)
+        log.info("engine.pool", model=self.model_id, device=str(self.device), **plan.as_log())
 
     @classmethod
     def from_name(cls, name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any) -> Engine:
@@ -193,61 +343,32 @@ class Engine:
     def generate_stream(
         self, prompt_ids: Sequence[int], params: GenerationParams | None = None
     ) -> Iterator[TokenEvent | FinalEvent]:
-        """Yield a ``TokenEvent`` per generated token, then one ``FinalEvent``."""
+        """Yield a ``TokenEvent`` per generated token, then one ``FinalEvent``. Closing the
+        iterator early stops the request and releases its blocks."""
         params = params or GenerationParams()
-        prompt = self._check_prompt(prompt_ids, extra=params.max_tokens)
         self._check_params(params)
+        prompt = self._check_prompt(prompt_ids, extra=params.max_tokens)
         generator = None
         if params.temperature > 0.0:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             generator = torch.Generator(device="cpu").manual_seed(seed)
-        pre = self._prefill(prompt, params, capacity=len(prompt) + params.max_tokens)
+        model, keys = self._model_and_keys(prompt, params)
+        seq = _Generation(self, prompt, params, keys, model, generator)
+        self.scheduler.submit(seq, queue_timeout_s=params.queue_timeout_s)
+        done = False
         try:
-            tokens: list[int] = []
-            lps: list[float] = []
-            tops: list[tuple[tuple[int, float], ...]] = []
-            emitted = 0
-            text = ""
-            finish: FinishReason = "length"
-            logits = pre.logits
-            while len(tokens) < params.max_tokens:
-                c = choose(
-                    logits, temperature=params.temperature, top_p=params.top_p,
-                    top_logprobs=params.top_logprobs if params.logprobs else 0, generator=generator,
-                )
-                if c.token_id in self.eos_ids:
-                    finish = "stop"
-                    break
-                tokens.append(c.token_id)
-                lps.append(c.logprob)
-                tops.append(c.top)
-                text = self.decode(tokens)
-                cut = _find_stop(text, params.stop)
-                if cut is not None:
-                    text = text[:cut]
-                    finish = "stop"
-                    yield TokenEvent(token_id=c.token_id, text=text[emitted:], logprob=c.logprob, top_logprobs=c.top)
-                    emitted = len(text)
-                    break
-                safe = _safe_len(text, params.stop)
-                yield TokenEvent(token_id=c.token_id, text=text[emitted:safe], logprob=c.logprob, top_logprobs=c.top)
-                emitted = max(emitted, safe)
-                if len(tokens) >= params.max_tokens:
-                    break
-                logits = self._forward(pre, [c.token_id])
-            self._store_completion(pre, prompt, tokens)
-            result = GenerationResult(
-                token_ids=tuple(tokens),
-                text=text,
-                logprobs=tuple(lps),
-                top_logprobs=tuple(tops),
-                finish_reason=finish,
-                prompt_tokens=len(prompt),
-                cached_tokens=pre.cached_tokens,
-            )
-            yield FinalEvent(result=result, text=text[emitted:])
+            while True:
+                item = seq.out.events.get()
+                if item is _DONE:
+                    done = True
+                    return
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                yield item
         finally:
-            self._finish(pre)
+            if not done:
+                self.scheduler.cancel(seq)
 
     def score(
         self,
@@ -262,17 +383,11 @@ class Engine:
         completion = self._check_prompt(completion_ids, extra=len(prompt), field_name="completion_ids", allow_empty=True)
         if not completion:
             return []
-        params = GenerationParams(max_tokens=0, scope_salt=scope_salt, use_prefix_cache=use_prefix_cache)
-        pre = self._prefill(prompt, params, capacity=len(prompt) + len(completion), all_logits=True)
-        try:
-            first = pre.logits  # logits at the last prompt position
-            rest = self._forward(pre, completion[:-1], all_logits=True) if len(completion) > 1 else None
-            rows = first[None, :] if rest is None else torch.cat([first[None, :], rest], dim=0)
-            lp = torch.log_softmax(rows.float(), dim=-1)
-            idx = torch.tensor(completion, device=lp.device)[:, None]
-            return [float(v) for v in lp.gather(1, idx)[:, 0].cpu()]
-        finally:
-            self._finish(pre)
+        # The last completion token never runs: its log-probability comes from the one before.
+        rows = self._logits(prompt + completion[:-1], len(prompt) - 1, scope_salt, use_prefix_cache)
+        lp = torch.log_softmax(rows, dim=-1)
+        idx = torch.tensor(completion, device=lp.device)[:, None]
+        return [float(v) for v in lp.gather(1, idx)[:, 0].cpu()]
 
     def next_token_logits(
         self, prompt_ids: Sequence[int], *, scope_salt: bytes | None = None, use_prefix_cache: bool = True
@@ -280,14 +395,41 @@ class Engine:
         """The last prompt position's logits, through the same reuse path as ``generate``, and
         how many prompt tokens came from cached blocks (for benches and exactness checks)."""
         prompt = self._check_prompt(prompt_ids, extra=0)
-        params = GenerationParams(max_tokens=1, scope_salt=scope_salt, use_prefix_cache=use_prefix_cache)
-        pre = self._prefill(prompt, params, capacity=len(prompt))
+        seq = self._logits_seq(prompt, len(prompt) - 1, scope_salt, use_prefix_cache)
+        return self._wait(seq)[-1], seq.cached_tokens or 0
+
+    def _logits(self, tokens: list[int], from_pos: int, salt: bytes | None, use_cache: bool) -> torch.Tensor:
+        return self._wait(self._logits_seq(tokens, from_pos, salt, use_cache))
+
+    def _logits_seq(self, tokens: list[int], from_pos: int, salt: bytes | None, use_cache: bool) -> _Logits:
+        params = GenerationParams(max_tokens=1, scope_salt=salt, use_prefix_cache=use_cache)
+        model, keys = self._model_and_keys(tokens, params)
+        seq = _Logits(tokens, from_pos, keys, model)
+        self.scheduler.submit(seq)
+        return seq
+
+    def _wait(self, seq: _Logits) -> torch.Tensor:
         try:
-            return pre.logits, pre.cached_tokens
-        finally:
-            self._finish(pre)
+            item = seq.out.events.get()
+        except BaseException:
+            self.scheduler.cancel(seq)
+            raise
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _model_and_keys(self, prompt: Sequence[int], params: GenerationParams) -> tuple[Any, BlockKeys | None]:
+        # NOTE: weights and epoch are read together under the lock on_rollout swaps them under:
+        # old weights' KV hashed under a new epoch would be served as the new model's.
+        with self._model_lock:
+            model, epoch = self.model, self.model_epoch
+        # NOTE: no salt, no cache: a salt of its own would only fill the pool with blocks that
+        # no request can ever match, evicting other tenants' (the auditor's scoring did this).
+        if not params.use_prefix_cache or params.scope_salt is None:
+            return model, None
+        return model, self._block_keys(prompt, params, epoch)
 
     def _block_keys(self, prompt: Sequence[int], params: GenerationParams, epoch: int | None = None) -> BlockKeys:
         salt = params.scope_salt
@@ -298,75 +440,6 @@ class Engine:
                 public = len(p)
         epoch = self.model_epoch if epoch is None else epoch
         return BlockKeys(model_epoch=epoch, adapter=params.adapter, salt=salt, public_tokens=public)
-
-    def _prefill(
-        self, prompt: list[int], params: GenerationParams, *, capacity: int, all_logits: bool = False
-    ) -> _Prefill:
-        # NOTE: weights and epoch are read together under the lock on_rollout swaps them under:
-        # old weights' KV hashed under a new epoch would be served as the new model's.
-        with self._model_lock:
-            model, epoch = self.model, self.model_epoch
-        cached = 0
-        bs = self.pool.block_size
-        # NOTE: no salt, no cache: a salt of its own would only fill the pool with blocks that
-        # no request can ever match, evicting other tenants' (the auditor's scoring did this).
-        use_cache = params.use_prefix_cache and params.scope_salt is not None
-        keys = self._block_keys(prompt, params, epoch) if use_cache else None
-        if keys is not None:
-            chain = block_hashes(prompt, keys, block_size=bs)
-        # NOTE: requests that skip the cache are still admitted (reserving no blocks), so
-        # max_running bounds every request's working KV, not only the caching ones.
-        # The reservation covers every token whose KV this request may store: the prompt and,
-        # for generation, the completion (cached too, so a follow-up turn reuses it).
-        lease = self.store.acquire(capacity if use_cache else 0, timeout=params.queue_timeout_s)
-        cache = RequestCache(self.shape, capacity, buffer=self._arena.take(capacity))
-        try:
-            if use_cache:
-                # At least one prompt token must run, to produce the next token's logits.
-                usable = (len(prompt) - 1) // bs
-                match = self.store.match(lease, chain[:usable])
-                cached = cache.load_blocks(self.pool, match.block_ids)
-            pre = _Prefill(lease=lease, cache=cache, logits=torch.empty(0), cached_tokens=cached, model=model,
-                           keys=keys)
-            out = self._forward(pre, prompt[cached:], all_logits=all_logits)
-            pre.logits = out[-1] if all_logits else out
-            if use_cache:
-                start = len(match.block_ids)
-                stored = self.store.insert(lease, chain, start)
-                cache.store_blocks(self.pool, stored.block_ids, stored.fresh, start)
-                self.store.commit(lease)
-            return pre
-        except BaseException:
-            self.store.release(lease)
-            self._arena.give(cache.buffer)
-            raise
-
-    def _store_completion(self, pre: _Prefill, prompt: list[int], tokens: list[int]) -> None:
-        """Cache the full blocks the completion added (their KV is in the request's buffer)."""
-        if pre.lease is None or pre.keys is None:
-            return
-        bs = self.pool.block_size
-        start = len(pre.lease.pinned)
-        if pre.cache.length // bs <= start:
-            return  # the completion filled no new block: nothing to hash or store
-        # The last sampled token was never run, so its KV is not in the buffer.
-        seq = prompt + tokens[: pre.cache.length - len(prompt)]
-        chain = block_hashes(seq, pre.keys, block_size=bs)
-        stored = self.store.insert(pre.lease, chain, start)
-        pre.cache.store_blocks(self.pool, stored.block_ids, stored.fresh, start)
-        self.store.commit(pre.lease)
-
-    def _forward(self, pre: _Prefill, ids: Sequence[int], *, all_logits: bool = False) -> torch.Tensor:
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        with self._model_lock, torch.inference_mode():
-            out = pre.model(input_ids=x, cache=pre.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
-        logits = out.logits[0]
-        return logits if all_logits else logits[-1]
-
-    def _finish(self, pre: _Prefill) -> None:
-        if pre.lease is not None and not pre.lease.released:
-            self.store.release(pre.lease)
-            self._arena.give(pre.cache.buffer)
 
     def _check_prompt(
         self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids", allow_empty: bool = False
@@ -388,10 +461,14 @@ class Engine:
             )
         return out
 
-    @staticmethod
-    def _check_params(p: GenerationParams) -> None:
+    def _check_params(self, p: GenerationParams) -> None:
         if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
             raise InvalidParamsError("max_tokens", f"must be a positive integer, got {p.max_tokens!r}", "use e.g. 16")
+        if not 0 <= p.min_tokens <= p.max_tokens:
+            raise InvalidParamsError("min_tokens", f"must be in [0, max_tokens], got {p.min_tokens}", "use 0")
+        if p.max_tokens > self.max_tokens_limit:
+            raise InvalidParamsError("max_tokens", f"{p.max_tokens} is over this engine's per-request budget of "
+                                     f"{self.max_tokens_limit} tokens", f"ask for at most {self.max_tokens_limit}")
         if not 0.0 <= p.temperature <= 2.0:
             raise InvalidParamsError("temperature", f"must be in [0, 2], got {p.temperature}", "use 0 for greedy")
         if not 0.0 < p.top_p <= 1.0:
@@ -424,25 +501,23 @@ class Engine:
         log.info("engine.rollout", epoch=new_epoch, blocks_freed=freed)
         return freed
 
-    def stats(self) -> StoreStats:
-        return self.store.stats()
+    def close(self) -> None:
+        """Stop the scheduler's thread; requests in flight fail. (It also stops by itself when
+        idle, and at interpreter exit.)"""
+        self.scheduler.shutdown()
 
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(cuts) if cuts else None
-
-
-def _safe_len(text: str, stops: Sequence[str]) -> int:
-    """How much of ``text`` can be shown: hold back a tail that may begin a stop sequence, and
-    a trailing replacement character (a multi-byte character split across tokens)."""
-    n = len(text)
-    while n > 0 and text[n - 1] == "\ufffd":
-        n -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, n), 0, -1):
-            if text[n - k : n] == s[:k]:
-                hold = max(hold, k)
-                break
-    return n - hold
+    def stats(self) -> EngineStats:
+        st = self.store.stats()
+        sc = self.scheduler.stats()
+        return EngineStats(
+            num_blocks=st.num_blocks, block_size=st.block_size, used_blocks=st.used_blocks, free_blocks=st.free_blocks,
+            pinned_blocks=st.pinned_blocks, private_blocks=st.private_blocks, cached_blocks=st.cached_blocks,
+            held_blocks=st.held_blocks, limit_blocks=sc.limit_blocks, usage=st.usage,
+            capacity_bytes=st.capacity_bytes, used_bytes=st.used_bytes, hit_tokens_total=st.hit_tokens_total,
+            query_tokens_total=st.query_tokens_total, inserted_blocks_total=st.inserted_blocks_total,
+            evicted_blocks_total=st.evicted_blocks_total, collisions_total=st.collisions_total,
+            running=sc.running, queued=sc.waiting, admitted_total=sc.admitted_total, refused_total=sc.refused_total,
+            preempted_total=sc.preempted_total, finished_total=sc.finished_total, steps_total=sc.steps_total,
+            step_tokens_total=sc.step_tokens_total, last_step_tokens=sc.last_step_tokens, ttft=sc.ttft,
+            step_time=sc.step_time,
+        )

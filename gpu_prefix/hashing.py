@@ -62,13 +62,29 @@ def block_hashes(
     hash_fn: HashFn = xxh3_128,
 ) -> list[tuple[BlockHash, tuple[int, ...], tuple[object, ...]]]:
     """``(hash, tokens, extra_keys)`` for every full block of ``tokens``, chained from the root."""
+    return extend_chain([], tokens, keys, block_size=block_size, upto=len(tokens) // block_size, hash_fn=hash_fn)
+
+
+def extend_chain(
+    chain: list[tuple[BlockHash, tuple[int, ...], tuple[object, ...]]],
+    tokens: Sequence[int],
+    keys: BlockKeys,
+    *,
+    block_size: int,
+    upto: int,
+    hash_fn: HashFn = xxh3_128,
+) -> list[tuple[BlockHash, tuple[int, ...], tuple[object, ...]]]:
+    """Extend ``chain`` (the first blocks of ``tokens``) in place to ``upto`` blocks; returns it.
+    A running request hashes each block once, as it fills."""
     if block_size < 1:
         raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}", "use 16")
-    out: list[tuple[BlockHash, tuple[int, ...], tuple[object, ...]]] = []
-    parent: BlockHash | None = None
-    for i in range(len(tokens) // block_size):
+    if upto * block_size > len(tokens):
+        raise InvalidParamsError("upto", f"{upto} blocks need {upto * block_size} tokens, got {len(tokens)}",
+                                 "hash only whole blocks")
+    parent: BlockHash | None = chain[-1][0] if chain else None
+    for i in range(len(chain), upto):
         chunk = tuple(map(int, tokens[i * block_size : (i + 1) * block_size]))
         extra = keys.extra_keys(i, block_size)
         parent = hash_block_tokens(hash_fn, parent, chunk, extra)
-        out.append((parent, chunk, extra))
-    return out
+        chain.append((parent, chunk, extra))
+    return chain

@@ -1,14 +1,18 @@
 """The paged KV pool: one preallocated tensor holding every layer's K and V for each block.
 
 Layout ``[layers, 2, kv_heads, num_blocks * block_size, head_dim]``: per layer, K and V are each
-``[kv_heads, slots, head_dim]``, the layout attention that reads the pool in place through a page
-table wants (a block-major layout would force a copy per step). A run of consecutive blocks is
-one strided slice across all layers, so copying a matched prefix out (or new blocks in) costs one
-tensor copy per run, not one per layer and block.
+``[kv_heads, slots, head_dim]``, the layout attention that reads the pool in place wants (a
+block-major layout would force a copy per step): a run of consecutive blocks is one strided view
+per layer, which ``gpu_prefix.attention`` reads without copying. The allocator keeps a
+request's blocks in long runs: it hands out the block right after the request's last one when
+that is free; when it is not, the middle of a free stretch (so the request has room to grow
+there, and a neighbour growing beside it does not interleave with it); otherwise the lowest free
+block.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +45,11 @@ class KVShape:
     def bytes_per_token(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return self.num_layers * 2 * self.kv_heads * self.head_dim * elem
+
+
+#: Blocks a request that must start a new run gets room to grow into (see ``KVPool.allocate``).
+EXTENT = 8
+_STRETCH = b"\x01" * (2 * EXTENT)
 
 
 def runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -88,9 +97,12 @@ class KVPool:
             dtype=shape.dtype,
             device=self.device,
         )
-        # Pop from the end; lowest ids first, so a fresh pool hands out consecutive runs.
-        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
-        self._is_free = [True] * self.num_blocks
+        # A min-heap of free ids with lazy deletion: ``_is_free`` (1 = free, a bytearray so
+        # ``find`` can look for free stretches in C) is the truth, and a heap entry whose block
+        # was since taken out of order is skipped when popped.
+        self._heap: list[int] = list(range(self.num_blocks))
+        self._is_free = bytearray(b"\x01") * self.num_blocks
+        self._num_free = self.num_blocks
 
     @property
     def capacity_bytes(self) -> int:
@@ -98,41 +110,50 @@ class KVPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self._num_free
 
-    def allocate(self) -> int:
-        if not self._free:
+    def allocate(self, after: int | None = None) -> int:
+        """A free block for a request whose last block is ``after`` (``None``: its first)."""
+        if self._num_free == 0:
             raise PoolExhaustedError("no free KV block; evict first")
-        b = self._free.pop()
-        self._is_free[b] = False
+        b = -1
+        if after is not None:
+            if after + 1 < self.num_blocks and self._is_free[after + 1]:
+                b = after + 1
+            else:
+                stretch = self._is_free.find(_STRETCH)
+                if stretch >= 0:
+                    b = stretch + EXTENT
+        if b < 0:
+            b = heapq.heappop(self._heap)
+            while not self._is_free[b]:
+                b = heapq.heappop(self._heap)
+        self._is_free[b] = 0
+        self._num_free -= 1
+        if len(self._heap) > 2 * self.num_blocks:
+            self._heap = [i for i in range(self.num_blocks) if self._is_free[i]]
         return b
 
     def free(self, block: int) -> None:
         if self._is_free[block]:
             raise RuntimeError(f"block {block} freed twice")
-        self._is_free[block] = True
-        self._free.append(block)
+        self._is_free[block] = 1
+        self._num_free += 1
+        heapq.heappush(self._heap, block)
 
-    def read(self, block_ids: Sequence[int], dst: torch.Tensor, dst_offset: int = 0) -> None:
-        """Copy blocks into ``dst`` (``[layers, 2, kv_heads, seq, head_dim]``) from ``dst_offset``."""
+    def view(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
+        """Views (no copies) of the pool over ``block_ids``, one per run of consecutive ids, each
+        ``[layers, 2, kv_heads, run_tokens, head_dim]``."""
         bs = self.block_size
-        for pos, first, n in runs(block_ids):
-            d0 = dst_offset + pos * bs
-            dst[:, :, :, d0 : d0 + n * bs, :].copy_(self.tensor[:, :, :, first * bs : (first + n) * bs, :])
-
-    def write(self, block_ids: Sequence[int], src: torch.Tensor, src_offset: int = 0) -> None:
-        """Copy ``len(block_ids)`` blocks' worth of tokens from ``src`` (from ``src_offset``) in."""
-        bs = self.block_size
-        for pos, first, n in runs(block_ids):
-            s0 = src_offset + pos * bs
-            self.tensor[:, :, :, first * bs : (first + n) * bs, :].copy_(src[:, :, :, s0 : s0 + n * bs, :])
+        return [self.tensor[:, :, :, first * bs : (first + n) * bs, :] for _, first, n in runs(block_ids)]
 
     def check_valid(self) -> None:
-        assert len(self._free) == len(set(self._free)), "free list holds a block twice"
-        assert all(self._is_free[b] for b in self._free), "free list and free flags disagree"
-        assert sum(self._is_free) == len(self._free), "a block is flagged free but not listed"
+        assert sum(self._is_free) == self._num_free, "free count and free flags disagree"
+        assert {b for b in self._heap if self._is_free[b]} == {
+            b for b in range(self.num_blocks) if self._is_free[b]
+        }, "a free block is missing from the free heap"
         assert self.tensor.numel() * self.tensor.element_size() == self.capacity_bytes, "pool size drifted"

@@ -1,17 +1,19 @@
 """The prefix KV store: an index of chained blocks over a ``KVPool``, with pins, LRU eviction of
-unpinned leaves, epochs, and admission control.
+unpinned leaves, and epochs.
 
-Accounting, in blocks of the pool:
+Every block a running request uses is held by its ``Lease``, in the order of its block table:
+first the indexed blocks it pins (a chain from the root: matched from the cache, or its own
+blocks, indexed once filled), then its private blocks (not indexed: its partial last block, its
+blocks after a chain broke, or all of them for a request that shares nothing). Accounting:
 
-- ``limit = floor(high_watermark * num_blocks)``. Each admitted request (a ``Lease``) reserves the
-  blocks of its prompt (capped at ``limit``) and may pin at most that many. Admission keeps the
-  sum of reservations at or under ``limit``, so pinned blocks never exceed it and at least
-  ``num_blocks - limit`` blocks are always free or evictable: inserting never needs a pinned
-  block, and eviction never fails for a request that was admitted.
-- Requests that do not fit wait in a bounded FIFO queue; past the bound, or past their wait
-  timeout, they are refused with ``AdmissionRefusedError`` (retryable).
-- Unpinned blocks are a cache: they may fill the whole pool and are evicted on demand, leaves
-  first, least recently used first.
+- a pool block is free, indexed (pinned by some leases or not), or private to exactly one lease;
+- indexed blocks pinned by no lease are a cache: they may fill the whole pool and are evicted on
+  demand, leaves first, least recently used first; pinned and private blocks are never evicted;
+- a block enters the index only once its KV is written (``adopt``), so no request can match a
+  block whose memory is still being filled.
+
+How many requests run, and when one is preempted to free its blocks, is the scheduler's call
+(``gpu_prefix.scheduler``); this store only ever refuses, it never takes a held block.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from keying import BlockHash
 
-from gpu_prefix.errors import AdmissionRefusedError, InvalidParamsError, PoolExhaustedError
+from gpu_prefix.errors import PoolExhaustedError
 from gpu_prefix.pool import KVPool
 
 #: One element of a block chain: ``(hash, token ids, extra keys)``; ``extra_keys[0]`` is the
@@ -35,9 +35,7 @@ ChainItem = tuple[BlockHash, tuple[int, ...], tuple[object, ...]]
 
 
 class _Block:
-    __slots__ = (
-        "block_id", "block_hash", "parent", "tokens", "extra", "epoch", "refs", "children", "stamp", "retired", "ready"
-    )
+    __slots__ = ("block_id", "block_hash", "parent", "tokens", "extra", "epoch", "refs", "children", "stamp", "retired")
 
     def __init__(self, block_id: int, item: ChainItem, parent: BlockHash | None, stamp: int) -> None:
         self.block_id = block_id
@@ -48,26 +46,14 @@ class _Block:
         self.children = 0
         self.stamp = stamp
         self.retired = False
-        # NOTE: a block is indexed before its KV is copied in (outside the lock); until its
-        # writer commits, no other request may match it, or it would read unwritten memory.
-        self.ready = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MatchResult:
-    """The cached prefix of a request: pool block ids in order, and how many tokens they hold."""
+    """Blocks a match added to a lease's table, in order, and how many tokens they hold."""
 
     block_ids: tuple[int, ...]
     num_tokens: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class InsertResult:
-    """Blocks stored for a request, in chain order; ``fresh[i]`` says the caller must fill
-    ``block_ids[i]`` (False: another request stored the same block first)."""
-
-    block_ids: tuple[int, ...]
-    fresh: tuple[bool, ...]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,14 +63,13 @@ class StoreStats:
     num_blocks: int
     block_size: int
     used_blocks: int
+    free_blocks: int
     pinned_blocks: int
-    reserved_blocks: int
-    limit_blocks: int
+    private_blocks: int
+    cached_blocks: int
+    held_blocks: int
     usage: float
-    running: int
-    queued: int
-    admitted_total: int
-    refused_total: int
+    leases: int
     hit_tokens_total: int
     query_tokens_total: int
     inserted_blocks_total: int
@@ -95,219 +80,169 @@ class StoreStats:
 
 
 class Lease:
-    """One request's admission: its reservation and the blocks it pins. Release exactly once."""
+    """The blocks one request holds, in block-table order. Release exactly once."""
 
-    __slots__ = ("lease_id", "reserved", "pinned", "released")
+    __slots__ = ("lease_id", "pinned", "table", "indexing", "released")
 
-    def __init__(self, lease_id: int, reserved: int) -> None:
+    def __init__(self, lease_id: int, *, indexing: bool) -> None:
         self.lease_id = lease_id
-        self.reserved = reserved
-        self.pinned: list[BlockHash] = []
+        self.pinned: list[BlockHash] = []  # hashes of table[: len(pinned)]
+        self.table: list[int] = []  # pool block ids; table[len(pinned):] are private
+        self.indexing = indexing  # False once its chain broke: the rest stays private
         self.released = False
 
     @property
-    def room(self) -> int:
-        return self.reserved - len(self.pinned)
+    def private(self) -> list[int]:
+        return self.table[len(self.pinned) :]
 
 
 class PrefixStore:
-    """Thread-safe block index over a pool. Tensor copies happen outside its lock, on blocks the
-    caller's lease pins (a pinned block is never freed or reused)."""
+    """Thread-safe block index over a pool."""
 
-    def __init__(
-        self,
-        pool: KVPool,
-        *,
-        high_watermark: float = 0.8,
-        max_queue: int = 64,
-        max_running: int = 8,
-        queue_timeout_s: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if not 0.0 < high_watermark <= 1.0:
-            raise InvalidParamsError("high_watermark", f"must be in (0, 1], got {high_watermark}", "use 0.8")
-        if max_queue < 0 or max_running < 1:
-            raise InvalidParamsError("max_queue/max_running", "max_queue >= 0 and max_running >= 1", "use 64 and 8")
+    def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.block_size = pool.block_size
-        self.high_watermark = high_watermark
-        self.limit = max(1, int(high_watermark * pool.num_blocks))
-        self.max_queue = max_queue
-        self.max_running = max_running
-        self.queue_timeout_s = queue_timeout_s
-        self._clock = clock
-        self._cond = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
         self._index: dict[BlockHash, _Block] = {}
         self._heap: list[tuple[int, BlockHash]] = []
         self._tick = itertools.count(1)
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, Lease] = {}
-        self._reserved = 0
-        self._waiting: deque[int] = deque()
+        self._pinned = 0  # indexed blocks with refs > 0
+        self._private = 0
         self._retired_epochs: set[object] = set()
-        self._admitted = self._refused = self._hit_tokens = self._query_tokens = 0
+        self._hit_tokens = self._query_tokens = 0
         self._inserted = self._evicted = self._collisions = 0
 
-    # -- admission ---------------------------------------------------------------------------
+    # -- leases ------------------------------------------------------------------------------
 
-    def acquire(self, prompt_tokens: int, *, timeout: float | None = None) -> Lease:
-        """Admit a request whose prompt has ``prompt_tokens`` tokens, waiting in the queue if the
-        pool is above its high watermark. Raises ``AdmissionRefusedError`` (retryable) when the
-        queue is full or the wait times out."""
-        need = min(max(0, prompt_tokens) // self.block_size, self.limit)
-        wait_s = self.queue_timeout_s if timeout is None else timeout
-        with self._cond:
-            if not self._waiting and self._fits(need):
-                return self._admit(need)
-            if len(self._waiting) >= self.max_queue:
-                self._refused += 1
-                raise AdmissionRefusedError(
-                    f"KV pool above its high watermark ({self._reserved}/{self.limit} blocks reserved, "
-                    f"{len(self._leases)} running) and the wait queue is full ({self.max_queue}); retry later",
-                    retry_after_s=1.0,
-                )
-            ticket = next(self._lease_ids)
-            self._waiting.append(ticket)
-            deadline = self._clock() + wait_s
-            try:
-                while not (self._waiting[0] == ticket and self._fits(need)):
-                    left = deadline - self._clock()
-                    if left <= 0:
-                        self._refused += 1
-                        raise AdmissionRefusedError(
-                            f"waited {wait_s:.1f} s for KV pool room ({need} blocks) without getting it; retry later",
-                            retry_after_s=1.0,
-                        )
-                    self._cond.wait(timeout=left)
-                return self._admit(need)
-            finally:
-                self._waiting.remove(ticket)
-                self._cond.notify_all()
-
-    def _fits(self, need: int) -> bool:
-        return len(self._leases) < self.max_running and self._reserved + need <= self.limit
-
-    def _admit(self, need: int) -> Lease:
-        lease = Lease(next(self._lease_ids), need)
-        self._leases[lease.lease_id] = lease
-        self._reserved += need
-        self._admitted += 1
-        return lease
+    def open(self, *, indexing: bool = True) -> Lease:
+        """A new, empty lease; ``indexing=False`` keeps all its blocks private (a request that
+        shares nothing: it neither matches nor stores)."""
+        with self._lock:
+            lease = Lease(next(self._lease_ids), indexing=indexing)
+            self._leases[lease.lease_id] = lease
+            return lease
 
     def release(self, lease: Lease) -> None:
-        """Unpin the lease's blocks and return its reservation; wakes queued requests."""
-        with self._cond:
+        """Unpin the lease's indexed blocks (they stay cached) and free its private ones."""
+        with self._lock:
             if lease.released:
                 raise RuntimeError(f"lease {lease.lease_id} released twice")
             lease.released = True
+            for b in reversed(lease.private):
+                self.pool.free(b)
+                self._private -= 1
             # Children before parents, so a retired parent is freed after its last child.
             for h in reversed(lease.pinned):
-                block = self._index[h]
-                block.refs -= 1
-                if block.refs == 0:
-                    if not block.ready and block.children == 0:
-                        self._remove(block)  # inserted but never filled: nobody may use it
-                    elif block.retired:
-                        self._free_retired_chain(block)
-                    elif block.children == 0:
-                        heapq.heappush(self._heap, (block.stamp, h))
+                self._unpin(self._index[h])
             lease.pinned.clear()
-            self._reserved -= lease.reserved
+            lease.table.clear()
             del self._leases[lease.lease_id]
-            self._cond.notify_all()
 
-    # -- matching and inserting --------------------------------------------------------------
+    def held_blocks(self) -> int:
+        """Blocks that running requests hold (pinned or private): what eviction cannot free."""
+        with self._lock:
+            return self._pinned + self._private
+
+    def _unpin(self, block: _Block) -> None:
+        block.refs -= 1
+        if block.refs:
+            return
+        self._pinned -= 1
+        if block.retired:
+            self._free_retired_chain(block)
+        elif block.children == 0:
+            heapq.heappush(self._heap, (block.stamp, block.block_hash))
+
+    def _pin(self, block: _Block, lease: Lease) -> None:
+        if block.refs == 0:
+            self._pinned += 1
+        block.refs += 1
+        block.stamp = next(self._tick)
+        lease.pinned.append(block.block_hash)
+        lease.table.append(block.block_id)
+
+    # -- matching, allocating, indexing ------------------------------------------------------
 
     def match(self, lease: Lease, chain: Sequence[ChainItem]) -> MatchResult:
-        """Pin and return the longest cached prefix of ``chain`` (at most the lease's room).
+        """Extend the lease's indexed prefix with the longest cached continuation in ``chain``
+        (the request's whole chain from the root), pinning what it matches.
 
         Every block is verified against the request: stored token ids, parent link and extra
         keys must be equal, so a hash collision ends the match instead of returning other KV.
+        Only a lease with no private block can match (its table must continue its chain).
         """
-        with self._cond:
+        with self._lock:
             self._check_lease(lease)
+            if lease.private or not lease.indexing:
+                return MatchResult(block_ids=(), num_tokens=0)
+            start = len(lease.pinned)
+            if lease.pinned and chain[start - 1][0] != lease.pinned[-1]:
+                raise RuntimeError("match must continue the chain this lease holds")
             ids: list[int] = []
-            parent: BlockHash | None = None
-            for item in chain[: lease.room]:
+            parent: BlockHash | None = lease.pinned[-1] if lease.pinned else None
+            for item in chain[start:]:
                 block = self._index.get(item[0])
-                if block is None or block.retired or not block.ready:
+                if block is None or block.retired:
                     break
                 if block.tokens != item[1] or block.parent != parent or block.extra != item[2]:
                     self._collisions += 1
                     break
-                block.refs += 1
-                block.stamp = next(self._tick)
-                lease.pinned.append(item[0])
+                self._pin(block, lease)
                 ids.append(block.block_id)
                 parent = item[0]
-            self._query_tokens += len(chain) * self.block_size
+            self._query_tokens += (len(chain) - start) * self.block_size
             self._hit_tokens += len(ids) * self.block_size
             return MatchResult(block_ids=tuple(ids), num_tokens=len(ids) * self.block_size)
 
-    def insert(self, lease: Lease, chain: Sequence[ChainItem], start: int) -> InsertResult:
-        """Store ``chain[start:]`` after the ``start`` blocks this lease matched (or inserted);
-        returns the stored blocks' pool ids, pinned by the lease; the caller fills the fresh ones.
-
-        Stops early, storing a shorter prefix, at the lease's reservation, at a hash already
-        held by a different block (a collision: not cached), or at a retired epoch.
-        """
-        ids: list[int] = []
-        fresh: list[bool] = []
-        with self._cond:
+    def allocate(self, lease: Lease) -> int | None:
+        """A private block appended to the lease's table: a free one (next to the lease's last
+        block when possible), else one freed by evicting an unpinned leaf. ``None`` when every
+        block is held: the caller must free some (preempt a request), never take a held one."""
+        with self._lock:
             self._check_lease(lease)
-            parent = chain[start - 1][0] if start > 0 else None
-            if parent is not None and parent not in lease.pinned:
-                raise RuntimeError("insert must continue a chain this lease pinned")
-            for item in chain[start:]:
-                if lease.room <= 0:
-                    break
-                h, tokens, extra = item
-                if extra and extra[0] in self._retired_epochs:
-                    break
-                existing = self._index.get(h)
-                if existing is not None:
-                    if existing.retired or not existing.ready:
-                        break
-                    if existing.tokens != tokens or existing.parent != parent or existing.extra != extra:
-                        self._collisions += 1
-                        break
-                    # Another request stored it meanwhile: share it.
-                    existing.refs += 1
-                    existing.stamp = next(self._tick)
-                    lease.pinned.append(h)
-                    parent = h
-                    ids.append(existing.block_id)
-                    fresh.append(False)
-                    continue
-                try:
-                    block_id = self._allocate()
-                except PoolExhaustedError:
-                    break
-                block = _Block(block_id, item, parent, next(self._tick))
-                block.refs = 1
-                self._index[h] = block
-                if parent is not None:
-                    self._index[parent].children += 1
-                lease.pinned.append(h)
-                self._inserted += 1
-                ids.append(block_id)
-                fresh.append(True)
-                parent = h
-        return InsertResult(block_ids=tuple(ids), fresh=tuple(fresh))
+            if self.pool.num_free == 0 and not self._evict_one():
+                return None
+            b = self.pool.allocate(after=lease.table[-1] if lease.table else None)
+            lease.table.append(b)
+            self._private += 1
+            return b
 
-    def commit(self, lease: Lease) -> None:
-        """Mark the lease's blocks filled: from now on other requests may match them."""
-        with self._cond:
+    def adopt(self, lease: Lease, item: ChainItem) -> bool:
+        """Index the lease's first private block (its KV now written) as ``item``, the next
+        block of its chain; it stays pinned by the lease. Returns False, and keeps every later
+        block of this lease private, when the chain cannot continue in the index: the epoch was
+        dropped, another request indexed the same block first, or a colliding hash holds it."""
+        with self._lock:
             self._check_lease(lease)
-            for h in lease.pinned:
-                self._index[h].ready = True
+            if not lease.indexing:
+                return False
+            pos = len(lease.pinned)
+            if pos >= len(lease.table):
+                raise RuntimeError("adopt needs a private block holding the item's KV")
+            h, tokens, extra = item
+            parent = lease.pinned[-1] if lease.pinned else None
+            existing = self._index.get(h)
+            if (extra and extra[0] in self._retired_epochs) or existing is not None:
+                if existing is not None and (
+                    existing.tokens != tokens or existing.parent != parent or existing.extra != extra
+                ):
+                    self._collisions += 1
+                lease.indexing = False
+                return False
+            block = _Block(lease.table[pos], item, parent, next(self._tick))
+            block.refs = 1
+            self._index[h] = block
+            if parent is not None:
+                self._index[parent].children += 1
+            lease.pinned.append(h)
+            self._private -= 1
+            self._pinned += 1
+            self._inserted += 1
+            return True
 
-    def _allocate(self) -> int:
-        if self.pool.num_free == 0:
-            self._evict_one()
-        return self.pool.allocate()
-
-    def _evict_one(self) -> None:
+    def _evict_one(self) -> bool:
         while self._heap:
             stamp, h = heapq.heappop(self._heap)
             block = self._index.get(h)
@@ -315,10 +250,8 @@ class PrefixStore:
                 continue  # stale entry
             self._remove(block)
             self._evicted += 1
-            return
-        raise PoolExhaustedError(
-            f"all {self.pool.num_blocks} KV blocks are pinned or interior; admission should prevent this"
-        )
+            return True
+        return False
 
     def _remove(self, block: _Block) -> None:
         del self._index[block.block_hash]
@@ -326,7 +259,7 @@ class PrefixStore:
         if block.parent is not None:
             parent = self._index[block.parent]
             parent.children -= 1
-            if parent.children == 0 and parent.refs == 0 and not parent.retired and parent.ready:
+            if parent.children == 0 and parent.refs == 0 and not parent.retired:
                 heapq.heappush(self._heap, (parent.stamp, block.parent))
         if len(self._heap) > 4 * self.pool.num_blocks + 64:
             self._heap = [(s, h) for s, h in self._heap if h in self._index and self._index[h].stamp == s]
@@ -335,47 +268,36 @@ class PrefixStore:
     def evict(self, n_blocks: int) -> int:
         """Evict up to ``n_blocks`` unpinned leaves, least recently used first; returns how many."""
         done = 0
-        with self._cond:
-            while done < n_blocks:
-                try:
-                    self._evict_one()
-                except PoolExhaustedError:
-                    break
+        with self._lock:
+            while done < n_blocks and self._evict_one():
                 done += 1
         return done
 
     # -- epochs -----------------------------------------------------------------------------
 
     def drop_epoch(self, epoch: object) -> int:
-        """Drop every block of ``epoch`` now, except pinned ones, which go when their last request
-        releases them. Later inserts of that epoch are refused. Returns the blocks freed now."""
-        with self._cond:
+        """Drop every block of ``epoch`` now, except pinned ones (and their ancestors), which go
+        when their last request releases them. Later adoptions of that epoch are refused.
+        Returns the blocks freed now."""
+        with self._lock:
             self._retired_epochs.add(epoch)
             doomed = [b for b in self._index.values() if b.epoch == epoch]
             for b in doomed:
                 b.retired = True
-            freed = 0
-            # Deepest first: a block's children are freed before it.
-            for b in sorted(doomed, key=self._depth, reverse=True):
-                if b.refs == 0 and b.children == 0 and b.block_hash in self._index:
-                    self._remove(b)
-                    freed += 1
-            return freed
+            used = self.pool.num_used
+            for b in doomed:
+                if b.block_hash in self._index:
+                    self._free_retired_chain(b)
+            return used - self.pool.num_used
 
     def drop_epochs_except(self, keep: object) -> int:
         """Drop every epoch but ``keep`` (a rollout to ``keep``)."""
-        with self._cond:
+        with self._lock:
             epochs = {b.epoch for b in self._index.values()} - {keep}
             return sum(self.drop_epoch(e) for e in epochs)
 
-    def _depth(self, block: _Block) -> int:
-        d = 0
-        while block.parent is not None:
-            block = self._index[block.parent]
-            d += 1
-        return d
-
     def _free_retired_chain(self, block: _Block) -> None:
+        """Free ``block`` if it is a retired unpinned leaf, then its parents while they are too."""
         while block.retired and block.refs == 0 and block.children == 0:
             parent = self._index.get(block.parent) if block.parent is not None else None
             self._remove(block)
@@ -390,21 +312,19 @@ class PrefixStore:
             raise RuntimeError(f"lease {lease.lease_id} is not active")
 
     def stats(self) -> StoreStats:
-        with self._cond:
-            pinned = sum(1 for b in self._index.values() if b.refs > 0)
+        with self._lock:
             used = self.pool.num_used
             return StoreStats(
                 num_blocks=self.pool.num_blocks,
                 block_size=self.block_size,
                 used_blocks=used,
-                pinned_blocks=pinned,
-                reserved_blocks=self._reserved,
-                limit_blocks=self.limit,
+                free_blocks=self.pool.num_free,
+                pinned_blocks=self._pinned,
+                private_blocks=self._private,
+                cached_blocks=len(self._index) - self._pinned,
+                held_blocks=self._pinned + self._private,
                 usage=used / self.pool.num_blocks,
-                running=len(self._leases),
-                queued=len(self._waiting),
-                admitted_total=self._admitted,
-                refused_total=self._refused,
+                leases=len(self._leases),
                 hit_tokens_total=self._hit_tokens,
                 query_tokens_total=self._query_tokens,
                 inserted_blocks_total=self._inserted,
@@ -415,60 +335,65 @@ class PrefixStore:
             )
 
     def cached_hashes(self) -> set[BlockHash]:
-        with self._cond:
+        with self._lock:
             return {h for h, b in self._index.items() if not b.retired}
 
     def pinned_hashes(self) -> set[BlockHash]:
-        with self._cond:
+        with self._lock:
             return {h for h, b in self._index.items() if b.refs > 0}
 
     def block_id_of(self, h: BlockHash) -> int | None:
-        with self._cond:
+        with self._lock:
             b = self._index.get(h)
             return None if b is None else b.block_id
 
     def check_valid(self) -> None:
-        """Assert every invariant: refcounts, free list, parent links, byte accounting."""
-        with self._cond:
+        """Assert every invariant: refcounts, private blocks, free list, parent links, epochs,
+        the LRU heap and byte accounting."""
+        with self._lock:
             self.pool.check_valid()
-            ids = [b.block_id for b in self._index.values()]
-            assert len(ids) == len(set(ids)), "two blocks share a pool slot"
-            assert len(ids) == self.pool.num_used, "indexed blocks and used pool slots differ"
-            assert all(not self.pool._is_free[i] for i in ids), "an indexed block sits on the free list"
+            indexed = [b.block_id for b in self._index.values()]
+            private = [b for lease in self._leases.values() for b in lease.private]
+            held = indexed + private
+            assert len(held) == len(set(held)), "a pool block is indexed twice, private twice, or both"
+            assert len(held) == self.pool.num_used, "indexed + private blocks and used pool slots differ"
+            assert all(not self.pool._is_free[i] for i in held), "a held block sits on the free list"
+            assert len(private) == self._private, "private block count drifted"
             refs: dict[BlockHash, int] = {}
             for lease in self._leases.values():
                 assert not lease.released, "a released lease is still active"
-                assert len(lease.pinned) <= lease.reserved, "a lease pins more than it reserved"
                 assert len(set(lease.pinned)) == len(lease.pinned), "a lease pins a block twice"
-                for h in lease.pinned:
+                assert len(lease.table) >= len(lease.pinned), "a lease's table lost its pinned blocks"
+                parent = None
+                for i, h in enumerate(lease.pinned):
+                    assert h in self._index, "a lease pins a block not in the index"
+                    block = self._index[h]
+                    assert block.block_id == lease.table[i], "a table entry is not its pinned block"
+                    assert block.parent == parent, "a lease's pinned blocks are not one chain"
+                    parent = h
                     refs[h] = refs.get(h, 0) + 1
             children: dict[BlockHash, int] = {}
+            pinned = 0
             for h, b in self._index.items():
                 assert b.block_hash == h, "index key and block hash differ"
                 assert b.refs == refs.get(h, 0), f"refcount {b.refs} != pins {refs.get(h, 0)}"
+                pinned += b.refs > 0
                 assert len(b.tokens) == self.block_size, "a block holds a partial block of tokens"
                 if b.parent is not None:
                     assert b.parent in self._index, "a block's parent is missing"
-                    parent = self._index[b.parent]
-                    assert parent.refs >= b.refs, "a pinned block's parent is pinned less"
-                    assert parent.epoch == b.epoch, "a chain crosses epochs"
+                    parent_block = self._index[b.parent]
+                    assert parent_block.refs >= b.refs, "a pinned block's parent is pinned less"
+                    assert parent_block.epoch == b.epoch, "a chain crosses epochs"
                     children[b.parent] = children.get(b.parent, 0) + 1
                 if b.retired:
                     assert b.refs > 0 or b.children > 0, "a retired unpinned leaf was not freed"
-                if not b.ready:
-                    assert b.refs > 0, "an unfilled block outlived its writer"
                 if b.epoch in self._retired_epochs:
                     assert b.retired, "a block of a dropped epoch is still matchable"
+            assert pinned == self._pinned, "pinned block count drifted"
             for h, b in self._index.items():
                 assert b.children == children.get(h, 0), "child count drifted"
-            assert all(h in self._index for h in refs), "a lease pins a block not in the index"
-            assert self._reserved == sum(l.reserved for l in self._leases.values()), "reservations drifted"
-            assert self._reserved <= self.limit, "reservations exceed the high watermark"
-            assert sum(1 for b in self._index.values() if b.refs > 0) <= self.limit, "pins exceed the limit"
-            assert len(self._leases) <= self.max_running, "more requests running than allowed"
-            assert len(self._waiting) <= self.max_queue, "queue longer than its bound"
             assert self.pool.num_used * self.pool.block_bytes <= self.pool.capacity_bytes, "bytes over budget"
             heap = set(self._heap)
             for h, b in self._index.items():
-                if b.refs == 0 and b.children == 0 and not b.retired and b.ready:
+                if b.refs == 0 and b.children == 0 and not b.retired:
                     assert (b.stamp, h) in heap, "an evictable leaf is missing from the LRU heap"

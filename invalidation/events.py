@@ -177,6 +177,8 @@ class EpochView:
         self.strict = strict
         self._clock = clock
         self._versions: dict[str, ModelVersion] = {}
+        #: The registry's genesis epoch (models never rolled out), read with every refresh.
+        self.genesis: int | None = None
         self._confirmed_at: float | None = None
         self._cursor = START
         self._listeners: list[Listener] = []
@@ -276,6 +278,9 @@ class EpochView:
     async def refresh(self) -> None:
         """Re-read the whole registry; on success the view is confirmed as of this call's start."""
         started = self._clock()
+        genesis = await self.registry.genesis()
+        # Epochs only grow: a registry that lost its keys issues a larger genesis.
+        self.genesis = genesis if self.genesis is None else max(self.genesis, genesis)
         versions = await self.registry.list()
         for mv in versions:
             await self._apply(mv)

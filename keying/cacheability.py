@@ -1,9 +1,37 @@
-"""Whether a request's output is reproducible, and so safe to serve from a cache."""
+"""Whether a request's output is reproducible, and so safe to serve from a cache.
+
+Two things make an answer unsafe to replay: sampling without a seed (another call would give
+another answer; a tenant may opt in to caching those), and *live data*: the provider looks
+something up when it answers (the web, a search index, a remote tool), so the same request
+asked tomorrow has another right answer. Live-data requests always bypass the cache, opted in
+or not. They are recognised by the table :data:`LIVE_DATA_RULES`:
+
+=====================  =========================================================  ============
+rule                   what the request carries                                   provider
+=====================  =========================================================  ============
+web_search_options     ``web_search_options`` (any value but null)                OpenAI
+search_parameters      ``search_parameters`` (any value but null)                 xAI
+plugins                ``plugins``: any plugin (``{"id": "web"}`` is web search;   OpenRouter
+                       the others run on the provider's side too)
+online model           a model name ending in ``:online``                         OpenRouter
+hosted tools           a ``tools`` entry whose type is not ``function`` or        OpenAI,
+                       ``custom`` (``web_search``, ``web_search_preview``,         Anthropic,
+                       ``file_search``, ``code_interpreter``, ``mcp``,             and others
+                       ``computer_use_preview``, ``web_search_20250305``, ...)
+=====================  =========================================================  ============
+
+NOTE: the tool rule names the two types a client runs itself and treats every other type as
+hosted (fail closed): a new hosted tool type bypasses before anyone adds it here.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import orjson
+from msgpack import ExtType
 
 from keying.canonical import CanonicalRequest
 
@@ -21,22 +49,79 @@ class Cacheability:
     reproducible: bool = False
 
 
-#: Fields whose presence means the output depends on the live world, not on the request alone.
-LIVE_DATA_FIELDS = ("web_search_options",)
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LiveDataRule:
+    """One way a request asks the provider for live data: ``applies(request)`` says whether
+    it does."""
+
+    name: str
+    applies: Callable[[CanonicalRequest], bool]
+
+
+#: Tool types the client runs itself; the provider runs every other type (a hosted tool).
+CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+
+
+def _field(name: str) -> Callable[[CanonicalRequest], bool]:
+    return lambda r: r.keyed.get(name) is not None
+
+
+def _any_plugin(r: CanonicalRequest) -> bool:
+    plugins = r.keyed.get("plugins")
+    return plugins is not None and not _empty(plugins)
+
+
+def _hosted_tool(r: CanonicalRequest) -> bool:
+    tools = r.keyed.get("tools")
+    if tools is None or _empty(tools):
+        return False
+    value = _json(tools)
+    return not isinstance(value, list) or any(
+        not isinstance(t, dict) or t.get("type") not in CLIENT_TOOL_TYPES for t in value)
+
+
+def _empty(value: object) -> bool:
+    return type(value) is ExtType and value.data == b"[]"
+
+
+def _json(value: object) -> object:
+    return orjson.loads(value.data) if type(value) is ExtType else value
+
+
+LIVE_DATA_RULES: tuple[LiveDataRule, ...] = (
+    LiveDataRule(name="web_search_options", applies=_field("web_search_options")),
+    LiveDataRule(name="search_parameters", applies=_field("search_parameters")),
+    LiveDataRule(name="plugins", applies=_any_plugin),
+    LiveDataRule(name="an :online model", applies=lambda r: r.model.endswith(":online")),
+    LiveDataRule(name="a hosted tool", applies=_hosted_tool),
+)
+
+
+def live_data(request: CanonicalRequest) -> str | None:
+    """The first live-data rule the request meets, or None."""
+    for rule in LIVE_DATA_RULES:
+        if rule.applies(request):
+            return rule.name
+    return None
 
 
 _GREEDY = Cacheability(cacheable=True, reason="deterministic: temperature=0", reproducible=True)
 
 
 def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -> Cacheability:
-    """Decide cacheability. Non-reproducible requests bypass unless the tenant opted in."""
+    """Decide cacheability. Live-data requests always bypass; other non-reproducible ones
+    bypass unless the tenant opted in."""
+    live = live_data(request)
+    if live is not None:
+        return Cacheability(cacheable=False,
+                            reason=f"live data: {live} makes the answer depend on when it is "
+                                   "asked")
     f = request.keyed
     if (
         f.get("temperature") == 0
         and f.get("seed") is None
         and f.get("n", 1) == 1
         and f.get("best_of", 1) == 1
-        and all(f.get(name) is None for name in LIVE_DATA_FIELDS)
     ):
         return _GREEDY  # the common case, decided without building a reason
     reason = _nondeterminism(request)
@@ -56,9 +141,6 @@ def _seeded(seed: int) -> Cacheability:
 
 def _nondeterminism(request: CanonicalRequest) -> str | None:
     f = request.keyed
-    for name in LIVE_DATA_FIELDS:
-        if f.get(name) is not None:
-            return f"live data: {name} makes the answer depend on when it is asked"
     seed = f.get("seed")
     temperature = f.get("temperature", 1)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):

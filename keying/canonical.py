@@ -359,15 +359,17 @@ def _logit_bias(v: Any, path: str) -> ExtType:
                                   "map token ids to biases")
     out: dict[str, int | float] = {}
     for k in sorted(v, key=_key_order(path)):
-        key = k.strip()
-        if not key.lstrip("-").isdigit():
+        # NOTE: only the canonical decimal spelling of a 64-bit id is accepted, and keyed as
+        # sent. str.isdigit() also passes "²" and "٣" (int("٣") == 3), and folding " 3" or
+        # "03" into "3" would key a request the model may read differently.
+        if _TOKEN_ID.fullmatch(k) is None or not _INT_MIN <= int(k) <= _INT_MAX:
             raise InvalidRequestError(f"{path}.{k}", "logit_bias keys are token ids",
-                                      "use integer token ids as keys")
-        norm_key = str(int(key))
-        if norm_key in out:
-            raise InvalidRequestError(f"{path}.{k}", "token id given twice", "give each id once")
-        out[norm_key] = _number_in(-100, 100)(v[k], f"{path}.{k}")
+                                      'write each id in ASCII decimal digits, e.g. "50256"')
+        out[k] = _number_in(-100, 100)(v[k], f"{path}.{k}")
     return _as_json(out, path)
+
+
+_TOKEN_ID = re.compile(r"0|-?[1-9][0-9]{0,19}", re.ASCII)
 
 
 def _tools(v: Any, path: str) -> ExtType:

@@ -13,9 +13,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from audit import Answer, ModelState
+from cachesvc.auditing import EntryReader
 from cachesvc.events import CacheEvent
 from cachesvc.store import Entry, decode_entry, encode_entry, storage_key
+from cachesvc.store import EntryKeys
 from keying import KeyParams, KeyResult, Scope, build_key
+from keying.framing import DEFAULT_MATERIAL_SECRET
 
 MODEL = "m-test"
 VERSION = "v2"
@@ -24,7 +27,15 @@ OLD_VERSION = "v1"
 OLD_EPOCH = 1
 TENANTS = ("acme", "globex")
 CANARIES = {"acme": ["CANARY-acme-7f3a9c"], "globex": ["CANARY-globex-0b41d2"]}
-NOW = 1_800_000_000.0
+#: In the past, so the offline scan (which reads the real clock) sees no entry from the future.
+NOW = 1_700_000_000.0
+#: The world keys requests with keying's default secret, and signs entries under the same one,
+#: as a service configured with it would.
+KEYS = EntryKeys(DEFAULT_MATERIAL_SECRET)
+
+#: Reads stored bytes as the service would, at the world's time.
+READER = EntryReader(keys=KEYS, max_entry_bytes=8 * 1024 * 1024, max_ttl_s=30 * 86_400.0,
+                     clock=lambda: NOW)
 
 
 def body(i: int, *, temperature: float = 0) -> dict[str, Any]:
@@ -93,34 +104,34 @@ def plant_faults(n_clean: int, *, epoch: int = EPOCH) -> list[Planted]:
     # 1. Another scope's entry under this scope's key.
     k = current("acme", base)
     other = current("globex", base)
-    out.append(Planted("cross_scope", "acme", base, encode_entry(entry_for(other)),
+    out.append(Planted("cross_scope", "acme", base, encode_entry(entry_for(other), keys=KEYS),
                        frozenset({"cross_scope"}), frozenset({"cross_scope"})))
     # 2. An old epoch's entry under the current key.
     k = current("acme", base + 1)
     old = key_for("acme", base + 1, epoch=epoch - 1)
     out.append(Planted("old_epoch", "acme", base + 1,
-                       encode_entry(entry_for(old, version=OLD_VERSION)),
+                       encode_entry(entry_for(old, version=OLD_VERSION), keys=KEYS),
                        frozenset({"stale"}), frozenset({"stale"})))
     # 3. A wrong material digest (a crafted xxh3 collision would look like this).
     k = current("acme", base + 2)
     forged = replace(entry_for(k), material_digest=hashlib.blake2b(b"forged", digest_size=32).digest())
-    out.append(Planted("material_digest", "acme", base + 2, encode_entry(forged),
+    out.append(Planted("material_digest", "acme", base + 2, encode_entry(forged, keys=KEYS),
                        frozenset({"collision"}), frozenset({"collision"})))
     # 4. Flipped bytes.
     k = current("acme", base + 3)
-    raw = bytearray(encode_entry(entry_for(k)))
+    raw = bytearray(encode_entry(entry_for(k), keys=KEYS))
     raw[len(raw) // 2] ^= 0x20
     out.append(Planted("flipped_bytes", "acme", base + 3, bytes(raw),
                        frozenset({"corrupt"}), frozenset({"corrupt"})))
     # 5. A wrong answer under a valid key.
     k = current("acme", base + 4)
     out.append(Planted("wrong_answer", "acme", base + 4,
-                       encode_entry(entry_for(k, text="a confidently wrong answer")),
+                       encode_entry(entry_for(k, text="a confidently wrong answer"), keys=KEYS),
                        frozenset({"mismatch"}), frozenset({"mismatch"})))
     # 5b. The same, where the wrong answer is another tenant's (it carries their canary).
     k = current("acme", base + 5)
     leaked = f"globex's private answer {CANARIES['globex'][0]}"
-    out.append(Planted("leaked_answer", "acme", base + 5, encode_entry(entry_for(k, text=leaked)),
+    out.append(Planted("leaked_answer", "acme", base + 5, encode_entry(entry_for(k, text=leaked), keys=KEYS),
                        frozenset({"canary"}), frozenset({"canary", "mismatch"})))
     return out
 
@@ -130,7 +141,7 @@ def clean_entries(n: int, *, epoch: int = EPOCH) -> list[tuple[str, bytes, KeyRe
     for tenant in TENANTS:
         for i in range(n):
             k = key_for(tenant, i, epoch=epoch)
-            out.append((skey(k), encode_entry(entry_for(k)), k))
+            out.append((skey(k), encode_entry(entry_for(k), keys=KEYS), k))
     return out
 
 
@@ -138,7 +149,7 @@ def hit_event(tenant: str, i: int, raw: bytes, *, at: float = NOW) -> CacheEvent
     """The event a service whose own verification was bypassed would emit for a hit."""
     k = key_for(tenant, i)
     try:
-        entry: Entry | None = decode_entry(raw)
+        entry: Entry | None = decode_entry(raw, keys=KEYS)
     except Exception:
         entry = None
     served = entry.response if entry is not None else response_for("")

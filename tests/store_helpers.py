@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from cachesvc.store import Entry, storage_key
+from cachesvc.store import Entry, EntryKeys, storage_key
 from keying import Scope
+
+#: The service secret of the test settings (tests/service_helpers.py) and the entry keys it
+#: gives: entries the tests plant are signed as the service under test signs them.
+TEST_SECRET = b"test-secret-0123456789abcdef"
+KEYS = EntryKeys(TEST_SECRET)
 
 
 def digest_of(*parts: object) -> bytes:
@@ -31,7 +36,8 @@ def make_entry(
 ) -> Entry:
     scope = scope or Scope.for_tenant("acme")
     if response is None and stream is None:
-        response = {"id": "cmpl-1", "choices": [{"message": {"content": f"answer {name}"}}]}
+        response = {"id": "cmpl-1", "choices": [{
+            "index": 0, "finish_reason": "stop", "message": {"content": f"answer {name}"}}]}
     return Entry(
         scope=scope,
         model=model,

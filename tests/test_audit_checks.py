@@ -127,12 +127,10 @@ class TestStoredChecks:
         current = ModelState(model=w.MODEL, version="v3", epoch=w.EPOCH + 1)
         assert check_registry(facts(), current) == []
 
-    def test_a_model_the_registry_does_not_know_is_stale_past_epoch_0(self):
-        assert kinds(check_registry(facts(), None)) == ["stale"]
-
-    def test_an_unregistered_models_epoch_0_entry_is_current(self):
-        """The service keys a model nobody rolled out at epoch 0: not a finding."""
-        assert check_registry(facts(epoch=0, version="unversioned"), None) == []
+    @pytest.mark.parametrize("epoch", [0, 5])
+    def test_a_model_the_registry_has_no_state_for_is_stale_at_any_epoch(self, epoch):
+        """No epoch is constant: not even 0 is one this registry issued."""
+        assert kinds(check_registry(facts(epoch=epoch), None)) == ["stale"]
 
     def test_an_unreadable_entry_is_corrupt_with_its_reason(self):
         d = check_unreadable(UnreadableEntry(storage_key="k", reason="foreign", error="magic"))

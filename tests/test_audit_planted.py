@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from audit import FileJournal, Recorder, Scanner, ShadowAuditor, ShadowConfig
-from cachesvc.auditing import sample_from_event, scan_items
+from cachesvc.auditing import scan_items
 from cachesvc.store import open_store
 from tests import audit_world as w
 
@@ -35,7 +35,7 @@ def _scan(store, journal_path: Path, *, oracle=None, **kw):
     scanner = Scanner(recorder=recorder, registry=w.REGISTRY, canaries=w.CANARIES,
                       clock=lambda: w.NOW, oracle=oracle, **kw)
     seen = []
-    result = asyncio.run(scanner.run(scan_items(store), progress=seen.append))
+    result = asyncio.run(scanner.run(scan_items(store, w.READER), progress=seen.append))
     recorder.close()
     return result, FileJournal(journal_path).findings(), seen
 
@@ -132,9 +132,9 @@ class TestScanFindsPlantedFaults:
         store = open_store(None)
         k = w.key_for("acme", 1)
         other = w.key_for("globex", 1)
-        asyncio.run(store.set(w.skey(k), w.encode_entry(w.entry_for(k, material=False))))
+        asyncio.run(store.set(w.skey(k), w.encode_entry(w.entry_for(k, material=False), keys=w.KEYS)))
         asyncio.run(store.set(w.skey(w.key_for("acme", 2)),
-                              w.encode_entry(w.entry_for(other, material=False))))
+                              w.encode_entry(w.entry_for(other, material=False), keys=w.KEYS)))
         oracle = w.DeterministicOracle()
         result, findings, _ = _scan(store, tmp_path / "f.jsonl", oracle=oracle)
         assert {f.kind for f in findings} == {"cross_scope", "collision"}  # scope and digest
@@ -146,14 +146,14 @@ class TestScanFindsPlantedFaults:
         store = open_store(None)
         k = w.key_for("acme", 1)
         bad = w.replace(w.entry_for(k), material=b"\x97not material")
-        asyncio.run(store.set(w.skey(k), w.encode_entry(bad)))
+        asyncio.run(store.set(w.skey(k), w.encode_entry(bad, keys=w.KEYS)))
         _, findings, _ = _scan(store, tmp_path / "f.jsonl", oracle=w.DeterministicOracle())
         assert {f.kind for f in findings} == {"collision", "corrupt"}
 
     def test_an_entry_of_an_old_epoch_under_its_own_key_is_reclaimable_not_a_finding(self, tmp_path):
         store = open_store(None)
         old = w.key_for("acme", 1, epoch=w.OLD_EPOCH)
-        asyncio.run(store.set(w.skey(old), w.encode_entry(w.entry_for(old, version=w.OLD_VERSION))))
+        asyncio.run(store.set(w.skey(old), w.encode_entry(w.entry_for(old, version=w.OLD_VERSION), keys=w.KEYS)))
         oracle = w.DeterministicOracle()
         result, findings, _ = _scan(store, tmp_path / "f.jsonl", oracle=oracle)
         assert findings == []
@@ -165,7 +165,7 @@ class TestScanFindsPlantedFaults:
 def _shadow(journal_path: Path, rate: float, seed: int, oracle=None):
     recorder = Recorder(FileJournal(journal_path, fsync=False))
     return ShadowAuditor(
-        recorder=recorder, convert=sample_from_event,
+        recorder=recorder, convert=w.READER.sample,
         config=ShadowConfig(sample_rate=rate, queue_size=100_000, canaries=w.CANARIES,
                             recompute_budget=1.0),
         oracle=oracle or w.DeterministicOracle(), registry=w.StaticRegistry(w.REGISTRY),

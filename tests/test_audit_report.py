@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from audit import FileJournal
 from audit.report import build_report, render
 from cachesvc.cli import app
-from cachesvc.store import decode_entry, encode_entry, open_store
+from cachesvc.store import EntryKeys, decode_entry, encode_entry, open_store
 from keying.framing import DEFAULT_MATERIAL_SECRET
 from tests import audit_world as w
 from tests.test_audit_journal import finding
@@ -175,7 +175,8 @@ class TestCli:
 
         asyncio.run(plant())
         cfg = tmp_path / "c.toml"
-        cfg.write_text(f'state_dir = "{tmp_path}"\n[redis]\nurl = "{redis_url}"\n')
+        cfg.write_text(f'state_dir = "{tmp_path}"\n[redis]\nurl = "{redis_url}"\n'
+                       f'[cache]\nsecret = "{DEFAULT_MATERIAL_SECRET.decode()}"\n')
         res = runner.invoke(app, ["audit", "scan", "--config", str(cfg), "--findings",
                                   str(tmp_path / "f.jsonl"), "--quiet"])
         assert res.exit_code == 0, res.output
@@ -209,14 +210,18 @@ class TestScanRecompute:
                 r = c.post(path, json=b, headers=auth())
                 assert r.status_code == 200 and r.headers["x-cache"].startswith("MISS"), r.text
 
+        # A wrong answer the service itself wrote (a model fault, not a forgery): it carries a
+        # valid MAC, so only the recompute can find it.
+        keys = EntryKeys(secret.encode())
+
         async def forge() -> str:
             s = open_store(redis_url)
-            entries = [(k, decode_entry(raw)) async for k, raw in s.scan_entries()]
+            entries = [(k, decode_entry(raw, keys=keys)) async for k, raw in s.scan_entries()]
             assert len(entries) == len(bodies) and all(e.material for _, e in entries)
             key, entry = next((k, e) for k, e in entries if e.response["object"] == "chat.completion")
             wrong = dict(entry.response, choices=[{**entry.response["choices"][0], "message": {
                 "role": "assistant", "content": "a fluent but wrong answer"}}])
-            await s.set(key, encode_entry(dataclasses.replace(entry, response=wrong)))
+            await s.set(key, encode_entry(dataclasses.replace(entry, response=wrong), keys=keys))
             await s.close()
             return key
 

@@ -16,6 +16,7 @@ from cachesvc.app import create_app
 from cachesvc.store import decode_entry, encode_entry, open_store
 from cachesvc.upstream import EngineUpstream
 from tests.service_helpers import KEY_A, KEY_B, auth, make_settings, serving
+from tests.store_helpers import KEYS
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +76,11 @@ class TestShadowAuditorInTheService:
         server, app, store, journal = service
         post(server, chat("what is two plus two"))
         key, raw = asyncio.run(_entries(store))[0]
-        entry = decode_entry(raw)
+        entry = decode_entry(raw, keys=KEYS)
         body = dict(entry.response)
         body["choices"] = [{**body["choices"][0],
                             "message": {"role": "assistant", "content": "five, certainly"}}]
-        forged = encode_entry(dataclasses.replace(entry, response=body))
+        forged = encode_entry(dataclasses.replace(entry, response=body), keys=KEYS)
         asyncio.run(store.set(key, forged, ttl=600))
         r = post(server, chat("what is two plus two"))
         assert r.headers["x-cache"].startswith("HIT")  # provenance is valid: the service serves it
@@ -93,11 +94,11 @@ class TestShadowAuditorInTheService:
         server, app, store, journal = service
         post(server, chat("tell me a secret"), key=KEY_B)
         key, raw = asyncio.run(_entries(store))[0]
-        entry = decode_entry(raw)
+        entry = decode_entry(raw, keys=KEYS)
         body = dict(entry.response)
         body["choices"] = [{**body["choices"][0],
                             "message": {"role": "assistant", "content": "psst: CANARY-A-7f3"}}]
-        asyncio.run(store.set(key, encode_entry(dataclasses.replace(entry, response=body)),
+        asyncio.run(store.set(key, encode_entry(dataclasses.replace(entry, response=body), keys=KEYS),
                               ttl=600))
         post(server, chat("tell me a secret"), key=KEY_B)
         auditor_of(app).drain(timeout=60)
@@ -144,8 +145,8 @@ class TestRefusedEntriesAreFindings:
         post(server, chat("mine"), key=KEY_A)
         post(server, chat("theirs"), key=KEY_B)
         entries = asyncio.run(_entries(store))
-        a_key = next(k for k, raw in entries if decode_entry(raw).scope.tenant == "team-a")
-        b_raw = next(raw for k, raw in entries if decode_entry(raw).scope.tenant != "team-a")
+        a_key = next(k for k, raw in entries if decode_entry(raw, keys=KEYS).scope.tenant == "team-a")
+        b_raw = next(raw for k, raw in entries if decode_entry(raw, keys=KEYS).scope.tenant != "team-a")
         asyncio.run(store.set(a_key, b_raw, ttl=600))  # tenant B's entry planted under A's key
         r = post(server, chat("mine"), key=KEY_A)
         assert r.headers["x-cache"].startswith("MISS")

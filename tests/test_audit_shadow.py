@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from audit import AuditConfigError, FileJournal, ModelState, Recorder, ShadowAuditor, ShadowConfig
-from cachesvc.auditing import ShadowObserver, sample_from_event
+from cachesvc.auditing import ShadowObserver
 from cachesvc.events import CacheObserver
 from tests import audit_world as w
 
 
 def clean_event(i: int = 1, *, kind: str = "hit", at: float = w.NOW):
     k = w.key_for("acme", i)
-    raw = w.encode_entry(w.entry_for(k))
+    raw = w.encode_entry(w.entry_for(k), keys=w.KEYS)
     ev = w.hit_event("acme", i, raw, at=at)
     if kind == "fill":
         import dataclasses
@@ -32,7 +32,7 @@ def clean_event(i: int = 1, *, kind: str = "hit", at: float = w.NOW):
 def auditor(tmp_path, **cfg) -> ShadowAuditor:
     registry = cfg.pop("registry", w.StaticRegistry(w.REGISTRY))
     clock = cfg.pop("clock", time.time)
-    convert = cfg.pop("convert", sample_from_event)
+    convert = cfg.pop("convert", w.READER.sample)
     return ShadowAuditor(recorder=Recorder(FileJournal(tmp_path / "f.jsonl", fsync=False)),
                          convert=convert, config=ShadowConfig(**cfg),
                          oracle=w.DeterministicOracle(), registry=registry,
@@ -153,7 +153,7 @@ class TestBoundedQueue:
 
         def slow_convert(ev):
             gate.wait(5)
-            return sample_from_event(ev)
+            return w.READER.sample(ev)
 
         a = auditor(tmp_path, sample_rate=1.0, queue_size=10, convert=slow_convert)
         a.start()
@@ -187,7 +187,7 @@ class TestWorker:
 
         def convert(ev):
             seen_at.append(time.monotonic())
-            return sample_from_event(ev)
+            return w.READER.sample(ev)
 
         a = auditor(tmp_path, sample_rate=1.0, queue_size=100, batch_wait_s=0.3,
                     convert=convert)
@@ -211,7 +211,7 @@ class TestWorker:
             end = time.thread_time() + 0.05
             while time.thread_time() < end:
                 pass
-            return sample_from_event(ev)
+            return w.READER.sample(ev)
 
         before = metrics.WORKER_CPU._value.get()
         a = auditor(tmp_path, sample_rate=1.0, queue_size=100, batch_wait_s=0.5, convert=busy)
@@ -269,7 +269,7 @@ class TestRecomputeBudget:
 
         oracle = SlowOracle()
         a = ShadowAuditor(recorder=Recorder(FileJournal(tmp_path / "f.jsonl", fsync=False)),
-                          convert=sample_from_event,
+                          convert=w.READER.sample,
                           config=ShadowConfig(sample_rate=1.0, recompute_budget=0.1,
                                               recompute_burst_s=1.0, canaries=w.CANARIES),
                           oracle=oracle, rng=random.Random(0), clock=lambda: w.NOW,
@@ -295,7 +295,7 @@ class TestRecomputeBudget:
 
         oracle = SlowOracle()
         a = ShadowAuditor(recorder=Recorder(FileJournal(tmp_path / "f.jsonl", fsync=False)),
-                          convert=sample_from_event,
+                          convert=w.READER.sample,
                           config=ShadowConfig(sample_rate=1.0, recompute_budget=0.01,
                                               recompute_burst_s=1.0),
                           oracle=oracle, rng=random.Random(0), clock=lambda: w.NOW,
@@ -330,7 +330,7 @@ class AuditorMachine(RuleBasedStateMachine):
         self.dir = tempfile.TemporaryDirectory()
         self.a = ShadowAuditor(
             recorder=Recorder(FileJournal(Path(self.dir.name) / "f.jsonl", fsync=False)),
-            convert=sample_from_event, config=ShadowConfig(sample_rate=0.5, queue_size=4),
+            convert=w.READER.sample, config=ShadowConfig(sample_rate=0.5, queue_size=4),
             oracle=w.DeterministicOracle(), rng=random.Random(1), clock=lambda: w.NOW)
         self.model_queue = 0
         self.model_checked = 0

@@ -169,15 +169,16 @@ class TestApp:
 
     async def test_an_overloaded_engine_answers_503_with_retry_after(self, make_engine):
         engine = make_engine(max_running=1, max_queue=0)
-        lease = engine.store.acquire(0)
-        try:
+        with engine.scheduler.paused():
+            busy = asyncio.ensure_future(engine_api.complete(engine, chat(), "chat", tenant="t"))
+            while engine.stats().running == 0:
+                await asyncio.sleep(0.005)
             async with client_for(create_engine_app(engine)) as c:
                 r = await c.post("/v1/chat/completions", json=chat())
                 s = await c.post("/v1/chat/completions", json=chat(stream=True))
-        finally:
-            engine.store.release(lease)
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         assert s.status_code == 503
+        assert (await busy)["choices"][0]["finish_reason"] in ("stop", "length")
 
     async def test_models_health_and_metrics(self, tiny_engine: Engine):
         app = create_engine_app(tiny_engine)
@@ -192,6 +193,11 @@ class TestApp:
         hit = next(line for line in metrics.splitlines() if line.startswith("engine_prefix_hit_tokens_total"))
         assert float(hit.split()[-1]) > 0
         assert "engine_kv_pool_usage_ratio" in metrics and "engine_requests_refused_total" in metrics
+        steps = next(line for line in metrics.splitlines() if line.startswith("engine_steps_total"))
+        ttft = next(line for line in metrics.splitlines() if line.startswith("engine_ttft_seconds_count"))
+        assert float(steps.split()[-1]) > 0 and float(ttft.split()[-1]) == 2
+        cached = next(line for line in metrics.splitlines() if line.startswith('engine_kv_blocks{state="cached"}'))
+        assert float(cached.split()[-1]) > 0
 
     async def test_the_openai_client_works_against_it(self, tiny_engine: Engine):
         import openai

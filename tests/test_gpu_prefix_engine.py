@@ -152,18 +152,20 @@ class TestRollout:
         p = prompt_of(tiny_engine, LONG)
         other = prompt_of(tiny_engine, "something else entirely, long enough for blocks")
         tiny_engine.generate(other, GenerationParams(max_tokens=1, scope_salt=salt))
-        stream = tiny_engine.generate_stream(p, GenerationParams(max_tokens=6, temperature=0.0, scope_salt=salt))
+        stream = tiny_engine.generate_stream(p, GenerationParams(max_tokens=1000, temperature=0.0, scope_salt=salt))
         first = next(stream)
         assert isinstance(first, TokenEvent)
-        pinned_before = tiny_engine.store.pinned_hashes()
-        assert pinned_before
-        tiny_engine.on_rollout(tiny_engine.model, 2)
-        tiny_engine.store.check_valid()
-        assert tiny_engine.store.pinned_hashes() == pinned_before  # in-flight blocks kept
-        assert tiny_engine.stats().used_blocks == len(pinned_before)  # the rest dropped
+        with tiny_engine.scheduler.paused():  # the request stays in flight, frozen between steps
+            pinned_before = tiny_engine.store.pinned_hashes()
+            held = tiny_engine.stats().held_blocks
+            assert pinned_before and tiny_engine.stats().running == 1
+            tiny_engine.on_rollout(tiny_engine.model, 2)
+            tiny_engine.store.check_valid()
+            assert tiny_engine.store.pinned_hashes() == pinned_before  # in-flight blocks kept
+            assert tiny_engine.stats().used_blocks == held  # the rest dropped
         rest = list(stream)
         assert isinstance(rest[-1], FinalEvent)
-        assert tiny_engine.stats().used_blocks == 0
+        assert tiny_engine.stats().used_blocks == 0  # its blocks were of the old epoch: freed at the end
         tiny_engine.store.check_valid()
         r = tiny_engine.generate(p, GenerationParams(max_tokens=1, scope_salt=salt))
         assert r.cached_tokens == 0

@@ -10,29 +10,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_prefix.adapter import RequestCache
 from gpu_prefix.engine import Engine, GenerationParams
-from gpu_prefix.hashing import BlockKeys, block_hashes
 from gpu_prefix.models import LoadedModel
 
 
 def reuse_logits(engine: Engine, ids: list[int], cached_prompt: list[int]) -> tuple[torch.Tensor, int]:
-    """Store ``cached_prompt``'s blocks, then run ``ids`` reusing them; logits of the suffix."""
+    """Store ``cached_prompt``'s blocks, then run ``ids`` through the engine reusing them;
+    returns the logits of every position after the cached blocks, and how many tokens were
+    cached."""
     salt = engine.scope_salt_for("t")
     engine.generate(cached_prompt, GenerationParams(max_tokens=1, temperature=0.0, scope_salt=salt))
-    store, pool = engine.store, engine.pool
-    chain = block_hashes(ids, BlockKeys(model_epoch=engine.model_epoch, salt=salt), block_size=pool.block_size)
-    lease = store.acquire(len(ids))
-    try:
-        m = store.match(lease, chain[: (len(ids) - 1) // pool.block_size])
-        cache = RequestCache(engine.shape, len(ids), device=engine.device)
-        cache.load_blocks(pool, m.block_ids)
-        with torch.inference_mode():
-            x = torch.tensor([ids[m.num_tokens :]], device=engine.device)
-            out = engine.model(input_ids=x, cache=cache).logits[0]
-        return out, m.num_tokens
-    finally:
-        store.release(lease)
+    bs = engine.pool.block_size
+    start = min(len(cached_prompt), len(ids) - 1) // bs * bs
+    seq = engine._logits_seq(ids, start, salt, True)
+    rows = engine._wait(seq)
+    return rows, seq.cached_tokens or 0
 
 
 def full_logits(model, ids: list[int]) -> torch.Tensor:
@@ -94,46 +86,6 @@ class TestReuseOnSmolLM2:
         reused = engine.generate(prompt, GenerationParams(max_tokens=12, temperature=0.0, scope_salt=salt))
         assert reused.cached_tokens > 0 and reused.token_ids == fresh.token_ids
         assert fresh.text.strip()
-
-
-class TestBufferArena:
-    def test_a_returned_buffer_is_reused_for_a_request_that_fits(self):
-        from gpu_prefix.adapter import BufferArena
-        from gpu_prefix.pool import KVShape
-
-        arena = BufferArena(KVShape(num_layers=1, kv_heads=1, head_dim=2), max_buffers=1)
-        a = arena.take(100)
-        arena.give(a)
-        assert arena.take(50) is a
-        arena.give(a)
-        assert arena.take(1000) is not a
-
-    def test_the_smallest_fitting_buffer_is_taken_among_several(self):
-        from gpu_prefix.adapter import BufferArena
-        from gpu_prefix.pool import KVShape
-
-        arena = BufferArena(KVShape(num_layers=1, kv_heads=1, head_dim=2), max_buffers=4, max_bytes=10**9)
-        small, mid, big = arena.take(256), arena.take(512), arena.take(1024)
-        for b in (big, small, mid):
-            arena.give(b)
-        assert arena.take(300) is mid
-        assert arena.take(900) is big
-        assert arena.take(10) is small
-
-    def test_the_arena_keeps_at_most_its_bound(self):
-        from gpu_prefix.adapter import BufferArena
-        from gpu_prefix.pool import KVShape
-
-        arena = BufferArena(KVShape(num_layers=1, kv_heads=1, head_dim=2), max_buffers=2, max_bytes=10**9)
-        for b in [arena.take(256), arena.take(512), arena.take(1024)]:
-            arena.give(b)
-        assert [b.shape[3] for b in arena._free] == [256, 512]
-
-    def test_engine_requests_leave_their_buffers_to_the_next(self, tiny_engine: Engine):
-        tiny_engine.generate(list(range(40)), GenerationParams(max_tokens=4))
-        held = tiny_engine._arena.held_bytes()
-        tiny_engine.generate(list(range(40)), GenerationParams(max_tokens=4))
-        assert held > 0 and tiny_engine._arena.held_bytes() == held
 
 
 @pytest.mark.gpu

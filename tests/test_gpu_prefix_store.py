@@ -1,10 +1,7 @@
-"""The prefix store: matching, verification, pinning, eviction, epochs, admission (unit and
+"""The prefix store: matching, verification, pinning, private blocks, eviction, epochs (unit and
 stateful tests against a plain model)."""
 
 from __future__ import annotations
-
-import threading
-import time
 
 import pytest
 import torch
@@ -12,8 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from gpu_prefix.errors import AdmissionRefusedError, InvalidParamsError
-from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, scope_salt
+from gpu_prefix.errors import InvalidParamsError
+from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, extend_chain, scope_salt
 from gpu_prefix.pool import KVPool, KVShape
 from gpu_prefix.store import PrefixStore
 from keying import xxh3_128
@@ -22,9 +19,9 @@ SHAPE = KVShape(num_layers=1, kv_heads=1, head_dim=1)
 BS = 2
 
 
-def make_store(blocks: int = 8, **kwargs) -> PrefixStore:
+def make_store(blocks: int = 8) -> PrefixStore:
     pool = KVPool(SHAPE, budget_bytes=blocks * SHAPE.bytes_per_token() * BS, block_size=BS)
-    return PrefixStore(pool, **kwargs)
+    return PrefixStore(pool)
 
 
 def chain_of(tokens, *, epoch=1, salt=b"a", hash_fn=xxh3_128, public_tokens=0):
@@ -32,13 +29,19 @@ def chain_of(tokens, *, epoch=1, salt=b"a", hash_fn=xxh3_128, public_tokens=0):
     return block_hashes(tokens, keys, block_size=BS, hash_fn=hash_fn)
 
 
+def fill(store: PrefixStore, lease, chain):
+    """Compute the rest of ``chain`` for ``lease``: a private block each, then index it."""
+    for item in chain[len(lease.table):]:
+        assert store.allocate(lease) is not None
+        store.adopt(lease, item)
+
+
 def store_prompt(store: PrefixStore, tokens, **kw):
-    """Admit, match, insert, release: leaves the prompt's blocks cached."""
+    """Open, match, fill, release: leaves the prompt's blocks cached."""
     chain = chain_of(tokens, **kw)
-    lease = store.acquire(len(tokens), timeout=0)
-    m = store.match(lease, chain)
-    store.insert(lease, chain, len(m.block_ids))
-    store.commit(lease)
+    lease = store.open()
+    store.match(lease, chain)
+    fill(store, lease, chain)
     store.release(lease)
     return chain
 
@@ -84,22 +87,60 @@ class TestPool:
             pool.allocate()
         pool.check_valid()
 
-    def test_read_and_write_move_whole_blocks_in_runs(self):
+    def test_views_are_the_pool_itself_one_per_run_of_consecutive_blocks(self):
         pool = KVPool(KVShape(num_layers=2, kv_heads=2, head_dim=3), budget_bytes=10**6, block_size=4)
-        src = torch.randn(2, 2, 2, 12, 3)
-        pool.write([5, 6, 2], src, 0)
-        dst = torch.zeros(2, 2, 2, 12, 3)
-        pool.read([5, 6, 2], dst, 0)
-        assert torch.equal(dst, src)
+        views = pool.view([5, 6, 2])
+        assert [v.shape[3] for v in views] == [8, 4]
+        views[0].fill_(7.0)
+        assert bool((pool.tensor[:, :, :, 20:28, :] == 7.0).all())  # written through: no copy
+        assert views[1].data_ptr() == pool.tensor[:, :, :, 8:12, :].data_ptr()
+
+    def test_allocation_extends_a_run_when_the_next_block_is_free(self):
+        pool = KVPool(SHAPE, budget_bytes=10 * SHAPE.bytes_per_token() * BS, block_size=BS)
+        first = [pool.allocate() for _ in range(4)]
+        assert first == [0, 1, 2, 3]  # a fresh pool hands out consecutive blocks, lowest first
+        pool.free(1)
+        assert pool.allocate(after=3) == 4  # 4 follows 3 and is free
+        assert pool.allocate() == 1  # otherwise the lowest free block
+        assert pool.allocate(after=9) == 5  # past the end: the lowest free block
+        pool.check_valid()
+
+    def test_a_block_freed_twice_is_an_error(self):
+        pool = KVPool(SHAPE, budget_bytes=4 * SHAPE.bytes_per_token() * BS, block_size=BS)
+        b = pool.allocate()
+        pool.free(b)
+        with pytest.raises(RuntimeError, match="freed twice"):
+            pool.free(b)
+
+    def test_extend_chain_hashes_only_new_blocks_and_matches_block_hashes(self):
+        keys = BlockKeys(model_epoch=1, salt=b"a")
+        tokens = [1, 2, 3, 4, 5, 6, 7]
+        chain = extend_chain([], tokens[:4], keys, block_size=BS, upto=1)
+        first = chain[0]
+        extend_chain(chain, tokens, keys, block_size=BS, upto=3)
+        assert chain[0] is first and chain == block_hashes(tokens, keys, block_size=BS)
+        with pytest.raises(InvalidParamsError, match="upto"):
+            extend_chain(chain, tokens, keys, block_size=BS, upto=4)
 
 
 class TestMatch:
     def test_a_stored_prefix_is_matched_block_by_block(self):
         store = make_store()
         store_prompt(store, [1, 2, 3, 4, 5])
-        lease = store.acquire(8, timeout=0)
+        lease = store.open()
         m = store.match(lease, chain_of([1, 2, 3, 9]))
         assert m.num_tokens == 2 and len(m.block_ids) == 1
+        store.release(lease)
+        store.check_valid()
+
+    def test_a_match_continues_the_chain_a_lease_already_holds(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4, 5, 6])
+        lease = store.open()
+        assert store.match(lease, chain[:1]).num_tokens == 2
+        more = store.match(lease, chain)
+        assert more.num_tokens == 4 and len(lease.pinned) == 3
+        assert lease.table == [store.block_id_of(h) for h, _, _ in chain]
         store.release(lease)
         store.check_valid()
 
@@ -108,7 +149,7 @@ class TestMatch:
             return b"\x00"  # every block collides
         store = make_store()
         store_prompt(store, [1, 2], hash_fn=weak)
-        lease = store.acquire(2, timeout=0)
+        lease = store.open()
         assert store.match(lease, chain_of([7, 7], hash_fn=weak)).num_tokens == 0
         store.release(lease)
         assert store.stats().collisions_total == 1
@@ -119,43 +160,97 @@ class TestMatch:
             return b"\x00"
         store = make_store()
         store_prompt(store, [1, 2], hash_fn=weak, salt=b"tenant-a")
-        lease = store.acquire(2, timeout=0)
+        lease = store.open()
         assert store.match(lease, chain_of([1, 2], hash_fn=weak, salt=b"tenant-b")).num_tokens == 0
         store.release(lease)
 
+    def test_a_lease_that_shares_nothing_never_matches_nor_indexes(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4])
+        lease = store.open(indexing=False)
+        assert store.match(lease, chain).num_tokens == 0
+        assert store.allocate(lease) is not None
+        assert store.adopt(lease, chain[0]) is False
+        assert lease.pinned == [] and len(lease.private) == 1
+        store.release(lease)
+        assert store.stats().inserted_blocks_total == 2
+        store.check_valid()
 
-class TestFilling:
-    def test_a_block_being_filled_is_not_matched_by_another_request(self):
+
+class TestPrivateBlocks:
+    def test_a_block_is_matchable_only_once_its_writer_adopts_it(self):
         store = make_store()
         chain = chain_of([1, 2, 3, 4])
-        writer = store.acquire(4, timeout=0)
-        store.insert(writer, chain, 0)
-        reader = store.acquire(4, timeout=0)
-        assert store.match(reader, chain).num_tokens == 0
+        writer = store.open()
+        store.allocate(writer)
+        store.allocate(writer)
+        reader = store.open()
+        assert store.match(reader, chain).num_tokens == 0  # written but not indexed yet
         store.release(reader)
-        store.commit(writer)
-        reader = store.acquire(4, timeout=0)
+        assert store.adopt(writer, chain[0]) and store.adopt(writer, chain[1])
+        reader = store.open()
         assert store.match(reader, chain).num_tokens == 4
+        assert reader.table == writer.table  # shared, not copied
         store.release(reader)
         store.release(writer)
         store.check_valid()
 
-    def test_blocks_never_filled_are_freed_when_their_writer_ends(self):
+    def test_private_blocks_are_freed_when_their_holder_ends(self):
         store = make_store()
-        writer = store.acquire(4, timeout=0)
-        store.insert(writer, chain_of([1, 2, 3, 4]), 0)
-        store.release(writer)  # e.g. the forward pass raised
+        writer = store.open()
+        store.allocate(writer)
+        store.allocate(writer)
+        store.release(writer)  # e.g. the request was cancelled or preempted
         assert store.pool.num_used == 0
+        store.check_valid()
+
+    def test_an_indexed_block_already_stored_by_another_request_keeps_the_rest_private(self):
+        store = make_store()
+        chain = chain_of([1, 2, 3, 4])
+        a, b = store.open(), store.open()
+        for lease in (a, b):
+            store.allocate(lease)
+            store.allocate(lease)
+        assert store.adopt(a, chain[0])
+        assert store.adopt(b, chain[0]) is False  # the same block, stored first by a
+        assert store.adopt(b, chain[1]) is False and not b.indexing
+        assert store.stats().collisions_total == 0  # equal content is no collision
+        assert len(b.private) == 2 and store.block_id_of(chain[0][0]) == a.table[0]
+        store.release(b)
+        store.release(a)
+        store.check_valid()
+
+    def test_a_colliding_hash_is_never_indexed_over_another_block(self):
+        def weak(b: bytes) -> bytes:
+            return b"\x00"
+        store = make_store()
+        store_prompt(store, [1, 2], hash_fn=weak)
+        lease = store.open()
+        store.allocate(lease)
+        assert store.adopt(lease, chain_of([7, 7], hash_fn=weak)[0]) is False
+        assert store.stats().collisions_total == 1
+        store.release(lease)
+        store.check_valid()
+
+    def test_allocation_fails_only_when_every_block_is_held(self):
+        store = make_store(blocks=4)
+        store_prompt(store, [1, 1, 2, 2])  # two cached blocks: evictable
+        lease = store.open()
+        got = [store.allocate(lease) for _ in range(4)]
+        assert None not in got and store.stats().evicted_blocks_total == 2
+        assert store.allocate(lease) is None  # all four private now: nothing to take
+        assert store.held_blocks() == 4
+        store.release(lease)
         store.check_valid()
 
 
 class TestEviction:
     def test_unpinned_leaves_go_least_recently_used_first(self):
-        store = make_store(blocks=4, high_watermark=1.0)
+        store = make_store(blocks=4)
         store_prompt(store, [1, 1, 2, 2])  # two blocks
         store_prompt(store, [3, 3])
         store_prompt(store, [4, 4])
-        lease = store.acquire(2, timeout=0)
+        lease = store.open()
         store.match(lease, chain_of([3, 3]))  # touch [3,3]
         store.release(lease)
         store_prompt(store, [5, 5])  # pool full: evicts the LRU leaf, [1,1,2,2]'s tail
@@ -164,17 +259,25 @@ class TestEviction:
         assert chain_of([1, 1])[0][0] in cached and chain_of([3, 3])[0][0] in cached
         store.check_valid()
 
-    def test_pinned_blocks_survive_any_load(self):
-        store = make_store(blocks=10, high_watermark=0.5)
+    def test_pinned_and_private_blocks_survive_any_load(self):
+        store = make_store(blocks=10)
         pinned_chain = chain_of([9, 9, 8, 8])
-        lease = store.acquire(4, timeout=0)
-        store.insert(lease, pinned_chain, 0)
-        store.commit(lease)
-        ids = [store.block_id_of(h) for h, _, _ in pinned_chain]
+        lease = store.open()
+        fill(store, lease, pinned_chain)
+        store.allocate(lease)  # and a private block after them
+        ids = list(lease.table)
         for i in range(200):
-            store_prompt(store, [i % 7, i % 5, i % 3, i, i + 1, i + 2])
+            other = store.open()
+            chain = chain_of([i % 7, i % 5, i % 3, i, i + 1, i + 2])
+            store.match(other, chain)
+            for item in chain[len(other.table):]:
+                if store.allocate(other) is None:
+                    break
+                store.adopt(other, item)
+            store.release(other)
             store.evict(100)
-        assert [store.block_id_of(h) for h, _, _ in pinned_chain] == ids
+        assert lease.table == ids
+        assert [store.block_id_of(h) for h, _, _ in pinned_chain] == ids[:2]
         store.release(lease)
         store.check_valid()
 
@@ -184,14 +287,13 @@ class TestEpochs:
         store = make_store()
         store_prompt(store, [1, 1, 2, 2], epoch=1)
         pinned = chain_of([3, 3, 4, 4], epoch=1)
-        lease = store.acquire(4, timeout=0)
-        store.insert(lease, pinned, 0)
-        store.commit(lease)
+        lease = store.open()
+        fill(store, lease, pinned)
         store_prompt(store, [5, 5], epoch=2)
         freed = store.drop_epoch(1)
         assert freed == 2
         assert store.pool.num_used == 3
-        probe = store.acquire(4, timeout=0)
+        probe = store.open()
         assert store.match(probe, pinned).num_tokens == 0  # retired: never matched again
         store.release(probe)
         store.check_valid()
@@ -199,62 +301,37 @@ class TestEpochs:
         assert store.pool.num_used == 1
         store.check_valid()
 
-    def test_inserts_of_a_dropped_epoch_are_refused(self):
+    def test_adoptions_of_a_dropped_epoch_are_refused(self):
         store = make_store()
         store.drop_epoch(1)
         store_prompt(store, [1, 1], epoch=1)
         assert store.pool.num_used == 0
-
-
-class TestAdmission:
-    def test_requests_past_the_high_watermark_queue_then_are_admitted_when_room_frees(self):
-        store = make_store(blocks=10, high_watermark=0.8, max_queue=4)
-        first = store.acquire(14, timeout=0)  # 7 of the 8 allowed blocks
-        got = []
-        t = threading.Thread(target=lambda: got.append(store.acquire(4, timeout=5)))
-        t.start()
-        deadline = time.monotonic() + 5
-        while store.stats().queued == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert store.stats().queued == 1 and not got
-        store.release(first)
-        t.join(5)
-        assert got and store.stats().queued == 0
-        store.release(got[0])
         store.check_valid()
 
-    def test_a_full_queue_refuses_with_a_retryable_error(self):
-        store = make_store(blocks=10, max_queue=0)
-        lease = store.acquire(16, timeout=0)
-        with pytest.raises(AdmissionRefusedError, match="retry") as info:
-            store.acquire(2, timeout=0)
-        assert info.value.retryable and info.value.retry_after_s > 0
-        assert store.stats().refused_total == 1
-        store.release(lease)
 
-    def test_a_wait_that_times_out_is_refused(self):
-        store = make_store(blocks=10, max_queue=2)
-        lease = store.acquire(16, timeout=0)
-        with pytest.raises(AdmissionRefusedError, match="waited"):
-            store.acquire(2, timeout=0.05)
-        store.release(lease)
+class TestCheckValid:
+    def test_it_detects_a_refcount_that_drifted(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2])
+        store._index[chain[0][0]].refs = 1  # a pin nobody holds
+        with pytest.raises(AssertionError, match="refcount"):
+            store.check_valid()
 
-    def test_a_prompt_larger_than_the_pool_is_admitted_with_a_capped_reservation(self):
-        store = make_store(blocks=10)
-        lease = store.acquire(1000, timeout=0)
-        assert lease.reserved == store.limit
-        chain = chain_of(list(range(100)))
-        stored = store.insert(lease, chain, 0)
-        assert len(stored.block_ids) == store.limit
-        store.release(lease)
-        store.check_valid()
+    def test_it_detects_a_held_block_on_the_free_list(self):
+        store = make_store()
+        lease = store.open()
+        b = store.allocate(lease)
+        store.pool._is_free[b] = True
+        store.pool._num_free += 1
+        with pytest.raises(AssertionError):
+            store.check_valid()
 
-    def test_max_running_bounds_requests_in_flight(self):
-        store = make_store(blocks=10, max_running=1, max_queue=0)
-        lease = store.acquire(0, timeout=0)
-        with pytest.raises(AdmissionRefusedError):
-            store.acquire(0, timeout=0)
-        store.release(lease)
+    def test_it_detects_a_chain_that_crosses_epochs(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4])
+        store._index[chain[1][0]].epoch = 2
+        with pytest.raises(AssertionError, match="epochs"):
+            store.check_valid()
 
 
 # -- stateful test against a plain model ------------------------------------------------------
@@ -267,7 +344,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     The pool tensor carries, in every slot of a block, a number naming the exact prefix (epoch,
     salt, tokens) it was written for; a match must only ever return blocks whose number is the
-    requested prefix's, and a pinned block's number must never change.
+    requested prefix's, and a held block's number must never change.
     """
 
     hash_fn = staticmethod(xxh3_128)
@@ -276,9 +353,9 @@ class StoreMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.store = make_store(blocks=8, high_watermark=0.75, max_queue=0, max_running=3)
+        self.store = make_store(blocks=8)
         self.identity: dict[tuple, float] = {}
-        self.live: dict[int, tuple] = {}  # lease id -> (lease, chain, matched+inserted count)
+        self.live: dict[int, tuple] = {}  # lease id -> (lease, epoch, salt, tokens)
         self.dropped: set[int] = set()
 
     def ident(self, epoch, salt, tokens) -> float:
@@ -291,47 +368,38 @@ class StoreMachine(RuleBasedStateMachine):
         assert bool((vals == vals[0, 0]).all()), "a block's slots disagree"
         return float(vals[0, 0])
 
-    @rule(target=leases, tokens=TOKENS, epoch=st.sampled_from([1, 2]), salt=st.sampled_from([b"a", b"b"]))
-    def request(self, tokens, epoch, salt):
+    @rule(target=leases, tokens=TOKENS, epoch=st.sampled_from([1, 2]), salt=st.sampled_from([b"a", b"b"]),
+          private=st.booleans())
+    def request(self, tokens, epoch, salt, private):
         chain = chain_of(tokens, epoch=epoch, salt=salt, hash_fn=self.hash_fn)
-        s = self.store.stats()
-        need = min(len(tokens) // BS, self.store.limit)
-        fits = s.reserved_blocks + need <= self.store.limit and s.running < self.store.max_running
-        try:
-            lease = self.store.acquire(len(tokens), timeout=0)
-        except AdmissionRefusedError:
-            assert not fits, "refused although it fit under the watermark"
-            return None
-        assert fits, "admitted past the watermark"
+        lease = self.store.open(indexing=not private)
         m = self.store.match(lease, chain)
         for i, b in enumerate(m.block_ids):
             assert self.content(b) == self.ident(epoch, salt, tokens[: (i + 1) * BS]), "matched someone else's KV"
         assert epoch not in self.dropped or m.num_tokens == 0, "matched a dropped epoch"
-        if self.strong:
+        if self.strong and not private:
             # Every block of this chain pinned by a live lease must be found.
             pinned = self.store.pinned_hashes()
             expect = 0
-            for h, _, _ in chain[: lease.reserved]:
+            for h, _, _ in chain:
                 if h in pinned and epoch not in self.dropped:
                     expect += 1
                 else:
                     break
             assert len(m.block_ids) >= expect, "a pinned prefix was not matched"
-        ins = self.store.insert(lease, chain, len(m.block_ids))
-        for i, (b, fresh) in enumerate(zip(ins.block_ids, ins.fresh, strict=True)):
-            j = len(m.block_ids) + i
-            val = self.ident(epoch, salt, tokens[: (j + 1) * BS])
-            if fresh:
-                self.store.pool.tensor[:, :, :, b * BS : (b + 1) * BS, :] = val
-            assert self.content(b) == val
-        self.store.commit(lease)
-        self.live[lease.lease_id] = (lease, chain, len(m.block_ids) + len(ins.block_ids), epoch, salt, tokens)
+        for j in range(len(lease.table), len(chain)):
+            held = self.store.held_blocks()
+            b = self.store.allocate(lease)
+            if b is None:
+                assert held == self.store.pool.num_blocks, "allocation failed with a block free or evictable"
+                break
+            self.store.pool.tensor[:, :, :, b * BS : (b + 1) * BS, :] = self.ident(epoch, salt, tokens[: (j + 1) * BS])
+            self.store.adopt(lease, chain[j])
+        self.live[lease.lease_id] = (lease, epoch, salt, tokens)
         return lease
 
     @rule(lease=consumes(leases))
     def release(self, lease):
-        if lease is None:
-            return
         self.store.release(lease)
         del self.live[lease.lease_id]
 
@@ -349,12 +417,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.check_valid()
 
     @invariant()
-    def pinned_blocks_keep_their_kv(self):
-        for lease, chain, n, epoch, salt, tokens in self.live.values():
-            for i, (h, _, _) in enumerate(chain[:n]):
-                b = self.store.block_id_of(h)
-                assert b is not None, "a pinned block was evicted"
-                assert self.content(b) == self.ident(epoch, salt, tokens[: (i + 1) * BS])
+    def held_blocks_keep_their_kv(self):
+        for lease, epoch, salt, tokens in self.live.values():
+            for i, b in enumerate(lease.table):
+                assert self.content(b) == self.ident(epoch, salt, tokens[: (i + 1) * BS]), "a held block changed"
+            for i, h in enumerate(lease.pinned):
+                assert self.store.block_id_of(h) == lease.table[i], "a pinned block was evicted"
 
     @invariant()
     def never_over_budget(self):

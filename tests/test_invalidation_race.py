@@ -14,6 +14,7 @@ from cachesvc.store.redis_store import RedisStore
 from invalidation import EpochView, RedisRegistry
 from keying import Scope
 from tests.store_helpers import key_for, make_entry
+from tests.store_helpers import KEYS
 
 pytestmark = pytest.mark.redis
 SCOPE = Scope.for_tenant("acme")
@@ -40,7 +41,7 @@ class TestFillRacesRollout:
             old = view.current("m")  # the fill's lookup missed under this epoch
             new = (await registry.rollout("m", "v2")).current
             entry = make_entry(scope=SCOPE, model="m", version=old.version, epoch=old.epoch)
-            await store.set(key_for(entry), encode_entry(entry), ttl=60)  # the late fill
+            await store.set(key_for(entry), encode_entry(entry, keys=KEYS), ttl=60)  # the late fill
             assert await store.get(key_for(entry)) is not None  # the late fill is stored...
             await view.poll()
             assert view.current("m") == new

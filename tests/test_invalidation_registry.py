@@ -29,6 +29,18 @@ class TestModelRegistry:
         with pytest.raises(UnknownModelError, match="models rollout m"):
             await registry.current("m")
 
+    async def test_the_genesis_epoch_is_clock_based_stable_and_below_every_rollout(
+        self, registry: ModelRegistry
+    ) -> None:
+        import time
+
+        genesis = await registry.genesis()
+        # Not a constant first epoch: at least the clock in milliseconds.
+        assert genesis >= int(time.time() * 1000) - 60_000
+        assert await registry.genesis() == genesis
+        r = await registry.rollout("m", "v1")
+        assert r.current.epoch > genesis and await registry.genesis() == genesis
+
     async def test_a_rollout_becomes_current(self, registry: ModelRegistry) -> None:
         r = await registry.rollout("m", "v1")
         assert r.changed and r.previous is None and r.event_id
@@ -117,12 +129,27 @@ class TestRedisRegistryDurability:
         assert again.current.epoch > first.current.epoch
         await client.aclose()
 
+    async def test_a_lost_registry_issues_a_new_larger_genesis(self, redis_standalone) -> None:  # type: ignore[no-untyped-def]
+        """A model never rolled out is at the genesis epoch; after the registry's keys are
+        lost, it is at a new one, so its entries from before the loss stay unreachable."""
+        from redis.asyncio import Redis
+
+        client = Redis(host=redis_standalone.host, port=redis_standalone.port)
+        registry = RedisRegistry(client)
+        first = await registry.genesis()
+        rolled = await registry.rollout("m", "v1")
+        await client.flushall()
+        await asyncio.sleep(0.01)
+        assert await registry.genesis() > rolled.current.epoch > first
+        await client.aclose()
+
     async def test_registry_keys_share_one_hash_slot(self) -> None:
         from redis.crc import key_slot
 
         reg = RedisRegistry.__new__(RedisRegistry)
         RedisRegistry.__init__(reg, _FakeScriptClient(), namespace="a{b}:c")
-        slots = {key_slot(k.encode()) for k in (reg.models_key, reg.counter_key, reg.events_key)}
+        slots = {key_slot(k.encode()) for k in (reg.models_key, reg.counter_key, reg.events_key,
+                                                 reg.genesis_key)}
         assert len(slots) == 1
 
 

@@ -21,6 +21,7 @@ from invalidation import EpochView, RedisRegistry, StaleViewError
 from keying import Scope
 from tests.store_helpers import key_for, make_entry
 from tests.test_invalidation_events import DeafRegistry
+from tests.store_helpers import KEYS
 
 pytestmark = pytest.mark.redis
 
@@ -103,7 +104,7 @@ def make_machine(host: str, port: int, strict: bool) -> type[RuleBasedStateMachi
                 return  # fail closed: no fill from a view that may be stale
             entry = make_entry(scope=SCOPE, model=model, version=mv.version, epoch=mv.epoch,
                                name=name)
-            self.run(self.store.set(key_for(entry), encode_entry(entry), ttl=600))
+            self.run(self.store.set(key_for(entry), encode_entry(entry, keys=KEYS), ttl=600))
 
         @rule(replica=st.integers(0, REPLICAS - 1), model=st.sampled_from(MODELS),
               name=st.integers(0, 1))
@@ -126,7 +127,7 @@ def make_machine(host: str, port: int, strict: bool) -> type[RuleBasedStateMachi
             raw = self.run(self.store.get(key))
             if raw is None:
                 return
-            entry = decode_entry(raw)
+            entry = decode_entry(raw, keys=KEYS)
             assert entry.epoch == mv.epoch and entry.model == model
             if strict and not self.run(view.is_current(model, entry.epoch)):
                 return  # the strict check turned it into a miss

@@ -171,9 +171,40 @@ class TestCacheability:
                       KeyParams(scope=ACME))
         assert not r.cacheability.cacheable and "best_of" in r.cacheability.reason
 
-    def test_live_web_search_bypasses_even_when_greedy(self) -> None:
-        r = build_key(chat(temperature=0, web_search_options={}), KeyParams(scope=ACME))
-        assert not r.cacheability.cacheable and "live data" in r.cacheability.reason
+    @pytest.mark.parametrize(("body", "rule"), [
+        (chat(web_search_options={}), "web_search_options"),
+        (chat(search_parameters={"mode": "auto"}), "search_parameters"),
+        (chat(plugins=[{"id": "web"}]), "plugins"),
+        (chat(plugins=[{"id": "file-parser"}]), "plugins"),
+        ({**chat(), "model": "openai/gpt-4o:online"}, ":online"),
+        (chat(tools=[{"type": "web_search"}]), "hosted tool"),
+        (chat(tools=[{"type": "web_search_preview"}]), "hosted tool"),
+        (chat(tools=[{"type": "file_search", "vector_store_ids": ["v"]}]), "hosted tool"),
+        (chat(tools=[{"type": "mcp", "server_url": "https://x"}]), "hosted tool"),
+        (chat(tools=[{"type": "web_search_20250305", "name": "web_search"}]), "hosted tool"),
+        (chat(tools=[{"type": "function", "function": {"name": "f"}},
+                     {"type": "code_interpreter"}]), "hosted tool"),
+        ({"model": "m", "prompt": "p", "temperature": 0, "plugins": [{"id": "web"}]},
+         "plugins"),
+    ])
+    def test_every_live_data_rule_bypasses_even_when_greedy_and_opted_in(
+            self, body: dict[str, Any], rule: str) -> None:
+        for opted_in in (False, True):
+            r = build_key({**body, "temperature": 0},
+                          KeyParams(scope=ACME, allow_nondeterministic=opted_in))
+            assert not r.cacheability.cacheable, body
+            assert r.cacheability.reason.startswith("live data") and rule in \
+                r.cacheability.reason
+
+    @pytest.mark.parametrize("body", [
+        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        chat(tools=[{"type": "custom", "custom": {"name": "grammar"}}]),
+        chat(plugins=[], web_search_options=None, search_parameters=None),
+        {**chat(), "model": "online-model"},
+    ])
+    def test_requests_that_only_look_like_live_data_are_cached(self, body: dict[str, Any]
+                                                                ) -> None:
+        assert build_key({**body, "temperature": 0}, KeyParams(scope=ACME)).cacheability.cacheable
 
     def test_tenant_can_opt_in(self) -> None:
         r = build_key(chat(), KeyParams(scope=ACME, allow_nondeterministic=True))
@@ -203,6 +234,13 @@ class TestInvalidInput:
             (chat(messages=[{"role": "user", "content": 5}]), r"messages\[0\].content"),
             (chat(stop=[1]), r"stop\[0\]"),
             (chat(logit_bias={"abc": 1}), "logit_bias.abc"),
+            # str.isdigit() passes these; int() raises on the first and folds the rest
+            (chat(logit_bias={"--5": 1}), "logit_bias.--5"),
+            (chat(logit_bias={"\u00b2": 1}), "logit_bias.\u00b2"),
+            (chat(logit_bias={"\u0663": 1}), "logit_bias.\u0663"),
+            (chat(logit_bias={" 3": 1}), "logit_bias. 3"),
+            (chat(logit_bias={"03": 1}), "logit_bias.03"),
+            (chat(logit_bias={"1" * 21: 1}), "logit_bias.1{21}"),
             (chat(logit_bias={"1": 101}), "logit_bias.1"),
             ({"messages": [{"role": "user", "content": "x"}]}, "model"),
             ({"model": "", "prompt": "x"}, "model"),

@@ -16,6 +16,7 @@ from cachesvc.events import CacheEvent
 from cachesvc.store import EmbeddedStore, decode_entry
 from keying import rebuild_key
 from tests.service_helpers import ADMIN, KEY_A, KEY_A2, KEY_B, KEY_U, auth, chat, make_settings
+from tests.store_helpers import KEYS
 
 
 class Recorder:
@@ -222,6 +223,19 @@ class TestUpstreamErrors:
         assert r.status_code == 503 and r.headers["x-cache"] == "MISS"
 
 
+class TestLiveData:
+    @pytest.mark.parametrize("extra", [
+        {"search_parameters": {"mode": "on"}}, {"plugins": [{"id": "web"}]},
+        {"model": "echo-1:online"}, {"tools": [{"type": "web_search_preview"}]},
+    ])
+    def test_a_live_data_request_bypasses_and_says_why(self, client, upstream, extra):
+        for _ in range(2):
+            r = post(client, {**chat("what happened today?"), **extra})
+            assert r.headers["x-cache"] == "BYPASS", r.text
+        assert r.headers["x-cache-reason"].startswith("live data")
+        assert upstream.calls == 2
+
+
 class TestBadInput:
     @pytest.mark.parametrize("body,field", [
         ({"model": "m", "messages": "hi"}, "messages"),
@@ -235,6 +249,54 @@ class TestBadInput:
         assert 400 <= r.status_code < 500
         err = r.json()["error"]
         assert err["param"] == field and err["fix"]
+
+    @pytest.mark.parametrize("body,field", [
+        (chat(logit_bias={"--5": 1}), "logit_bias.--5"),
+        (chat(logit_bias={"\u00b2": 1}), "logit_bias.\u00b2"),
+        # an Arabic-Indic three: int() reads it as 3, so it would share "3"'s entry
+        (chat(logit_bias={"\u0663": 1}), "logit_bias.\u0663"),
+    ])
+    def test_what_str_isdigit_passes_but_a_token_id_is_not_is_a_400(self, client, body, field):
+        r = post(client, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+    @pytest.mark.parametrize("value", [b"\xb2", "\u0663".encode(), b"9" * 5000])
+    def test_a_max_age_of_odd_digits_is_a_400_or_clamped_never_a_500(self, client, value):
+        # b"\xb2" is "\u00b2" in latin-1 (how header bytes are read): str.isdigit() is true
+        r = client.post("/v1/chat/completions", json=chat(),
+                        headers={**auth(), "Cache-Control": b"max-age=" + value})
+        assert r.status_code in (200, 400), r.text
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] == "Cache-Control"
+
+    @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/cache/lookup"])
+    def test_a_body_nested_deeper_than_can_be_sent_on_is_a_400(self, client, route):
+        deep = "1"
+        for _ in range(254):
+            deep = f"[{deep}]"
+        body = orjson.dumps(chat()).replace(b'"temperature"', b'"x_deep":' + deep.encode()
+                                            + b',"temperature"')
+        if route.endswith("lookup"):
+            body = b'{"request":' + body + b"}"
+        r = client.post(route, content=body, headers={**auth(), "Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, r.text
+
+    @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/cache/lookup"])
+    def test_integers_beyond_64_bits_are_refused_not_rounded_into_one_key(self, client, route):
+        def send(n: str) -> Any:
+            body = orjson.dumps(chat()).replace(b'"temperature"', b'"x_n":' + n.encode()
+                                                + b',"temperature"')
+            if route.endswith("lookup"):
+                body = b'{"request":' + body + b"}"
+            return client.post(route, content=body,
+                               headers={**auth(), "Content-Type": "application/json"})
+
+        for n in ("100000000000000000000001", "100000000000000000000002", "-9223372036854775809"):
+            r = send(n)
+            assert r.status_code == 400 and "64-bit" in r.json()["error"]["message"], r.text
+        assert send("18446744073709551615").status_code == 200
+        # A long run of digits in text is no number: served as usual.
+        assert post(client, chat("call 100000000000000000000001")).status_code == 200
 
     def test_invalid_json_is_a_400(self, client):
         r = client.post("/v1/chat/completions", content=b"{nope", headers=auth())
@@ -320,7 +382,7 @@ class TestCacheApi:
 
     def test_a_store_after_a_rollout_is_refused(self, client):
         token = self.lookup(client, chat("q4")).json()["fill_token"]
-        client.post("/admin/models/echo-1/rollout", json={"version": "v2"}, headers=auth(ADMIN))
+        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True}, headers=auth(ADMIN))
         r = self.store(client, token, self.answer())
         assert r.status_code == 409 and r.json()["error"]["code"] == "stale_epoch"
 
@@ -329,7 +391,52 @@ class TestCacheApi:
         ans = self.answer()
         ans["choices"][0]["finish_reason"] = None
         r = self.store(client, token, ans)
-        assert r.status_code == 422 and r.json()["error"]["param"] == "response.choices"
+        assert r.status_code == 422
+        assert r.json()["error"]["param"] == "response.choices[0].finish_reason"
+
+    @pytest.mark.parametrize(("answer", "param"), [
+        ({"choices": ["x"]}, "response.choices[0]"),
+        ({"choices": [{"index": [1], "finish_reason": "stop", "message": {}}]},
+         "response.choices[0].index"),
+        ({"choices": [{"index": 0, "finish_reason": "stop", "message": "hi"}]},
+         "response.choices[0].message"),
+        ({"choices": []}, "response.choices"),
+        ([{"choices": ["x"]}], "chunks[0].choices[0]"),
+        ([{"choices": [{"index": 0, "delta": "hi", "finish_reason": "stop"}]}],
+         "chunks[0].choices[0].delta"),
+        ([{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+          {"choices": [{"index": "1", "delta": {}, "finish_reason": "stop"}]}],
+         "chunks[1].choices[0].index"),
+    ])
+    def test_an_answer_not_in_the_openai_shape_is_a_422_naming_the_field_and_not_stored(
+            self, client, answer, param):
+        req = chat(f"malformed {param}", stream=isinstance(answer, list))
+        token = self.lookup(client, req).json()["fill_token"]
+        body = {"chunks": answer} if isinstance(answer, list) else {"response": answer}
+        r = self.store(client, token, **body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+        assert self.lookup(client, req).json()["status"] == "miss"
+
+    @pytest.mark.parametrize("extra", [b"100000000000000000000001", b"[" * 300 + b"]" * 300])
+    def test_an_answer_that_cannot_be_sent_back_is_a_422_never_a_500(self, client, extra):
+        token = self.lookup(client, chat(f"unsendable {len(extra)}")).json()["fill_token"]
+        body = orjson.dumps({"fill_token": token, "response": self.answer()})
+        body = body.replace(b'"created":1', b'"created":' + extra)
+        r = client.post("/v1/cache/store", content=body,
+                        headers={**auth(), "Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "response", r.text
+
+    def test_a_fill_token_stores_once(self, client):
+        token = self.lookup(client, chat("once")).json()["fill_token"]
+        assert self.store(client, token, self.answer("first")).json()["stored"]
+        again = self.store(client, token, self.answer("overwritten"))
+        assert again.status_code == 409 and again.json()["error"]["code"] == "fill_token_used"
+        assert self.lookup(client, chat("once")).json()["response"] == self.answer("first")
+        # ... nor re-creates the entry after the tenant's entries were deleted.
+        assert client.delete("/admin/tenants/team-a/entries",
+                             headers=auth(ADMIN)).json()["deleted"] >= 1
+        assert self.store(client, token, self.answer("back")).status_code == 409
+        assert self.lookup(client, chat("once")).json()["status"] == "miss"
 
     def test_a_request_that_does_not_match_the_token_is_refused(self, client):
         token = self.lookup(client, chat("q6")).json()["fill_token"]
@@ -386,7 +493,7 @@ class TestCacheApi:
 class TestAdmin:
     def test_a_rollout_turns_the_next_request_into_a_miss(self, client):
         post(client, chat())
-        r = client.post("/admin/models/echo-1/rollout", json={"version": "v2"},
+        r = client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True},
                         headers=auth(ADMIN))
         assert r.status_code == 200 and r.json()["version"] == "v2" and r.json()["epoch"] > 0
         assert post(client, chat()).headers["x-cache"] == "MISS"
@@ -397,7 +504,7 @@ class TestAdmin:
         post(client, chat("other"))
         store = client.app.state.services.store
         assert len(store._items) == 2  # noqa: SLF001
-        client.post("/admin/models/echo-1/rollout", json={"version": "v2"}, headers=auth(ADMIN))
+        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True}, headers=auth(ADMIN))
         import time
 
         deadline = time.monotonic() + 5
@@ -408,17 +515,17 @@ class TestAdmin:
         assert post(client, chat()).headers["x-cache"] == "HIT"
 
     def test_a_rollback_gets_a_fresh_epoch(self, client):
-        e1 = client.post("/admin/models/m/rollout", json={"version": "a"},
+        e1 = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
                          headers=auth(ADMIN)).json()["epoch"]
-        client.post("/admin/models/m/rollout", json={"version": "b"}, headers=auth(ADMIN))
-        e3 = client.post("/admin/models/m/rollout", json={"version": "a"},
+        client.post("/admin/models/m/rollout", json={"version": "b", "create": True}, headers=auth(ADMIN))
+        e3 = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
                          headers=auth(ADMIN)).json()["epoch"]
         assert e3 > e1
         models = client.get("/admin/models", headers=auth(ADMIN)).json()["models"]
         assert {"model": "m", "version": "a", "epoch": e3} in models
 
     def test_admin_endpoints_refuse_tenant_keys(self, client):
-        r = client.post("/admin/models/m/rollout", json={"version": "a"}, headers=auth(KEY_A))
+        r = client.post("/admin/models/m/rollout", json={"version": "a", "create": True}, headers=auth(KEY_A))
         assert r.status_code == 401
         assert client.get("/admin/models").status_code == 401
 
@@ -441,7 +548,9 @@ class TestHealth:
         post(client, chat())
         assert client.get("/healthz").json()["status"] == "ok"
         assert client.get("/readyz").json()["store"] == "closed"
-        text = client.get("/metrics").text
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=auth(KEY_A)).status_code == 401
+        text = client.get("/metrics", headers=auth(ADMIN)).text
         assert 'cachesvc_lookups_total{outcome="hit",route="proxy"}' in text
         assert "cachesvc_lookup_seconds_bucket" in text
         assert "cachesvc_breaker_state" in text
@@ -524,7 +633,7 @@ class TestStoredMaterial:
     @staticmethod
     def _entries(store: EmbeddedStore) -> list[Any]:
         async def collect() -> list[Any]:
-            return [decode_entry(raw) async for _, raw in store.scan_entries()]
+            return [decode_entry(raw, keys=KEYS) async for _, raw in store.scan_entries()]
 
         return asyncio.run(collect())
 

@@ -83,7 +83,7 @@ class TestWorkers:
                 states = [_chat(port).headers["x-cache"] for _ in range(12)]
                 assert first.headers["x-cache"] == "MISS" and set(states) == {"HIT"}
                 r = httpx.post(f"http://127.0.0.1:{port}/admin/models/echo-1/rollout",
-                               json={"version": "v2"},
+                               json={"version": "v2", "create": True},
                                headers={"Authorization": f"Bearer {ADMIN}"})
                 assert r.status_code == 200
                 time.sleep(0.5)  # > the event poll interval; far below the refresh bound
@@ -120,7 +120,7 @@ class TestEngineUpstream:
             streamed = c.post("/v1/chat/completions", json={**body, "stream": True},
                               headers=auth())
             assert streamed.headers["x-cache"] == "HIT" and "data: [DONE]" in streamed.text
-            r = c.post("/admin/models/random-tiny/rollout", json={"version": "2"},
+            r = c.post("/admin/models/random-tiny/rollout", json={"version": "2", "create": True},
                        headers=auth(ADMIN)).json()
             assert engine.model_epoch == r["epoch"]
             again = c.post("/v1/chat/completions", json=body, headers=auth())
@@ -129,6 +129,10 @@ class TestEngineUpstream:
                                  headers=auth())
             assert unsupported.status_code == 422
             assert unsupported.json()["error"]["param"] == "logit_bias"
+            metrics = c.get("/metrics").text  # the engine's own metrics, through the service
+            for name in ("engine_requests_running", "engine_requests_preempted_total", 'engine_kv_blocks{state="cached"}',
+                         "engine_ttft_seconds_bucket", "engine_step_seconds_count", "engine_steps_total"):
+                assert name in metrics, name
 
 
 class TestLogs:

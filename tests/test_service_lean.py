@@ -1,12 +1,12 @@
 """The lean path for the hot routes (cachesvc/api/lean.py): it answers exactly as the full
-FastAPI stack does, and it is the path actually taken."""
+FastAPI stack does (edge middleware such as the body limit included), and it is the path
+actually taken."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.middleware.base import BaseHTTPMiddleware
 
@@ -14,22 +14,15 @@ from cachesvc.app import create_app
 from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import KEY_B, auth, chat, make_settings
 
-_FULL = "/full"
+class _Passthrough:
+    """A middleware that does nothing: added with ``add_middleware``, it sends every route
+    through FastAPI's full stack (middleware, router, request handler)."""
 
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
-def _both(app: Any) -> Any:
-    """One ASGI app serving ``app`` as it is, and under ``/full`` through FastAPI's own
-    ``__call__`` (middleware stack, router, request handler): one loop, one lifespan."""
-
-    async def asgi(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(_FULL + "/"):
-            path = scope["path"][len(_FULL):]
-            scope = {**scope, "path": path, "raw_path": path.encode()}
-            await FastAPI.__call__(app, scope, receive, send)
-            return
-        await app(scope, receive, send)
-
-    return asgi
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 class _Seen:
@@ -50,7 +43,8 @@ def _app(tmp_path: Any) -> Any:
                       upstream=EchoUpstream())
 
 
-# (name, path, body or raw bytes, extra headers). Run in order: the first fills, later ones hit.
+# (name, path, body: JSON, raw bytes, or a tuple of chunks; extra headers). Each case runs after
+# the first, which fills the entry the hits read.
 CASES: list[tuple[str, str, Any, dict[str, str]]] = [
     ("miss then fill", "/v1/chat/completions", chat("lean"), {}),
     ("hit", "/v1/chat/completions", chat("lean"), {}),
@@ -70,6 +64,7 @@ CASES: list[tuple[str, str, Any, dict[str, str]]] = [
     ("not an object", "/v1/chat/completions", [1, 2], {}),
     ("bad field", "/v1/chat/completions", chat("x", max_tokens=-1), {}),
     ("too large", "/v1/chat/completions", chat("x" * 5_000), {}),
+    ("too large, chunked", "/v1/cache/lookup", (b'{"request":', b" " * 5_000, b"}"), {}),
     ("no key", "/v1/chat/completions", chat("lean"), {"Authorization": ""}),
     ("unknown key", "/v1/cache/lookup", {"request": chat("lean")},
      {"Authorization": "Bearer sk-nobody"}),
@@ -83,6 +78,8 @@ def _answer(client: TestClient, path: str, body: Any, headers: dict[str, str]) -
     hdrs = {k: v for k, v in hdrs.items() if v}
     if isinstance(body, bytes):
         r = client.post(path, content=body, headers=hdrs)
+    elif isinstance(body, tuple):  # sent in chunks, without a Content-Length
+        r = client.post(path, content=iter(body), headers=hdrs)
     else:
         r = client.post(path, json=body, headers=hdrs)
     head = {k: v for k, v in r.headers.items() if k not in _VOLATILE}
@@ -97,10 +94,13 @@ class TestLeanPath:
     def test_a_hot_route_answers_as_the_full_fastapi_stack_does(self, tmp_path, name, path,
                                                                 body, headers):
         answers = []
-        for prefix in ("", _FULL):  # a fresh service each, so the first cannot fill for the second
-            with TestClient(_both(_app(tmp_path / (prefix or "lean")))) as client:
+        for full in (False, True):  # a fresh service each, so one cannot fill for the other
+            app = _app(tmp_path / str(full))
+            if full:
+                app.add_middleware(_Passthrough)
+            with TestClient(app) as client:
                 _answer(client, *CASES[0][1:])  # the entry the hits read
-                answers.append(_answer(client, prefix + path, body, headers))
+                answers.append(_answer(client, path, body, headers))
         lean, full = answers
         assert lean == full
         if name != "miss then fill":

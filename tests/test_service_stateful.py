@@ -68,7 +68,7 @@ class ServiceMachine(RuleBasedStateMachine):
     @rule()
     def rollout(self) -> None:
         self.epoch += 1
-        r = self.client.post("/admin/models/echo-1/rollout", json={"version": f"v{self.epoch}"},
+        r = self.client.post("/admin/models/echo-1/rollout", json={"version": f"v{self.epoch}", "create": True},
                              headers=auth(ADMIN))
         assert r.status_code == 200
 

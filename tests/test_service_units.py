@@ -166,6 +166,13 @@ class TestFillTokens:
         with pytest.raises(UnprocessableError, match="invalid signature"):
             b.verify(self.grant(a))
 
+    def test_a_token_signed_before_a_rotation_still_verifies(self):
+        old = FillTokenSigner(b"a" * 32, clock=Clock())
+        rotated = FillTokenSigner(b"b" * 32, previous=[b"a" * 32], clock=Clock())
+        assert rotated.verify(self.grant(old)).model == "m"
+        with pytest.raises(UnprocessableError, match="invalid signature"):
+            old.verify(self.grant(rotated))  # new tokens are signed under the new secret
+
     def test_an_expired_token_is_refused(self):
         clock = Clock()
         s = FillTokenSigner(b"k" * 32, ttl_s=10, clock=clock)
@@ -190,9 +197,14 @@ class TestCacheControl:
     def test_no_header_means_no_directives(self):
         assert parse_cache_control(None) == parse_cache_control("")
 
-    def test_a_bad_max_age_names_the_header(self):
+    @pytest.mark.parametrize("value", ["-1", "\u00b2", "\u0663", "1.5", ""])
+    def test_a_bad_max_age_names_the_header(self, value):
         with pytest.raises(BadRequestError, match="max-age"):
-            parse_cache_control("max-age=-1")
+            parse_cache_control(f"max-age={value}")
+
+    def test_a_max_age_too_large_to_hold_is_2_to_the_31(self):
+        assert parse_cache_control("max-age=" + "9" * 5000).max_age == 2**31
+        assert parse_cache_control("max-age=" + "0" * 30 + "7").max_age == 7
 
 
 class TestSingleFlight:
@@ -340,6 +352,17 @@ class TestSettings:
                        'cache_nondeterminstic = true\n')
         with pytest.raises(ConfigError, match="cache_nondeterminstic"):
             load_settings(cfg)
+
+    @pytest.mark.parametrize("secret", ["x" * 65, "short"])
+    def test_a_secret_the_service_cannot_use_is_refused_at_start_with_the_range(self, secret):
+        with pytest.raises(ConfigError, match="cache.secret: .*16 to 64 bytes"):
+            load_settings(None, cache={"secret": secret})
+
+    def test_a_previous_secret_is_checked_the_same_and_needs_a_current_one(self):
+        with pytest.raises(ConfigError, match="cache.previous_secrets: .*16 to 64 bytes"):
+            load_settings(None, cache={"secret": "s" * 32, "previous_secrets": ["p" * 70]})
+        with pytest.raises(ConfigError, match="needs cache.secret"):
+            load_settings(None, cache={"previous_secrets": ["p" * 32]})
 
     def test_a_key_shared_by_two_tenants_is_refused(self):
         with pytest.raises(ConfigError, match="shared"):

@@ -29,7 +29,7 @@ def last_json(output: str) -> dict[str, Any]:
 
 class TestModelsCli:
     def test_rollout_then_show_lists_the_model(self, redis_url: str) -> None:
-        first = cli("models", "rollout", "llama", "v1", "--redis", redis_url, "--json")
+        first = cli("models", "rollout", "llama", "v1", "--create", "--redis", redis_url, "--json")
         assert first.exit_code == 0, first.output
         second = cli("models", "rollout", "llama", "v2", "--redis", redis_url, "--json")
         a, b = last_json(first.output), last_json(second.output)
@@ -38,14 +38,22 @@ class TestModelsCli:
         assert shown["models"][0]["version"] == "v2" and shown["models"][0]["epoch"] == b["epoch"]
 
     def test_an_idempotent_repeat_changes_nothing(self, redis_url: str) -> None:
-        cli("models", "rollout", "llama", "v1", "--redis", redis_url)
+        cli("models", "rollout", "llama", "v1", "--create", "--redis", redis_url)
         again = cli("models", "rollout", "llama", "v1", "--idempotent", "--redis", redis_url)
         assert again.exit_code == 0 and "nothing changed" in again.output
+
+    def test_a_rollout_of_a_model_the_registry_does_not_know_is_refused_without_create(
+            self, redis_url: str) -> None:
+        cli("models", "rollout", "llama", "v1", "--create", "--redis", redis_url)
+        typo = cli("models", "rollout", "lama", "v2", "--redis", redis_url)
+        assert typo.exit_code == 1 and "--create" in typo.output
+        shown = last_json(cli("models", "show", "--redis", redis_url, "--json").output)
+        assert [m["model"] for m in shown["models"]] == ["llama"]
 
     def test_the_config_file_names_redis(self, redis_url: str, tmp_path: Path) -> None:
         config = tmp_path / "cachesvc.toml"
         config.write_text(f'[redis]\nurl = "{redis_url}"\n')
-        result = cli("models", "rollout", "m", "1", "--config", str(config))
+        result = cli("models", "rollout", "m", "1", "--create", "--config", str(config))
         assert result.exit_code == 0 and "epoch" in result.output
 
     def test_without_redis_the_error_says_how_to_name_it(self, monkeypatch: Any) -> None:
@@ -54,14 +62,14 @@ class TestModelsCli:
         assert result.exit_code == 2 and "--redis" in result.output
 
     def test_a_bad_version_is_refused_naming_the_field(self, redis_url: str) -> None:
-        result = cli("models", "rollout", "m", "x" * 300, "--redis", redis_url)
+        result = cli("models", "rollout", "m", "x" * 300, "--create", "--redis", redis_url)
         assert result.exit_code == 1 and "version:" in result.output
 
 
 class TestPurgeCli:
     def test_purge_old_epochs_keeps_the_current_one(self, redis_url: str, redis_standalone: Any) -> None:
-        old = last_json(cli("models", "rollout", "m", "v1", "--redis", redis_url, "--json").output)
-        new = last_json(cli("models", "rollout", "m", "v2", "--redis", redis_url, "--json").output)
+        old = last_json(cli("models", "rollout", "m", "v1", "--create", "--redis", redis_url, "--json").output)
+        new = last_json(cli("models", "rollout", "m", "v2", "--create", "--redis", redis_url, "--json").output)
         client = redis.Redis(host=redis_standalone.host, port=redis_standalone.port)
         keys = {}
         for epoch in (old["epoch"], new["epoch"]):

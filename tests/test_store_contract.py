@@ -22,6 +22,7 @@ from cachesvc.store import (
 )
 from keying import Scope
 from tests.store_helpers import digest_of, key_for, make_entry
+from tests.store_helpers import KEYS
 
 
 class FakeClock:
@@ -88,6 +89,17 @@ class TestStoreContract:
         assert await harness.store.delete(k("a")) is False
         assert await harness.store.get(k("a")) is None
 
+    async def test_only_the_first_claim_of_a_key_succeeds_until_it_expires(
+        self, harness: Harness
+    ) -> None:
+        assert await harness.store.claim("llmc:ft:a", ttl=0.3) is True
+        assert await harness.store.claim("llmc:ft:a", ttl=0.3) is False
+        assert await harness.store.claim("llmc:ft:b", ttl=60) is True
+        assert [k async for k, _ in harness.store.scan_entries()] == []  # not an entry
+        await harness.advance(0.4)
+        assert await harness.store.claim("llmc:ft:a", ttl=60) is True
+        assert await harness.store.claim("llmc:ft:b", ttl=60) is False
+
     async def test_an_entry_expires_after_its_ttl(self, harness: Harness) -> None:
         await harness.store.set(k("short"), b"x", ttl=0.3)
         await harness.store.set(k("long"), b"y", ttl=60)
@@ -111,10 +123,11 @@ class TestStoreContract:
             await harness.store.set(k("a"), b"x", ttl=0)
 
     async def test_an_encoded_entry_round_trips(self, harness: Harness) -> None:
-        entry = make_entry(stream=[{"choices": [{"delta": {"content": "hé"}}]}], response=None)
-        await harness.store.set(key_for(entry), encode_entry(entry), ttl=entry.ttl)
+        entry = make_entry(stream=[{"choices": [{"delta": {"content": "hé"}, "finish_reason": "stop"}]}],
+                           response=None)
+        await harness.store.set(key_for(entry), encode_entry(entry, keys=KEYS), ttl=entry.ttl)
         raw = await harness.store.get(key_for(entry))
-        assert raw is not None and decode_entry(raw) == entry
+        assert raw is not None and decode_entry(raw, keys=KEYS) == entry
 
     async def test_delete_tenant_removes_its_tenant_and_user_entries_only(
         self, harness: Harness
@@ -160,7 +173,7 @@ class TestStoreContract:
         expected = {}
         for i in range(120):
             entry = make_entry(name=i, scope=Scope.for_tenant(f"t{i % 7}"))
-            expected[key_for(entry)] = encode_entry(entry)
+            expected[key_for(entry)] = encode_entry(entry, keys=KEYS)
             await harness.store.set(key_for(entry), expected[key_for(entry)], ttl=60)
         seen: dict[str, bytes] = {}
         async for key, raw in harness.store.scan_entries(batch=17):

@@ -14,12 +14,13 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 log = structlog.get_logger()
 
 
-@router.post("/models/{model}/rollout", response_model=ModelVersion, responses=ERROR_RESPONSES)
+@router.post("/models/{model}/rollout", response_model=ModelVersion,
+             responses={**ERROR_RESPONSES, 404: {"description": "Unknown model, no create."}})
 async def rollout(model: str, body: RolloutRequest, services: ServicesDep,
                   _: AdminDep) -> ModelVersion:
     """Make ``version`` current for ``model`` under a fresh epoch: every older entry (and every
     prefix block of the old epoch) becomes unreachable at once, rollbacks included."""
-    version, epoch = await services.versions.rollout(model, body.version)
+    version, epoch = await services.versions.rollout(model, body.version, create=body.create)
     # The new epoch already makes old entries unreachable; deleting them only returns memory,
     # so it runs in the background and its failure is a log line, not a failed rollout.
     services.spawn(_purge_old_epochs(services, model, epoch), name=f"purge-{model}")

@@ -21,9 +21,15 @@ from cachesvc.api.schemas import (
     StoreResponse,
 )
 from cachesvc.cache_control import parse_cache_control
-from cachesvc.errors import BadRequestError, StaleEpochError, TooLargeError, UnprocessableError
+from cachesvc.errors import (
+    BadRequestError,
+    StaleEpochError,
+    TokenUsedError,
+    TooLargeError,
+    UnprocessableError,
+)
 from cachesvc.response_cache import FillTarget, Payload
-from cachesvc.streaming import body_complete, stream_complete
+from cachesvc.store.answer import answer_problem
 from keying import Scope, detect_kind
 
 router = APIRouter(prefix="/v1/cache", tags=["cache"])
@@ -138,6 +144,13 @@ async def store(body: StoreRequest, services: ServicesDep, tenant: TenantDep) ->
                 "tenant's ttl_seconds)", field="ttl_seconds",
                 fix="send a shorter ttl_seconds, or leave it out for the tenant's default")
         ttl = body.ttl_seconds
+    used = await services.cache.claim_fill_token(body.fill_token, grant.expires_at)
+    if used is None:
+        return StoreResponse(stored=False, reason="store_unavailable")
+    if not used:
+        raise TokenUsedError("fill_token was already used to store an answer",
+                             field="fill_token",
+                             fix="each lookup's token stores once; look the request up again")
     target = FillTarget(scope=scope, digest=grant.digest, material_digest=grant.material_digest,
                         model=grant.model, version=version, epoch=grant.epoch, adapter=None,
                         ttl_seconds=ttl, material=keyed.key.material if keyed else None)
@@ -156,15 +169,21 @@ def _payload(body: StoreRequest) -> Payload:
     if (body.response is None) == (body.chunks is None):
         raise UnprocessableError("send exactly one of response and chunks", field="response",
                                  fix="put the JSON body in response, or stream chunks in chunks")
+    # The same check an entry makes when it is built and read back: refused here with the
+    # field named, instead of stored and refused on every hit.
+    problem = answer_problem(response=body.response, stream=body.chunks)
+    if problem is not None:
+        raise UnprocessableError(problem[1], field=problem[0],
+                                 fix="store only the model's complete answer, as it returned it")
+    answer_field = "response" if body.response is not None else "chunks"
+    try:
+        # What a hit will send: an answer orjson cannot write (an integer beyond 64 bits, or
+        # nested deeper than it writes) would be a 500 on every hit.
+        orjson.dumps(body.response if body.response is not None else body.chunks)
+    except orjson.JSONEncodeError as exc:
+        raise UnprocessableError(f"the answer cannot be sent back as JSON ({exc})",
+                                 field=answer_field,
+                                 fix="store the model's answer as it returned it") from None
     if body.response is not None:
-        if not body_complete(body.response):
-            raise UnprocessableError(
-                "response has no complete choices (each needs a finish_reason)",
-                field="response.choices", fix="store only a complete model response")
         return Payload(stream=False, body=body.response)
-    assert body.chunks is not None
-    if not stream_complete(body.chunks):
-        raise UnprocessableError("the stream did not end normally (no finish_reason)",
-                                 field="chunks", fix="store only a stream that completed")
     return Payload(stream=True, chunks=body.chunks)
-

@@ -56,6 +56,8 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key from the config.")
 _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey",
                            description="The [admin] api_key from the config.")
+_metrics_bearer = HTTPBearer(auto_error=False, scheme_name="MetricsKey",
+                             description="The [admin] metrics_key (or api_key) from the config.")
 
 
 def _auth_header(creds: HTTPAuthorizationCredentials | None) -> str | None:
@@ -76,7 +78,15 @@ async def require_admin(
     services.tenants.authenticate_admin(_auth_header(creds))
 
 
+async def require_metrics_key(
+    services: ServicesDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_metrics_bearer)],
+) -> None:
+    services.tenants.authenticate_metrics(_auth_header(creds))
+
+
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+MetricsDep = Annotated[None, Depends(require_metrics_key)]
 
 
 def hot_path_caller(request: Request) -> tuple[Services, Tenant]:
@@ -107,7 +117,7 @@ async def read_json_body(request: Request, limit: int) -> tuple[bytes, Any]:
     import orjson
 
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
+    if declared is not None and declared.isascii() and declared.isdigit():
         if int(declared) > limit:
             raise _too_large(limit)
         raw = await request.body()

@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from cachesvc.api.responses import OrjsonResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from cachesvc.body_limit import BodyRefused, refusal
 from cachesvc.errors import ServiceError, UpstreamError
 
 log = structlog.get_logger()
@@ -55,6 +57,17 @@ def install(app: FastAPI) -> None:
                        code="invalid_request", param=field,
                        fix="see the OpenAPI schema at /openapi.json for this endpoint"),
             status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client left mid-body, or the server closed it as too slow: nobody reads an
+        # answer, and no traceback is logged (one per slow client would be a cheap attack).
+        return Response(status_code=400, headers={"connection": "close"})
+
+    @app.exception_handler(BodyRefused)
+    async def _body(request: Request, exc: BodyRefused) -> Response:
+        status, headers, body = refusal(exc)
+        return Response(body, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> OrjsonResponse:

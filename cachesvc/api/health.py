@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from cachesvc.api.deps import ServicesDep
+from cachesvc.api.deps import MetricsDep, ServicesDep
 from cachesvc.api.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -28,7 +28,9 @@ async def readyz(services: ServicesDep) -> Health:
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                             "description": "Prometheus text format."}})
-async def metrics() -> Response:
-    """Prometheus metrics of every part (default registry)."""
+                             "description": "Prometheus text format."},
+                       401: {"description": "No metrics key or admin key."}})
+async def metrics(_: MetricsDep) -> Response:
+    """Prometheus metrics of every part (default registry). Needs ``[admin] metrics_key`` or
+    the admin key: the labels name every tenant with its hit and miss counts."""
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

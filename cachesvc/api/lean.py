@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute, APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -38,13 +38,21 @@ def lean(endpoint: Endpoint) -> Endpoint:
 class CacheApp(FastAPI):
     """FastAPI, with the routes marked :func:`lean` dispatched before the framework's layers.
 
-    NOTE: with any middleware added (``add_middleware``) there is no lean path at all: a
-    middleware must see every request, so every route then takes the full stack.
+    NOTE: with any middleware added by ``add_middleware`` there is no lean path at all: such a
+    middleware must see every request, so every route then takes the full stack. What must run
+    for every route and may run before routing goes in with :meth:`add_edge_middleware`.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._lean_routes: dict[str, Endpoint] = {}
+        self._edge: ASGIApp = self._dispatch
+
+    def add_edge_middleware(self, middleware: Callable[..., ASGIApp], **options: Any) -> None:
+        """Put ``middleware(app, **options)`` in front of every request, lean or not, before
+        routing (the last one added runs first). For what every route must pass, such as the
+        body limit; ``add_middleware`` instead takes every route off the lean path."""
+        self._edge = middleware(self._edge, **options)
 
     def include_router(self, router: APIRouter, *, prefix: str = "", **kwargs: Any) -> None:
         """``FastAPI.include_router``; the router's :func:`lean` POST routes join the lean
@@ -55,6 +63,9 @@ class CacheApp(FastAPI):
                 self._lean_routes[prefix + r.path] = r.endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._edge(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self._lean_routes.get(scope["path"])
             if (endpoint is not None and not self.user_middleware and not self.root_path

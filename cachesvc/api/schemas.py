@@ -143,6 +143,8 @@ class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(min_length=1, max_length=200)
+    create: bool = Field(default=False, description="Allow a model the registry does not know "
+                         "yet (otherwise 404: a misspelt name must not start a model).")
 
 
 class ModelVersion(BaseModel):

@@ -23,6 +23,7 @@ _COMMANDS: dict[str, tuple[str, str, bool]] = {
     "engine": ("cachesvc.cli.engine", "app", True),
     "serve": ("cachesvc.cli.serve", "register", True),
     "purge": ("cachesvc.cli.purge", "register", True),
+    "capacity": ("cachesvc.cli.capacity", "register", True),
 }
 
 

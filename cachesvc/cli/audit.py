@@ -117,12 +117,8 @@ def scan(
         typer.echo("note: no entry carries its key material ([cache] store_material = false, or "
                    "filled before it was on), so digests were not recomputed and answers not "
                    "read back (the shadow auditor checks them against live requests)", err=True)
-    if not result.material_digest_checked and result.material_checked:
-        typer.echo("note: the service's secret is not known here ([cache] secret or "
-                   "<state_dir>/secret), so keyed material digests were not recomputed", err=True)
-    forged = result.findings_by_kind.get("collision", 0)
-    if result.material_checked >= 10 and forged >= result.material_checked:
-        typer.echo("warning: every entry's material digest disagrees: is [cache] secret the "
+    if result.entries >= 10 and readable == 0:
+        typer.echo("warning: no entry verified: is [cache] secret the "
                    "one the service ran with?", err=True)
     raise typer.Exit(code=1 if result.findings else 0)
 
@@ -166,24 +162,34 @@ async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
                 oracle: Any = None) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cachesvc.auditing import canaries_of, registry_snapshot, scan_items
-    from cachesvc.store import open_store
+    from cachesvc.auditing import EntryReader, canaries_of, registry_snapshot, scan_items
+    from cachesvc.store import EntryKeys, open_store
+    from cachesvc.store.mac import key_id
+
+    secret = _material_secret(settings)
+    if secret is None:
+        _fail("the scan verifies every entry's MAC, which needs the service secret: set "
+              "[cache] secret (or run where the service's <state_dir>/secret is)")
+    assert secret is not None
+    previous = [s.encode() for s in settings.cache.previous_secrets]
+    reader = EntryReader.of(settings, EntryKeys(secret, previous))
 
     store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
     registry = await _open_registry(store)
     snapshot = await registry_snapshot(registry) if registry is not None else {}
+    genesis = await registry.genesis() if registry is not None else None
     if registry is None:
         typer.echo("warning: no model registry reachable; epoch and version checks against the "
                    "registry are skipped", err=True)
     recorder = Recorder(journal)
     scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
-                      check_registry=registry is not None, secret=_material_secret(settings),
-                      oracle=oracle)
+                      check_registry=registry is not None, secret=secret, oracle=oracle,
+                      previous_secrets={key_id(s).hex(): s for s in previous}, genesis=genesis)
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
             task = progress.add_task("scan", total=None)
-            result = await scanner.run(scan_items(store, batch=batch),
+            result = await scanner.run(scan_items(store, reader, batch=batch),
                                        progress=lambda n: progress.update(task, completed=n))
         journal.save_result("scan", result.as_dict())
     finally:

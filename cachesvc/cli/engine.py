@@ -30,6 +30,11 @@ def serve(
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
     max_running: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for room.")] = 64,
+    max_batch_tokens: Annotated[int, typer.Option(help="Tokens per scheduler step (decodes, then prefill "
+                                                  "chunks).")] = 512,
+    high_watermark: Annotated[float, typer.Option(help="Admission stops at this share of the pool.")] = 0.8,
+    queue_timeout_s: Annotated[float, typer.Option(help="Longest wait for admission before a 503.")] = 30.0,
+    max_tokens_limit: Annotated[int, typer.Option(help="Per-request cap on max_tokens.")] = 4096,
     model_epoch: Annotated[int, typer.Option(help="Model epoch in the block hashes.")] = 1,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="KEY=TENANT; repeat.")] = None,
     no_isolate_tenants: Annotated[bool, typer.Option(
@@ -46,7 +51,9 @@ def serve(
     try:
         engine = Engine.from_name(model, device=device, pool_bytes=pool_mb * 2**20, block_size=block_size,
                                   max_running=max_running, max_queue=max_queue, model_epoch=model_epoch,
-                                  isolate_tenants=not no_isolate_tenants)
+                                  isolate_tenants=not no_isolate_tenants, max_batch_tokens=max_batch_tokens,
+                                  high_watermark=high_watermark, queue_timeout_s=queue_timeout_s,
+                                  max_tokens_limit=max_tokens_limit)
     except (PrefixCacheError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     fastapi_app = create_engine_app(engine, api_keys=keys or None)

@@ -39,6 +39,11 @@ def rollout(
         bool,
         typer.Option(help="If VERSION is already current, change nothing (no new epoch)."),
     ] = False,
+    create: Annotated[
+        bool,
+        typer.Option(help="Allow a MODEL the registry does not know yet (refused otherwise: a "
+                          "misspelt name must not start a model of its own)."),
+    ] = False,
     redis: RedisOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -49,7 +54,8 @@ def rollout(
     async def run() -> None:
         store = open_redis_store(redis, config)
         try:
-            r = await RedisRegistry(store.client).rollout(model, version, idempotent=idempotent)
+            r = await RedisRegistry(store.client).rollout(
+                model, version, idempotent=idempotent, only=None if create else "existing")
         finally:
             await store.close()
         if as_json:

@@ -76,7 +76,11 @@ def register(app: typer.Typer) -> None:
         from cachesvc.logs import configure_logging
 
         configure_logging(settings.logging.level, json=settings.logging.json_logs)
-        common = dict(host=host, port=port, loop="uvloop", http="httptools",
+        from cachesvc.http_protocol import http_protocol
+
+        common = dict(host=host, port=port, loop="uvloop",
+                      http=http_protocol(header_timeout_s=settings.limits.header_timeout_s,
+                                    body_timeout_s=settings.limits.body_timeout_s),
                       log_level=settings.logging.level.lower(), access_log=False,
                       timeout_graceful_shutdown=10)
         if workers == 1:

@@ -28,12 +28,16 @@ from cachesvc.store.errors import (
     EntryDecodeError,
     EntryTooLargeError,
     ForeignEntryError,
+    ForgedEntryError,
     InvalidEntryError,
+    OversizeEntryError,
     StoreConfigError,
     StoreError,
     StoreUnavailableError,
+    UnknownKeyError,
     UnsupportedVersionError,
 )
+from cachesvc.store.mac import EntryKeys
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,14 +173,18 @@ __all__ = [
     "Entry",
     "EntryDecodeError",
     "EntryTooLargeError",
+    "EntryKeys",
     "ForeignEntryError",
+    "ForgedEntryError",
     "InvalidEntryError",
+    "OversizeEntryError",
     "ResponseStore",
     "StorageKeyParts",
     "StoreConfigError",
     "StoreError",
     "StoreLimits",
     "StoreUnavailableError",
+    "UnknownKeyError",
     "UnsupportedVersionError",
     "decode_entry",
     "encode_entry",

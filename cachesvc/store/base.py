@@ -152,6 +152,12 @@ class ResponseStore(Protocol):
         """Remove ``key``; True if it existed."""
         ...
 
+    async def claim(self, key: str, *, ttl: float) -> bool:
+        """Mark ``key`` used for ``ttl`` seconds; True only for the first claim in that time
+        (fill tokens are single-use). Claims live apart from entries: never evicted, scanned
+        or purged as entries."""
+        ...
+
     async def delete_tenant(self, tenant: str) -> int:
         """Remove every entry of ``tenant`` (tenant and user scopes); return the count."""
         ...

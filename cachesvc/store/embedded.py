@@ -53,6 +53,8 @@ class EmbeddedStore:
         self._snapshots: dict[str, list[str]] = {}
         self._snapshot_ids = itertools.count(1)
         self.evictions = 0
+        #: claim key -> expiry; apart from the entries, so memory pressure cannot evict one.
+        self._claims: dict[str, float] = {}
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -81,6 +83,15 @@ class EmbeddedStore:
             self._remove(key)
             return True
         return False
+
+    async def claim(self, key: str, *, ttl: float) -> bool:
+        now = self._clock()
+        if len(self._claims) >= 1024:  # amortised: drop the expired ones now and then
+            self._claims = {k: t for k, t in self._claims.items() if t > now}
+        if self._claims.get(key, now) > now:
+            return False
+        self._claims[key] = now + ttl
+        return True
 
     async def delete_tenant(self, tenant: str) -> int:
         return (await Purger(self).run(PurgeSelector(tenant=tenant))).deleted

@@ -1,13 +1,18 @@
-"""The stored form of a cached response: a versioned msgpack envelope with a checksum and the
-entry's provenance.
+"""The stored form of a cached response: a versioned msgpack envelope, authenticated by a
+keyed MAC, with the entry's provenance.
 
-Layout (all integers big-endian)::
+Layout::
 
-    b"LLMC"  magic (4)   |  format version (1)  |  xxh3_64 checksum (8)  |  msgpack payload
+    b"LLMC" magic (4) | format version (1) | key id (4) | MAC (32) | msgpack payload
 
-The checksum covers the magic, the version and the payload, so a flipped bit anywhere is
-caught. It detects damage, not forgery: forgery is what the material digest inside the payload
-(a keyed blake2b, checked on every hit) is for.
+The MAC (:mod:`cachesvc.store.mac`, keyed BLAKE2b under the service secret) covers the magic,
+the version, the key id and the whole payload: metadata and answer. It is checked before the
+payload is parsed, so bytes that anyone but the service wrote, an answer moved onto another
+entry's metadata, or a flipped bit, are refused before any of their content is trusted.
+
+An entry is validated when it is built, on the fill path and on every read alike: its fields,
+and its answer against the OpenAI response shape (:mod:`cachesvc.store.answer`). So the read
+side refuses exactly what the write side would never have written.
 """
 
 from __future__ import annotations
@@ -15,25 +20,31 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import xxhash
 
+from cachesvc.store.answer import answer_problem, describe
 from cachesvc.store.errors import (
     CorruptEntryError,
     ForeignEntryError,
     InvalidEntryError,
+    OversizeEntryError,
     UnsupportedVersionError,
 )
+from cachesvc.store.mac import KEY_ID_SIZE, MAC_SIZE, EntryKeys
 from keying import Scope
 from keying.errors import InvalidRequestError
 
 MAGIC = b"LLMC"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct(">4sBQ")
-HEADER_SIZE = _HEADER.size  # 13
+#: Version 2 added the MAC; version 1 entries (an unkeyed checksum) are refused, never served.
+FORMAT_VERSION = 2
+_HEADER = struct.Struct(f">4sB{KEY_ID_SIZE}s{MAC_SIZE}s")
+HEADER_SIZE = _HEADER.size  # 41
+_SIGNED_HEADER = 4 + 1 + KEY_ID_SIZE  # the header bytes the MAC covers (all but the MAC)
+#: How far in the future a ``created_at`` may lie (clock skew between replicas).
+MAX_CLOCK_SKEW_S = 300.0
 DIGEST_SIZE = 16
 MATERIAL_DIGEST_SIZE = 32
 #: Key material this long or longer is stored compressed when that is smaller.
@@ -66,6 +77,9 @@ class Entry:
     #: digests and read the request back, to recompute the answer. It holds the request's
     #: keyed fields (the prompt included), so the store holds prompts as well as answers.
     material: bytes | None = None
+    #: The key id the entry's MAC was made under (set by :func:`decode_entry`; not stored in
+    #: the payload, and not part of equality).
+    key_id: bytes = field(default=b"", compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.scope, Scope):
@@ -106,10 +120,25 @@ class Entry:
         if self.material is not None and (not isinstance(self.material, bytes)
                                           or not self.material):
             raise InvalidEntryError("material: must be non-empty bytes (KeyResult.material) or None")
+        problem = answer_problem(response=self.response, stream=self.stream)
+        if problem is not None:
+            raise InvalidEntryError(f"{describe(problem)}; store only a complete answer in the "
+                                    "OpenAI response shape")
 
     def is_expired(self, now: float) -> bool:
         """True once wall-clock ``now`` is at or past ``created_at + ttl``."""
         return self.ttl is not None and now >= self.created_at + self.ttl
+
+    def lifetime_problem(self, now: float, *, max_ttl_s: float) -> str | None:
+        """Why this entry's lifetime is one the fill path never writes, or None: no TTL, a TTL
+        over ``max_ttl_s`` (the largest any tenant may have), or created in the future."""
+        if self.ttl is None:
+            return "entry never expires (ttl is None)"
+        if self.ttl > max_ttl_s:
+            return f"ttl {self.ttl:g}s exceeds limits.max_ttl_seconds={max_ttl_s:g}"
+        if self.created_at > now + MAX_CLOCK_SKEW_S:
+            return f"created_at {self.created_at:.0f} is in the future"
+        return None
 
     def age(self, now: float) -> float:
         """Seconds since the entry was created (never negative, for the ``Age`` header)."""
@@ -149,15 +178,8 @@ def _finite(value: object) -> bool:
     )
 
 
-def _checksum(version: int, payload: bytes) -> int:
-    h = xxhash.xxh3_64(MAGIC)
-    h.update(bytes((version,)))
-    h.update(payload)
-    return h.intdigest()
-
-
-def encode_entry(entry: Entry) -> bytes:
-    """Serialise ``entry`` into an envelope."""
+def encode_entry(entry: Entry, *, keys: EntryKeys) -> bytes:
+    """Serialise ``entry`` into an envelope signed under ``keys``' current key."""
     fields: dict[str, Any] = {
         "s": entry.scope.as_material(),
         "m": entry.model,
@@ -182,40 +204,50 @@ def encode_entry(entry: Entry) -> bytes:
         else:
             fields["k"] = m
     payload = msgpack.packb(fields, use_bin_type=True)
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, _checksum(FORMAT_VERSION, payload)) + payload
+    signed = MAGIC + bytes((FORMAT_VERSION,)) + keys.current_id
+    return signed + keys.sign(signed, payload) + payload
 
 
-def decode_entry(raw: bytes, *, material: bool = True) -> Entry:
-    """Parse and verify an envelope. ``material=False`` leaves the key material out
+def decode_entry(raw: bytes, *, keys: EntryKeys, material: bool = True,
+                 max_bytes: int | None = None) -> Entry:
+    """Verify and parse an envelope. ``material=False`` leaves the key material out
     (``Entry.material`` is None, nothing is decompressed): the hit path never reads it.
+    ``max_bytes``: bytes longer than this are refused before anything else is done with them.
 
-    Raises :class:`ForeignEntryError` (not ours), :class:`UnsupportedVersionError` (ours, another
-    format version) or :class:`CorruptEntryError` (truncated, checksum, schema). Never returns a
-    partially trusted entry.
+    Raises :class:`OversizeEntryError`, :class:`ForeignEntryError` (not ours),
+    :class:`UnsupportedVersionError` (ours, another format version),
+    :class:`UnknownKeyError` / :class:`ForgedEntryError` (the MAC) or
+    :class:`CorruptEntryError` (truncated, schema, answer shape). Never returns a partially
+    trusted entry.
     """
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ForeignEntryError(f"expected bytes, got {type(raw).__name__}")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise OversizeEntryError(f"entry of {len(raw)} bytes exceeds max_entry_bytes={max_bytes}")
     if not isinstance(raw, bytes):
         raw = bytes(raw)
     if raw[:4] != MAGIC:
         if len(raw) < 4 and MAGIC.startswith(raw) and raw:
             raise CorruptEntryError(f"truncated envelope: {len(raw)} bytes")
         raise ForeignEntryError("bytes do not start with the LLMC envelope magic")
-    if len(raw) < HEADER_SIZE:
+    if len(raw) < 5:
         raise CorruptEntryError(f"truncated envelope: {len(raw)} bytes, header needs {HEADER_SIZE}")
-    _, version, checksum = _HEADER.unpack_from(raw)
+    version = raw[4]
     if version != FORMAT_VERSION:
         raise UnsupportedVersionError(
             f"envelope format version {version}; this release reads version {FORMAT_VERSION}"
         )
-    payload = raw[HEADER_SIZE:]
-    if _checksum(version, payload) != checksum:
-        raise CorruptEntryError("envelope checksum mismatch")
+    if len(raw) < HEADER_SIZE:
+        raise CorruptEntryError(f"truncated envelope: {len(raw)} bytes, header needs {HEADER_SIZE}")
+    _, _, kid, tag = _HEADER.unpack_from(raw)
+    view = memoryview(raw)
+    payload = view[HEADER_SIZE:]
+    keys.verify(kid, tag, view[:_SIGNED_HEADER], payload)
     try:
         obj = msgpack.unpackb(payload, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise CorruptEntryError(f"payload is not valid msgpack: {exc}") from exc
-    return _from_payload(obj, material)
+    return _from_payload(obj, material, kid)
 
 
 def _inflate(packed: Any) -> bytes:
@@ -231,7 +263,7 @@ def _inflate(packed: Any) -> bytes:
     return out
 
 
-def _from_payload(obj: Any, with_material: bool = True) -> Entry:
+def _from_payload(obj: Any, with_material: bool, kid: bytes) -> Entry:
     if not isinstance(obj, dict):
         raise CorruptEntryError("payload is not a map")
     try:
@@ -249,6 +281,7 @@ def _from_payload(obj: Any, with_material: bool = True) -> Entry:
             stream=obj["st"],
             material=None if not with_material
             else _inflate(obj["kz"]) if "kz" in obj else obj.get("k"),
+            key_id=kid,
         )
     except (KeyError, TypeError, ValueError, InvalidEntryError, InvalidRequestError) as exc:
         raise CorruptEntryError(f"payload does not have the entry schema: {exc}") from exc

@@ -33,6 +33,21 @@ class CorruptEntryError(EntryDecodeError):
     not have the entry schema."""
 
 
+class ForgedEntryError(EntryDecodeError):
+    """Raised when an envelope's MAC does not verify: the bytes were changed, or written by
+    someone without the service secret."""
+
+
+class UnknownKeyError(EntryDecodeError):
+    """Raised when an envelope is signed under a key id that is neither the current secret's
+    nor a configured previous secret's (a rotated-out key, or a forgery)."""
+
+
+class OversizeEntryError(EntryDecodeError):
+    """Raised when stored bytes exceed ``max_entry_bytes``: the fill path never writes such an
+    entry, so it is refused before it is decoded."""
+
+
 class InvalidEntryError(StoreError, ValueError):
     """Raised when an :class:`~cachesvc.store.envelope.Entry` is built with a bad field; the
     message names the field and the fix."""

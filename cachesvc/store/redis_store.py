@@ -91,6 +91,12 @@ class RedisStore:
         except BACKEND_ERRORS as exc:
             raise _unavailable(exc) from exc
 
+    async def claim(self, key: str, *, ttl: float) -> bool:
+        try:
+            return bool(await self.client.set(key, b"1", nx=True, px=max(1, int(ttl * 1000))))
+        except BACKEND_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
     def purger(self, *, batch: int = 500) -> Purger:
         """A purger that checkpoints in this Redis, so an interrupted purge resumes."""
         return Purger(self, checkpoints=RedisCheckpoints(self.client), batch=batch)
