@@ -282,6 +282,8 @@ def main() -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=512)
     ap.add_argument("--pool-mb", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads for every variant (0: torch's default); 1 is steadier on a busy machine")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: scenario,burst,throughput,exact")
     ap.add_argument("--transformers-cb", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -289,6 +291,8 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available here")
     torch.set_grad_enabled(False)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device, dtype=torch.float32)
     skip = set(filter(None, args.skip.split(",")))
     result: dict[str, Any] = {"model": args.model, "device": args.device, "torch_threads": torch.get_num_threads()}

@@ -91,3 +91,11 @@ class RegistryConflictError(RuntimeError):
     """Raised at start-up when the configured model version is not the registry's: the
     service refuses to start rather than roll the registry or serve under another version's
     epoch. The message names both versions and both fixes."""
+
+
+class CacheUnavailableError(ServiceError, ConnectionError):
+    """Raised by ``cachesvc.client`` (only when it is asked not to fail open) when the service
+    cannot be reached, does not answer within the timeout, or answers with a 5xx."""
+
+    status = 503
+    code = "cache_unavailable"

@@ -29,8 +29,8 @@ from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, scope_salt
 from gpu_prefix.models import LoadedModel, load_model
 from gpu_prefix.pool import KVPool, KVShape
 from gpu_prefix.sampling import choose
-from gpu_prefix.scheduler import Histogram, Scheduler, SchedulerConfig, Seq
-from gpu_prefix.store import PrefixStore
+from gpu_prefix.scheduler import Scheduler, SchedulerConfig, SchedulerStats, Seq
+from gpu_prefix.store import PrefixStore, StoreStats
 from gpu_prefix.text import Detokenizer, find_stop, safe_len
 
 log = structlog.get_logger()
@@ -88,36 +88,17 @@ class FinalEvent:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngineStats:
-    """The store's and the scheduler's figures together (the engine's Prometheus metrics)."""
+    """The store's and the scheduler's figures together (the engine's Prometheus metrics); a
+    field of either reads as an attribute of this (``stats.running``, ``stats.pinned_blocks``)."""
 
-    num_blocks: int
-    block_size: int
-    used_blocks: int
-    free_blocks: int
-    pinned_blocks: int
-    private_blocks: int
-    cached_blocks: int
-    held_blocks: int
-    limit_blocks: int
-    usage: float
-    capacity_bytes: int
-    used_bytes: int
-    hit_tokens_total: int
-    query_tokens_total: int
-    inserted_blocks_total: int
-    evicted_blocks_total: int
-    collisions_total: int
-    running: int
-    queued: int
-    admitted_total: int
-    refused_total: int
-    preempted_total: int
-    finished_total: int
-    steps_total: int
-    step_tokens_total: int
-    last_step_tokens: int
-    ttft: Histogram
-    step_time: Histogram
+    store: StoreStats
+    scheduler: SchedulerStats
+
+    def __getattr__(self, name: str) -> Any:
+        for part in (self.store, self.scheduler):
+            if name in part.__dataclass_fields__:
+                return getattr(part, name)
+        raise AttributeError(f"EngineStats has no field {name!r}")
 
 
 _DONE = object()
@@ -507,17 +488,4 @@ class Engine:
         self.scheduler.shutdown()
 
     def stats(self) -> EngineStats:
-        st = self.store.stats()
-        sc = self.scheduler.stats()
-        return EngineStats(
-            num_blocks=st.num_blocks, block_size=st.block_size, used_blocks=st.used_blocks, free_blocks=st.free_blocks,
-            pinned_blocks=st.pinned_blocks, private_blocks=st.private_blocks, cached_blocks=st.cached_blocks,
-            held_blocks=st.held_blocks, limit_blocks=sc.limit_blocks, usage=st.usage,
-            capacity_bytes=st.capacity_bytes, used_bytes=st.used_bytes, hit_tokens_total=st.hit_tokens_total,
-            query_tokens_total=st.query_tokens_total, inserted_blocks_total=st.inserted_blocks_total,
-            evicted_blocks_total=st.evicted_blocks_total, collisions_total=st.collisions_total,
-            running=sc.running, queued=sc.waiting, admitted_total=sc.admitted_total, refused_total=sc.refused_total,
-            preempted_total=sc.preempted_total, finished_total=sc.finished_total, steps_total=sc.steps_total,
-            step_tokens_total=sc.step_tokens_total, last_step_tokens=sc.last_step_tokens, ttft=sc.ttft,
-            step_time=sc.step_time,
-        )
+        return EngineStats(store=self.store.stats(), scheduler=self.scheduler.stats())

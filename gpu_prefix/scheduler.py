@@ -106,7 +106,7 @@ class SchedulerConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SchedulerStats:
     running: int
-    waiting: int
+    queued: int
     admitted_total: int
     refused_total: int
     preempted_total: int
@@ -260,7 +260,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._cond:
             return SchedulerStats(
-                running=len(self._running), waiting=len(self._waiting), admitted_total=self._admitted,
+                running=len(self._running), queued=len(self._waiting), admitted_total=self._admitted,
                 refused_total=self._refused, preempted_total=self._preempted, finished_total=self._finished,
                 steps_total=self._steps, step_tokens_total=self._step_tokens, last_step_tokens=self._last_tokens,
                 last_step_seqs=self._last_seqs, limit_blocks=self.limit,

@@ -58,12 +58,14 @@ def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on a free loopback port, in a thread with its own loop."""
+    """uvicorn serving ``app`` on a free loopback port, in a thread with its own loop;
+    ``config`` overrides uvicorn's settings (``loop="uvloop"``)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **config: Any) -> None:
         self.port = free_port()
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                     loop="asyncio", lifespan="on", access_log=False)
+        self.config = uvicorn.Config(app, **{
+            "host": "127.0.0.1", "port": self.port, "log_level": "warning", "loop": "asyncio",
+            "lifespan": "on", "access_log": False, **config})
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -87,8 +89,8 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def serving(app: Any) -> Iterator[ServerThread]:
-    with ServerThread(app) as server:
+def serving(app: Any, **config: Any) -> Iterator[ServerThread]:
+    with ServerThread(app, **config) as server:
         yield server
 
 

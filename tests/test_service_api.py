@@ -514,6 +514,15 @@ class TestAdmin:
         post(client, chat())
         assert post(client, chat()).headers["x-cache"] == "HIT"
 
+    def test_a_model_name_with_slashes_rolls_out(self, client):
+        # Gateways name models by provider path (LiteLLM: "openai/gpt-4o").
+        body = chat(model="openai/echo-1")
+        post(client, body)
+        r = client.post("/admin/models/openai/echo-1/rollout", json={"version": "v2"},
+                        headers=auth(ADMIN))
+        assert r.status_code == 200 and r.json()["model"] == "openai/echo-1"
+        assert post(client, body).headers["x-cache"] == "MISS"
+
     def test_a_rollback_gets_a_fresh_epoch(self, client):
         e1 = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
                          headers=auth(ADMIN)).json()["epoch"]

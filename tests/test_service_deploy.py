@@ -129,7 +129,7 @@ class TestEngineUpstream:
                                  headers=auth())
             assert unsupported.status_code == 422
             assert unsupported.json()["error"]["param"] == "logit_bias"
-            metrics = c.get("/metrics").text  # the engine's own metrics, through the service
+            metrics = c.get("/metrics", headers=auth(ADMIN)).text  # the engine's metrics, through the service
             for name in ("engine_requests_running", "engine_requests_preempted_total", 'engine_kv_blocks{state="cached"}',
                          "engine_ttft_seconds_bucket", "engine_step_seconds_count", "engine_steps_total"):
                 assert name in metrics, name

@@ -14,7 +14,8 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 log = structlog.get_logger()
 
 
-@router.post("/models/{model}/rollout", response_model=ModelVersion,
+# NOTE: `:path`: gateways name models by provider path (LiteLLM: "openai/gpt-4o").
+@router.post("/models/{model:path}/rollout", response_model=ModelVersion,
              responses={**ERROR_RESPONSES, 404: {"description": "Unknown model, no create."}})
 async def rollout(model: str, body: RolloutRequest, services: ServicesDep,
                   _: AdminDep) -> ModelVersion:
