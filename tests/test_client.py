@@ -195,7 +195,7 @@ class TestRaisingErrors:
 
     def test_a_store_after_a_rollout_raises_stale_epoch(self, strict, service):
         found = strict.lookup(chat("c9", model="client-roll"))
-        httpx.post(service.url + "/admin/models/client-roll/rollout", json={"version": "2"},
+        httpx.post(service.url + "/admin/models/client-roll/rollout", json={"version": "2", "create": True},
                    headers=auth(ADMIN)).raise_for_status()
         with pytest.raises(StaleEpochError) as err:
             strict.store(found, response=answer())

@@ -518,7 +518,7 @@ class TestAdmin:
         # Gateways name models by provider path (LiteLLM: "openai/gpt-4o").
         body = chat(model="openai/echo-1")
         post(client, body)
-        r = client.post("/admin/models/openai/echo-1/rollout", json={"version": "v2"},
+        r = client.post("/admin/models/openai/echo-1/rollout", json={"version": "v2", "create": True},
                         headers=auth(ADMIN))
         assert r.status_code == 200 and r.json()["model"] == "openai/echo-1"
         assert post(client, body).headers["x-cache"] == "MISS"
