@@ -30,7 +30,6 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import orjson
 from msgpack import ExtType
 
 from keying.canonical import CanonicalRequest
@@ -58,10 +57,6 @@ class LiveDataRule:
     applies: Callable[[CanonicalRequest], bool]
 
 
-#: Tool types the client runs itself; the provider runs every other type (a hosted tool).
-CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
-
-
 def _field(name: str) -> Callable[[CanonicalRequest], bool]:
     return lambda r: r.keyed.get(name) is not None
 
@@ -71,21 +66,8 @@ def _any_plugin(r: CanonicalRequest) -> bool:
     return plugins is not None and not _empty(plugins)
 
 
-def _hosted_tool(r: CanonicalRequest) -> bool:
-    tools = r.keyed.get("tools")
-    if tools is None or _empty(tools):
-        return False
-    value = _json(tools)
-    return not isinstance(value, list) or any(
-        not isinstance(t, dict) or t.get("type") not in CLIENT_TOOL_TYPES for t in value)
-
-
 def _empty(value: object) -> bool:
     return type(value) is ExtType and value.data == b"[]"
-
-
-def _json(value: object) -> object:
-    return orjson.loads(value.data) if type(value) is ExtType else value
 
 
 LIVE_DATA_RULES: tuple[LiveDataRule, ...] = (
@@ -93,7 +75,7 @@ LIVE_DATA_RULES: tuple[LiveDataRule, ...] = (
     LiveDataRule(name="search_parameters", applies=_field("search_parameters")),
     LiveDataRule(name="plugins", applies=_any_plugin),
     LiveDataRule(name="an :online model", applies=lambda r: r.model.endswith(":online")),
-    LiveDataRule(name="a hosted tool", applies=_hosted_tool),
+    LiveDataRule(name="a hosted tool", applies=lambda r: r.hosted_tool),
 )
 
 

@@ -86,6 +86,8 @@ class CanonicalRequest(NamedTuple):
     keyed: dict[str, Any]
     encoded: bytes
     unkeyed: tuple[str, ...] = ()
+    #: Some tool is not one the client runs itself (see :func:`hosted_tool`).
+    hosted_tool: bool = False
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -669,5 +671,28 @@ def canonicalize(
         )
     return CanonicalRequest(
         kind=kind, model=model, keyed=fields, encoded=encoded,
-        unkeyed=tuple(sorted(unkeyed)) if unkeyed else ()
+        unkeyed=tuple(sorted(unkeyed)) if unkeyed else (),
+        hosted_tool=hosted_tool(body.get("tools")),
     )
+
+
+#: Tool types the client runs itself; the provider runs every other type (a hosted tool).
+CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+
+
+def hosted_tool(tools: Any) -> bool:
+    """Whether a request's ``tools`` value asks the provider to run a tool: anything but an
+    absent or empty list, or a list of objects each of a client-run type.
+
+    NOTE: read from the request as sent while it is canonicalised, not from the canonical JSON
+    afterwards: parsing that again cost a fifth of keying a typical request with tools.
+    Canonicalising never changes a tool's ``type``, so both readings agree.
+    """
+    if tools is None or (type(tools) is list and not tools):
+        return False
+    if type(tools) is not list:
+        return True
+    for t in tools:
+        if not isinstance(t, Mapping) or t.get("type") not in CLIENT_TOOL_TYPES:
+            return True
+    return False
