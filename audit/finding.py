@@ -9,6 +9,7 @@ finding names which tenant's canary it saw, not the text around it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -70,6 +71,11 @@ class EntryRef:
 def new_finding_id() -> str:
     """A random 128-bit id in hex; findings from many replicas never clash."""
     return os.urandom(16).hex()
+
+
+def new_run_id() -> str:
+    """A short id for one scan or timing run: UTC time first (sorts by start), then random."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

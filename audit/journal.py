@@ -31,7 +31,7 @@ from audit.finding import Finding
 log = structlog.get_logger("audit.journal")
 
 #: Names of the stored results a report reads (the last scan, the last timing audit).
-RESULT_NAMES = ("scan", "timing")
+RESULT_NAMES = ("scan", "timing", "shadow")
 
 
 class Journal(Protocol):

@@ -1,25 +1,32 @@
 """Reports for people and machines, from the journal: stored findings, the last scan, the last
-timing audit.
+timing audit, and what they cover.
 
-* ``json``: one object (summary, findings, scan, timing), for machines and diffing.
+* ``json``: one object (verdict with its coverage, assurance bounds, runs, findings), for
+  machines and diffing.
 * ``md``: a Markdown page for a ticket or a pull request.
 * ``html``: one self-contained page (inline CSS and SVG, no script, nothing fetched) a reviewer
-  can open from disk: the summary, the findings table and, per timing level, the empirical CDFs
-  of hit and miss times, which is what the KS test compares.
+  can open from disk: the verdict and what it covers, the assurance bounds, the last scan, per
+  timing level the empirical CDFs of hit and miss times (what the KS test compares), and the
+  findings, grouped by the run that made them.
 
-No report ever contains prompt or response text: findings do not carry any.
+Both pages are rendered by jinja2 templates (``audit/templates/``) with autoescaping on for
+HTML. No report ever contains prompt or response text: findings do not carry any.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any, Literal
 
+import jinja2
+
+from audit.assurance import assess
 from audit.finding import FINDING_KINDS, KIND_MEANING, Finding
+from audit.verdict import judge
 
 ReportFormat = Literal["json", "md", "html"]
 REPORT_FORMATS: tuple[str, ...] = ("json", "md", "html")
@@ -32,26 +39,75 @@ def build_report(
     timing: Mapping[str, Any] | None,
     since: float | None,
     generated_at: float,
+    shadow: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as one JSON-ready dict (the other formats render this)."""
     by_kind = Counter(f.kind for f in findings)
     by_source = Counter(f.source for f in findings)
-    verdict = "clean"
-    if findings or (scan and scan.get("findings")) or (timing and timing.get("leaks")):
-        verdict = "findings"
+    verdict = judge(len(findings), scan, timing)
     return {
         "generated_at": generated_at,
         "since": since,
-        "verdict": verdict,
+        "verdict": verdict.status,
+        "coverage": verdict.as_dict(),
         "summary": {
             "findings": len(findings),
             "by_kind": {k: by_kind.get(k, 0) for k in FINDING_KINDS},
             "by_source": dict(by_source),
         },
+        "assurance": assurance_rows(scan, shadow),
         "findings": [f.as_dict() for f in findings],
+        "findings_by_run": _group_by_run(findings, scan, timing),
         "scan": dict(scan) if scan else None,
         "timing": dict(timing) if timing else None,
+        "shadow": dict(shadow) if shadow else None,
     }
+
+
+def assurance_rows(scan: Mapping[str, Any] | None,
+                   shadow: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per (what was checked, tenant, model): how many, how many bad, the 95% upper
+    bound on the bad rate. Scan rows count entries; shadow rows count sampled live hits."""
+    rows: list[dict[str, Any]] = []
+
+    def add(source: str, check: str, tenant: str, model: str, checked: int, bad: int) -> None:
+        rows.append({"source": source, "check": check, "tenant": tenant, "model": model,
+                     **assess(bad, checked).as_dict()})
+
+    if scan:
+        add("scan", "every stored check", "all", "all", scan.get("entries", 0),
+            scan.get("entries", 0) - scan.get("clean", 0))
+        for label, counts in sorted((scan.get("by_tenant_model") or {}).items()):
+            tenant, _, model = label.partition("|")
+            add("scan", "every stored check", tenant, model, counts["entries"],
+                counts["bad"])
+        rec = scan.get("recomputed") or {}
+        judged = rec.get("pass", 0) + rec.get("finding", 0)
+        if judged:
+            add("scan", "answer recompute", "all", "all", judged, rec.get("finding", 0))
+    for row in (shadow or {}).get("checked", []):
+        add("shadow", row["check"], row["tenant"], row["model"], row["checked"], row["bad"])
+    return rows
+
+
+def _group_by_run(findings: Sequence[Finding], scan: Mapping[str, Any] | None,
+                  timing: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The findings split by the run that made them: the scan and timing runs the report shows,
+    live hits (the shadow auditor), and anything from other, earlier runs."""
+    scan, timing = scan or {}, timing or {}
+    scan_ids, timing_ids = set(scan.get("finding_ids", ())), set(timing.get("finding_ids", ()))
+    groups: dict[str, list[str]] = {}
+    for f in findings:
+        if f.id in scan_ids:
+            name = f"scan {scan.get('run_id', '-')} (shown above)"
+        elif f.id in timing_ids:
+            name = f"timing run {timing.get('run_id', '-')} (shown above)"
+        elif f.source == "shadow":
+            name = "shadow auditor (live hits)"
+        else:
+            name = f"an earlier {f.source} run (not the one shown above)"
+        groups.setdefault(name, []).append(f.id)
+    return [{"run": k, "finding_ids": v} for k, v in groups.items()]
 
 
 def _ts(value: float | None) -> str:
@@ -60,222 +116,89 @@ def _ts(value: float | None) -> str:
     return dt.datetime.fromtimestamp(value, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _pct(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.3g}%"
+
+
+def _nodes(by_node: Mapping[str, int]) -> str:
+    """Entries per node; a single unnamed node (embedded or standalone Redis) is just a count."""
+    if set(by_node) <= {"-"}:
+        return "one node"
+    return ", ".join(f"{node}: {n}" for node, n in sorted(by_node.items()))
+
+
+def power_sentence(distance: float) -> str:
+    """What a timing run of this size can detect (from :func:`audit.timing.detectable_distance`)."""
+    if distance > 1:
+        return ("with these trials the test cannot reach 90% power for any shift (a KS distance "
+                "is at most 1): run more trials")
+    return (f"with these trials the test detects a shift of KS distance {distance:.2f} or more "
+            "with 90% power")
+
+
+def _evidence(evidence: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(evidence.items()))
+
+
+@cache
+def _env(autoescape: bool) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("audit", "templates"),
+        autoescape=autoescape, undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters.update(ts=_ts, pct=_pct, nodes=_nodes, evidence=_evidence)
+    env.globals.update(KINDS=FINDING_KINDS, KIND_MEANING=KIND_MEANING, cdf=_cdf_chart,
+                       power_sentence=power_sentence)
+    return env
+
+
 def render(report: Mapping[str, Any], fmt: ReportFormat) -> str:
     if fmt == "json":
         return json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
     if fmt == "md":
-        return _markdown(report)
+        return _env(False).get_template("report.md.j2").render(r=report)
     if fmt == "html":
-        return _html(report)
+        return _env(True).get_template("report.html.j2").render(r=report)
     raise ValueError(f"--format {fmt!r}: use one of {REPORT_FORMATS}")
 
 
-def _evidence_line(evidence: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(evidence.items()))
+#: Plot geometry of one CDF chart (pixels): the plot sits inside the margins, the legend below.
+_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 400, 270, 48, 28, 26, 70
 
 
-def _markdown(r: Mapping[str, Any]) -> str:
-    s = r["summary"]
-    out = [
-        "# Cache audit report",
-        "",
-        f"Generated {_ts(r['generated_at'])}; findings since {_ts(r['since'])}. "
-        f"Verdict: **{r['verdict']}**.",
-        "",
-        "## Summary",
-        "",
-        "| kind | findings | what it means |",
-        "|---|---:|---|",
-    ]
-    for kind in FINDING_KINDS:
-        out.append(f"| `{kind}` | {s['by_kind'].get(kind, 0)} | {KIND_MEANING[kind]} |")
-    scan = r.get("scan")
-    out += ["", "## Last scan", ""]
-    if scan:
-        out.append(
-            f"{_ts(scan.get('started_at'))}: {scan.get('entries', 0)} entries, "
-            f"{scan.get('findings', 0)} findings, {scan.get('unreadable', 0)} unreadable, "
-            f"{scan.get('reclaimable', 0)} reclaimable (old epochs), "
-            f"nodes: {scan.get('entries_by_node', {})}."
-        )
-        out.append("")
-        out.append(_scan_coverage(scan))
-    else:
-        out.append("No scan recorded. Run `cachesvc audit scan`.")
-    timing = r.get("timing")
-    out += ["", "## Last timing audit", ""]
-    if timing:
-        out += [f"Target `{timing.get('target')}`, alpha {timing['config']['alpha']}, "
-                f"{timing['config']['trials']} trials per level.", "",
-                "| level | p-value | KS D | median hit (ms) | median miss (ms) | verdict |",
-                "|---|---:|---:|---:|---:|---|"]
-        for lv in timing.get("levels", []):
-            out.append(f"| {lv['name']} | {lv['p_value']:.3g} | {lv['statistic']:.3f} | "
-                       f"{lv['median_hit_s'] * 1000:.1f} | {lv['median_miss_s'] * 1000:.1f} | "
-                       f"{lv['verdict']} |")
-        for note in timing.get("notes", []):
-            out += ["", f"> {note}"]
-    else:
-        out.append("No timing audit recorded. Run `cachesvc audit timing`.")
-    out += ["", "## Findings", ""]
-    if r["findings"]:
-        out += ["| time | kind | source | scope | model | epoch | storage key | summary | evidence |",
-                "|---|---|---|---|---|---:|---|---|---|"]
-        for f in r["findings"]:
-            e = f["entry"]
-            out.append(
-                f"| {_ts(f['at'])} | `{f['kind']}` | {f['source']} | {e.get('scope') or '-'} | "
-                f"{e.get('model') or '-'} | {e.get('epoch') if e.get('epoch') is not None else '-'} | "
-                f"`{e.get('storage_key') or '-'}` | {f['summary']} | "
-                f"{_evidence_line(f['evidence']).replace('|', '/')} |"
-            )
-    else:
-        out.append("No findings.")
-    return "\n".join(out) + "\n"
-
-
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-h1{margin-bottom:.2em} table{border-collapse:collapse;width:100%;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:4px 6px;text-align:left;vertical-align:top}
-th{background:#f3f3f3} td.n{text-align:right} code{font-size:12px;word-break:break-all}
-.verdict{display:inline-block;padding:2px 10px;border-radius:4px;color:#fff;font-weight:600}
-.clean{background:#2e7d32} .findings{background:#c62828} .muted{color:#777}
-.charts{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figcaption{font-size:12px}
-"""
-
-
-def _cdf_svg(hit: Sequence[float], miss: Sequence[float], title: str) -> str:
-    """Empirical CDFs of hit (blue) and miss (orange) times, milliseconds on x."""
-    w, h, pad = 380, 240, 40
+def _cdf_chart(hit: Sequence[float], miss: Sequence[float]) -> dict[str, Any] | None:
+    """Coordinates for the template: empirical CDFs of hit and miss times (ms on x, share of
+    trials on y), axis ticks, and the plot box. None without data."""
     values = [v * 1000 for v in (*hit, *miss)]
     if not values:
-        return ""
+        return None
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
+    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
-    def x(v: float) -> float:
-        return pad + (v * 1000 - lo) / span * (w - 2 * pad)
+    def x(ms: float) -> float:
+        return _LEFT + (ms - lo) / span * pw
 
     def y(p: float) -> float:
-        return h - pad - p * (h - 2 * pad)
+        return _TOP + (1 - p) * ph
 
     def path(sample: Sequence[float]) -> str:
-        pts = sorted(sample)
-        n = len(pts)
-        if not n:
+        pts = sorted(v * 1000 for v in sample)
+        if not pts:
             return ""
+        n = len(pts)
         d = [f"M{x(pts[0]):.1f},{y(0):.1f}"]
         for i, v in enumerate(pts, 1):
             d.append(f"L{x(v):.1f},{y((i - 1) / n):.1f}L{x(v):.1f},{y(i / n):.1f}")
         return "".join(d)
 
-    ticks = "".join(
-        f'<text x="{pad + t * (w - 2 * pad):.1f}" y="{h - pad + 14}" font-size="10" '
-        f'text-anchor="middle">{lo + t * span:.1f}</text>'
-        for t in (0, 0.5, 1)
-    )
-    return (
-        f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-        f'role="img" aria-label="{html.escape(title)}">'
-        f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" fill="none" stroke="#999"/>'
-        f'<path d="{path(hit)}" fill="none" stroke="#1565c0" stroke-width="2"/>'
-        f'<path d="{path(miss)}" fill="none" stroke="#ef6c00" stroke-width="2"/>'
-        f'{ticks}<text x="{w / 2}" y="{h - 6}" font-size="11" text-anchor="middle">time to first token (ms)</text>'
-        f'<text x="{pad}" y="{pad - 8}" font-size="12" font-weight="600">{html.escape(title)}</text>'
-        f'<text x="{w - pad}" y="{pad + 14}" font-size="11" text-anchor="end" fill="#1565c0">hit trials</text>'
-        f'<text x="{w - pad}" y="{pad + 28}" font-size="11" text-anchor="end" fill="#ef6c00">miss trials</text>'
-        f"</svg><figcaption>Empirical CDFs; a hit curve left of the miss curve means the probe "
-        f"can tell.</figcaption></figure>"
-    )
-
-
-def _html(r: Mapping[str, Any]) -> str:
-    e = html.escape
-    s = r["summary"]
-    parts = [
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        "<title>Cache audit report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>Cache audit report</h1>",
-        f"<p>Generated {e(_ts(r['generated_at']))}; findings since {e(_ts(r['since']))}. "
-        f"Verdict: <span class='verdict {e(r['verdict'])}'>{e(r['verdict'])}</span></p>",
-        "<h2>Summary</h2><table><tr><th>kind</th><th>findings</th><th>what it means</th></tr>",
-    ]
-    for kind in FINDING_KINDS:
-        parts.append(f"<tr><td><code>{kind}</code></td><td class=n>{s['by_kind'].get(kind, 0)}</td>"
-                     f"<td>{e(KIND_MEANING[kind])}</td></tr>")
-    parts.append("</table>")
-    scan = r.get("scan")
-    parts.append("<h2>Last scan</h2>")
-    if scan:
-        parts.append(
-            "<table><tr><th>started</th><th>entries</th><th>findings</th><th>unreadable</th>"
-            "<th>reclaimable (old epochs)</th><th>key material checked</th><th>entries per node</th></tr>"
-            f"<tr><td>{e(_ts(scan.get('started_at')))}</td><td class=n>{scan.get('entries', 0)}</td>"
-            f"<td class=n>{scan.get('findings', 0)}</td><td class=n>{scan.get('unreadable', 0)}</td>"
-            f"<td class=n>{scan.get('reclaimable', 0)}</td><td class=n>{scan.get('material_checked', 0)}</td>"
-            f"<td>{e(json.dumps(scan.get('entries_by_node', {})))}</td></tr></table>"
-            f"<p>{e(_scan_coverage(scan))}</p>"
-        )
-    else:
-        parts.append("<p class=muted>No scan recorded. Run <code>cachesvc audit scan</code>.</p>")
-    timing = r.get("timing")
-    parts.append("<h2>Last timing audit</h2>")
-    if timing:
-        c = timing["config"]
-        parts.append(
-            f"<p>Target <code>{e(str(timing.get('target')))}</code>; {c['trials']} trials per level, "
-            f"{c['prompt_words']} words per prompt, {int(c['shared_fraction'] * 100)}% shared "
-            f"prefix, alpha {c['alpha']} (one-sided two-sample KS test).</p>"
-            "<table><tr><th>level</th><th>p-value</th><th>KS D</th><th>median hit (ms)</th>"
-            "<th>median miss (ms)</th><th>verdict</th></tr>"
-        )
-        for lv in timing.get("levels", []):
-            parts.append(
-                f"<tr><td>{e(lv['name'])}</td><td class=n>{lv['p_value']:.3g}</td>"
-                f"<td class=n>{lv['statistic']:.3f}</td><td class=n>{lv['median_hit_s'] * 1000:.1f}</td>"
-                f"<td class=n>{lv['median_miss_s'] * 1000:.1f}</td><td>{e(lv['verdict'])}</td></tr>"
-            )
-        parts.append("</table><div class=charts>")
-        for lv in timing.get("levels", []):
-            parts.append(_cdf_svg(lv.get("hit_times", []), lv.get("miss_times", []), lv["name"]))
-        parts.append("</div>")
-        for note in timing.get("notes", []):
-            parts.append(f"<p class=muted>{e(note)}</p>")
-    else:
-        parts.append("<p class=muted>No timing audit recorded. Run <code>cachesvc audit timing</code>.</p>")
-    parts.append("<h2>Findings</h2>")
-    if r["findings"]:
-        parts.append("<table><tr><th>time</th><th>kind</th><th>source</th><th>scope</th><th>model</th>"
-                     "<th>epoch</th><th>storage key</th><th>summary</th><th>evidence</th></tr>")
-        for f in r["findings"]:
-            en = f["entry"]
-            parts.append(
-                f"<tr><td>{e(_ts(f['at']))}</td><td><code>{e(f['kind'])}</code></td>"
-                f"<td>{e(f['source'])}</td><td>{e(str(en.get('scope') or '-'))}</td>"
-                f"<td>{e(str(en.get('model') or '-'))}</td>"
-                f"<td class=n>{e(str(en.get('epoch') if en.get('epoch') is not None else '-'))}</td>"
-                f"<td><code>{e(str(en.get('storage_key') or '-'))}</code></td>"
-                f"<td>{e(f['summary'])}</td><td><code>{e(_evidence_line(f['evidence']))}</code></td></tr>"
-            )
-        parts.append("</table>")
-    else:
-        parts.append("<p>No findings.</p>")
-    parts.append("</body></html>\n")
-    return "".join(parts)
-
-
-def _scan_coverage(scan: Mapping[str, Any]) -> str:
-    """What the scan could and could not check, in one sentence (a reviewer reads the gaps)."""
-    readable = scan.get("entries", 0) - scan.get("unreadable", 0)
-    material = scan.get("material_checked", 0)
-    parts = [f"Key material carried by {material} of {readable} readable entries"]
-    if material and not scan.get("material_digest_checked", True):
-        parts.append("keyed material digests not recomputed (the service's secret was not known)")
-    recomputed = scan.get("recomputed") or {}
-    if recomputed:
-        parts.append(f"answers recomputed: {dict(sorted(recomputed.items()))}")
-    else:
-        parts.append("answers not recomputed (run the scan with --recompute)")
-    return "; ".join(parts) + "."
+    return {
+        "w": _W, "h": _H, "left": _LEFT, "top": _TOP, "pw": pw, "ph": ph,
+        "hit": path(hit), "miss": path(miss),
+        "xticks": [(x(lo + t * span), f"{lo + t * span:.1f}") for t in (0, 0.5, 1)],
+        "yticks": [(y(p), f"{p:.1f}") for p in (0, 0.5, 1)],
+        "legend_y": _TOP + ph + 44,
+    }

@@ -23,7 +23,7 @@ from keying.framing import DEFAULT_MATERIAL_SECRET
 from audit import metrics
 from audit.checks import check_stored, check_unreadable
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
-from audit.finding import Draft, EntryRef, Finding
+from audit.finding import Draft, EntryRef, Finding, new_run_id
 from audit.oracle import Oracle, Tolerance, recompute
 from audit.recorder import Recorder
 
@@ -37,7 +37,11 @@ ScanItem = EntryFacts | UnreadableEntry
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScanResult:
-    """What one scan saw and found."""
+    """What one scan saw and found. ``run_id`` and ``target`` say which run and which store a
+    report shows; ``by_tenant_model`` counts entries and bad entries per ``tenant|model``."""
+
+    run_id: str
+    target: str
 
     started_at: float
     finished_at: float
@@ -55,6 +59,8 @@ class ScanResult:
     recomputed: Mapping[str, int] = field(default_factory=dict)
     #: False when the service's secret was not known, so material digests were not recomputed.
     material_digest_checked: bool = True
+    registry_checked: bool = True
+    by_tenant_model: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @property
     def findings(self) -> int:
@@ -66,6 +72,8 @@ class ScanResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "run_id": self.run_id,
+            "target": self.target,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "entries": self.entries,
@@ -78,6 +86,8 @@ class ScanResult:
             "finding_ids": list(self.finding_ids),
             "material_checked": self.material_checked,
             "material_digest_checked": self.material_digest_checked,
+            "registry_checked": self.registry_checked,
+            "by_tenant_model": {k: dict(v) for k, v in self.by_tenant_model.items()},
             "recomputed": dict(self.recomputed),
             "registry": {k: dict(v) for k, v in self.registry.items()},
         }
@@ -99,6 +109,8 @@ class Scanner:
         tolerance: Tolerance | None = None,
         previous_secrets: Mapping[str, bytes] | None = None,
         genesis: int | None = None,
+        target: str = "-",
+        run_id: str | None = None,
     ) -> None:
         """``check_registry=False`` when no registry is reachable: epoch and version checks
         against it are skipped (placement, material, canary and decode checks still run).
@@ -110,6 +122,8 @@ class Scanner:
         digests of entries signed under a rotated-out secret. ``genesis``: the registry's
         epoch for models it has no rollout of (they are served at it, as ``unversioned``)."""
         self.check_registry = check_registry
+        self.target = target
+        self.run_id = run_id or new_run_id()
         self.oracle = oracle
         self.tolerance = tolerance or Tolerance()
         self.recomputed: Counter[str] = Counter()
@@ -195,6 +209,7 @@ class Scanner:
         by_kind: Counter[str] = Counter()
         by_node: Counter[str] = Counter()
         ids: list[str] = []
+        per_tm: dict[str, Counter[str]] = {}
 
         def one(item: ScanItem) -> None:
             nonlocal entries, clean, unreadable, reclaimable, material
@@ -216,6 +231,10 @@ class Scanner:
             metrics.SCANNED.labels(outcome="finding" if found else "clean").inc()
             if not found:
                 clean += 1
+            if not isinstance(item, UnreadableEntry):
+                tm = per_tm.setdefault(f"{item.scope.tenant or 'public'}|{item.model}", Counter())
+                tm["entries"] += 1
+                tm["bad"] += bool(found)
             if progress is not None:
                 progress(entries)
 
@@ -227,6 +246,10 @@ class Scanner:
                 one(item)
         self.recorder.flush()
         return ScanResult(
+            run_id=self.run_id, target=self.target,
+            by_tenant_model={k: {"entries": c["entries"], "bad": c["bad"]}
+                             for k, c in sorted(per_tm.items())},
+            registry_checked=self.check_registry,
             started_at=started, finished_at=self.clock(), entries=entries, clean=clean,
             unreadable=unreadable, reclaimable=reclaimable, findings_by_kind=dict(by_kind),
             entries_by_node=dict(by_node), finding_ids=ids, material_checked=material,

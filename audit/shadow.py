@@ -37,6 +37,7 @@ from audit import metrics
 from audit.answer import Answer
 from audit.checks import check_canaries, check_served, check_unreadable
 from audit.errors import AuditConfigError
+from audit.coverage import Coverage
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, EntryRef, Finding
 from audit.oracle import Oracle, Tolerance, recompute
@@ -140,8 +141,15 @@ class ShadowAuditor(Generic[T]):
         clock: Callable[[], float] = time.time,
         event_kind: Callable[[T], EventKind] | None = None,
         timer: Callable[[], float] = time.monotonic,
+        coverage: Coverage | None = None,
+        save_every_s: float = 60.0,
     ) -> None:
         self._config = config
+        #: What was checked, per tenant and model, and the blast radius of flagged entries;
+        #: saved to the journal as the ``shadow`` result every ``save_every_s`` and at stop.
+        self.coverage = coverage or Coverage(started_at=clock(), sample_rate=config.sample_rate)
+        self._save_every_s = save_every_s
+        self._saved_at = timer()
         self.recorder = recorder
         self._convert = convert
         self._oracle = oracle
@@ -312,7 +320,16 @@ class ShadowAuditor(Generic[T]):
             if item is not None:
                 self.dropped += 1
                 self.enqueued -= 1
+        self.save_coverage()
         self.recorder.close()
+
+    def save_coverage(self) -> None:
+        """Save :attr:`coverage` as the journal's ``shadow`` result (a failure is logged)."""
+        self._saved_at = self._timer()
+        try:
+            self.recorder.journal.save_result("shadow", self.coverage.as_dict())
+        except Exception as exc:  # noqa: BLE001 - a report input, never worth failing over
+            log.warning("audit.shadow.coverage_not_saved", error=repr(exc))
 
     def _run(self) -> None:
         wait = self.config.batch_wait_s
@@ -342,6 +359,8 @@ class ShadowAuditor(Generic[T]):
                 spent = time.thread_time() - cpu
                 self.worker_cpu_s += spent
                 metrics.WORKER_CPU.inc(spent)
+            if self._timer() - self._saved_at >= self._save_every_s:
+                self.save_coverage()
 
     def run_once(self) -> bool:
         """Check one queued sample in the caller's thread (no worker); False when none."""
@@ -374,6 +393,9 @@ class ShadowAuditor(Generic[T]):
             metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
         for finding in found:
             self.recorder.record(finding)
+        self.coverage.record(tenant=sample.tenant, model=sample.key.model, event=sample.event,
+                             digest=sample.key.digest.hex(), scope=sample.scope.label,
+                             at=sample.at, findings=found)
         with self._lock:
             self.checked += 1
             self.findings += len(found)
@@ -485,6 +507,7 @@ class ShadowAuditor(Generic[T]):
             self.offered, self.skipped, self.enqueued, self.dropped, self.abandoned)
         assert self.checked + self.failed <= self.enqueued
         assert self.findings >= 0
+        self.coverage.check_valid()
 
 
 def _counted(check: str, drafts: list[Draft]) -> list[Draft]:

@@ -17,16 +17,26 @@ several providers:
   can tell, i.e. the cache is shared at that level.
 
 Levels: ``same_key`` (victim and probe use one key: the positive control, sharing expected
-where the target caches prefixes at all), ``same_tenant`` (two keys of one tenant), and
-``other_tenant`` (keys of two tenants: sharing there is a leak and becomes a ``timing`` finding).
+where the target caches prefixes at all), ``same_tenant`` (two keys of one tenant),
+``other_user`` (one key of a per-user tenant, two values of the request's ``user`` field: a
+leak there, since each user is its own scope), and ``other_tenant`` (keys of two tenants:
+sharing there is a leak and becomes a ``timing`` finding).
 If the positive control shows no cache effect, the negative levels are reported inconclusive:
 the target may cache nothing, or the prompts may be too short for the effect to show.
 
 The prober (one HTTP request, returns seconds) is injected; the HTTP client lives in the service.
+
+Sizing a run: with ``n`` trials per level the one-sided test rejects when the KS distance
+exceeds about ``sqrt(ln(1/alpha) / n)``, and by the DKW inequality (for two samples of ``n``) the
+measured distance falls more than ``e`` below the true one with probability at most
+``exp(-n e^2)``. So a true separation ``D`` is detected with power ``1 - beta`` once
+``n >= (sqrt(ln(1/alpha)) + sqrt(ln(1/beta)))^2 / D^2`` (:func:`trials_for`); conservative,
+with no assumption on the time distributions. :func:`detectable_distance` is the inverse.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -37,16 +47,39 @@ from typing import Any, Literal, Protocol
 from scipy import stats
 
 from audit.errors import AuditConfigError
-from audit.finding import Draft, EntryRef, Finding
+from audit.finding import Draft, EntryRef, Finding, new_run_id
 
-LevelName = Literal["same_key", "same_tenant", "other_tenant"]
-LEVEL_NAMES: tuple[LevelName, ...] = ("same_key", "same_tenant", "other_tenant")
+LevelName = Literal["same_key", "same_tenant", "other_user", "other_tenant"]
+LEVEL_NAMES: tuple[LevelName, ...] = ("same_key", "same_tenant", "other_user", "other_tenant")
+TimingStatus = Literal["running", "complete", "interrupted"]
+#: Detection power the run's sizing is stated at.
+POWER = 0.9
 
 
 class Prober(Protocol):
-    """Sends ``prompt`` with ``key`` asking for one output token; returns the seconds it took."""
+    """Sends ``prompt`` with ``key`` (and the request's ``user`` field, when given) asking for
+    one output token; returns the seconds it took."""
 
-    def __call__(self, *, key: str, prompt: str) -> float: ...
+    def __call__(self, *, key: str, prompt: str, user: str | None = None) -> float: ...
+
+
+def detectable_distance(trials: int, alpha: float, power: float = POWER) -> float:
+    """The smallest true KS distance between hit and miss times that ``trials`` trials per level
+    detect at significance ``alpha`` with probability ``power`` (see the module docstring)."""
+    return _power_root(alpha, power) / math.sqrt(trials)
+
+
+def trials_for(distance: float, alpha: float, power: float = POWER) -> int:
+    """Trials per level that detect a true KS distance ``distance`` with ``power``."""
+    if not 0 < distance <= 1:
+        raise AuditConfigError("--detect", f"{distance!r} is not in (0, 1]",
+                               "give the KS distance to detect, such as 0.3")
+    return max(5, math.ceil((_power_root(alpha, power) / distance) ** 2))
+
+
+def _power_root(alpha: float, power: float) -> float:
+    """``sqrt(ln(1/alpha)) + sqrt(ln(1/beta))``: the detectable distance times ``sqrt(n)``."""
+    return math.sqrt(math.log(1 / alpha)) + math.sqrt(math.log(1 / (1 - power)))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,6 +90,8 @@ class Level:
     victim_key: str
     probe_key: str
     leak_if_shared: bool
+    victim_user: str | None = None
+    probe_user: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,6 +173,10 @@ class TimingResult:
     config: TimingConfig
     levels: Sequence[LevelResult]
     notes: Sequence[str] = field(default_factory=tuple)
+    run_id: str = field(default_factory=new_run_id)
+    status: TimingStatus = "complete"
+    #: True when the run was for a per-user tenant (``--user``): ``other_user`` is then needed.
+    user_scoped: bool = False
 
     @property
     def leaks(self) -> list[LevelResult]:
@@ -146,6 +185,12 @@ class TimingResult:
     def as_dict(self) -> dict[str, Any]:
         c = self.config
         return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "user_scoped": self.user_scoped,
+            "detectable_distance": detectable_distance(
+                min((len(lv.hit_times) for lv in self.levels), default=c.trials) or c.trials,
+                c.alpha),
             "target": self.target,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
@@ -166,7 +211,7 @@ class TimingResult:
                 evidence={"level": lv.name, "p_value": lv.p_value, "statistic": lv.statistic,
                           "alpha": self.config.alpha, "trials": len(lv.hit_times),
                           "median_hit_s": lv.median_hit, "median_miss_s": lv.median_miss,
-                          "target": self.target},
+                          "target": self.target, "run_id": self.run_id},
             )
             out.append(draft.stamp(source="timing", entry=EntryRef(scope=lv.name), at=at))
         return out
@@ -206,14 +251,23 @@ def run_timing(
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.time,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: Callable[[TimingResult], None] | None = None,
+    checkpoint_every_s: float = 10.0,
+    run_id: str | None = None,
 ) -> TimingResult:
-    """Run the protocol at every level; ``progress(done, total)`` after each trial pair."""
+    """Run the protocol at every level; ``progress(done, total)`` after each trial pair.
+
+    ``checkpoint(partial)`` gets the results so far (``status="running"``, every level with the
+    rounds done) at most every ``checkpoint_every_s`` seconds, so a run stopped early still
+    leaves its evidence; a caller that catches the stop saves the last one as ``interrupted``.
+    """
     if not levels:
-        raise AuditConfigError("levels", "no sharing level to test", "pass at least --key-a")
+        raise AuditConfigError("levels", "no sharing level to test", "pass at least --victim-key")
     names = [lv.name for lv in levels]
     if len(set(names)) != len(names):
         raise AuditConfigError("levels", f"duplicate levels {names}", "test each level once")
     rng = rng if rng is not None else random.Random()
+    run_id = run_id or new_run_id()
     started = clock()
     words = config.prompt_words
     shared_n = max(1, int(words * config.shared_fraction))
@@ -223,11 +277,12 @@ def run_timing(
 
     for _ in range(config.warmup):  # warm the target's code paths and connections
         for lv in levels:
-            prober(key=lv.probe_key, prompt=" ".join(prompt()))
+            prober(key=lv.probe_key, prompt=" ".join(prompt()), user=lv.probe_user)
     hits: dict[str, list[float]] = {lv.name: [] for lv in levels}
     misses: dict[str, list[float]] = {lv.name: [] for lv in levels}
     total = config.trials * len(levels)
     done = 0
+    last_checkpoint = clock()
     for _ in range(config.trials):
         order = list(levels)
         rng.shuffle(order)
@@ -236,23 +291,39 @@ def run_timing(
             rng.shuffle(pair)
             for which in pair:
                 victim = prompt()
-                prober(key=lv.victim_key, prompt=" ".join(victim))
+                prober(key=lv.victim_key, prompt=" ".join(victim), user=lv.victim_user)
                 if which == "hit":
                     probe = victim[:shared_n] + random_words(rng, words - shared_n)
-                    hits[lv.name].append(prober(key=lv.probe_key, prompt=" ".join(probe)))
+                    hits[lv.name].append(
+                        prober(key=lv.probe_key, prompt=" ".join(probe), user=lv.probe_user))
                 else:
-                    misses[lv.name].append(prober(key=lv.probe_key, prompt=" ".join(prompt())))
+                    misses[lv.name].append(
+                        prober(key=lv.probe_key, prompt=" ".join(prompt()), user=lv.probe_user))
             done += 1
             if progress is not None:
                 progress(done, total)
+        if checkpoint is not None and clock() - last_checkpoint >= checkpoint_every_s:
+            last_checkpoint = clock()
+            checkpoint(_result(levels, hits, misses, target=target, config=config,
+                               started=started, finished=last_checkpoint, run_id=run_id,
+                               status="running"))
+    return _result(levels, hits, misses, target=target, config=config, started=started,
+                   finished=clock(), run_id=run_id, status="complete")
+
+
+def _result(levels: Sequence[Level], hits: Mapping[str, Sequence[float]],
+            misses: Mapping[str, Sequence[float]], *, target: str, config: TimingConfig,
+            started: float, finished: float, run_id: str, status: TimingStatus) -> TimingResult:
+    """The KS test and verdict of every level over the trials so far."""
     results_raw: list[tuple[Level, float, float, bool]] = []
     for lv in levels:
         stat, p = ks_greater(hits[lv.name], misses[lv.name])
         results_raw.append((lv, stat, p, p < config.alpha))
     control = next((shared for lv, _, _, shared in results_raw if lv.name == "same_key"), None)
     results = [
-        LevelResult(name=lv.name, leak_if_shared=lv.leak_if_shared, hit_times=hits[lv.name],
-                    miss_times=misses[lv.name], statistic=stat, p_value=p, shared=shared,
+        LevelResult(name=lv.name, leak_if_shared=lv.leak_if_shared,
+                    hit_times=list(hits[lv.name]), miss_times=list(misses[lv.name]),
+                    statistic=stat, p_value=p, shared=shared,
                     verdict=_verdict(lv, shared, control))
         for lv, stat, p, shared in results_raw
     ]
@@ -261,24 +332,39 @@ def run_timing(
         notes.append("The same-key positive control showed no cache effect: either the target "
                      "does not cache prompt prefixes, or prompts are too short to show it; "
                      "increase --prompt-words before trusting an 'isolated' verdict.")
-    return TimingResult(target=target, started_at=started, finished_at=clock(), config=config,
-                        levels=results, notes=tuple(notes))
+    return TimingResult(target=target, started_at=started, finished_at=finished, config=config,
+                        levels=results, notes=tuple(notes), run_id=run_id, status=status,
+                        user_scoped=any(lv.name == "other_user" for lv in levels))
 
 
 def levels_for_keys(
     *, key_a: str, key_b: str | None = None, key_a2: str | None = None,
-    same_tenant_is_leak: bool = False,
+    same_tenant_is_leak: bool = False, user: str | None = None, other_user: str | None = None,
 ) -> list[Level]:
     """The levels the given keys allow: ``key_a`` alone gives the same-key control, ``key_a2``
     (another key of ``key_a``'s tenant) the same-tenant level, ``key_b`` (another tenant) the
-    cross-tenant level. Same-tenant sharing is a leak only where scopes are per user."""
-    out = [Level(name="same_key", victim_key=key_a, probe_key=key_a, leak_if_shared=False)]
+    cross-tenant level. Same-tenant sharing is a leak only where scopes are per user.
+
+    For a per-user tenant (``scope = "user"``) the victim sends ``user`` as the request's
+    ``user`` field (its scope), and ``other_user`` adds the level where the probe uses the same
+    key as another user: sharing there crosses scopes, a leak."""
+    if other_user is not None and user is None:
+        raise AuditConfigError("--other-user", "needs the victim's --user",
+                               "pass --user U (the victim) with --other-user V")
+    if other_user is not None and other_user == user:
+        raise AuditConfigError("--other-user", f"{other_user!r} is the victim's own --user",
+                               "give another user's name")
+    out = [Level(name="same_key", victim_key=key_a, probe_key=key_a, leak_if_shared=False,
+                 victim_user=user, probe_user=user)]
     if key_a2:
         out.append(Level(name="same_tenant", victim_key=key_a, probe_key=key_a2,
-                         leak_if_shared=same_tenant_is_leak))
+                         leak_if_shared=same_tenant_is_leak, victim_user=user, probe_user=user))
+    if other_user is not None:
+        out.append(Level(name="other_user", victim_key=key_a, probe_key=key_a,
+                         leak_if_shared=True, victim_user=user, probe_user=other_user))
     if key_b:
         out.append(Level(name="other_tenant", victim_key=key_a, probe_key=key_b,
-                         leak_if_shared=True))
+                         leak_if_shared=True, victim_user=user, probe_user=user))
     return out
 
 

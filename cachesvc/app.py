@@ -8,7 +8,6 @@ the settings, unless the caller passes them in (tests and embedders do). Routers
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -16,8 +15,10 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from cachesvc import metrics
+from cachesvc.access_log import AccessLog
 from cachesvc.api import admin, cache, health, proxy
 from cachesvc.api import errors as api_errors
 from cachesvc.api.deps import Services
@@ -31,6 +32,7 @@ from cachesvc.guarded_store import GuardedStore
 from cachesvc.response_cache import ResponseCache
 from cachesvc.settings import Settings
 from cachesvc.single_flight import SingleFlight
+from cachesvc.state import state_value
 from cachesvc.store.mac import EntryKeys
 from cachesvc.tenants import TenantDirectory
 
@@ -46,24 +48,8 @@ def service_secret(settings: Settings) -> bytes:
     """
     if settings.cache.secret:
         return settings.cache.secret.encode()
-    path = Path(settings.state_dir) / "secret"
-    with contextlib.suppress(FileNotFoundError):
-        data = path.read_bytes().strip()
-        if len(data) >= 32:
-            return data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = secrets.token_hex(32).encode()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(fresh)
-    try:
-        os.link(tmp, path)  # first writer wins; the others read what it wrote
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_bytes().strip()
+    return state_value(Path(settings.state_dir) / "secret",
+                       lambda: secrets.token_hex(32)).encode()
 
 
 #: Routes whose bodies are OpenAI requests (bounded by limits.max_request_bytes).
@@ -94,8 +80,10 @@ def create_app(
     store: Any = None,
     versions: Any = None,
     observers: Sequence[CacheObserver] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """Build the app. Anything not passed is created from ``settings`` at start-up."""
+    """Build the app. Anything not passed is created from ``settings`` at start-up.
+    ``on_ready()`` runs once everything (the engine's model included) is loaded."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,27 +91,37 @@ def create_app(
             services = await _build(settings, stack, upstream=upstream, store=store,
                                     versions=versions, observers=observers)
             app.state.services = services
+            metrics.watch_store(services.store)
             log.info("cachesvc_ready", tenants=len(settings.tenants),
                      store=type(services.store).__name__,
                      upstream=type(services.upstream).__name__)
+            if on_ready is not None:
+                on_ready()
             yield
             for task in list(services.background):
                 task.cancel()
             app.state.services = None
+            metrics.watch_store(None)
 
-    # NOTE: a CacheApp serves the hot routes (proxy, lookup) past FastAPI's per-request layers;
-    # see cachesvc/api/lean.py.
-    app = CacheApp(
+    # NOTE: FastAPIOffline is FastAPI whose /docs and /redoc load their scripts from files this
+    # process serves (the fastapi-offline package), not from a CDN: they work with no internet.
+    # Made a CacheApp, it serves the hot routes (proxy, lookup) past FastAPI's per-request layers
+    # (cachesvc/api/lean.py).
+    app = CacheApp.adopt(FastAPIOffline(
+        static_url="/docs/assets",
         title="cachesvc",
         version="0.1.0",
         summary="A response cache for LLM inference that can prove it is right.",
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
-    )
+    ))
     # NOTE: an edge middleware, so the lean hot routes pass it too (cachesvc/api/lean.py).
     app.add_edge_middleware(BodyLimit, limit_for=body_limits(settings),
                             drain_s=settings.limits.body_timeout_s)
     api_errors.install(app)
+    if settings.logging.access_log:
+        # An edge middleware too, so it logs the lean hot routes (it runs before the body limit).
+        app.add_edge_middleware(AccessLog, max_per_s=settings.logging.access_log_max_per_s)
     app.include_router(proxy.router)
     app.include_router(cache.router)
     app.include_router(admin.router)

@@ -263,6 +263,47 @@ async def registry_snapshot(registry: Any, models: Sequence[str] = ()) -> dict[s
     return out
 
 
+async def run_scan(settings: Any, store: Any, journal: Journal, *, registry: Any,
+                   secret: bytes, target: str, batch: int = 500, oracle: Any = None,
+                   progress: Callable[[int], None] | None = None) -> Any:
+    """One offline scan of ``store``: the registry snapshot, every entry checked, findings
+    recorded, the result saved to ``journal`` for reports. Shared by ``cachesvc audit scan``
+    (Redis, from the CLI's process) and ``POST /admin/scan`` (any store, inside the service).
+    ``secret`` is the service's: every entry's MAC is verified under it and the configured
+    ``[cache] previous_secrets``, as the hit path does. ``registry=None`` skips the checks
+    against the registry."""
+    from audit import Scanner
+    from cachesvc.store.mac import key_id
+
+    previous = [s.encode() for s in settings.cache.previous_secrets]
+    reader = EntryReader.of(settings, EntryKeys(secret, previous))
+    snapshot = await registry_snapshot(registry) if registry is not None else {}
+    genesis = await registry.genesis() if registry is not None else None
+    recorder = Recorder(journal)
+    scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
+                      check_registry=registry is not None, secret=secret, oracle=oracle,
+                      previous_secrets={key_id(s).hex(): s for s in previous}, genesis=genesis,
+                      target=target)
+    try:
+        result = await scanner.run(scan_items(store, reader, batch=batch), progress=progress)
+        journal.save_result("scan", result.as_dict())
+    finally:
+        recorder.close()
+    return result
+
+
+def material_secret(settings: Any) -> bytes | None:
+    """The service's material-digest secret: the config's, else the one the service keeps in
+    ``<state_dir>/secret`` (read only; a scan never creates one)."""
+    if settings.cache.secret:
+        return settings.cache.secret.encode()
+    try:
+        data = (Path(settings.state_dir) / "secret").read_bytes().strip()
+    except OSError:
+        return None
+    return data if len(data) >= 32 else None
+
+
 # -- journals -------------------------------------------------------------------------------
 
 
@@ -435,17 +476,22 @@ class HttpProber:
         self._clock = clock
         self._client = client or httpx.Client(timeout=timeout)
 
-    def body(self, prompt: str) -> dict[str, Any]:
+    def body(self, prompt: str, user: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if user is not None:
+            body["user"] = user
         if self.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         return body
 
-    def __call__(self, *, key: str, prompt: str) -> float:
-        body = self.body(prompt)
-        headers = {"Authorization": f"Bearer {key}"}
+    def __call__(self, *, key: str, prompt: str, user: str | None = None) -> float:
+        body = self.body(prompt, user)
+        # NOTE: no-store keeps the probes' random prompts out of the tenant's response cache (a
+        # run would otherwise leave thousands of entries nobody will ask for again); a prefix
+        # cache behind the service still sees them, which is what the audit measures.
+        headers = {"Authorization": f"Bearer {key}", "Cache-Control": "no-store"}
         t0 = self._clock()
         try:
             resp = self._client.post(self.url, json=body, headers=headers)

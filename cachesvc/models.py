@@ -123,6 +123,14 @@ class ModelVersions:
         await self._apply_now()
         return result.current.version, result.current.epoch
 
+    async def genesis(self) -> int:
+        """The registry's epoch for models it has no rollout of (what the scan judges their
+        entries by), from one registry read."""
+        try:
+            return await self.registry.genesis()
+        except InvalidationError as exc:
+            raise RegistryUnavailable(f"registry read failed: {exc}") from None
+
     async def _apply_now(self) -> None:
         try:
             # Apply at once on this replica; the others learn it from the event stream.

@@ -212,24 +212,25 @@ class ResponseCache:
         """Hit, miss or bypass for ``keyed``; a hit has been verified against the request."""
         if not keyed.registry_ok:
             return self._count(LookupResult(status="bypass", reason="registry unavailable: "
-                                            "model epoch unconfirmed"), route)
+                                            "model epoch unconfirmed"), route, keyed)
         if not keyed.key.cacheability.cacheable:
             return self._count(LookupResult(status="bypass",
-                                            reason=keyed.key.cacheability.reason), route)
+                                            reason=keyed.key.cacheability.reason), route, keyed)
         if cc.no_cache:
             return self._count(LookupResult(status="miss", reason="no-cache: lookup skipped"),
-                               route)
+                               route, keyed)
         t0 = time.perf_counter()
         try:
             skey = keyed.storage_key
             raw = await self.guard.call("get", lambda: self.store.get(skey))
             if self.guard.failed(raw):
-                return self._count(LookupResult(status="miss", reason="store unavailable"), route)
+                return self._count(LookupResult(status="miss", reason="store unavailable"),
+                                   route, keyed)
             if raw is None:
-                return self._count(LookupResult(status="miss", reason="not cached"), route)
+                return self._count(LookupResult(status="miss", reason="not cached"), route, keyed)
             assert isinstance(raw, bytes)
             result = await self._verify(keyed, raw, cc)
-            return self._count(result, route)
+            return self._count(result, route, keyed)
         finally:
             metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
 
@@ -295,9 +296,16 @@ class ResponseCache:
             return
         _deliver(takers, "rejected", event)
 
-    def _count(self, result: LookupResult, route: str) -> LookupResult:
+    def _count(self, result: LookupResult, route: str, keyed: Keyed) -> LookupResult:
+        # NOTE: hits and misses are counted here, with the lookups, so the counters agree
+        # (sum of hits and misses over tenants = lookups with those outcomes), whatever the
+        # route does next (an only-if-cached miss answers 504 but was still a miss).
         metrics.child(metrics.LOOKUPS, result.status, route).inc()
-        if result.status == "bypass":
+        if result.status == "hit":
+            metrics.child(metrics.HITS, keyed.tenant.id, keyed.key.model).inc()
+        elif result.status == "miss":
+            metrics.child(metrics.MISSES, keyed.tenant.id, keyed.key.model).inc()
+        else:
             metrics.BYPASSES.labels(_reason_label(result.reason)).inc()
         return result
 

@@ -34,6 +34,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The in-process engine's models (gpu_prefix.models.MODEL_NAMES; not imported here, since that
+#: loads torch, and a test keeps the two equal).
+ENGINE_MODELS = ("smollm2", "random-tiny")
+
+
 class UpstreamSettings(_Section):
     """Where misses go. No ``url``: the reference engine runs in this process."""
 
@@ -47,6 +52,15 @@ class UpstreamSettings(_Section):
     timeout_s: float = Field(default=120.0, gt=0)
     #: Model version reported to the registry for the in-process engine at start-up.
     version: str = "1"
+
+    @field_validator("model")
+    @classmethod
+    def _engine_model_known(cls, model: str, info: Any) -> str:
+        if info.data.get("url") is None and model not in ENGINE_MODELS:
+            raise ValueError(
+                f"{model!r} is not a model the in-process engine has; use one of "
+                f"{', '.join(ENGINE_MODELS)}, or set upstream.url to an OpenAI-compatible server")
+        return model
 
 
 class EngineSettings(_Section):
@@ -192,6 +206,11 @@ class LoggingSettings(_Section):
     json_logs: bool | None = Field(default=None, alias="json")
     #: Put prompt and response text into logs. Off: logs carry digests, scopes and sizes only.
     log_content: bool = False
+    #: One structured line per request (cachesvc/access_log.py); never prompt or answer text.
+    access_log: bool = True
+    #: Most access-log lines per second for successful requests (a token bucket); every 4xx
+    #: and 5xx is logged regardless.
+    access_log_max_per_s: float = Field(default=100.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -301,10 +320,14 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
 
 
 def with_demo_tenant(settings: Settings) -> tuple[Settings, str | None]:
-    """Add the demo tenant when none is configured; return it with the generated key (or None)."""
+    """Add the demo tenant when none is configured; return it with its key (or None). The key
+    is kept in ``<state_dir>/demo-key``, so it survives a restart."""
     if settings.tenants:
         return settings, None
-    key = "sk-demo-" + secrets.token_urlsafe(24)
+    from cachesvc.state import state_value
+
+    key = state_value(Path(settings.state_dir) / "demo-key",
+                      lambda: "sk-demo-" + secrets.token_urlsafe(24))
     demo = TenantSettings(id=DEMO_TENANT, api_keys=[key])
     return settings.model_copy(update={"tenants": [demo]}), key
 
@@ -314,5 +337,5 @@ def _describe(exc: Any, path: Path | None) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return f"{where}: " + "; ".join(parts)

@@ -23,9 +23,9 @@ class SimulatedTarget:
         self.rng = random.Random(seed)
         self.calls = 0
 
-    def __call__(self, *, key: str, prompt: str) -> float:
+    def __call__(self, *, key: str, prompt: str, user: str | None = None) -> float:
         self.calls += 1
-        part = "all" if self.shared else self.tenants[key]
+        part = "all" if self.shared else f"{self.tenants[key]}/{user}"
         words = tuple(prompt.split())
         seen = self.cache.setdefault(part, set())
         cached = 0
@@ -64,7 +64,7 @@ class TestProtocol:
         assert result.findings(at=0.0) == []
 
     def test_without_a_cache_effect_the_isolated_verdict_is_inconclusive(self):
-        def flat(*, key: str, prompt: str) -> float:
+        def flat(*, key: str, prompt: str, user: str | None = None) -> float:
             return 0.01 + random.random() * 0.001
 
         result = run_timing(levels_for_keys(key_a="ka", key_b="kb"), flat, target="flat",
@@ -90,6 +90,114 @@ class TestProtocol:
         fast, slow = [0.1] * 30, [0.2] * 30
         assert ks_greater(fast, slow)[1] < 1e-6
         assert ks_greater(slow, fast)[1] > 0.5
+
+
+class TestPerUserTenants:
+    def test_a_prefix_cache_shared_between_users_of_a_per_user_tenant_is_a_leak(self):
+        # One partition per key's tenant: the users of "acme" share one cache (the leak).
+        target = SimulatedTarget(tenants=KEYS, shared=False)
+        target_shared_users = lambda *, key, prompt, user=None: target(  # noqa: E731
+            key=key, prompt=prompt, user=None)
+        levels = levels_for_keys(key_a="ka", key_b="kb", user="alice", other_user="bob")
+        result = run_timing(levels, target_shared_users, target="sim",
+                            config=TimingConfig(trials=40, prompt_words=100),
+                            rng=random.Random(3))
+        by = {lv.name: lv for lv in result.levels}
+        assert by["other_user"].leak and not by["other_tenant"].shared
+        assert result.user_scoped and [f.evidence["level"] for f in
+                                       result.findings(at=0.0)] == ["other_user"]
+
+    def test_users_kept_apart_pass(self):
+        target = SimulatedTarget(tenants=KEYS, shared=False)
+        levels = levels_for_keys(key_a="ka", user="alice", other_user="bob")
+        result = run_timing(levels, target, target="sim",
+                            config=TimingConfig(trials=40, prompt_words=100),
+                            rng=random.Random(4))
+        by = {lv.name: lv for lv in result.levels}
+        assert by["same_key"].shared and by["other_user"].verdict == "isolated"
+
+    def test_another_user_needs_the_victims_user(self):
+        with pytest.raises(AuditConfigError, match="--other-user"):
+            levels_for_keys(key_a="ka", other_user="bob")
+
+
+class TestPartialResults:
+    def test_checkpoints_carry_every_level_so_far_and_the_final_result_is_complete(self):
+        clock = iter(range(10_000)).__next__  # one second per call: a checkpoint every round
+        seen = []
+        target = SimulatedTarget(tenants=KEYS, shared=False)
+        result = run_timing(levels_for_keys(key_a="ka", key_b="kb"), target, target="sim",
+                            config=TimingConfig(trials=6, prompt_words=50, warmup=0),
+                            rng=random.Random(5), clock=lambda: float(clock()),
+                            checkpoint=seen.append, checkpoint_every_s=1.0, run_id="r1")
+        assert seen and all(p.status == "running" and p.run_id == "r1" for p in seen)
+        done = [len(p.levels[0].hit_times) for p in seen]
+        assert done == sorted(done) and done[0] >= 1 and done[-1] <= 6
+        assert {lv.name for lv in seen[0].levels} == {"same_key", "other_tenant"}
+        assert result.status == "complete" and result.run_id == "r1"
+
+    def test_a_stopped_cli_run_saves_what_it_had_as_interrupted(self, tmp_path, monkeypatch):
+        from typer.testing import CliRunner
+
+        from audit import FileJournal
+        from cachesvc.cli import app
+
+        calls = {"n": 0}
+
+        def prober(*, key, prompt, user=None):
+            calls["n"] += 1
+            if calls["n"] > 120:
+                raise KeyboardInterrupt
+            return 0.01
+
+        class FakeProber:
+            def __init__(self, *a, **kw):
+                pass
+
+            __call__ = staticmethod(prober)
+
+            def close(self):
+                pass
+
+        from cachesvc.cli import audit as audit_cli
+
+        monkeypatch.setattr("cachesvc.auditing.HttpProber", FakeProber)
+        real = audit_cli.run_timing  # checkpoint every round instead of every 10 s
+        monkeypatch.setattr(audit_cli, "run_timing",
+                            lambda *a, **kw: real(*a, **{**kw, "checkpoint_every_s": 0.0}))
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'state_dir = "{tmp_path}"\n')
+        res = CliRunner().invoke(app, [
+            "audit", "timing", "--url", "http://sim", "--model", "m", "--victim-key", "ka",
+            "--probe-key-other-tenant", "kb", "--trials", "50", "--config", str(cfg),
+            "--findings", str(tmp_path / "f.jsonl")])
+        assert res.exit_code == 130, res.output
+        saved = FileJournal(tmp_path / "f.jsonl").load_result("timing")
+        assert saved["status"] == "interrupted" and 0 < saved["levels"][0]["trials"] < 50
+        assert "results so far are saved" in res.output
+
+
+class TestProbes:
+    def test_probes_ask_the_service_not_to_store_them_and_carry_the_user(self):
+        import httpx
+
+        from cachesvc.auditing import HttpProber
+
+        sent = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            sent.append(request)
+            return httpx.Response(200, json={})
+
+        prober = HttpProber("http://svc", model="m",
+                            client=httpx.Client(transport=httpx.MockTransport(handler)))
+        prober(key="k", prompt="a b c", user="alice")
+        prober(key="k", prompt="a b c")
+        assert all(r.headers["cache-control"] == "no-store" for r in sent)
+        import json
+
+        bodies = [json.loads(r.content) for r in sent]
+        assert bodies[0]["user"] == "alice" and "user" not in bodies[1]
 
 
 # -- the real engine over HTTP -------------------------------------------------------------

@@ -556,7 +556,7 @@ class TestHealth:
         post(client, chat())
         post(client, chat())
         assert client.get("/healthz").json()["status"] == "ok"
-        assert client.get("/readyz").json()["store"] == "closed"
+        assert client.get("/readyz").json()["store"] == "available"
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers=auth(KEY_A)).status_code == 401
         text = client.get("/metrics", headers=auth(ADMIN)).text
@@ -596,14 +596,14 @@ class TestStoreFailures:
                 r = post(c, chat())
                 assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
             assert store.calls < 2 + 10 * 2  # the breaker skipped calls
-            assert c.get("/readyz").json()["store"] == "open"
+            assert c.get("/readyz").json()["store"] == "unavailable"
             store.broken = False
             import time
 
             time.sleep(0.25)
             post(c, chat())  # the probe succeeds and closes the breaker
             assert post(c, chat()).headers["x-cache"] == "HIT"
-            assert c.get("/readyz").json()["store"] == "closed"
+            assert c.get("/readyz").json()["store"] == "available"
 
 
 class TestEpochViews:

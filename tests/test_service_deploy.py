@@ -157,3 +157,47 @@ class TestLogs:
         text = log.read_text()
         assert "registry_unavailable_at_start" in text  # the dead Redis was logged ...
         assert (marker in text) == log_content  # ... and the prompt only when enabled
+
+
+class TestStartWithNoConfig:
+    """``make serve``: no config, a demo tenant. The hint to try it comes once the model is
+    loaded (the service answers by then), and the demo key survives a restart."""
+
+    def _start(self, tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], list[str]]:
+        cli = Path(sys.executable).with_name("cachesvc")
+        env = {**os.environ, "CACHESVC_STATE_DIR": str(tmp_path / "state"),
+               "CACHESVC_UPSTREAM__MODEL": "random-tiny"}
+        env.pop("CACHESVC_CONFIG", None)
+        proc = subprocess.Popen([str(cli), "serve", "--port", str(port)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        lines: list[str] = []
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline().decode()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("try:"):
+                return proc, lines
+        _stop(proc)
+        raise AssertionError(f"no try hint within 90 s (exit {proc.returncode}): {lines}")
+
+    def test_the_hint_comes_when_the_service_answers_and_the_key_survives_a_restart(
+            self, tmp_path):
+        port = free_port()
+        proc, lines = self._start(tmp_path, port)
+        try:
+            key = next(ln for ln in lines if "demo tenant" in ln).split("key: ")[1].split()[0]
+            # The hint is printed from the app's start-up, after the model loaded: it answers.
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                           headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "random-tiny", "messages": MESSAGES, "max_tokens": 2,
+                                 "temperature": 0})
+            assert r.status_code == 200, r.text
+        finally:
+            _stop(proc)
+        proc, lines = self._start(tmp_path, port)
+        _stop(proc)
+        assert any(f"key: {key}" in ln for ln in lines)

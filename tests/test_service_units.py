@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import typing
+from pathlib import Path
+import re
 from typing import Any
 
 import pytest
@@ -379,10 +382,43 @@ class TestSettings:
         with pytest.raises(ConfigError, match="does not exist"):
             load_settings(tmp_path / "nope.toml")
 
-    def test_no_tenants_gives_one_demo_tenant_with_a_fresh_key(self):
-        s, key = with_demo_tenant(load_settings(None))
-        assert key and s.tenants[0].api_keys == [key]
+    def test_no_tenants_gives_one_demo_tenant_whose_key_survives_a_restart(self, tmp_path):
+        s, key = with_demo_tenant(load_settings(None, state_dir=str(tmp_path)))
+        assert key and key.startswith("sk-demo-") and s.tenants[0].api_keys == [key]
         assert with_demo_tenant(s)[1] is None
+        again, key2 = with_demo_tenant(load_settings(None, state_dir=str(tmp_path)))
+        assert key2 == key
+        assert (tmp_path / "demo-key").stat().st_mode & 0o077 == 0  # owner-only
+        _, other = with_demo_tenant(load_settings(None, state_dir=str(tmp_path / "elsewhere")))
+        assert other != key
+
+    def test_the_example_config_documents_every_setting(self):
+        from pydantic import BaseModel
+
+        from cachesvc.settings import Settings
+
+        example = Path(__file__).parent.parent / "examples" / "cachesvc.toml"
+        text = example.read_text()
+        missing = []
+
+        def walk(model: type[BaseModel], section: str) -> None:
+            for name, field in model.model_fields.items():
+                key = field.alias or name
+                ann = field.annotation
+                item = typing.get_args(ann)[0] if typing.get_origin(ann) is list else None
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    if f"[{key}]" not in text:
+                        missing.append(f"[{key}]")
+                    walk(ann, key)
+                elif isinstance(item, type) and issubclass(item, BaseModel):
+                    if f"[[{key}]]" not in text:
+                        missing.append(f"[[{key}]]")
+                    walk(item, key)
+                elif not re.search(rf"^#? ?{re.escape(key)} = ", text, re.M):
+                    missing.append(f"{section}.{key}")
+
+        walk(Settings, "")
+        assert not missing, f"examples/cachesvc.toml does not document {missing}"
 
     def test_the_example_config_is_valid(self):
         example = os.path.join(os.path.dirname(__file__), "..", "examples", "cachesvc.toml")

@@ -1,14 +1,28 @@
-"""Admin endpoints (admin key only): model rollouts, the model listing, tenant purges."""
+"""Admin endpoints (admin key only): model rollouts, the model listing, purges by tenant or
+model, and the offline scan run inside the service (the only way to scan an embedded store).
+``cachesvc models|purge|audit scan --url`` call these."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 import structlog
 
 from cachesvc.api.deps import AdminDep, Services, ServicesDep
-from cachesvc.api.schemas import ERROR_RESPONSES, ModelList, ModelVersion, PurgeResult, RolloutRequest
-from cachesvc.errors import NotFoundError
+from cachesvc.api.schemas import (
+    ERROR_RESPONSES,
+    ModelList,
+    ModelPurgeQuery,
+    ModelPurgeResult,
+    ModelVersion,
+    PurgeResult,
+    RolloutRequest,
+    ScanQuery,
+    ScanSummary,
+)
+from cachesvc.errors import BadRequestError, NotFoundError
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 log = structlog.get_logger()
@@ -21,7 +35,9 @@ async def rollout(model: str, body: RolloutRequest, services: ServicesDep,
                   _: AdminDep) -> ModelVersion:
     """Make ``version`` current for ``model`` under a fresh epoch: every older entry (and every
     prefix block of the old epoch) becomes unreachable at once, rollbacks included."""
-    version, epoch = await services.versions.rollout(model, body.version, create=body.create)
+    version, epoch = await services.versions.rollout(model, body.version,
+                                                     idempotent=body.idempotent,
+                                                     create=body.create)
     # The new epoch already makes old entries unreachable; deleting them only returns memory,
     # so it runs in the background and its failure is a log line, not a failed rollout.
     services.spawn(_purge_old_epochs(services, model, epoch), name=f"purge-{model}")
@@ -51,3 +67,43 @@ async def purge_tenant(tenant: str, services: ServicesDep, _: AdminDep) -> Purge
                             fix="use a tenant id from the [[tenants]] config")
     deleted = await services.store.delete_tenant(tenant)
     return PurgeResult(tenant=tenant, deleted=deleted)
+
+
+@router.delete("/models/{model:path}/entries", response_model=ModelPurgeResult,
+               responses=ERROR_RESPONSES)
+async def purge_model(model: str, query: Annotated[ModelPurgeQuery, Query()],
+                      services: ServicesDep, _: AdminDep) -> ModelPurgeResult:
+    """Delete ``model``'s entries: all of them, those below ``before_epoch``, or with
+    ``old_epochs=true`` those below the model's current epoch (what a rollout reclaims)."""
+    before_epoch, old_epochs = query.before_epoch, query.old_epochs
+    if old_epochs and before_epoch is not None:
+        raise BadRequestError("old_epochs and before_epoch were both given", field="old_epochs",
+                              fix="pass one of them")
+    if old_epochs:
+        before_epoch = (await services.versions.current(model, fresh=True))[1]
+    deleted = await services.store.delete_model(model, before_epoch=before_epoch)
+    return ModelPurgeResult(model=model, before_epoch=before_epoch, deleted=deleted)
+
+
+@router.post("/scan", response_model=ScanSummary, responses=ERROR_RESPONSES)
+async def scan(query: Annotated[ScanQuery, Query()], services: ServicesDep,
+               _: AdminDep) -> ScanSummary:
+    """Scan every entry of the service's own store (embedded or Redis) as ``cachesvc audit
+    scan`` does, record the findings in the service's journal and save the result for
+    reports. Runs on the service's event loop: on a large store it competes with requests."""
+    from cachesvc.auditing import default_findings_path, open_journal, run_scan
+
+    settings = services.settings
+    journal = open_journal(
+        redis_url=settings.redis.url,
+        findings_path=settings.audit.findings_path or default_findings_path(settings.state_dir))
+    target = "embedded store" if not settings.redis.store_url else "the service's Redis store"
+    keys = services.cache.keys
+    secret = keys.secret_for(keys.current_id)
+    assert secret is not None  # the current key is always one of its keys
+    result = await run_scan(settings, services.store, journal, registry=services.versions,
+                            secret=secret, target=target, batch=query.batch)
+    return ScanSummary(run_id=result.run_id, target=result.target, entries=result.entries,
+                       findings=result.findings, findings_by_kind=dict(result.findings_by_kind),
+                       unreadable=result.unreadable, reclaimable=result.reclaimable,
+                       material_checked=result.material_checked)

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from cachesvc import metrics
+from cachesvc import access_log
 from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
 from cachesvc.api.lean import lean
 from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
@@ -86,11 +86,11 @@ async def lookup(request: Request) -> Response:
     body, kind = _lookup_body(obj)
     cc = parse_cache_control(request.headers.get("cache-control"))
     keyed = await services.cache.key(tenant, body, _kind(body, kind), raw=raw)
+    access_log.note(request.scope, digest=keyed.key.digest)
     result = await services.cache.lookup(keyed, cc, route="cache_api")
     out: dict[str, Any] = {"status": result.status, "reason": result.reason}
     if result.status == "hit":
         assert result.payload is not None
-        metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
         if not keyed.stream:
             # The same bytes as rendering ``out`` (status, reason, response, age), with the
@@ -104,14 +104,12 @@ async def lookup(request: Request) -> Response:
             out["chunks"] = result.payload.as_chunks(keyed.kind,
                                                      include_usage=keyed.include_usage)
         out["age"] = result.age
-    elif result.status == "miss":
-        metrics.child(metrics.MISSES, tenant.id).inc()
-        if not cc.no_store:
-            out["fill_token"] = services.signer.sign(
-                tenant=tenant.id, scope=keyed.scope.as_material(),
-                digest=bytes(keyed.key.digest), material_digest=bytes(keyed.key.material_digest),
-                model=keyed.key.model, epoch=keyed.epoch, stream=keyed.stream,
-                ttl_seconds=tenant.ttl_seconds)
+    elif result.status == "miss" and not cc.no_store:
+        out["fill_token"] = services.signer.sign(
+            tenant=tenant.id, scope=keyed.scope.as_material(),
+            digest=bytes(keyed.key.digest), material_digest=bytes(keyed.key.material_digest),
+            model=keyed.key.model, epoch=keyed.epoch, stream=keyed.stream,
+            ttl_seconds=tenant.ttl_seconds)
     return OrjsonResponse(out)
 
 

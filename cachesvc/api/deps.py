@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from cachesvc import access_log
 from cachesvc.api.responses import EncodedBodies
 from cachesvc.errors import BadRequestError, TooLargeError
 from cachesvc.fill_token import FillTokenSigner
@@ -65,17 +66,22 @@ def _auth_header(creds: HTTPAuthorizationCredentials | None) -> str | None:
 
 
 async def current_tenant(
+    request: Request,
     services: ServicesDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    return services.tenants.authenticate(_auth_header(creds))
+    tenant = services.tenants.authenticate(_auth_header(creds))
+    access_log.note(request.scope, tenant=tenant.id)
+    return tenant
 
 
 async def require_admin(
+    request: Request,
     services: ServicesDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
 ) -> None:
     services.tenants.authenticate_admin(_auth_header(creds))
+    access_log.note(request.scope, tenant=access_log.ADMIN)
 
 
 async def require_metrics_key(
@@ -104,7 +110,9 @@ def hot_path_caller(request: Request) -> tuple[Services, Tenant]:
     services = getattr(request.app.state, "services", None)
     if services is None:  # pragma: no cover - only before lifespan ran
         raise RuntimeError("the app's lifespan has not run; start it with uvicorn or TestClient")
-    return services, services.tenants.authenticate(request.headers.get("authorization"))
+    tenant = services.tenants.authenticate(request.headers.get("authorization"))
+    access_log.note(request.scope, tenant=tenant.id)
+    return services, tenant
 
 
 #: OpenAPI fragment for routes that authenticate through ``hot_path_caller``.

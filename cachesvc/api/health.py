@@ -11,7 +11,7 @@ from cachesvc.api.schemas import Health
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
 async def healthz() -> Health:
     """Liveness: the process is up and its event loop answers."""
     return Health(status="ok")
@@ -22,8 +22,12 @@ async def readyz(services: ServicesDep) -> Health:
     """Readiness. A dead store does not make the service unready: it serves misses from the
     upstream (``degraded``) and the breaker probes for the store's return."""
     state = services.cache.guard.breaker.state
-    return Health(status="ok" if state == "closed" else "degraded", store=state,
-                  detail={"single_flights": len(services.flights)})
+    return Health(status="ok" if state == "closed" else "degraded", store=_STORE[state],
+                  breaker=state, detail={"single_flights": len(services.flights)})
+
+
+#: What each breaker state means for the store, in the words /readyz answers with.
+_STORE = {"closed": "available", "open": "unavailable", "half_open": "probing"}
 
 
 @router.get("/metrics", response_class=Response,

@@ -45,6 +45,22 @@ class CacheApp(FastAPI):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._start_lean()
+
+    @classmethod
+    def adopt(cls, app: FastAPI) -> CacheApp:
+        """``app`` itself, made a CacheApp: for an app that a factory built as a plain FastAPI
+        (fastapi-offline's ``FastAPIOffline``). Routers included earlier stay off the lean path.
+
+        NOTE: a class change rather than a wrapper, so that everything holding the app (tests,
+        servers, ``dependency_overrides``, ``state``) holds the FastAPI object itself.
+        """
+        app.__class__ = cls
+        assert isinstance(app, cls)
+        app._start_lean()
+        return app
+
+    def _start_lean(self) -> None:
         self._lean_routes: dict[str, Endpoint] = {}
         self._edge: ASGIApp = self._dispatch
 

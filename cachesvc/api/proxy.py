@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
 
-from cachesvc import metrics
+from cachesvc import access_log, metrics
 from cachesvc.api.deps import Services, hot_path_caller, read_json_body
 from cachesvc.api.lean import lean
 from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
@@ -57,13 +57,13 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
     raw, body = await read_json_body(request, services.settings.limits.max_request_bytes)
     cc = parse_cache_control(request.headers.get("cache-control"))
     keyed = await services.cache.key(tenant, body, kind, raw=raw)
+    access_log.note(request.scope, digest=keyed.key.digest)
     result = await services.cache.lookup(keyed, cc, route="proxy")
     if services.settings.logging.log_content:
         # Off by default: prompts are the tenants' data. Enabled only for debugging.
         log.info("request_content", tenant=tenant.id, status=result.status, request=body)
     if result.status == "hit":
         assert result.payload is not None
-        metrics.child(metrics.HITS, tenant.id).inc()
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
         if not keyed.stream:
             return EncodedJsonResponse(services.bodies.body(result.payload, keyed.kind),
@@ -76,7 +76,6 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
     if result.status == "bypass":
         return await _call(services, keyed, store=False,
                            headers={"X-Cache": "BYPASS", "X-Cache-Reason": _ascii(result.reason)})
-    metrics.child(metrics.MISSES, tenant.id).inc()
     headers = {"X-Cache": "MISS", "X-Cache-Reason": _ascii(result.reason)}
     if cc.no_store:
         return await _call(services, keyed, store=False, headers=headers)
@@ -147,7 +146,7 @@ async def _call(services: Services, keyed: Keyed, *, store: bool, headers: dict[
                     yield sse(chunk)
             ended = True
         except UpstreamError as exc:
-            metrics.UPSTREAM_ERRORS.labels(str(exc.status)).inc()
+            metrics.count_upstream_error(exc.status)
             log.warning("upstream_stream_broke", status=exc.status)
             body = exc.body if isinstance(exc.body, dict) else {"error": {"message": str(exc)}}
             yield sse(body)
@@ -182,7 +181,7 @@ def _failing_upstream(done: _Once, headers: dict[str, str]) -> Iterator[None]:
     try:
         yield
     except UpstreamError as exc:
-        metrics.UPSTREAM_ERRORS.labels(str(exc.status)).inc()
+        metrics.count_upstream_error(exc.status)
         done(None)
         exc.headers = {**exc.headers, **headers}
         raise

@@ -143,8 +143,13 @@ class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(min_length=1, max_length=200)
-    create: bool = Field(default=False, description="Allow a model the registry does not know "
-                         "yet (otherwise 404: a misspelt name must not start a model).")
+    #: The same version again keeps its epoch (and its entries) instead of a fresh one.
+    idempotent: bool = Field(default=False, strict=True)
+    # NOTE: strict like ``idempotent``: a lax bool would take "yes" or 1 for a flag that lets
+    # a name start a new model (and schemathesis' negative cases expect the refusal).
+    create: bool = Field(default=False, strict=True,
+                         description="Allow a model the registry does not know yet (otherwise "
+                                     "404: a misspelt name must not start a model).")
 
 
 class ModelVersion(BaseModel):
@@ -162,7 +167,49 @@ class PurgeResult(BaseModel):
     deleted: int
 
 
+class ModelPurgeQuery(BaseModel):
+    """Which of a model's entries ``DELETE /admin/models/{model}/entries`` deletes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Only entries of epochs below this one.
+    before_epoch: int | None = Field(default=None, ge=0, strict=True)
+    #: Only entries of epochs below the model's current one (what a rollout reclaims).
+    old_epochs: bool = False
+
+
+class ScanQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Keys per store round trip.
+    batch: int = Field(default=500, ge=1, le=10_000)
+
+
+class ModelPurgeResult(BaseModel):
+    model: str
+    before_epoch: int | None
+    deleted: int
+
+
+class ScanSummary(BaseModel):
+    """What ``POST /admin/scan`` saw: the same counts ``cachesvc audit scan`` prints and saves."""
+
+    run_id: str
+    target: str
+    entries: int
+    findings: int
+    findings_by_kind: dict[str, int]
+    unreadable: int
+    reclaimable: int
+    material_checked: int
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
-    store: str = "closed"
+    #: /readyz only. ``available``: store calls go through; ``unavailable``: the circuit
+    #: breaker is open (store calls are skipped, requests are served as misses from the
+    #: upstream); ``probing``: one trial call is checking whether the store is back.
+    store: Literal["available", "unavailable", "probing"] | None = None
+    #: /readyz only: the circuit breaker's own state (closed, open, half_open).
+    breaker: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)

@@ -31,10 +31,11 @@ def _load(name: str) -> click.Command:
     module, attr, _ = _COMMANDS[name]
     found: Any = getattr(importlib.import_module(module), attr)
     if isinstance(found, typer.Typer):
+        found.rich_markup_mode = None
         group = typer.main.get_group(found)
         group.name = name
         return group
-    holder = typer.Typer()
+    holder = typer.Typer(rich_markup_mode=None)
     found(holder)
     command = typer.main.get_group(holder).get_command(click.Context(click.Group()), name)
     assert command is not None, f"{module}.register added no {name!r} command"
@@ -55,6 +56,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     cls=_LazyGroup,
+    # NOTE: no Rich markup: help texts name config sections such as [redis], which markup
+    # would swallow as style tags (the command groups loaded later get the same setting).
+    rich_markup_mode=None,
 )
 
 

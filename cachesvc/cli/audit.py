@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,17 +19,18 @@ from audit import (
     FindingsLogError,
     Journal,
     Recorder,
-    Scanner,
     TimingConfig,
     TimingProbeError,
     levels_for_keys,
     run_timing,
 )
-from audit.report import REPORT_FORMATS, build_report, render
-from audit.timing import summarize
+from audit.finding import new_run_id
+from audit.report import REPORT_FORMATS, build_report, power_sentence, render
+from audit.timing import detectable_distance, summarize, trials_for
+from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 
 app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks, write reports.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", help="TOML config file (or env CACHESVC_CONFIG).")
@@ -94,24 +97,38 @@ def scan(
     oracle: Annotated[str | None, typer.Option(
         help="Oracle for --recompute: engine (load [upstream] model here) or upstream "
              "([upstream] url). Default: [audit] oracle.")] = None,
+    url: UrlOpt = None,
+    admin_key: AdminKeyOpt = None,
 ) -> None:
     """Walk every entry (every node of a cluster), check every invariant that needs no request
     (and, with --recompute, each answer against the current model), record the findings, and
-    exit 1 when there are any."""
+    exit 1 when there are any. With --url the running service scans its own store (the
+    embedded one included) and records the findings in its journal."""
+    if url:
+        if recompute:
+            _fail("--recompute runs the oracle in this process and needs [redis] url; through "
+                  "--url the service scans without recomputing")
+        out = admin_api(url, admin_key, config).call("POST", "/admin/scan",
+                                                     params={"batch": batch})
+        typer.echo(f"scan {out['run_id']} of {out['target']} at {url}: {out['entries']} entries, "
+                   f"{out['findings']} findings{_counts(out['findings_by_kind'])}, "
+                   f"{out['unreadable']} unreadable, {out['reclaimable']} reclaimable (old epochs)")
+        raise typer.Exit(code=1 if out["findings"] else 0)
     settings = _settings(config)
     if not settings.redis.url:
-        _fail("the embedded store lives inside the service process, so an offline scan cannot "
-              "reach it; set [redis] url (the scan walks Redis or every node of a cluster)")
+        _fail("the embedded store lives inside the service process, so this process cannot "
+              "open it: pass --url http://HOST:PORT (and the admin key) to have the service "
+              "scan it, or set [redis] url")
     the_oracle = _scan_oracle(settings, oracle) if recompute else None
     result = asyncio.run(_scan(settings, _journal(settings, findings), batch=batch, quiet=quiet,
                                oracle=the_oracle))
     typer.echo(
-        f"scanned {result.entries} entries: {result.findings} findings "
-        f"{dict(result.findings_by_kind) or ''}, {result.unreadable} unreadable, "
+        f"scan {result.run_id}: {result.entries} entries, {result.findings} findings"
+        f"{_counts(result.findings_by_kind)}, {result.unreadable} unreadable, "
         f"{result.reclaimable} reclaimable (old epochs)"
     )
     if result.recomputed:
-        typer.echo(f"recomputed: {dict(sorted(result.recomputed.items()))}")
+        typer.echo(f"recomputed:{_counts(result.recomputed)}")
     readable = result.entries - result.unreadable
     if readable and not result.material_checked:
         typer.echo("note: no entry carries its key material ([cache] store_material = false, or "
@@ -121,6 +138,23 @@ def scan(
         typer.echo("warning: no entry verified: is [cache] secret the "
                    "one the service ran with?", err=True)
     raise typer.Exit(code=1 if result.findings else 0)
+
+
+def _counts(counts: Any) -> str:
+    """``{'canary': 1, 'stale': 2}`` as `` (canary 1, stale 2)``; nothing when empty."""
+    return f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else ""
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password, for reports."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{parts.username or ''}:***@{parts.hostname}{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _scan_oracle(settings: Any, name: str | None) -> Any:
@@ -146,70 +180,60 @@ def _scan_oracle(settings: Any, name: str | None) -> Any:
     raise AssertionError  # unreachable
 
 
-def _material_secret(settings: Any) -> bytes | None:
-    """The service's material-digest secret: the config's, else the one the service keeps in
-    ``<state_dir>/secret`` (read only; the scan never creates one)."""
-    if settings.cache.secret:
-        return settings.cache.secret.encode()
-    try:
-        data = (Path(settings.state_dir) / "secret").read_bytes().strip()
-    except OSError:
-        return None
-    return data if len(data) >= 32 else None
-
-
 async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
                 oracle: Any = None) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cachesvc.auditing import EntryReader, canaries_of, registry_snapshot, scan_items
-    from cachesvc.store import EntryKeys, open_store
-    from cachesvc.store.mac import key_id
+    from cachesvc.auditing import material_secret, run_scan
+    from cachesvc.store import open_store
 
-    secret = _material_secret(settings)
+    secret = material_secret(settings)
     if secret is None:
         _fail("the scan verifies every entry's MAC, which needs the service secret: set "
               "[cache] secret (or run where the service's <state_dir>/secret is)")
     assert secret is not None
-    previous = [s.encode() for s in settings.cache.previous_secrets]
-    reader = EntryReader.of(settings, EntryKeys(secret, previous))
-
     store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
     registry = await _open_registry(store)
-    snapshot = await registry_snapshot(registry) if registry is not None else {}
-    genesis = await registry.genesis() if registry is not None else None
     if registry is None:
         typer.echo("warning: no model registry reachable; epoch and version checks against the "
                    "registry are skipped", err=True)
-    recorder = Recorder(journal)
-    scanner = Scanner(recorder=recorder, registry=snapshot, canaries=canaries_of(settings),
-                      check_registry=registry is not None, secret=secret, oracle=oracle,
-                      previous_secrets={key_id(s).hex(): s for s in previous}, genesis=genesis)
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
             task = progress.add_task("scan", total=None)
-            result = await scanner.run(scan_items(store, reader, batch=batch),
-                                       progress=lambda n: progress.update(task, completed=n))
-        journal.save_result("scan", result.as_dict())
+            return await run_scan(settings, store, journal, registry=registry, secret=secret,
+                                  batch=batch, oracle=oracle,
+                                  target=_redacted(settings.redis.store_url or "-"),
+                                  progress=lambda n: progress.update(task, completed=n))
     finally:
-        recorder.close()
         await store.close()
-    return result
 
 
 @app.command("timing")
 def timing(
     url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible endpoint.")],
-    key_a: Annotated[str, typer.Option("--key-a", help="API key of the victim (tenant A).")],
-    key_b: Annotated[str | None, typer.Option("--key-b", help="API key of another tenant.")] = None,
-    key_a2: Annotated[
-        str | None, typer.Option("--key-a2", help="A second API key of tenant A.")
+    victim_key: Annotated[str, typer.Option(
+        "--victim-key", "--key-a", help="API key of the victim (tenant A).")],
+    other_tenant_key: Annotated[str | None, typer.Option(
+        "--probe-key-other-tenant", "--key-b",
+        help="API key of another tenant: tests the other_tenant level (a leak if shared).")] = None,
+    same_tenant_key: Annotated[str | None, typer.Option(
+        "--probe-key-same-tenant", "--key-a2",
+        help="A second API key of the victim's tenant: tests the same_tenant level.")] = None,
+    user: Annotated[str | None, typer.Option(
+        help="For a per-user tenant (scope = \"user\"): the victim's `user` field.")] = None,
+    other_user: Annotated[str | None, typer.Option(
+        help="Another user of the victim's tenant: tests the other_user level (needs --user).")
     ] = None,
-    trials: Annotated[int, typer.Option(min=5, help="Hit/miss trial pairs per level.")] = 250,
+    trials: Annotated[int | None, typer.Option(
+        min=5, help="Hit/miss trial pairs per level (default 250, or as --detect needs).")] = None,
+    detect: Annotated[float | None, typer.Option(
+        help="Size the run: the KS distance between hit and miss times to detect with 90% "
+             "power (0.3 needs about 230 trials at alpha 1e-4).")] = None,
     model: Annotated[str | None, typer.Option(help="Model id; default: first of /v1/models.")] = None,
     endpoint: Annotated[str, typer.Option(help="chat or completion.")] = "chat",
-    prompt_words: Annotated[int, typer.Option(min=10, help="Words per random prompt.")] = 300,
+    prompt_words: Annotated[int, typer.Option(
+        min=10, help="Words per random prompt; longer prompts show a prefix cache more.")] = 300,
     shared_fraction: Annotated[float, typer.Option(help="Prefix share of a hit probe.")] = 0.9,
     alpha: Annotated[float, typer.Option(help="Significance level of the KS test.")] = 1e-4,
     same_tenant_is_leak: Annotated[
@@ -221,43 +245,73 @@ def timing(
     save: Annotated[bool, typer.Option(help="Store the result and findings for reports.")] = True,
 ) -> None:
     """Measure whether one caller can tell, by timing, that another caller's prompt is cached
-    (interleaved hit/miss trials, one-sided KS test). Exit 1 on a cross-tenant leak."""
+    (interleaved hit/miss trials, one-sided KS test). Progress and an estimate of the time left
+    go to stderr; the results so far are saved every 10 s, so a run stopped early still leaves
+    them (marked interrupted). Exit 1 on a leak."""
     from cachesvc.auditing import HttpProber, discover_model
 
     try:
-        cfg = TimingConfig(trials=trials, prompt_words=prompt_words,
+        n = trials or (trials_for(detect, alpha) if detect is not None else 250)
+        cfg = TimingConfig(trials=n, prompt_words=prompt_words,
                            shared_fraction=shared_fraction, alpha=alpha)
-        levels = levels_for_keys(key_a=key_a, key_b=key_b, key_a2=key_a2,
-                                 same_tenant_is_leak=same_tenant_is_leak)
-        chosen = model or discover_model(url, key=key_a)
+        levels = levels_for_keys(key_a=victim_key, key_b=other_tenant_key,
+                                 key_a2=same_tenant_key, same_tenant_is_leak=same_tenant_is_leak,
+                                 user=user, other_user=other_user)
+        chosen = model or discover_model(url, key=victim_key)
         prober = HttpProber(url, model=chosen, endpoint=endpoint)
     except (AuditConfigError, TimingProbeError, ValueError) as exc:
         _fail(str(exc))
-    from rich.progress import Progress
+    typer.echo(f"timing: {n} trials per level at {', '.join(lv.name for lv in levels)}; "
+               f"{power_sentence(detectable_distance(n, alpha))}", err=True)
+    journal = _journal(_settings(config), findings) if save else None
+    run_id = new_run_id()
+    latest: list[Any] = []
 
+    def checkpoint(partial: Any) -> None:
+        latest[:] = [partial]
+        if journal is not None:
+            journal.save_result("timing", partial.as_dict())
+
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    # A time limit (`timeout`, a scheduler) stops with SIGTERM: treat it as Ctrl-C, so the
+    # results so far are saved as interrupted.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with Progress(transient=True) as progress:
-            task = progress.add_task("timing trials", total=trials * len(levels))
+        with Progress(TextColumn("timing trials"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                      transient=True) as progress:
+            task = progress.add_task("timing trials", total=n * len(levels))
             result = run_timing(levels, prober, target=url, config=cfg,
-                                rng=random.Random(seed),
+                                rng=random.Random(seed), run_id=run_id, checkpoint=checkpoint,
                                 progress=lambda d, t: progress.update(task, completed=d))
-    except TimingProbeError as exc:
-        _fail(str(exc))
+    except (TimingProbeError, KeyboardInterrupt) as exc:
+        if latest and journal is not None:
+            journal.save_result("timing", dataclasses.replace(latest[0], status="interrupted")
+                                .as_dict())
+            typer.echo(f"timing run {run_id}: stopped; the results so far are saved", err=True)
+        _fail(str(exc) or "interrupted", code=2 if isinstance(exc, TimingProbeError) else 130)
     finally:
         prober.close()
+    typer.echo(f"timing run {run_id} against {url}")
     for name, line in summarize(result).items():
         typer.echo(f"{name:13s} {line}")
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
-    if save:
-        settings = _settings(config)
-        journal = _journal(settings, findings)
+    if journal is not None:
         recorder = Recorder(journal)
-        for finding in result.findings(at=time.time()):
+        found = result.findings(at=time.time())
+        for finding in found:
             recorder.record(finding)
         recorder.close()
-        journal.save_result("timing", result.as_dict())
+        journal.save_result("timing", {**result.as_dict(),
+                                       "finding_ids": [f.id for f in found]})
     raise typer.Exit(code=1 if result.leaks else 0)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _parse_since(value: str | None) -> float | None:
@@ -302,7 +356,7 @@ def report(
     try:
         data = build_report(journal.findings(since=start), scan=journal.load_result("scan"),
                             timing=journal.load_result("timing"), since=start,
-                            generated_at=time.time())
+                            generated_at=time.time(), shadow=journal.load_result("shadow"))
     except FindingsLogError as exc:
         _fail(str(exc))
     text = render(data, format)  # type: ignore[arg-type]

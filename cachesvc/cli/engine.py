@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(help="The reference engine (SmolLM2 or a tiny random model) over HTTP.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 def _parse_keys(pairs: list[str]) -> dict[str, str]:

@@ -12,7 +12,8 @@ import typer
 from keying import InvalidRequestError, KeyParams, Scope, build_key
 from keying.canonical import RequestKind
 
-app = typer.Typer(help="Inspect cache keys.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None,
+                  help="Inspect cache keys.", no_args_is_help=True)
 
 
 @app.command("explain")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from urllib.parse import quote
 from pathlib import Path
 from typing import Annotated
 
@@ -12,10 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 from cachesvc.cli.redis_target import fail, open_redis_store
 from invalidation import InvalidationError, RedisRegistry
 
-app = typer.Typer(help="The model registry: versions and epochs.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None,
+                  help="The model registry: versions and epochs.", no_args_is_help=True)
 
 RedisOpt = Annotated[
     str | None,
@@ -27,7 +30,7 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
-def _when(ts: float) -> str:
+def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "-"
 
 
@@ -46,22 +49,37 @@ def rollout(
     ] = False,
     redis: RedisOpt = None,
     config: ConfigOpt = None,
+    url: UrlOpt = None,
+    admin_key: AdminKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make VERSION current for MODEL with a fresh epoch: every cached entry of the model becomes
-    unreachable at once, on every replica within its refresh interval."""
+    unreachable at once, on every replica within its refresh interval. The old epochs' entries
+    are then deleted (memory only: they were already unreachable), as the admin API does."""
+    if url:
+        out = admin_api(url, admin_key, config).call(
+            "POST", f"/admin/models/{quote(model, safe='')}/rollout",
+            json={"version": version, "idempotent": idempotent, "create": create})
+        if as_json:
+            typer.echo(orjson.dumps(out).decode())
+        else:
+            typer.echo(f"{model}: {out['version']} is current at epoch {out['epoch']}; the "
+                       "service deletes the old epochs' entries in the background")
+        return
 
     async def run() -> None:
         store = open_redis_store(redis, config)
         try:
             r = await RedisRegistry(store.client).rollout(
                 model, version, idempotent=idempotent, only=None if create else "existing")
+            deleted = (await store.delete_model(model, before_epoch=r.current.epoch)
+                       if r.changed else 0)
         finally:
             await store.close()
         if as_json:
             typer.echo(orjson.dumps({
                 "model": model, "version": r.current.version, "epoch": r.current.epoch,
-                "changed": r.changed, "event_id": r.event_id,
+                "changed": r.changed, "event_id": r.event_id, "old_epoch_entries_deleted": deleted,
                 "previous": None if r.previous is None else
                 {"version": r.previous.version, "epoch": r.previous.epoch},
             }).decode())
@@ -72,7 +90,8 @@ def rollout(
             return
         prev = ("first rollout" if r.previous is None else
                 f"was {r.previous.version} at epoch {r.previous.epoch}")
-        typer.echo(f"{model}: {version} is current at epoch {r.current.epoch} ({prev})")
+        typer.echo(f"{model}: {version} is current at epoch {r.current.epoch} ({prev}); "
+                   f"deleted {deleted} old-epoch entries")
 
     try:
         asyncio.run(run())
@@ -81,30 +100,31 @@ def rollout(
 
 
 @app.command("show")
-def show(redis: RedisOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def show(redis: RedisOpt = None, config: ConfigOpt = None, url: UrlOpt = None,
+         admin_key: AdminKeyOpt = None, as_json: JsonOpt = False) -> None:
     """Show every model's current version and epoch."""
+    if url:
+        models = admin_api(url, admin_key, config).call("GET", "/admin/models")["models"]
+    else:
+        async def run() -> list:  # type: ignore[type-arg]
+            store = open_redis_store(redis, config)
+            try:
+                return await RedisRegistry(store.client).list()
+            finally:
+                await store.close()
 
-    async def run() -> list:  # type: ignore[type-arg]
-        store = open_redis_store(redis, config)
         try:
-            return await RedisRegistry(store.client).list()
-        finally:
-            await store.close()
-
-    try:
-        models = asyncio.run(run())
-    except InvalidationError as exc:
-        fail(str(exc), code=1)
+            models = [{"model": m.model, "version": m.version, "epoch": m.epoch,
+                       "rolled_out_at": m.rolled_out_at} for m in asyncio.run(run())]
+        except InvalidationError as exc:
+            fail(str(exc), code=1)
     if as_json:
-        typer.echo(orjson.dumps({"models": [
-            {"model": m.model, "version": m.version, "epoch": m.epoch,
-             "rolled_out_at": m.rolled_out_at} for m in models
-        ]}).decode())
+        typer.echo(orjson.dumps({"models": models}).decode())
         return
     if not models:
         typer.echo("no models rolled out yet; run `cachesvc models rollout MODEL VERSION`")
         return
     table = Table("model", "version", "epoch", "rolled out")
     for m in models:
-        table.add_row(m.model, m.version, str(m.epoch), _when(m.rolled_out_at))
+        table.add_row(m["model"], m["version"], str(m["epoch"]), _when(m.get("rolled_out_at")))
     Console().print(table)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from urllib.parse import quote
 from typing import Annotated
 
 import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
 from cachesvc.cli.redis_target import fail, open_redis_store
 from cachesvc.store import StoreError
 from invalidation import InvalidationError, PurgeProgress, PurgeSelector, RedisRegistry
@@ -34,6 +36,8 @@ def register(app: typer.Typer) -> None:
         config: Annotated[
             Path | None, typer.Option("--config", help="TOML config with [redis] url.")
         ] = None,
+        url: UrlOpt = None,
+        admin_key: AdminKeyOpt = None,
         batch: Annotated[int, typer.Option(min=1, max=100_000, help="Keys per SCAN step.")] = 500,
         as_json: Annotated[bool, typer.Option("--json", help="Print the final count as JSON.")] = False,
     ) -> None:
@@ -43,6 +47,10 @@ def register(app: typer.Typer) -> None:
             fail("--old-epochs and --before-epoch N: pass one of them")
         if old_epochs and model is None:
             fail("--old-epochs needs --model M")
+        if url:
+            _purge_via_api(url, admin_key, config, model=model, tenant=tenant,
+                           before_epoch=before_epoch, old_epochs=old_epochs, as_json=as_json)
+            return
 
         async def run() -> dict[str, object]:
             store = open_redis_store(redis, config)
@@ -88,3 +96,27 @@ def register(app: typer.Typer) -> None:
             resumed = " (resumed)" if result["resumed"] else ""
             typer.echo(f"purged {result['deleted']} entries ({result['selector']}), scanned "
                        f"{result['scanned']} keys on {result['shards']} node(s){resumed}")
+
+
+def _purge_via_api(url: str, admin_key: str | None, config: Path | None, *, model: str | None,
+                   tenant: str | None, before_epoch: int | None, old_epochs: bool,
+                   as_json: bool) -> None:
+    """``purge --url``: one admin call, by tenant or by model (not both at once)."""
+    if (model is None) == (tenant is None):
+        fail("with --url, pass one of --model M or --tenant T")
+    api = admin_api(url, admin_key, config)
+    if tenant is not None:
+        out = api.call("DELETE", f"/admin/tenants/{quote(tenant, safe='')}/entries")
+        what = f"tenant {tenant}"
+    else:
+        params: dict[str, object] = {"old_epochs": "true"} if old_epochs else {}
+        if before_epoch is not None:
+            params["before_epoch"] = before_epoch
+        out = api.call("DELETE", f"/admin/models/{quote(str(model), safe='')}/entries",
+                       params=params)
+        what = f"model {model}" + (f" below epoch {out['before_epoch']}"
+                                   if out.get("before_epoch") is not None else "")
+    if as_json:
+        typer.echo(orjson.dumps(out).decode())
+    else:
+        typer.echo(f"purged {out['deleted']} entries ({what}) through {url}")

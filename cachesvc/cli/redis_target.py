@@ -37,9 +37,9 @@ def open_redis_store(redis_url: str | None, config: Path | None) -> RedisStore:
     url, nodes = redis_target(redis_url, config)
     if not url and not nodes:
         fail(
-            "this command needs the shared Redis: pass --redis redis://host:6379/0 (or "
-            "redis+cluster://host:port), or --config F with [redis] url. The embedded store "
-            "lives inside the service process and cannot be reached from here."
+            "no Redis configured, and the embedded store lives inside the service process: "
+            "pass --url http://HOST:PORT (with --admin-key) to work through the running "
+            "service, or --redis redis://host:6379/0 (or --config F with [redis] url)"
         )
     try:
         store = open_store(url, nodes=nodes or None, socket_timeout=10.0, connect_timeout=5.0)

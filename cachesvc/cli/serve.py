@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -52,7 +53,10 @@ def register(app: typer.Typer) -> None:
         settings, demo_key = with_demo_tenant(settings)
         admin_key = None
         if demo_key is not None and not settings.admin.api_key:
-            admin_key = "sk-admin-" + secrets.token_urlsafe(24)
+            from cachesvc.state import state_value
+
+            admin_key = state_value(Path(settings.state_dir) / "admin-key",
+                                    lambda: "sk-admin-" + secrets.token_urlsafe(24))
             settings = settings.model_copy(
                 update={"admin": settings.admin.model_copy(update={"api_key": admin_key})})
         if workers > 1 and not settings.cache.secret:
@@ -61,16 +65,21 @@ def register(app: typer.Typer) -> None:
 
             service_secret(settings)
         base = f"http://{host}:{port}"
+        hint = None
         if demo_key is not None:
-            typer.echo(f"cachesvc: no tenants configured; demo tenant 'demo' key: {demo_key}")
+            typer.echo(f"cachesvc: no tenants configured; demo tenant 'demo' key: {demo_key} "
+                       f"(kept in {settings.state_dir}/demo-key)")
             if admin_key:
-                typer.echo(f"cachesvc: admin key: {admin_key}")
+                typer.echo(f"cachesvc: admin key: {admin_key} "
+                           f"(kept in {settings.state_dir}/admin-key)")
             model = settings.upstream.model if not settings.upstream.url else "<model>"
-            typer.echo(
+            hint = (
                 f"try:  curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {demo_key}'"
                 f" -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", "
                 f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], "
                 f"\"temperature\": 0, \"max_tokens\": 16}}' -i")
+            if settings.upstream.url is None:
+                typer.echo(f"cachesvc: loading the {settings.upstream.model} model ...")
         import uvicorn
 
         from cachesvc.logs import configure_logging
@@ -86,8 +95,11 @@ def register(app: typer.Typer) -> None:
         if workers == 1:
             from cachesvc.app import create_app
 
-            uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+            uvicorn.run(create_app(settings, on_ready=hint and (lambda: typer.echo(hint))),
+                        **common)  # type: ignore[arg-type]
             return
+        if hint:
+            typer.echo(hint)
         os.environ[_SETTINGS_ENV] = settings.model_dump_json(by_alias=True)
         uvicorn.run("cachesvc.cli.serve:app_factory", factory=True, workers=workers,
                     **common)  # type: ignore[arg-type]
