@@ -47,7 +47,7 @@ test-litellm: $(STAMP) .venv-bench/.installed
 # LiteLLM (the keying bench's baseline, the gateway adapter's host) goes in a venv of its own: its
 # pins must not move the service's dependencies. The package goes in without its dependencies:
 # the client and the adapter need only httpx (LiteLLM's) and orjson; the keying bench needs
-# msgpack and xxhash. LiteLLM's cache-hit path imports fastapi and soundfile (from its proxy
+# msgpack, xxhash and blake3. LiteLLM's cache-hit path imports fastapi and soundfile (from its proxy
 # code) without declaring them; redis is for its Redis cache in bench/gateway.py. The proxy server
 # (tests/gateway/test_litellm_proxy.py) needs the rest of the list: the `litellm[proxy]` extra
 # pins a `litellm-proxy` package that the registry does not serve, so they are named one by one.
@@ -56,8 +56,8 @@ LITELLM_PROXY_DEPS := uvicorn uvloop websockets backoff apscheduler pyjwt crypto
   python-multipart expression fastapi-sso mcp
 .venv-bench/.installed: pyproject.toml
 	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/python -m pip install -q msgpack xxhash orjson '$(LITELLM)' fastapi soundfile \
-	  $(LITELLM_PROXY_DEPS) 'redis>=5.0,<9' 'pytest>=8,<10' 'pytest-asyncio>=0.24,<2' \
+	.venv-bench/bin/python -m pip install -q msgpack xxhash blake3 orjson '$(LITELLM)' fastapi \
+	  soundfile $(LITELLM_PROXY_DEPS) 'redis>=5.0,<9' 'pytest>=8,<10' 'pytest-asyncio>=0.24,<2' \
 	  'pytest-timeout>=2.3,<3'
 	.venv-bench/bin/python -m pip install -q --no-deps -e .
 	@touch $@
@@ -69,6 +69,7 @@ bench-gateway: $(STAMP) .venv-bench/.installed
 	CACHESVC_PYTHON=$(BIN)/python .venv-bench/bin/python bench/gateway.py
 
 bench: $(STAMP) bench-keying bench-gateway
+	$(BIN)/python -m pip install -q -e '.[serve-bench]'
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/prefix.py
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.fixtures.redis import RedisServer, find_redis_server, free_port, start_server
 
 __all__ = ["cpu_seconds", "free_port", "http_roundtrip", "pct", "start_private_redis",
-           "wait_port"]
+           "tree_cpu_seconds", "wait_port"]
 
 
 def start_private_redis(name: str) -> RedisServer:
@@ -54,6 +54,26 @@ def cpu_seconds(pid: int | None) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def tree_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds of ``pid`` and of every process below it (a server's workers); Linux."""
+    if pid is None:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu_seconds(p)
+        todo.extend(children.get(p, ()))
+    return total
 
 
 async def http_roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -16,13 +16,14 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from cachesvc.api.responses import OrjsonResponse
 
 from cachesvc import metrics
 from cachesvc.access_log import AccessLog
 from cachesvc.api import admin, cache, health, proxy
 from cachesvc.api import errors as api_errors
 from cachesvc.api.deps import Services
+from cachesvc.api.lean import CacheApp
+from cachesvc.api.responses import OrjsonResponse
 from cachesvc.body_limit import BodyLimit
 from cachesvc.breaker import CircuitBreaker
 from cachesvc.events import CacheObserver
@@ -104,19 +105,23 @@ def create_app(
 
     # NOTE: FastAPIOffline is FastAPI whose /docs and /redoc load their scripts from files this
     # process serves (the fastapi-offline package), not from a CDN: they work with no internet.
-    app = FastAPIOffline(
+    # Made a CacheApp, it serves the hot routes (proxy, lookup) past FastAPI's per-request layers
+    # (cachesvc/api/lean.py).
+    app = CacheApp.adopt(FastAPIOffline(
         static_url="/docs/assets",
         title="cachesvc",
         version="0.1.0",
         summary="A response cache for LLM inference that can prove it is right.",
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
-    )
-    app.add_middleware(BodyLimit, limit_for=body_limits(settings),
-                       drain_s=settings.limits.body_timeout_s)
+    ))
+    # NOTE: an edge middleware, so the lean hot routes pass it too (cachesvc/api/lean.py).
+    app.add_edge_middleware(BodyLimit, limit_for=body_limits(settings),
+                            drain_s=settings.limits.body_timeout_s)
     api_errors.install(app)
     if settings.logging.access_log:
-        app.add_middleware(AccessLog, max_per_s=settings.logging.access_log_max_per_s)
+        # An edge middleware too, so it logs the lean hot routes (it runs before the body limit).
+        app.add_edge_middleware(AccessLog, max_per_s=settings.logging.access_log_max_per_s)
     app.include_router(proxy.router)
     app.include_router(cache.router)
     app.include_router(admin.router)

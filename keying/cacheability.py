@@ -26,10 +26,10 @@ hosted (fail closed): a new hosted tool type bypasses before anyone adds it here
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import orjson
 from msgpack import ExtType
 
 from keying.canonical import CanonicalRequest
@@ -57,10 +57,6 @@ class LiveDataRule:
     applies: Callable[[CanonicalRequest], bool]
 
 
-#: Tool types the client runs itself; the provider runs every other type (a hosted tool).
-CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
-
-
 def _field(name: str) -> Callable[[CanonicalRequest], bool]:
     return lambda r: r.keyed.get(name) is not None
 
@@ -70,21 +66,8 @@ def _any_plugin(r: CanonicalRequest) -> bool:
     return plugins is not None and not _empty(plugins)
 
 
-def _hosted_tool(r: CanonicalRequest) -> bool:
-    tools = r.keyed.get("tools")
-    if tools is None or _empty(tools):
-        return False
-    value = _json(tools)
-    return not isinstance(value, list) or any(
-        not isinstance(t, dict) or t.get("type") not in CLIENT_TOOL_TYPES for t in value)
-
-
 def _empty(value: object) -> bool:
     return type(value) is ExtType and value.data == b"[]"
-
-
-def _json(value: object) -> object:
-    return orjson.loads(value.data) if type(value) is ExtType else value
 
 
 LIVE_DATA_RULES: tuple[LiveDataRule, ...] = (
@@ -92,7 +75,7 @@ LIVE_DATA_RULES: tuple[LiveDataRule, ...] = (
     LiveDataRule(name="search_parameters", applies=_field("search_parameters")),
     LiveDataRule(name="plugins", applies=_any_plugin),
     LiveDataRule(name="an :online model", applies=lambda r: r.model.endswith(":online")),
-    LiveDataRule(name="a hosted tool", applies=_hosted_tool),
+    LiveDataRule(name="a hosted tool", applies=lambda r: r.hosted_tool),
 )
 
 
@@ -126,12 +109,16 @@ def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -
     reason = _nondeterminism(request)
     if reason is None:
         seed = request.keyed.get("seed")
-        if seed is not None:
-            return Cacheability(cacheable=True, reason=f"seeded: seed={seed}", reproducible=True)
-        return _GREEDY
+        return _GREEDY if seed is None else _seeded(seed)
     if allow_nondeterministic:
         return Cacheability(cacheable=True, reason=f"opted in: {reason}")
     return Cacheability(cacheable=False, reason=reason)
+
+
+@functools.lru_cache(maxsize=1024)
+def _seeded(seed: int) -> Cacheability:
+    # Agents send the same few seeds again and again; the verdict is a value, built once.
+    return Cacheability(cacheable=True, reason=f"seeded: seed={seed}", reproducible=True)
 
 
 def _nondeterminism(request: CanonicalRequest) -> str | None:

@@ -9,11 +9,11 @@ Maps are written with their keys sorted, so the encoding does not depend on key 
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import msgpack
 import xxhash
 
@@ -81,19 +81,22 @@ def response_digest(material: bytes) -> ResponseDigest:
 
 
 @functools.lru_cache(maxsize=16)
-def _keyed_blake2b(secret: bytes) -> Any:
-    return hashlib.blake2b(digest_size=32, key=secret)
+def _material_key(secret: bytes) -> bytes:
+    # BLAKE3 takes a 32-byte key; its key-derivation mode turns a secret of any length into one.
+    return blake3.blake3(secret, derive_key_context=_MATERIAL_KEY_CONTEXT).digest()
+
+
+_MATERIAL_KEY_CONTEXT = "provable-llm-cache 2026 material digest key"
 
 
 def material_digest(material: bytes, secret: bytes = DEFAULT_MATERIAL_SECRET) -> MaterialDigest:
-    """Keyed ``blake2b`` (256-bit) of the framed key material, verified on every hit.
+    """Keyed BLAKE3 (256-bit) of the framed key material, verified on every hit.
 
-    ``secret`` is at most 64 bytes (blake2b's key size); a longer one is refused.
+    NOTE: BLAKE3 rather than blake2b: the same 256-bit keyed-hash strength, and SIMD-parallel
+    over long input, where it is more than ten times cheaper (bench/keying.py's large request
+    shows it). The key is derived from ``secret`` (any length) in BLAKE3's KDF mode.
     """
-    # NOTE: copying a hasher that has absorbed the key is cheaper than keying a new one.
-    h = _keyed_blake2b(secret).copy()
-    h.update(material)
-    return MaterialDigest(h.digest())
+    return MaterialDigest(blake3.blake3(material, key=_material_key(secret)).digest())
 
 
 def hash_block_tokens(

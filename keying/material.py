@@ -28,7 +28,9 @@ from keying.framing import (
 from keying.scope import Scope
 from keying.types import MaterialDigest, ResponseDigest
 
-MATERIAL_VERSION = "llmcache-key/v1"
+#: Names the material's layout and the digests over it. v2: the material digest is keyed BLAKE3
+#: (v1: keyed blake2b), so entries written under v1 have other names and are simply not found.
+MATERIAL_VERSION = "llmcache-key/v2"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

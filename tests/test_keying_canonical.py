@@ -331,3 +331,26 @@ class TestWrongAnswerClass:
         assert len(r.digest) == 16 and len(r.material_digest) == 32
         other = build_key(chat(temperature=0), KeyParams(scope=ACME, secret=b"another-secret"))
         assert other.digest == r.digest and other.material_digest != r.material_digest
+
+
+class TestHostedToolReading:
+    @pytest.mark.parametrize("tools", [
+        None, [], [{"type": "function", "function": {"name": "f"}}],
+        [{"type": "custom", "custom": {"name": "c"}}],
+        [{"type": "function", "function": {"name": "f"}}, {"type": "web_search"}],
+        [{"type": "code_interpreter"}], [{"function": {"name": "no type"}}],
+    ])
+    @pytest.mark.parametrize("kind", ["chat", "generic"])
+    def test_the_verdict_read_while_canonicalising_is_the_one_the_canonical_tools_give(
+            self, tools, kind):
+        import orjson
+
+        from keying.canonical import CLIENT_TOOL_TYPES, canonicalize
+
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+        c = canonicalize(body, kind)
+        keyed = c.keyed.get("tools")
+        value = orjson.loads(keyed.data) if keyed is not None and hasattr(keyed, "data") else keyed
+        from_canonical = value not in (None, []) and (not isinstance(value, list) or any(
+            not isinstance(t, dict) or t.get("type") not in CLIENT_TOOL_TYPES for t in value))
+        assert c.hosted_tool == from_canonical

@@ -59,3 +59,36 @@ class TestKeyExplain:
     def test_user_scope_without_user_is_refused(self) -> None:
         out = explain('{"model":"m","prompt":"x"}', "--tenant", "t", "--scope", "user")
         assert out.returncode != 0 and "scope.user" in out.stderr
+
+
+_HEAVY = ("scipy", "numpy", "torch", "transformers", "redis", "fastapi", "starlette", "uvicorn",
+          "structlog", "audit", "invalidation", "gpu_prefix", "cachesvc.store", "cachesvc.app")
+
+
+class TestStartup:
+    def test_key_explain_imports_only_what_keying_needs(self) -> None:
+        # NOTE: the modules loaded, not the time taken: start-up time depends on the machine's
+        # load, the import list does not (importing scipy and the auditor was most of 1.3 s).
+        code = ("import atexit, sys\n"
+                "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+                "sys.argv = ['cachesvc', 'key', 'explain', '--tenant', 't']\n"
+                "from cachesvc.cli import main; main()\n")
+        out = subprocess.run([sys.executable, "-c", code], input='{"model":"m","prompt":"x"}',
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        loaded = set(out.stderr.split())
+        assert "keying" in loaded
+        heavy = sorted(m for m in loaded if m.split(".")[0] in _HEAVY or m.startswith(_HEAVY))
+        assert heavy == []
+
+    def test_every_command_group_is_listed_and_loads(self) -> None:
+        from typer.testing import CliRunner
+
+        from cachesvc.cli import app
+
+        listed = CliRunner().invoke(app, ["--help"])
+        assert listed.exit_code == 0, listed.output
+        for name in ("audit", "engine", "key", "models", "purge", "serve"):
+            assert name in listed.output
+            res = CliRunner().invoke(app, [name, "--help"])
+            assert res.exit_code == 0 and "Usage" in res.output, (name, res.output)

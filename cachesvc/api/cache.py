@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request, Response
 
 from cachesvc import access_log
 from cachesvc.api.deps import ServicesDep, TenantDep, hot_path_caller, read_json_body
-from cachesvc.api.responses import OrjsonResponse
+from cachesvc.api.lean import lean
+from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
 from cachesvc.api.schemas import (
     BEARER_SECURITY,
     ERROR_RESPONSES,
@@ -77,6 +78,7 @@ _LOOKUP_OPENAPI = {
 @router.post("/lookup", response_model=None, openapi_extra=_LOOKUP_OPENAPI,
              responses={200: {"model": LookupResponse, "description": "hit, miss or bypass"},
                         **ERROR_RESPONSES})
+@lean
 async def lookup(request: Request) -> Response:
     """Look a request up. A miss carries a fill token for storing the model's answer."""
     services, tenant = hot_path_caller(request)
@@ -90,6 +92,13 @@ async def lookup(request: Request) -> Response:
     if result.status == "hit":
         assert result.payload is not None
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
+        if not keyed.stream:
+            # The same bytes as rendering ``out`` (status, reason, response, age), with the
+            # answer encoded once per entry.
+            return EncodedJsonResponse(
+                b'{"status":"hit","reason":%b,"response":%b,"age":%d}' % (
+                    orjson.dumps(result.reason), services.bodies.body(result.payload, keyed.kind),
+                    result.age or 0), [])
         out["response"] = result.payload.as_body(keyed.kind)
         if keyed.stream:
             out["chunks"] = result.payload.as_chunks(keyed.kind,

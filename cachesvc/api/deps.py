@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cachesvc import access_log
+from cachesvc.api.responses import EncodedBodies
 from cachesvc.errors import BadRequestError, TooLargeError
 from cachesvc.fill_token import FillTokenSigner
 from cachesvc.response_cache import ResponseCache
@@ -31,6 +32,8 @@ class Services:
     store: Any
     #: Background work started by requests (old-epoch purges), kept referenced until done.
     background: set[Any] = field(default_factory=set)
+    #: Hot entries' answers, encoded once (the hit routes' bodies).
+    bodies: EncodedBodies = field(default_factory=EncodedBodies)
 
     def spawn(self, coro: Any, *, name: str) -> None:
         import asyncio

@@ -17,10 +17,11 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from cachesvc.api.responses import OrjsonResponse
+from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
 
 from cachesvc import access_log, metrics
 from cachesvc.api.deps import Services, hot_path_caller, read_json_body
+from cachesvc.api.lean import lean
 from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
 from cachesvc.cache_control import parse_cache_control
 from cachesvc.errors import OnlyIfCachedMissError, UpstreamError
@@ -31,9 +32,12 @@ from cachesvc.tenants import Tenant
 log = structlog.get_logger()
 router = APIRouter(tags=["proxy"])
 
+_HIT = (b"x-cache", b"HIT")
+
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES,
              openapi_extra=proxy_openapi("chat"), response_model=None)
+@lean
 async def chat_completions(request: Request) -> Response:
     """OpenAI-compatible chat completions, served from the cache when it can prove it may."""
     services, tenant = hot_path_caller(request)
@@ -42,6 +46,7 @@ async def chat_completions(request: Request) -> Response:
 
 @router.post("/v1/completions", responses=ERROR_RESPONSES,
              openapi_extra=proxy_openapi("completion"), response_model=None)
+@lean
 async def completions(request: Request) -> Response:
     """OpenAI-compatible (legacy) text completions, served from the cache when it may."""
     services, tenant = hot_path_caller(request)
@@ -60,6 +65,9 @@ async def _proxy(request: Request, services: Services, tenant: Tenant, kind: str
     if result.status == "hit":
         assert result.payload is not None
         services.cache.notify("hit", keyed, result.raw, result.entry, result.payload)
+        if not keyed.stream:
+            return EncodedJsonResponse(services.bodies.body(result.payload, keyed.kind),
+                                       [_HIT, (b"age", b"%d" % (result.age or 0))])
         return _serve(keyed, result.payload, {"X-Cache": "HIT", "Age": str(result.age or 0)})
     if cc.only_if_cached:
         raise OnlyIfCachedMissError(

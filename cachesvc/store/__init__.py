@@ -114,6 +114,7 @@ def open_store(
     from redis.backoff import NoBackoff
     from redis.asyncio.retry import Retry
 
+    from cachesvc.store.pipelined_get import PipelinedGet
     from cachesvc.store.redis_store import RedisStore
 
     common: dict[str, Any] = {
@@ -160,7 +161,9 @@ def open_store(
     # service treats it as a miss. A blocking pool would queue instead, but its lock costs
     # ~15% of a 1 KB GET (bench/store.py), and a cache should shed load, not queue it.
     client = Redis.from_url(url, max_connections=lim.max_connections, **common)
-    return RedisStore(client, max_entry_bytes=lim.max_entry_bytes)
+    return RedisStore(client, max_entry_bytes=lim.max_entry_bytes,
+                      getter=PipelinedGet.for_client(client,
+                                                     connect_timeout=lim.connect_timeout))
 
 
 __all__ = [

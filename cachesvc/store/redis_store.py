@@ -24,6 +24,7 @@ from cachesvc.store.base import (
     selector_pattern,
 )
 from cachesvc.store.errors import StoreUnavailableError
+from cachesvc.store.pipelined_get import PipelinedGet
 from invalidation.purge import PurgeSelector, Purger, RedisCheckpoints
 
 STANDALONE_SHARD = "standalone"
@@ -54,15 +55,20 @@ class RedisStore:
         *,
         max_entry_bytes: int = 8 * 1024 * 1024,
         owns_client: bool = True,
+        getter: PipelinedGet | None = None,
     ) -> None:
         self.client = client
         self.is_cluster = isinstance(client, RedisCluster)
         self.max_entry_bytes = max_entry_bytes
         self._owns_client = owns_client
+        #: The hit path's GETs, when given (a standalone Redis); otherwise redis-py's.
+        self._getter = getter
 
     # -- the contract -------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
+        if self._getter is not None:
+            return await self._getter.get(key)
         try:
             return await self.client.get(key)
         except BACKEND_ERRORS as exc:
@@ -116,6 +122,8 @@ class RedisStore:
                         yield key, value
 
     async def close(self) -> None:
+        if self._getter is not None:
+            await self._getter.close()
         if self._owns_client:
             with contextlib.suppress(*BACKEND_ERRORS):
                 await self.client.aclose()
