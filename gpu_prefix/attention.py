@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from gpu_prefix.kvquant import QuantizedKV
 
@@ -228,6 +229,10 @@ def install(model: Any) -> None:
     """Route ``model``'s attention through :func:`pool_attention` (idempotent). A forward without
     a step layout still runs transformers' SDPA attention, so the model stays usable as is."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, pool_attention)
+    # NOTE: the mask function too: without one transformers builds no mask for this name, and a
+    # plain forward of several tokens over a cache would run SDPA's is_causal, which aligns the
+    # causal mask to the top left (each new token would see only the first keys).
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 

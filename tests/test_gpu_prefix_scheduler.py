@@ -143,6 +143,20 @@ class TestInPlaceAttention:
         assert layout_of(1, 22, tab_a).gather is None and len(layout_of(1, 22, tab_a).runs) == 3  # a decode does not
         assert layout_of(1, 8, tab_b).run == 80  # one run: a view
 
+    def test_a_plain_forward_over_a_cache_is_unchanged(self, tiny_model: LoadedModel):
+        """Several new tokens on top of a DynamicCache (what the prefix bench's baselines run)
+        must see every cached key, as a full forward does."""
+        from transformers import DynamicCache
+
+        install(tiny_model.model)
+        ids = list(range(40, 60))
+        with torch.inference_mode():
+            full = tiny_model.model(input_ids=torch.tensor([ids])).logits[0, 12:]
+            cache = DynamicCache(config=tiny_model.model.config)
+            tiny_model.model(input_ids=torch.tensor([ids[:12]]), cache=cache)
+            tail = tiny_model.model(input_ids=torch.tensor([ids[12:]]), cache=cache).logits[0]
+        assert (tail - full).abs().max().item() < 1e-4
+
     def test_a_plain_forward_of_the_same_model_is_unchanged(self, tiny_model: LoadedModel):
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
         with torch.inference_mode():
