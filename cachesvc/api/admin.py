@@ -69,8 +69,9 @@ async def purge_tenant(tenant: str, services: ServicesDep, _: AdminDep) -> Purge
     return PurgeResult(tenant=tenant, deleted=deleted)
 
 
+# NOTE: 404 is documented: a model name no route can hold (a newline, say) is not found.
 @router.delete("/models/{model:path}/entries", response_model=ModelPurgeResult,
-               responses=ERROR_RESPONSES)
+               responses={**ERROR_RESPONSES, 404: {"description": "No route for that model name."}})
 async def purge_model(model: str, query: Annotated[ModelPurgeQuery, Query()],
                       services: ServicesDep, _: AdminDep) -> ModelPurgeResult:
     """Delete ``model``'s entries: all of them, those below ``before_epoch``, or with
