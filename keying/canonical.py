@@ -28,24 +28,15 @@ import orjson
 from msgpack import ExtType
 
 from keying.errors import InvalidRequestError, RequestTooLargeError
+from keying.fields import Keyed, keyed_specs, unkeyed_names
 from keying.framing import frame_presorted
 
 RequestKind = Literal["chat", "completion", "generic"]
 
-#: Fields that cannot change the model's output. They are ignored by the key, and ``explain``
-#: lists the ones a request carried. Everything not listed here is keyed.
-UNKEYED_FIELDS: frozenset[str] = frozenset(
-    {
-        "stream",  # transport only; a hit replays as a stream or a body as asked
-        "stream_options",  # shape of the stream (usage chunk), not its content
-        "user",  # end-user id for abuse tracking; per-user isolation is the *scope*'s job
-        "metadata",  # stored-completion tags
-        "store",  # whether the provider keeps the completion
-        "request_id",
-        "timeout",
-        "request_timeout",
-    }
-)
+#: Fields that cannot change the model's output (the :class:`keying.fields.Unkeyed` rows of
+#: the field table). They are ignored by the key, and ``explain`` lists the ones a request
+#: carried. Everything not listed here is keyed.
+UNKEYED_FIELDS: frozenset[str] = unkeyed_names()
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -528,48 +519,40 @@ class _Spec:
     norm: Normaliser
 
 
-_PENALTY = _number_in(-2, 2)
-
-CHAT_FIELDS: dict[str, _Spec] = {
-    "messages": _Spec(None, _messages),
-    "temperature": _Spec(1, _number_in(0, 2)),
-    "top_p": _Spec(1, _number_in(0, 1)),
-    "n": _Spec(1, _int_in(1, 128)),
-    "max_tokens": _Spec(None, _int_in(1, None, nullable=True)),
-    "max_completion_tokens": _Spec(None, _int_in(1, None, nullable=True)),
-    "seed": _Spec(None, _int_in(_INT_MIN, _INT_MAX, nullable=True)),
-    "stop": _Spec(None, _stop),
-    "frequency_penalty": _Spec(0, _PENALTY),
-    "presence_penalty": _Spec(0, _PENALTY),
-    "logit_bias": _Spec(None, _logit_bias),
-    "logprobs": _Spec(False, _bool),
-    "top_logprobs": _Spec(None, _int_in(0, 20, nullable=True)),
-    "tools": _Spec(None, _tools),
-    "tool_choice": _Spec(None, _any),  # default depends on tools; filled in by canonicalize
-    "parallel_tool_calls": _Spec(True, _bool),
-    "response_format": _Spec(None, _response_format),
-    "reasoning_effort": _Spec(None, _opt_str),
-    "service_tier": _Spec(None, _opt_str),
+#: The normaliser of each keyed value type of the field table that is not a bounded number.
+_NORMALISERS: dict[str, Normaliser] = {
+    "boolean": _bool,
+    "string": _opt_str,
+    "json": _any,
+    "messages": _messages,
+    "prompt": _prompt,
+    "stop": _stop,
+    "logit_bias": _logit_bias,
+    "tools": _tools,
+    "response_format": _response_format,
 }
 
+
+def _spec(k: Keyed) -> _Spec:
+    if k.type == "number":
+        assert k.lo is not None and k.hi is not None, "a number field needs both bounds"
+        return _Spec(k.default, _number_in(k.lo, k.hi))
+    if k.type == "integer":
+        assert k.lo is not None, "an integer field needs a lower bound"
+        return _Spec(k.default, _int_in(k.lo, k.hi, nullable=k.nullable))
+    return _Spec(k.default, _NORMALISERS[k.type])
+
+
+# NOTE: built from keying.fields, the one table the service and the engine read too.
+CHAT_FIELDS: dict[str, _Spec] = {name: _spec(k) for name, k in keyed_specs("chat").items()}
 COMPLETION_FIELDS: dict[str, _Spec] = {
-    "prompt": _Spec(None, _prompt),
-    "temperature": _Spec(1, _number_in(0, 2)),
-    "top_p": _Spec(1, _number_in(0, 1)),
-    "n": _Spec(1, _int_in(1, 128)),
-    "best_of": _Spec(1, _int_in(1, 20)),
-    "max_tokens": _Spec(16, _int_in(0, None)),
-    "seed": _Spec(None, _int_in(_INT_MIN, _INT_MAX, nullable=True)),
-    "stop": _Spec(None, _stop),
-    "frequency_penalty": _Spec(0, _PENALTY),
-    "presence_penalty": _Spec(0, _PENALTY),
-    "logit_bias": _Spec(None, _logit_bias),
-    "logprobs": _Spec(None, _int_in(0, 5, nullable=True)),
-    "echo": _Spec(False, _bool),
-    "suffix": _Spec(None, _opt_str),
+    name: _spec(k) for name, k in keyed_specs("completion").items()
 }
 
-_REQUIRED = {"chat": "messages", "completion": "prompt"}
+_REQUIRED = {
+    kind: next(name for name, k in keyed_specs(kind).items() if k.required)
+    for kind in ("chat", "completion")
+}
 
 
 def _defaults(specs: dict[str, _Spec]) -> dict[str, Any]:
