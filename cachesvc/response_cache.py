@@ -38,6 +38,7 @@ from keying import (
     build_key,
     material_digest,
 )
+from keying.fields import has_type, read_unkeyed
 
 log = structlog.get_logger()
 
@@ -128,6 +129,19 @@ class LookupResult:
     entry: Entry | None = None
 
 
+#: The unkeyed fields the service reads (``user`` for the scope, ``stream`` and
+#: ``stream_options`` for the delivery), with their type rule from the field table.
+_READ_UNKEYED = read_unkeyed()
+
+
+def _check_read_unkeyed(body: dict[str, Any]) -> None:
+    """Refuse an unkeyed field the service reads when it holds a value of the wrong type."""
+    for f in _READ_UNKEYED:
+        v = body.get(f.name)
+        if v is not None and not has_type(v, f.type):
+            raise BadRequestError(f"`{f.name}` {f.problem}", field=f.name, fix=f.fix)
+
+
 @dataclass
 class ResponseCache:
     store: ResponseStore
@@ -163,17 +177,8 @@ class ResponseCache:
         if not isinstance(body, dict):
             raise BadRequestError("the request body must be a JSON object", field="body",
                                   fix="send an OpenAI-style request object")
-        user = body.get("user")
-        if user is not None and not isinstance(user, str):
-            raise BadRequestError("`user` must be a string", field="user",
-                                  fix="send the end user's id as a string, or leave it out")
-        if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
-            raise BadRequestError("`stream` must be true or false", field="stream",
-                                  fix="send stream: true for SSE, or leave it out")
+        _check_read_unkeyed(body)
         opts = body.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            raise BadRequestError("`stream_options` must be an object", field="stream_options",
-                                  fix='send e.g. {"include_usage": true}, or leave it out')
         scope = tenant.scope_for(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:

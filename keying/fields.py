@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 Kind = Literal["chat", "completion"]
 KINDS: Final[tuple[Kind, ...]] = ("chat", "completion")
@@ -33,6 +33,8 @@ ValueType = Literal[
     "number", "integer", "boolean", "string", "json",
     "messages", "prompt", "stop", "logit_bias", "tools", "response_format",
 ]
+
+UnkeyedType = Literal["string", "boolean", "object"]
 
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -63,7 +65,7 @@ class Unkeyed:
     with ``problem`` and ``fix``); ``None``: nobody reads it, any value passes.
     """
 
-    type: Literal["string", "boolean", "object"] | None = None
+    type: UnkeyedType | None = None
     problem: str = ""
     fix: str = ""
 
@@ -141,7 +143,8 @@ FIELDS: Final[tuple[Field, ...]] = (
           completion=Keyed(type="number", default=1, lo=0, hi=1), engine=Honoured(),
           why="nucleus sampling; the engine refuses 0 (it keeps no token)"),
     Field(name="n", chat=Keyed(type="integer", default=1, lo=1, hi=128),
-          completion=Keyed(type="integer", default=1, lo=1, hi=128), engine=Honoured(range=(1, None)),
+          completion=Keyed(type="integer", default=1, lo=1, hi=128),
+          engine=Honoured(range=(1, None)),
           why="choices per request; the engine serves one (n > 1 is a 422)"),
     Field(name="best_of", chat=AS_SENT, completion=Keyed(type="integer", default=1, lo=1, hi=20),
           engine=NoopOnly(noop=(None, 1)), why="server-side candidates; the engine makes one"),
@@ -188,7 +191,8 @@ FIELDS: Final[tuple[Field, ...]] = (
           why="structured output; the engine writes text only"),
     Field(name="reasoning_effort", chat=Keyed(type="string"), completion=AS_SENT,
           engine=NoopOnly(noop=(None,)), why="not implemented by the engine"),
-    Field(name="modalities", chat=AS_SENT, completion=AS_SENT, engine=NoopOnly(noop=(None, ["text"])),
+    Field(name="modalities", chat=AS_SENT, completion=AS_SENT,
+          engine=NoopOnly(noop=(None, ["text"])),
           why="the engine writes text only"),
     Field(name="audio", chat=AS_SENT, completion=AS_SENT, engine=NoopOnly(noop=(None,)),
           why="the engine writes text only"),
@@ -254,21 +258,32 @@ def keyed_specs(kind: Kind) -> dict[str, Keyed]:
 
 def unkeyed_names() -> frozenset[str]:
     """Every field that cannot change the output, whatever the kind (never keyed)."""
-    return frozenset(f.name for f in FIELDS for kind in KINDS if isinstance(f.keying(kind), Unkeyed))
+    return frozenset(
+        f.name for f in FIELDS for kind in KINDS if isinstance(f.keying(kind), Unkeyed)
+    )
 
 
-def read_unkeyed() -> tuple[tuple[str, Unkeyed], ...]:
+class ReadField(NamedTuple):
+    """An unkeyed field the service reads, with its type rule."""
+
+    name: str
+    type: UnkeyedType
+    problem: str
+    fix: str
+
+
+def read_unkeyed() -> tuple[ReadField, ...]:
     """The unkeyed fields the service reads, with their type rule, in table order (kinds agree:
     a test checks it)."""
     out = []
     for f in FIELDS:
         spec = f.chat if isinstance(f.chat, Unkeyed) else f.completion
         if isinstance(spec, Unkeyed) and spec.type is not None:
-            out.append((f.name, spec))
+            out.append(ReadField(f.name, spec.type, spec.problem, spec.fix))
     return tuple(out)
 
 
-def has_type(value: Any, type_: str) -> bool:
+def has_type(value: Any, type_: UnkeyedType) -> bool:
     """Whether a (non-null) JSON value is of an :class:`Unkeyed` field's ``type``."""
     if type_ == "string":
         return isinstance(value, str)
@@ -286,7 +301,7 @@ def _keying_cell(k: Keying | None) -> str:
         return "unkeyed" + (f" ({k.type})" if k.type else "")
     if not isinstance(k, Keyed):
         return str(k)
-    out = k.type
+    out: str = k.type
     if k.lo is not None:
         out += " " + _range(k.lo, k.hi)
     if k.nullable:
