@@ -235,6 +235,57 @@ FIELDS: Final[tuple[Field, ...]] = (
           why="a client's time limit"),
 )
 
+def check_valid(rows: tuple[Field, ...] = FIELDS) -> None:
+    """Assert the table's invariants: each row has an engine decision that fits its keying.
+
+    * a name appears once, and belongs to at least one kind, with a ``why``;
+    * the engine honours only fields keyed with their default made explicit (or the model), so
+      the key holds every value the engine acts on, and an omitted field keys as its default;
+    * a field that shapes only the delivery is unkeyed and typed (the engine reads it);
+    * a field the engine refuses is keyed, and absent (null) is one of its no-op values;
+    * every kind of a field keys it the same way when unkeyed (the service reads it once);
+    * bounded values have their bounds; a required field has no default.
+    """
+    seen: set[str] = set()
+    for f in rows:
+        assert f.name not in seen, f"{f.name}: in the table twice"
+        seen.add(f.name)
+        kinds = [(kind, k) for kind in KINDS if (k := f.keying(kind)) is not None]
+        assert kinds, f"{f.name}: belongs to no kind; set chat or completion"
+        assert f.why, f"{f.name}: say why the engine's decision is right"
+        e = f.engine
+        assert isinstance(e, Honoured | Transport | Ignored | NoopOnly), (
+            f"{f.name}: no engine decision; give it Honoured, Transport, Ignored or NoopOnly"
+        )
+        for kind, k in kinds:
+            where = f"{f.name} ({kind})"
+            if isinstance(e, Honoured):
+                assert k != AS_SENT, f"{where}: the engine honours it but keys it as sent"
+                assert not isinstance(k, Unkeyed), f"{where}: the engine honours it but does not key it"
+            if isinstance(e, Transport):
+                assert isinstance(k, Unkeyed), f"{where}: delivery only but it is keyed"
+                assert k.type is not None, f"{where}: the engine reads it, so give it a type"
+            if isinstance(e, NoopOnly):
+                assert not isinstance(k, Unkeyed), f"{where}: refused but unkeyed; ignore it"
+                assert None in e.noop, f"{where}: an absent field must be a no-op"
+            if isinstance(k, Keyed):
+                if k.type == "number":
+                    assert k.lo is not None and k.hi is not None, f"{where}: give both bounds"
+                if k.type == "integer":
+                    assert k.lo is not None, f"{where}: give a lower bound"
+                if k.required or k.nullable:
+                    assert k.default is None, f"{where}: a required or nullable default is null"
+            if isinstance(k, Unkeyed):
+                assert all(other == k for _, other in kinds), f"{where}: unkeyed differently by kind"
+                if k.type is not None:
+                    assert k.problem and k.fix, f"{where}: a checked field needs a problem and a fix"
+    for kind in KINDS:
+        required = [f.name for f in rows if isinstance(k := f.keying(kind), Keyed) and k.required]
+        assert len(required) == 1, f"{kind}: exactly one required field, got {required}"
+
+
+check_valid()
+
 _BY_KIND: Final[dict[str, dict[str, Field]]] = {
     kind: {f.name: f for f in FIELDS if f.keying(kind) is not None} for kind in KINDS
 }
