@@ -38,7 +38,7 @@ from keying import (
     build_key,
     material_digest,
 )
-from keying.fields import has_type, read_unkeyed
+from keying.fields import read_unkeyed
 
 log = structlog.get_logger()
 
@@ -131,15 +131,15 @@ class LookupResult:
 
 #: The unkeyed fields the service reads (``user`` for the scope, ``stream`` and
 #: ``stream_options`` for the delivery), with their type rule from the field table.
-_READ_UNKEYED = read_unkeyed()
+_READ_UNKEYED = tuple((f.name, f.pytype, f) for f in read_unkeyed())
 
 
 def _check_read_unkeyed(body: dict[str, Any]) -> None:
     """Refuse an unkeyed field the service reads when it holds a value of the wrong type."""
-    for f in _READ_UNKEYED:
-        v = body.get(f.name)
-        if v is not None and not has_type(v, f.type):
-            raise BadRequestError(f"`{f.name}` {f.problem}", field=f.name, fix=f.fix)
+    for name, pytype, f in _READ_UNKEYED:
+        v = body.get(name)
+        if v is not None and not isinstance(v, pytype):
+            raise BadRequestError(f"`{name}` {f.problem}", field=name, fix=f.fix)
 
 
 @dataclass

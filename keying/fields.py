@@ -261,7 +261,8 @@ def check_valid(rows: tuple[Field, ...] = FIELDS) -> None:
             where = f"{f.name} ({kind})"
             if isinstance(e, Honoured):
                 assert k != AS_SENT, f"{where}: the engine honours it but keys it as sent"
-                assert not isinstance(k, Unkeyed), f"{where}: the engine honours it but does not key it"
+                assert not isinstance(k, Unkeyed), (
+                    f"{where}: the engine honours it but does not key it")
             if isinstance(e, Transport):
                 assert isinstance(k, Unkeyed), f"{where}: delivery only but it is keyed"
                 assert k.type is not None, f"{where}: the engine reads it, so give it a type"
@@ -276,9 +277,11 @@ def check_valid(rows: tuple[Field, ...] = FIELDS) -> None:
                 if k.required or k.nullable:
                     assert k.default is None, f"{where}: a required or nullable default is null"
             if isinstance(k, Unkeyed):
-                assert all(other == k for _, other in kinds), f"{where}: unkeyed differently by kind"
+                assert all(other == k for _, other in kinds), (
+                    f"{where}: unkeyed differently by kind")
                 if k.type is not None:
-                    assert k.problem and k.fix, f"{where}: a checked field needs a problem and a fix"
+                    assert k.problem and k.fix, (
+                        f"{where}: a checked field needs a problem and a fix")
     for kind in KINDS:
         required = [f.name for f in rows if isinstance(k := f.keying(kind), Keyed) and k.required]
         assert len(required) == 1, f"{kind}: exactly one required field, got {required}"
@@ -314,13 +317,18 @@ def unkeyed_names() -> frozenset[str]:
     )
 
 
+_PY_TYPES: Final[dict[str, type]] = {"string": str, "boolean": bool, "object": dict}
+
+
 class ReadField(NamedTuple):
     """An unkeyed field the service reads, with its type rule."""
 
     name: str
-    type: UnkeyedType
+    json_type: UnkeyedType
     problem: str
     fix: str
+    #: The Python type a parsed JSON value of ``json_type`` has (for a plain ``isinstance``).
+    pytype: type
 
 
 def read_unkeyed() -> tuple[ReadField, ...]:
@@ -330,19 +338,14 @@ def read_unkeyed() -> tuple[ReadField, ...]:
     for f in FIELDS:
         spec = f.chat if isinstance(f.chat, Unkeyed) else f.completion
         if isinstance(spec, Unkeyed) and spec.type is not None:
-            out.append(ReadField(f.name, spec.type, spec.problem, spec.fix))
+            out.append(ReadField(f.name, spec.type, spec.problem, spec.fix,
+                                 _PY_TYPES[spec.type]))
     return tuple(out)
 
 
 def has_type(value: Any, type_: UnkeyedType) -> bool:
     """Whether a (non-null) JSON value is of an :class:`Unkeyed` field's ``type``."""
-    if type_ == "string":
-        return isinstance(value, str)
-    if type_ == "boolean":
-        return isinstance(value, bool)
-    if type_ == "object":
-        return isinstance(value, dict)
-    raise ValueError(f"unknown unkeyed type {type_!r}")
+    return isinstance(value, _PY_TYPES[type_])
 
 
 def _keying_cell(k: Keying | None) -> str:

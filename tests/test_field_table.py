@@ -26,6 +26,7 @@ from keying.fields import (
     Honoured,
     Ignored,
     Keyed,
+    Kind,
     NoopOnly,
     Transport,
     Unkeyed,
@@ -38,17 +39,17 @@ from tests.service_helpers import auth, make_settings
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "keys.md"
 
 
-def rows(decision: type) -> list[tuple[Field, str]]:
+def rows(decision: type) -> list[tuple[Field, Kind]]:
     """(row, kind) for every kind each row of this engine decision belongs to."""
     return [(f, k) for f in FIELDS if isinstance(f.engine, decision) for k in KINDS
             if f.keying(k) is not None]
 
 
-def ids(pairs: list[tuple[Field, str]]) -> list[str]:
+def ids(pairs: list[tuple[Field, Kind]]) -> list[str]:
     return [f"{f.name}-{k}" for f, k in pairs]
 
 
-def base(kind: str, model: str = "random-tiny") -> dict[str, Any]:
+def base(kind: Kind, model: str = "random-tiny") -> dict[str, Any]:
     if kind == "chat":
         return {"model": model, "messages": [{"role": "user", "content": "hello"}]}
     return {"model": model, "prompt": "hello"}
@@ -56,7 +57,7 @@ def base(kind: str, model: str = "random-tiny") -> dict[str, Any]:
 
 #: A value the engine honours that differs from the default, per (field, kind), with the fields
 #: it needs beside it (sent both with and without the sample).
-HONOURED_SAMPLES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
+HONOURED_SAMPLES: dict[tuple[str, Kind], tuple[Any, dict[str, Any]]] = {
     ("messages", "chat"): ([{"role": "user", "content": "bye now"}], {}),
     ("prompt", "completion"): ("bye now", {}),
     **{(name, k): (v, {}) for k in KINDS for name, v in
@@ -116,8 +117,8 @@ UNKEYED_SAMPLES: dict[str, Any] = {
 WRONG_TYPE = {"string": 5, "boolean": "yes", "object": [1]}
 
 
-def key_of(body: dict[str, Any], kind: str) -> bytes:
-    return canonicalize(body, kind).encoded  # type: ignore[arg-type]
+def key_of(body: dict[str, Any], kind: Kind) -> bytes:
+    return canonicalize(body, kind).encoded
 
 
 class TestTheTable:
@@ -126,7 +127,8 @@ class TestTheTable:
 
     def test_a_row_without_an_engine_decision_cannot_be_written(self):
         with pytest.raises(TypeError, match="engine"):
-            Field(name="x_new", chat=AS_SENT, completion=AS_SENT, why="new")  # type: ignore[call-arg]
+            Field(  # type: ignore[call-arg]
+                name="x_new", chat=AS_SENT, completion=AS_SENT, why="new")
 
     @pytest.mark.parametrize(
         ("change", "problem"),
@@ -174,7 +176,7 @@ class TestTheTable:
 
 class TestHonouredFields:
     @pytest.mark.parametrize(("row", "kind"), rows(Honoured), ids=ids(rows(Honoured)))
-    def test_every_field_the_engine_honours_is_keyed(self, row: Field, kind: str):
+    def test_every_field_the_engine_honours_is_keyed(self, row: Field, kind: Kind):
         if row.name == "model":
             assert row.keying(kind) == MODEL  # the model id is its own part of the material
             return
@@ -187,17 +189,17 @@ class TestHonouredFields:
 
     @pytest.mark.parametrize(("row", "kind"), VARIED, ids=ids(VARIED))
     def test_every_field_the_engine_honours_changes_what_it_generates(
-        self, tiny_engine: Engine, row: Field, kind: str
+        self, tiny_engine: Engine, row: Field, kind: Kind
     ):
         value, context = HONOURED_SAMPLES[(row.name, kind)]
         without = {**base(kind), **context}
         with_it = {**without, row.name: value}
-        assert (parse_request(tiny_engine, with_it, kind, tenant="t")[:2]  # type: ignore[arg-type]
-                != parse_request(tiny_engine, without, kind, tenant="t")[:2])  # type: ignore[arg-type]
+        assert (parse_request(tiny_engine, with_it, kind, tenant="t")[:2]
+                != parse_request(tiny_engine, without, kind, tenant="t")[:2])
 
     @pytest.mark.parametrize(("row", "kind"), DEFAULTED, ids=ids(DEFAULTED))
     def test_the_keyed_default_is_what_the_engine_does_when_the_field_is_omitted(
-        self, tiny_engine: Engine, row: Field, kind: str
+        self, tiny_engine: Engine, row: Field, kind: Kind
     ):
         spec = row.keying(kind)
         assert isinstance(spec, Keyed)
@@ -205,8 +207,8 @@ class TestHonouredFields:
         without = {**base(kind), **context}
         explicit = {**without, row.name: spec.default}
         assert key_of(explicit, kind) == key_of(without, kind)
-        assert (parse_request(tiny_engine, explicit, kind, tenant="t")  # type: ignore[arg-type]
-                == parse_request(tiny_engine, without, kind, tenant="t"))  # type: ignore[arg-type]
+        assert (parse_request(tiny_engine, explicit, kind, tenant="t")
+                == parse_request(tiny_engine, without, kind, tenant="t"))
 
     def test_a_model_other_than_the_engine_s_is_a_404_naming_it(self, tiny_engine: Engine):
         with pytest.raises(EngineRequestError, match="model") as info:
@@ -214,61 +216,61 @@ class TestHonouredFields:
         assert info.value.status == 404 and info.value.field == "model"
 
     @pytest.mark.parametrize("kind", KINDS)
-    def test_more_than_one_choice_is_a_422_naming_n(self, tiny_engine: Engine, kind: str):
+    def test_more_than_one_choice_is_a_422_naming_n(self, tiny_engine: Engine, kind: Kind):
         with pytest.raises(EngineRequestError, match="n=1") as info:
-            parse_request(tiny_engine, {**base(kind), "n": 2}, kind, tenant="t")  # type: ignore[arg-type]
+            parse_request(tiny_engine, {**base(kind), "n": 2}, kind, tenant="t")
         assert info.value.status == 422 and info.value.field == "n"
 
 
 class TestRefusedFields:
     @pytest.mark.parametrize(("row", "kind"), rows(NoopOnly), ids=ids(rows(NoopOnly)))
     def test_a_keyed_field_the_engine_cannot_honour_is_refused_naming_it_and_the_fix(
-        self, tiny_engine: Engine, row: Field, kind: str
+        self, tiny_engine: Engine, row: Field, kind: Kind
     ):
         body = {**base(kind), row.name: REFUSED_SAMPLES[row.name]}
         assert key_of(body, kind) != key_of(base(kind), kind)  # keyed: the sample is valid
         with pytest.raises(EngineRequestError) as info:
-            parse_request(tiny_engine, body, kind, tenant="t")  # type: ignore[arg-type]
+            parse_request(tiny_engine, body, kind, tenant="t")
         assert info.value.status == 422 and info.value.field == row.name
         assert info.value.message.startswith(f"{row.name}: ") and "remove it" in info.value.message
 
     @pytest.mark.parametrize(("row", "kind"), rows(NoopOnly), ids=ids(rows(NoopOnly)))
-    def test_its_no_op_values_are_accepted(self, tiny_engine: Engine, row: Field, kind: str):
+    def test_its_no_op_values_are_accepted(self, tiny_engine: Engine, row: Field, kind: Kind):
         assert isinstance(row.engine, NoopOnly)
-        plain = parse_request(tiny_engine, base(kind), kind, tenant="t")  # type: ignore[arg-type]
+        plain = parse_request(tiny_engine, base(kind), kind, tenant="t")
         for noop in row.engine.noop:
             body = {**base(kind), row.name: noop}
-            assert parse_request(tiny_engine, body, kind, tenant="t") == plain  # type: ignore[arg-type]
+            assert parse_request(tiny_engine, body, kind, tenant="t") == plain
 
     @pytest.mark.parametrize("kind", KINDS)
-    def test_a_field_of_no_row_is_keyed_as_sent_and_refused_with_a_400(self, kind: str):
+    def test_a_field_of_no_row_is_keyed_as_sent_and_refused_with_a_400(self, kind: Kind):
         body = {**base(kind), "x_mystery": 1}
         assert key_of(body, kind) != key_of(base(kind), kind)
         with pytest.raises(EngineRequestError, match="not a recognised field") as info:
-            check_fields(body, kind)  # type: ignore[arg-type]
+            check_fields(body, kind)
         assert info.value.status == 400 and info.value.field == "x_mystery"
 
     @pytest.mark.parametrize(("name", "kind"), [("max_completion_tokens", "completion"),
                                                 ("top_logprobs", "completion"),
                                                 ("prompt", "chat"), ("messages", "completion")])
-    def test_a_field_of_the_other_kind_is_refused_with_a_400(self, name: str, kind: str):
+    def test_a_field_of_the_other_kind_is_refused_with_a_400(self, name: str, kind: Kind):
         with pytest.raises(EngineRequestError, match="not a recognised field") as info:
-            check_fields({**base(kind), name: 3}, kind)  # type: ignore[arg-type]
+            check_fields({**base(kind), name: 3}, kind)
         assert info.value.status == 400 and info.value.field == name
 
 
 class TestIgnoredAndUnkeyedFields:
     @pytest.mark.parametrize(("row", "kind"), rows(Ignored), ids=ids(rows(Ignored)))
     def test_a_field_the_engine_ignores_changes_nothing_it_does(
-        self, tiny_engine: Engine, row: Field, kind: str
+        self, tiny_engine: Engine, row: Field, kind: Kind
     ):
         body = {**base(kind), row.name: IGNORED_SAMPLES[row.name]}
-        assert (parse_request(tiny_engine, body, kind, tenant="t")  # type: ignore[arg-type]
-                == parse_request(tiny_engine, base(kind), kind, tenant="t"))  # type: ignore[arg-type]
+        assert (parse_request(tiny_engine, body, kind, tenant="t")
+                == parse_request(tiny_engine, base(kind), kind, tenant="t"))
 
     @pytest.mark.parametrize(("row", "kind"), rows(Ignored), ids=ids(rows(Ignored)))
     def test_an_ignored_field_is_keyed_unless_the_table_says_it_cannot_change_the_output(
-        self, row: Field, kind: str
+        self, row: Field, kind: Kind
     ):
         same = key_of({**base(kind), row.name: IGNORED_SAMPLES[row.name]}, kind) == key_of(
             base(kind), kind)
@@ -276,18 +278,18 @@ class TestIgnoredAndUnkeyedFields:
 
     @pytest.mark.parametrize("kind", KINDS)
     @pytest.mark.parametrize("name", sorted(UNKEYED_SAMPLES))
-    def test_an_unkeyed_field_leaves_the_key_alone(self, name: str, kind: str):
+    def test_an_unkeyed_field_leaves_the_key_alone(self, name: str, kind: Kind):
         assert key_of({**base(kind), name: UNKEYED_SAMPLES[name]}, kind) == key_of(base(kind), kind)
 
     @pytest.mark.parametrize(("row", "kind"), rows(Transport), ids=ids(rows(Transport)))
     def test_a_delivery_field_of_the_wrong_type_is_refused_by_the_engine_naming_it(
-        self, tiny_engine: Engine, row: Field, kind: str
+        self, tiny_engine: Engine, row: Field, kind: Kind
     ):
         spec = row.keying(kind)
         assert isinstance(spec, Unkeyed) and spec.type is not None
         body = {**base(kind), row.name: WRONG_TYPE[spec.type]}
         with pytest.raises(EngineRequestError) as info:
-            parse_request(tiny_engine, body, kind, tenant="t")  # type: ignore[arg-type]
+            parse_request(tiny_engine, body, kind, tenant="t")
         assert info.value.status == 400 and info.value.field == row.name
         assert spec.fix in info.value.message
 
@@ -303,7 +305,7 @@ class TestTheServiceReadsTheTable:
         self, client: TestClient, field: Any
     ):
         body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}],
-                "temperature": 0, field.name: WRONG_TYPE[field.type]}
+                "temperature": 0, field.name: WRONG_TYPE[field.json_type]}
         r = client.post("/v1/chat/completions", json=body, headers=auth())
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == field.name
