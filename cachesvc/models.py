@@ -25,6 +25,7 @@ from invalidation import (
     InvalidationError,
     InvalidModelNameError,
     ModelRegistry,
+    ModelVersion,
     StaleViewError,
     UnknownModelError,
 )
@@ -105,7 +106,7 @@ class ModelVersions:
                                 fix="check the model name; to start a new model, roll it out "
                                     "with create") from None
         except InvalidModelNameError as exc:
-            raise BadRequestError(str(exc), field="version" if "version" in str(exc) else "model",
+            raise BadRequestError(str(exc), field=exc.field,
                                   fix="use printable names without control characters") from None
         except InvalidationError as exc:
             raise RegistryUnavailable(f"rollout failed: {exc}") from None
@@ -138,12 +139,12 @@ class ModelVersions:
         except InvalidationError:
             pass
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[ModelVersion]:
+        """Every model the registry knows, from one registry read."""
         try:
-            models = await self.registry.list()
+            return await self.registry.list()
         except InvalidationError as exc:
             raise RegistryUnavailable(f"registry unavailable: {exc}") from None
-        return [{"model": m.model, "version": m.version, "epoch": m.epoch} for m in models]
 
     def subscribe(self, listener: Callable[[str, int | None, int], Any]) -> Callable[[], None]:
         return self.view.subscribe(listener)
