@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, free_port, serving
 

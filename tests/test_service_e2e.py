@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, make_settings, serving
 
 pytestmark = pytest.mark.redis

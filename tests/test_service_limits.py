@@ -18,9 +18,9 @@ import pytest
 import uvicorn
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 from cachesvc.http_protocol import http_protocol
-from tests.fixtures.redis import free_port
+from tests.support.redis_servers import free_port
 from tests.service_helpers import ADMIN, KEY_A, chat, make_settings
 
 REQUEST_LIMIT = 20_000

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_B, auth, chat, make_settings
 
 

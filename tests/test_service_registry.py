@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 from cachesvc.errors import RegistryConflictError
 from cachesvc.models import ModelVersions
 from cachesvc.response_cache import Payload

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, auth, make_settings
 
 TENANTS = {"team-a": KEY_A, "team-b": KEY_B}

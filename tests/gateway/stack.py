@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 from cachesvc.logs import configure_logging
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, make_settings, serving
 
