@@ -9,13 +9,14 @@ timing prober must do. The service's adapters
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol
-
-from invalidation import ModelVersion
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from audit.answer import Answer
 from audit.facts import ModelState
 from audit.finding import Finding
+
+if TYPE_CHECKING:  # pragma: no cover - a type only: the auditor never calls the registry itself
+    from invalidation import ModelVersion
 
 RequestKind = Literal["chat", "completion"]
 

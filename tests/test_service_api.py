@@ -11,12 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cachesvc.app import create_app
-from tests.support.echo_upstream import EchoUpstream
 from cachesvc.events import CacheEvent, EveryEvent
 from cachesvc.store import EmbeddedStore, decode_entry
 from keying import rebuild_key
 from tests.service_helpers import ADMIN, KEY_A, KEY_A2, KEY_B, KEY_U, auth, chat, make_settings
 from tests.store_helpers import KEYS
+from tests.support.echo_upstream import EchoUpstream
 
 
 class Recorder(EveryEvent):
