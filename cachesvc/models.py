@@ -31,6 +31,7 @@ from invalidation import (
 )
 
 from cachesvc.errors import BadRequestError, NotFoundError, ServiceError
+from cachesvc.store.base import ResponseStore
 
 log = structlog.get_logger()
 
@@ -153,13 +154,15 @@ class ModelVersions:
         await self.view.stop()
 
 
-async def open_versions(store: Any, *, refresh_s: float, strict: bool) -> ModelVersions:
+async def open_versions(store: ResponseStore, *, refresh_s: float, strict: bool
+                        ) -> ModelVersions:
     """The registry beside the store: in Redis when the store is Redis, else in process."""
-    client = getattr(store, "client", None)
-    if client is not None:
+    from cachesvc.store.redis_store import RedisStore
+
+    if isinstance(store, RedisStore):
         from invalidation import RedisRegistry
 
-        registry: ModelRegistry = RedisRegistry(client)
+        registry: ModelRegistry = RedisRegistry(store.client)
     else:
         registry = EmbeddedRegistry()
     return await ModelVersions.open(registry, refresh_s=refresh_s, strict=strict)

@@ -23,6 +23,7 @@ from cachesvc.events import CacheEvent, CacheObserver, EventKind
 from cachesvc.guarded_store import GuardedStore
 from cachesvc.json_body import check_exact
 from cachesvc.memo import Memo
+from cachesvc.observers import Fanout, build_failed, deliver
 from cachesvc.store.base import ResponseStore, storage_key
 from cachesvc.store.envelope import Entry, decode_entry, encode_entry
 from cachesvc.store.errors import EntryDecodeError, InvalidEntryError
@@ -145,9 +146,7 @@ class ResponseCache:
     #: Keep each entry's key material in it, for the offline scan (see ``Entry.material``).
     store_material: bool = True
     clock: Callable[[], float] = time.time
-    #: Events of each kind the one observer has said it will pass over (see notify).
-    _passing: dict[str, int] = field(default_factory=dict, init=False, repr=False)
-    _passing_for: Sequence[CacheObserver] | None = field(default=None, init=False, repr=False)
+    _fanout: Fanout = field(default_factory=Fanout, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._keys: Memo[KeyResult] = Memo(max_items=8192, max_bytes=64 * 1024 * 1024)
@@ -285,16 +284,14 @@ class ResponseCache:
     def _notify_rejected(self, keyed: Keyed, raw: bytes, entry: Entry | None) -> None:
         """A refused entry is a miss *plus a finding*: every observer is offered it (the
         shadow auditor always checks it, whatever its sample rate). Never raises."""
-        observers = self.observers
-        if not observers:
+        if not self.observers:
             return
         try:
             event = self._event("hit", keyed, raw, entry, stream=keyed.stream)
         except Exception:  # noqa: BLE001
-            metrics.OBSERVER_ERRORS.inc()
-            log.exception("observer_event_failed")
+            build_failed((), "hit")  # nobody asked for it: counted and logged
             return
-        _deliver(observers, lambda o: o.rejected(event))
+        deliver(self.observers, lambda o: o.rejected(event))
 
     def _count(self, result: LookupResult, route: str, keyed: Keyed) -> LookupResult:
         # NOTE: hits and misses are counted here, with the lookups, so the counters agree
@@ -373,29 +370,12 @@ class ResponseCache:
 
     def notify(self, kind: EventKind, keyed: Keyed, raw: bytes, entry: Entry | None,
                payload: Payload, *, source: str = "", served_stream: bool | None = None) -> None:
-        """Tell the observers that want this event; never raises, never blocks beyond the
-        observers' own enqueue.
-
-        Each observer's ``wants(kind)`` decides first (a sampling observer draws there), so
-        the event is built only when someone will take it, and an observer that said yes is
-        told (``abandon``) when building it failed. When there is one observer, the events its
-        ``pass_over(kind)`` promises not to want are counted down here without calling it."""
-        everyone = self.observers
-        if not everyone:
-            return
-        if self._passing_for is not everyone:  # observers replaced: forget their promises
-            self._passing_for, self._passing = everyone, {}
-        left = self._passing.get(kind, 0)
-        if left > 0:
-            # NOTE: a skipped hit costs this much and no more: a sampling observer's draw on
-            # every hit is a measurable share of hit throughput (``python bench/audit.py``).
-            self._passing[kind] = left - 1
-            return
-        observers = [o for o in everyone if o.wants(kind)]
-        if len(everyone) == 1:
-            self._passing[kind] = everyone[0].pass_over(kind)
+        """Tell the observers that want this event (:class:`~cachesvc.observers.Fanout`);
+        the event is built only when one does. Never raises, never blocks beyond the
+        observers' own enqueue."""
+        observers = self._fanout.wanting(self.observers, kind)
         if not observers:
-            return  # nobody samples this kind: do not build the event
+            return
         stream = keyed.stream if served_stream is None else served_stream
         try:
             if stream:
@@ -406,12 +386,9 @@ class ResponseCache:
             event = self._event(kind, keyed, raw, entry, stream=stream, response=response,
                                 chunks=chunks, source=source)
         except Exception:  # noqa: BLE001
-            metrics.OBSERVER_ERRORS.inc()
-            log.exception("observer_event_failed")
-            for o in observers:
-                o.abandon(kind)
+            build_failed(observers, kind)
             return
-        _deliver(observers, lambda o: o.observe(event))
+        deliver(observers, lambda o: o.observe(event))
 
     def _event(self, kind: EventKind, keyed: Keyed, raw: bytes, entry: Entry | None, *,
                stream: bool, response: Any = None, chunks: Any = None,
@@ -422,17 +399,6 @@ class ResponseCache:
                           expected_epoch=keyed.epoch, raw=raw, entry=entry,
                           response=response, chunks=chunks, stream=stream, at=self.clock(),
                           source=source)
-
-
-def _deliver(observers: Sequence[CacheObserver], call: Callable[[CacheObserver], None]) -> None:
-    """``call(observer)`` on each; an observer must never fail a request."""
-    for obs in observers:
-        try:
-            call(obs)
-        except Exception as exc:  # noqa: BLE001
-            metrics.OBSERVER_ERRORS.inc()
-            log.warning("observer_failed", observer=type(obs).__name__,
-                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _reason_label(reason: str) -> str:

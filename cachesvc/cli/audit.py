@@ -366,8 +366,7 @@ def _parse_since(value: str | None) -> float | None:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         fail(f"--since {value!r}: use an ISO time (2026-11-27T20:00Z), Unix seconds, or an age "
-              "such as 24h or 7d")
-        raise AssertionError from None
+             "such as 24h or 7d")
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
