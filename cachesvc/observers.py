@@ -23,10 +23,10 @@ class Fanout:
         self._passing_for: Sequence[CacheObserver] | None = None
 
     def wanting(self, everyone: Sequence[CacheObserver], kind: EventKind
-                ) -> list[CacheObserver]:
+                ) -> Sequence[CacheObserver]:
         """The observers whose ``wants(kind)`` said yes (the event is built only for them)."""
         if not everyone:
-            return []
+            return ()
         if self._passing_for is not everyone:  # observers replaced: forget their promises
             self._passing_for, self._passing = everyone, {}
         left = self._passing.get(kind, 0)
@@ -34,7 +34,7 @@ class Fanout:
             # NOTE: a skipped hit costs this much and no more: a sampling observer's draw on
             # every hit is a measurable share of hit throughput (``python bench/audit.py``).
             self._passing[kind] = left - 1
-            return []
+            return ()
         wanting = [o for o in everyone if o.wants(kind)]
         if len(everyone) == 1:
             self._passing[kind] = everyone[0].pass_over(kind)

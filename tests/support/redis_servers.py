@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
@@ -134,9 +136,13 @@ class RedisServer:
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING in time")
 
     def client(self, timeout: float = 5.0) -> redis.Redis:
-        """A redis-py client of this server (close it, or use it in a ``with`` block)."""
+        """A redis-py client of this server (close it, or use it in a ``with`` block).
+
+        NOTE: one attempt per command. redis-py's default retries a failed connection ten
+        times with backoff, which turns a ping of a dead or paused server into seconds of
+        waiting (a restart then returns late, and fault tests lose their recovery window)."""
         return redis.Redis(host=HOST, port=self.port, socket_timeout=timeout,
-                           socket_connect_timeout=timeout)
+                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
     def ping(self, timeout: float = 0.5) -> bool:
         try:
