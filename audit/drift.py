@@ -12,7 +12,7 @@ from typing import Any
 from gpu_prefix.drift import DriftReport, DriftThresholds, guard
 
 from audit.finding import EntryRef, Finding
-from audit.journal import Journal
+from audit.protocols import Journal
 from audit.recorder import Recorder
 
 

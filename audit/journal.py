@@ -1,6 +1,6 @@
 """The durable record of the auditor: findings (append-only) and the latest scan/timing results.
 
-Two implementations of one small :class:`Journal` protocol:
+Two implementations of one small :class:`~audit.protocols.Journal` protocol:
 
 * :class:`FileJournal` (the embedded store's companion): findings are JSON lines appended to one
   file, each line flushed and ``fsync``-ed before ``append`` returns, so a finding that was
@@ -21,39 +21,18 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from audit.errors import FindingsLogError
 from audit.finding import Finding
+from audit.protocols import RedisLike
 
 log = structlog.get_logger("audit.journal")
 
 #: Names of the stored results a report reads (the last scan, the last timing audit).
 RESULT_NAMES = ("scan", "timing", "shadow", "drift")
-
-
-class Journal(Protocol):
-    """Where findings and the latest results live. Implementations are thread-safe."""
-
-    def append(self, finding: Finding) -> None:
-        """Store one finding durably before returning; raise ``FindingsLogError`` if not."""
-        ...
-
-    def findings(self, *, since: float | None = None) -> list[Finding]:
-        """Every stored finding with ``at >= since`` (all when ``since`` is None), oldest first."""
-        ...
-
-    def save_result(self, name: str, data: Mapping[str, Any]) -> None:
-        """Replace the stored result ``name`` (``scan``, ``timing`` or ``drift``)."""
-        ...
-
-    def load_result(self, name: str) -> dict[str, Any] | None:
-        """The stored result ``name``, or None when there is none."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def _check_result_name(name: str) -> None:
@@ -163,15 +142,6 @@ class FileJournal:
 
     def close(self) -> None:
         return None
-
-
-class RedisLike(Protocol):
-    """The few synchronous redis-py calls the journal makes."""
-
-    def xadd(self, name: str, fields: Mapping[str, Any], **kwargs: Any) -> Any: ...
-    def xrange(self, name: str, min: str = "-", max: str = "+", count: int | None = None) -> Any: ...
-    def set(self, name: str, value: Any) -> Any: ...
-    def get(self, name: str) -> Any: ...
 
 
 class RedisJournal:

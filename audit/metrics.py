@@ -5,7 +5,11 @@ They are created once per process at import; the service's ``/metrics`` shows th
 
 from __future__ import annotations
 
+import functools
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 FINDINGS = Counter(
     "llmcache_audit_findings_total",
@@ -41,3 +45,13 @@ UNRECORDED = Counter(
     "llmcache_audit_unrecorded_findings_total",
     "Findings the journal could not store yet (kept in memory and retried).",
 )
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: M, *labels: str) -> M:
+    """``metric.labels(*labels)``, memoised: ``labels()`` takes a lock and builds a key on
+    every call, which costs more than the increment. The one way this project caches labelled
+    children (the service's metrics use it too); bounded, as label values come from config."""
+    return metric.labels(*labels)

@@ -43,32 +43,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from audit.answer import Answer
 from audit.errors import AuditConfigError, OracleError
 from audit.finding import Draft
-
-RequestKind = Literal["chat", "completion"]
-
-
-class Oracle(Protocol):
-    """Recomputes answers under the current model. Called from the auditor's worker thread."""
-
-    #: True when a deterministic request reproduces bit for bit (the reference engine).
-    exact: bool
-
-    def complete(self, request: Mapping[str, Any], kind: RequestKind, *, tenant: str) -> Answer:
-        """A fresh answer to ``request``. Raises ``OracleError`` when it cannot."""
-        ...
-
-    def score(
-        self, request: Mapping[str, Any], kind: RequestKind, completion: str, *, tenant: str
-    ) -> Sequence[float] | None:
-        """Teacher-forced log-probabilities of ``completion``'s tokens after the request's
-        prompt, under the current model; None when the oracle cannot score."""
-        ...
-
+from audit.protocols import Oracle, RequestKind
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Tolerance:

@@ -17,7 +17,7 @@ import structlog
 from audit import metrics
 from audit.errors import FindingsLogError
 from audit.finding import Finding
-from audit.journal import Journal
+from audit.protocols import Journal
 
 log = structlog.get_logger("audit")
 

@@ -24,7 +24,8 @@ from audit import metrics
 from audit.checks import check_stored, check_unreadable
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import Draft, EntryRef, Finding, new_run_id
-from audit.oracle import Oracle, Tolerance, recompute
+from audit.oracle import Tolerance, recompute
+from audit.protocols import Oracle
 from audit.recorder import Recorder
 
 log = structlog.get_logger("audit.scan")

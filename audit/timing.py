@@ -42,25 +42,19 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from scipy import stats
 
 from audit.errors import AuditConfigError
 from audit.finding import Draft, EntryRef, Finding, new_run_id
+from audit.protocols import Prober
 
 LevelName = Literal["same_key", "same_tenant", "other_user", "other_tenant"]
 LEVEL_NAMES: tuple[LevelName, ...] = ("same_key", "same_tenant", "other_user", "other_tenant")
 TimingStatus = Literal["running", "complete", "interrupted"]
 #: Detection power the run's sizing is stated at.
 POWER = 0.9
-
-
-class Prober(Protocol):
-    """Sends ``prompt`` with ``key`` (and the request's ``user`` field, when given) asking for
-    one output token; returns the seconds it took."""
-
-    def __call__(self, *, key: str, prompt: str, user: str | None = None) -> float: ...
 
 
 def detectable_distance(trials: int, alpha: float, power: float = POWER) -> float:

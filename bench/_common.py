@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.fixtures.redis import RedisServer, find_redis_server, free_port, start_server
+from tests.support.redis_servers import RedisServer, find_redis_server, free_port, start_server
 
 __all__ = ["cpu_seconds", "free_port", "http_roundtrip", "pct", "start_private_redis",
            "tree_cpu_seconds", "wait_port"]

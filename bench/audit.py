@@ -130,11 +130,12 @@ def serve(port: int, state: str, oracle: str, cpus: str, audit: dict[str, Any]) 
         # state 1% sampling asks for more recompute than the budget allows, so the bucket is
         # empty; credit banked during the 0% runs (or the initial burst) would be spent in the
         # 1% and 10% runs and inflate their cost.
-        if first[0] or not cache.observers:
-            auditor._budget_since = auditor._timer()
+        budget = auditor.checker.budget
         if first[0]:
-            auditor._recompute_credit = 0.0
+            budget.drain(now=time.monotonic())  # the auditor's timer
             first[0] = False
+        elif not cache.observers:
+            budget.skip_to(time.monotonic())
         if rate == 0:
             cache.observers = ()
         else:

@@ -75,7 +75,7 @@ _STATE_ENV = "BENCH_SERVICE_STATE_DIR"
 
 def service_app() -> Any:
     from cachesvc.app import create_app
-    from cachesvc.echo_upstream import EchoUpstream
+    from tests.support.echo_upstream import EchoUpstream
     from cachesvc.settings import load_settings
 
     # NOTE: timeout_ms=1000: a loop saturated by the benchmark itself lags past the 200 ms

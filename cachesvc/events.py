@@ -57,14 +57,54 @@ class CacheEvent:
 
 @runtime_checkable
 class CacheObserver(Protocol):
-    """Receives every hit and fill. Must not block and must not raise.
+    """Receives hits and fills. Runs on the request path: must not block and must not raise.
 
-    Optionally ``wants(kind) -> bool``, asked first for each event: False and the event is not
-    even built for this observer (a sampling observer makes its draw there, so the request
-    path pays for the event only on a sample); ``abandon(kind)``, told when an event it
-    wanted could not be built; and ``pass_over(kind) -> int``, asked after ``wants`` when it is
-    the only observer: that many following events of ``kind`` are not offered to it at all
-    (it counts them as skipped itself).
+    The service asks :meth:`wants` first for each event, and builds the event only for the
+    observers that said yes (a sampling observer makes its draw there, so the request path
+    pays for an event only on a sample). When there is one observer, :meth:`pass_over` is
+    asked after :meth:`wants`: that many following events of the kind are not offered to it
+    at all (it counts them as skipped itself). An observer that takes every event subclasses
+    :class:`EveryEvent`.
     """
 
-    def observe(self, event: CacheEvent) -> None: ...
+    def wants(self, kind: EventKind) -> bool:
+        """Whether the next event of ``kind`` should be built and handed to :meth:`observe`."""
+        ...
+
+    def pass_over(self, kind: EventKind) -> int:
+        """How many following events of ``kind`` the service may skip without asking."""
+        ...
+
+    def observe(self, event: CacheEvent) -> None:
+        """An event :meth:`wants` asked for."""
+        ...
+
+    def abandon(self, kind: EventKind) -> None:
+        """An event :meth:`wants` asked for could not be built."""
+        ...
+
+    def rejected(self, event: CacheEvent) -> None:
+        """An entry the service's own verification refused (it answered a miss), built as for
+        a hit with the raw bytes read and no response served. Offered to every observer,
+        whatever :meth:`wants` would say: a refusal is evidence, not a sample."""
+        ...
+
+
+class EveryEvent:
+    """Base of an observer that takes every hit and fill (and ignores refusals): override
+    :meth:`observe`."""
+
+    def wants(self, kind: EventKind) -> bool:
+        return True
+
+    def pass_over(self, kind: EventKind) -> int:
+        return 0
+
+    def observe(self, event: CacheEvent) -> None:
+        raise NotImplementedError
+
+    def abandon(self, kind: EventKind) -> None:
+        return None
+
+    def rejected(self, event: CacheEvent) -> None:
+        return None

@@ -25,11 +25,13 @@ from invalidation import (
     InvalidationError,
     InvalidModelNameError,
     ModelRegistry,
+    ModelVersion,
     StaleViewError,
     UnknownModelError,
 )
 
 from cachesvc.errors import BadRequestError, NotFoundError, ServiceError
+from cachesvc.store.base import ResponseStore
 
 log = structlog.get_logger()
 
@@ -105,7 +107,7 @@ class ModelVersions:
                                 fix="check the model name; to start a new model, roll it out "
                                     "with create") from None
         except InvalidModelNameError as exc:
-            raise BadRequestError(str(exc), field="version" if "version" in str(exc) else "model",
+            raise BadRequestError(str(exc), field=exc.field,
                                   fix="use printable names without control characters") from None
         except InvalidationError as exc:
             raise RegistryUnavailable(f"rollout failed: {exc}") from None
@@ -138,12 +140,12 @@ class ModelVersions:
         except InvalidationError:
             pass
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[ModelVersion]:
+        """Every model the registry knows, from one registry read."""
         try:
-            models = await self.registry.list()
+            return await self.registry.list()
         except InvalidationError as exc:
             raise RegistryUnavailable(f"registry unavailable: {exc}") from None
-        return [{"model": m.model, "version": m.version, "epoch": m.epoch} for m in models]
 
     def subscribe(self, listener: Callable[[str, int | None, int], Any]) -> Callable[[], None]:
         return self.view.subscribe(listener)
@@ -152,13 +154,15 @@ class ModelVersions:
         await self.view.stop()
 
 
-async def open_versions(store: Any, *, refresh_s: float, strict: bool) -> ModelVersions:
+async def open_versions(store: ResponseStore, *, refresh_s: float, strict: bool
+                        ) -> ModelVersions:
     """The registry beside the store: in Redis when the store is Redis, else in process."""
-    client = getattr(store, "client", None)
-    if client is not None:
+    from cachesvc.store.redis_store import RedisStore
+
+    if isinstance(store, RedisStore):
         from invalidation import RedisRegistry
 
-        registry: ModelRegistry = RedisRegistry(client)
+        registry: ModelRegistry = RedisRegistry(store.client)
     else:
         registry = EmbeddedRegistry()
     return await ModelVersions.open(registry, refresh_s=refresh_s, strict=strict)

@@ -19,10 +19,11 @@ import structlog
 from cachesvc import metrics
 from cachesvc.cache_control import CacheControl
 from cachesvc.errors import BadRequestError, ServiceError
-from cachesvc.events import CacheEvent, CacheObserver
+from cachesvc.events import CacheEvent, CacheObserver, EventKind
 from cachesvc.guarded_store import GuardedStore
 from cachesvc.json_body import check_exact
 from cachesvc.memo import Memo
+from cachesvc.observers import Fanout, build_failed, deliver
 from cachesvc.store.base import ResponseStore, storage_key
 from cachesvc.store.envelope import Entry, decode_entry, encode_entry
 from cachesvc.store.errors import EntryDecodeError, InvalidEntryError
@@ -159,9 +160,7 @@ class ResponseCache:
     #: Keep each entry's key material in it, for the offline scan (see ``Entry.material``).
     store_material: bool = True
     clock: Callable[[], float] = time.time
-    #: Events of each kind the one observer has said it will pass over (see notify).
-    _passing: dict[str, int] = field(default_factory=dict, init=False, repr=False)
-    _passing_for: Any = field(default=None, init=False, repr=False)
+    _fanout: Fanout = field(default_factory=Fanout, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._keys: Memo[KeyResult] = Memo(max_items=8192, max_bytes=64 * 1024 * 1024)
@@ -288,18 +287,16 @@ class ResponseCache:
         return LookupResult(status="miss", reason=f"entry rejected: {message}", raw=raw)
 
     def _notify_rejected(self, keyed: Keyed, raw: bytes, entry: Entry | None) -> None:
-        """A refused entry is a miss *plus a finding*: observers that take refusals (the shadow
-        auditor) always check it, whatever their sample rate. Never raises."""
-        takers = [o for o in self.observers if callable(getattr(o, "rejected", None))]
-        if not takers:
+        """A refused entry is a miss *plus a finding*: every observer is offered it (the
+        shadow auditor always checks it, whatever its sample rate). Never raises."""
+        if not self.observers:
             return
         try:
             event = self._event("hit", keyed, raw, entry, stream=keyed.stream)
         except Exception:  # noqa: BLE001
-            metrics.OBSERVER_ERRORS.inc()
-            log.exception("observer_event_failed")
+            build_failed((), "hit")  # nobody asked for it: counted and logged
             return
-        _deliver(takers, "rejected", event)
+        deliver(self.observers, lambda o: o.rejected(event))
 
     def _count(self, result: LookupResult, route: str, keyed: Keyed) -> LookupResult:
         # NOTE: hits and misses are counted here, with the lookups, so the counters agree
@@ -376,32 +373,14 @@ class ResponseCache:
         except ServiceError:
             return False  # the epoch cannot be confirmed: do not keep the entry
 
-    def notify(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None,
+    def notify(self, kind: EventKind, keyed: Keyed, raw: bytes, entry: Entry | None,
                payload: Payload, *, source: str = "", served_stream: bool | None = None) -> None:
-        """Tell every observer; never raises, never blocks beyond the observers' own enqueue.
-
-        An observer with ``wants(kind)`` decides first (a sampling observer draws there), so
-        the event is built only when someone will take it; one with ``abandon(kind)`` is told
-        when building it failed after it said yes. When it is the only observer and has
-        ``pass_over(kind)``, the events it promises not to want are counted down here without
-        calling it at all."""
-        everyone = self.observers
-        if not everyone:
-            return
-        if self._passing_for is not everyone:  # observers replaced: forget their promises
-            self._passing_for, self._passing = everyone, {}
-        left = self._passing.get(kind, 0)
-        if left > 0:
-            # NOTE: a skipped hit costs this much and no more. A sampling observer's draw per
-            # hit cost about 2 us in place (0.8% of hit throughput at 1% sampling).
-            self._passing[kind] = left - 1
-            return
-        observers = [o for o in everyone
-                     if not callable(getattr(o, "wants", None)) or o.wants(kind)]
-        if len(everyone) == 1 and callable(getattr(everyone[0], "pass_over", None)):
-            self._passing[kind] = everyone[0].pass_over(kind)
+        """Tell the observers that want this event (:class:`~cachesvc.observers.Fanout`);
+        the event is built only when one does. Never raises, never blocks beyond the
+        observers' own enqueue."""
+        observers = self._fanout.wanting(self.observers, kind)
         if not observers:
-            return  # nobody samples this kind: do not build the event
+            return
         stream = keyed.stream if served_stream is None else served_stream
         try:
             if stream:
@@ -412,35 +391,19 @@ class ResponseCache:
             event = self._event(kind, keyed, raw, entry, stream=stream, response=response,
                                 chunks=chunks, source=source)
         except Exception:  # noqa: BLE001
-            metrics.OBSERVER_ERRORS.inc()
-            log.exception("observer_event_failed")
-            for o in observers:
-                abandon = getattr(o, "abandon", None)
-                if callable(abandon):
-                    abandon(kind)
+            build_failed(observers, kind)
             return
-        _deliver(observers, "observe", event)
+        deliver(observers, lambda o: o.observe(event))
 
-    def _event(self, kind: str, keyed: Keyed, raw: bytes, entry: Entry | None, *,
+    def _event(self, kind: EventKind, keyed: Keyed, raw: bytes, entry: Entry | None, *,
                stream: bool, response: Any = None, chunks: Any = None,
                source: str = "") -> CacheEvent:
-        return CacheEvent(kind=kind, tenant=keyed.tenant.id,  # type: ignore[arg-type]
+        return CacheEvent(kind=kind, tenant=keyed.tenant.id,
                           scope=keyed.scope, request=keyed.body, key=keyed.key,
                           expected_model=keyed.key.model, expected_version=keyed.version,
                           expected_epoch=keyed.epoch, raw=raw, entry=entry,
                           response=response, chunks=chunks, stream=stream, at=self.clock(),
                           source=source)
-
-
-def _deliver(observers: Sequence[Any], method: str, event: CacheEvent) -> None:
-    """Call ``observer.<method>(event)`` on each; an observer must never fail a request."""
-    for obs in observers:
-        try:
-            getattr(obs, method)(event)
-        except Exception as exc:  # noqa: BLE001
-            metrics.OBSERVER_ERRORS.inc()
-            log.warning("observer_failed", observer=type(obs).__name__,
-                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _reason_label(reason: str) -> str:

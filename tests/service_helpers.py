@@ -18,7 +18,7 @@ from cachesvc.errors import UpstreamError
 from cachesvc.streaming import DONE, sse
 
 from cachesvc.settings import Settings, load_settings
-from tests.fixtures.redis import free_port
+from tests.support.redis_servers import free_port
 
 KEY_A = "sk-tenant-a-0123456789abcdef"
 KEY_A2 = "sk-tenant-a-second-key-0000"

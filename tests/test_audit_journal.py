@@ -118,6 +118,55 @@ class TestRedisJournal:
             j.append(finding(1))
 
 
+@pytest.mark.redis
+class TestTheServicesJournal:
+    """The journal the service and the CLI open lives in the deployment ``[redis]`` names."""
+
+    def test_a_cluster_given_by_nodes_keeps_its_journal_in_the_cluster(self, redis_cluster,
+                                                                       tmp_path):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        from cachesvc.auditing import journal_for
+        from tests.service_helpers import make_settings
+
+        nodes = [f"{h}:{p}" for h, p in redis_cluster.startup_nodes]
+        settings = make_settings(tmp_path, redis={"nodes": nodes})
+        j = journal_for(settings.redis, tmp_path / "findings.jsonl")
+        j.append(finding(1))
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p)
+                                             for h, p in redis_cluster.startup_nodes])
+        try:
+            assert [f.summary for f in RedisJournal(client).findings()] == ["finding 1"]
+        finally:
+            client.close()
+        assert not (tmp_path / "findings.jsonl").exists()
+
+    def test_a_cluster_url_with_credentials_writes_as_that_user(self, redis_cluster, tmp_path):
+        from cachesvc.auditing import open_journal
+
+        admins = [redis.Redis(host=h, port=p) for h, p in redis_cluster.startup_nodes]
+        for admin in admins:
+            admin.acl_setuser("auditor", enabled=True, passwords=["+s3cret-pw"],
+                              keys=["*"], commands=["+@all"])
+        host, port = redis_cluster.startup_nodes[0]
+        try:
+            j = open_journal(redis_url=f"redis+cluster://auditor:s3cret-pw@{host}:{port}",
+                             findings_path=tmp_path / "findings.jsonl")
+            j.append(finding(1))
+            assert [f.summary for f in j.findings()] == ["finding 1"]
+            # The node holding the stream sees the journal's connection as the URL's user.
+            users = {c["user"] for a in admins for c in a.client_list()}
+            assert "auditor" in users
+            with pytest.raises(FindingsLogError, match="credentials"):
+                open_journal(redis_url=f"redis+cluster://auditor:wrong@{host}:{port}",
+                             findings_path=tmp_path / "findings.jsonl")
+            assert not (tmp_path / "findings.jsonl").exists()
+        finally:
+            for admin in admins:
+                admin.acl_deluser("auditor")
+                admin.close()
+
+
 def _count(kind: str, source: str) -> float:
     return REGISTRY.get_sample_value("llmcache_audit_findings_total",
                                      {"kind": kind, "source": source}) or 0.0

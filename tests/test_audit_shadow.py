@@ -137,15 +137,29 @@ class TestSampling:
         assert (a.offered, a.skipped) == (21, 11)
 
 
+def fastest_round(offer, *, rounds: int = 10, per_round: int = 100) -> float:
+    """Seconds of the fastest of ``rounds`` rounds of ``per_round`` calls: the cost itself,
+    without the preemptions a loaded machine adds to some rounds."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(per_round):
+            offer()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 class TestBoundedQueue:
     def test_a_full_queue_drops_and_counts_without_waiting(self, tmp_path):
         a = auditor(tmp_path, sample_rate=1.0, queue_size=5)  # no worker: nothing drains
-        t0 = time.perf_counter()
-        for _ in range(1000):
-            a.offer(clean_event())
-        elapsed = time.perf_counter() - t0
+        roomy = auditor(tmp_path, sample_rate=1.0, queue_size=100_000)
+        ev = clean_event()
+        # 1000 offers into a full queue cost what offers that are queued cost, measured in the
+        # same run (a blocking put would hang here; any wait per drop would show as a ratio).
+        dropping = fastest_round(lambda: a.offer(ev))
+        queueing = fastest_round(lambda: roomy.offer(ev))
         assert a.enqueued == 5 and a.dropped == 995
-        assert elapsed < 1.0  # 1000 offers; a blocking put would hang here
+        assert dropping < 3 * queueing
         a.check_valid()
 
     def test_offering_costs_microseconds_when_the_worker_is_busy(self, tmp_path):
@@ -156,15 +170,16 @@ class TestBoundedQueue:
             return w.READER.sample(ev)
 
         a = auditor(tmp_path, sample_rate=1.0, queue_size=10, convert=slow_convert)
+        idle = auditor(tmp_path, sample_rate=1.0, queue_size=100_000)  # no worker at all
         a.start()
         ev = clean_event()
-        t0 = time.perf_counter()
-        for _ in range(2000):
-            a.offer(ev)
-        per_offer = (time.perf_counter() - t0) / 2000
+        busy = fastest_round(lambda: a.offer(ev), rounds=20)
+        alone = fastest_round(lambda: idle.offer(ev), rounds=20)
         gate.set()
         a.stop()
-        assert per_offer < 200e-6
+        # As cheap as an uncontended enqueue, measured in the same run: the request path never
+        # waits for a worker that is busy checking.
+        assert busy < 3 * alone
         assert a.dropped >= 2000 - 11
 
 
@@ -186,7 +201,7 @@ class TestWorker:
         seen_at = []
 
         def convert(ev):
-            seen_at.append(time.monotonic())
+            seen_at.append((time.monotonic(), a.queued))
             return w.READER.sample(ev)
 
         a = auditor(tmp_path, sample_rate=1.0, queue_size=100, batch_wait_s=0.3,
@@ -199,8 +214,10 @@ class TestWorker:
         a.drain(timeout=10)
         a.stop()
         assert a.checked == 5
-        assert min(seen_at) - t0 >= 0.25
-        assert max(seen_at) - min(seen_at) < 0.25  # back to back, one batch
+        assert min(at for at, _ in seen_at) - t0 >= 0.25
+        # One batch: all five were off the queue before the first was checked (a worker that
+        # checked one at a time would see the rest still queued).
+        assert [queued for _, queued in seen_at] == [0] * 5
 
     def test_the_worker_counts_its_own_cpu_time_not_its_waits(self, tmp_path):
         """worker_cpu_s (and its metric) is what the checks burn in the worker thread: a

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from cachesvc.app import create_app
 from cachesvc.cli import app
-from cachesvc.echo_upstream import EchoUpstream
 from cachesvc.store import storage_key
 from keying import Scope
 from tests.service_helpers import ADMIN, auth, chat, make_settings, serving
 from tests.store_helpers import digest_of
+from tests.support.echo_upstream import EchoUpstream
 
 runner = CliRunner()
 

@@ -14,7 +14,6 @@ import pytest
 
 from cachesvc.app import create_app
 from cachesvc.client import AsyncCacheClient, CacheClient, Lookup
-from cachesvc.echo_upstream import EchoUpstream
 from cachesvc.errors import (
     AuthError,
     BadRequestError,
@@ -22,8 +21,9 @@ from cachesvc.errors import (
     StaleEpochError,
     UnprocessableError,
 )
-from tests.fixtures.redis import free_port
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, auth, chat, make_settings, serving
+from tests.support.echo_upstream import EchoUpstream
+from tests.support.redis_servers import free_port
 
 HEAD = {"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "echo-1"}
 CHUNKS = [

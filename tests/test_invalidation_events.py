@@ -18,14 +18,7 @@ from invalidation import (
 )
 from invalidation.types import RolloutEvent
 from tests.invalidation_helpers import registry_for
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 class LosingEvents:
@@ -76,7 +69,7 @@ class TestEpochView:
     async def test_an_event_reaches_the_view_without_a_registry_read(
         self, registry: ModelRegistry
     ) -> None:
-        clock = Clock()
+        clock = FakeClock(100.0)
         await registry.rollout("m", "v1")
         view = EpochView(registry, refresh_interval=10, clock=clock)
         await view.refresh()
@@ -89,7 +82,7 @@ class TestEpochView:
     async def test_a_view_that_loses_every_event_catches_up_by_the_bound(
         self, registry: ModelRegistry
     ) -> None:
-        clock = Clock()
+        clock = FakeClock(100.0)
         await registry.rollout("m", "v1")
         view = EpochView(DeafRegistry(registry), refresh_interval=2.0, clock=clock)  # type: ignore[arg-type]
         await view.start()
@@ -103,7 +96,7 @@ class TestEpochView:
         assert view.current("m") == r2.current
 
     async def test_a_view_past_its_bound_refuses_to_answer(self, registry: ModelRegistry) -> None:
-        clock = Clock()
+        clock = FakeClock(100.0)
         await registry.rollout("m", "v1")
         view = EpochView(registry, refresh_interval=1.0, clock=clock)
         await view.refresh()
@@ -124,7 +117,7 @@ class TestEpochView:
     async def test_strict_mode_sees_a_rollout_before_any_event_or_refresh(
         self, registry: ModelRegistry
     ) -> None:
-        clock = Clock()
+        clock = FakeClock(100.0)
         r1 = await registry.rollout("m", "v1")
         view = EpochView(registry, refresh_interval=100, strict=True, clock=clock)
         await view.refresh()

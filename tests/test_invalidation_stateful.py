@@ -22,6 +22,7 @@ from keying import Scope
 from tests.store_helpers import key_for, make_entry
 from tests.test_invalidation_events import DeafRegistry
 from tests.store_helpers import KEYS
+from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.redis
 
@@ -30,14 +31,6 @@ MODELS = ["alpha", "beta"]
 VERSIONS = ["v1", "v2", "v3"]
 REPLICAS = 3  # replica 2 loses every event
 SCOPE = Scope.for_tenant("acme")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_machine(host: str, port: int, strict: bool) -> type[RuleBasedStateMachine]:
@@ -51,7 +44,7 @@ def make_machine(host: str, port: int, strict: bool) -> type[RuleBasedStateMachi
             self.client = Redis(host=host, port=port, socket_timeout=5)
             self.registry = RedisRegistry(self.client)
             self.store = RedisStore(self.client, owns_client=False)
-            self.clock = Clock()
+            self.clock = FakeClock()
             self.views: list[EpochView] = []
             for i in range(REPLICAS):
                 registry: Any = DeafRegistry(self.registry) if i == REPLICAS - 1 else self.registry

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from cachesvc.access_log import AccessLog
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_A, auth, chat, make_settings
+from tests.support.echo_upstream import EchoUpstream
 
 SECRET_PROMPT = "the launch code is PLUTO-4471-ZEBRA"
 

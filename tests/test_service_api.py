@@ -11,15 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
-from cachesvc.events import CacheEvent
+from cachesvc.events import CacheEvent, EveryEvent
 from cachesvc.store import EmbeddedStore, decode_entry
 from keying import rebuild_key
 from tests.service_helpers import ADMIN, KEY_A, KEY_A2, KEY_B, KEY_U, auth, chat, make_settings
 from tests.store_helpers import KEYS
+from tests.support.echo_upstream import EchoUpstream
 
 
-class Recorder:
+class Recorder(EveryEvent):
     def __init__(self) -> None:
         self.events: list[CacheEvent] = []
 
@@ -27,7 +27,7 @@ class Recorder:
         self.events.append(event)
 
 
-class Exploding:
+class Exploding(EveryEvent):
     def observe(self, event: CacheEvent) -> None:
         raise RuntimeError("observer bug")
 

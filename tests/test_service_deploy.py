@@ -15,9 +15,8 @@ import httpx
 import openai
 import pytest
 
-from cachesvc.echo_upstream import EchoUpstream
-
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, free_port, serving
+from tests.support.echo_upstream import EchoUpstream
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, make_settings, serving
+from tests.support.echo_upstream import EchoUpstream
 
 pytestmark = pytest.mark.redis
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import KEY_A, make_settings, serving
+from tests.support.echo_upstream import EchoUpstream
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

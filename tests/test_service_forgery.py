@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 from audit import FileJournal
 from cachesvc.app import create_app
 from cachesvc.cli import app as cli
-from cachesvc.echo_upstream import EchoUpstream
 from cachesvc.store import Entry, EntryKeys, decode_entry, encode_entry, open_store
 from cachesvc.store.envelope import HEADER_SIZE
 from keying import rebuild_key
 from tests.service_helpers import ADMIN, auth, chat, make_settings
 from tests.store_helpers import KEYS, TEST_SECRET
+from tests.support.echo_upstream import EchoUpstream
 
 pytestmark = pytest.mark.redis
 

@@ -11,8 +11,9 @@ from fastapi.testclient import TestClient
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import KEY_B, auth, chat, make_settings
+from tests.support.echo_upstream import EchoUpstream
+
 
 class _Passthrough:
     """A middleware that does nothing: added with ``add_middleware``, it sends every route

@@ -18,10 +18,10 @@ import pytest
 import uvicorn
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from cachesvc.http_protocol import http_protocol
-from tests.fixtures.redis import free_port
 from tests.service_helpers import ADMIN, KEY_A, chat, make_settings
+from tests.support.echo_upstream import EchoUpstream
+from tests.support.redis_servers import free_port
 
 REQUEST_LIMIT = 20_000
 ENTRY_LIMIT = 50_000

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_B, auth, chat, make_settings
+from tests.support.echo_upstream import EchoUpstream
 
 
 def value(name: str, **labels: str) -> float:

@@ -12,7 +12,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from cachesvc.errors import RegistryConflictError
 from cachesvc.models import ModelVersions
 from cachesvc.response_cache import Payload
@@ -20,6 +19,7 @@ from cachesvc.store import open_store
 from cachesvc.wiring import attach_engine
 from invalidation import EmbeddedRegistry
 from tests.service_helpers import ADMIN, auth, chat, make_settings
+from tests.support.echo_upstream import EchoUpstream
 
 
 class FakeEngine:
@@ -136,3 +136,22 @@ async def _entry_keys(redis_url: str) -> dict[str, Any]:
         return {k: raw async for k, raw in store.scan_entries()}
     finally:
         await store.close()
+
+
+class TestARolloutWithABadName:
+    async def test_the_400_names_the_argument_that_is_bad_whatever_the_names_contain(
+            self) -> None:
+        """The field comes from the registry's typed error, not from the message's words: a
+        model whose name contains "version" is still the model's fault."""
+        from cachesvc.errors import BadRequestError
+
+        versions = await ModelVersions.open(EmbeddedRegistry(), refresh_s=5.0, strict=False)
+        try:
+            with pytest.raises(BadRequestError) as bad_model:
+                await versions.rollout("version\x07x", "1", create=True)
+            with pytest.raises(BadRequestError) as bad_version:
+                await versions.rollout("model-x", "v\x07", create=True)
+        finally:
+            await versions.aclose()
+        assert bad_model.value.field == "model"
+        assert bad_version.value.field == "version"

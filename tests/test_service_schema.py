@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, settings
 import schemathesis.checks
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_A, make_settings, serving
+from tests.support.echo_upstream import EchoUpstream
 
 _STATE = Path(__import__("tempfile").mkdtemp(prefix="cachesvc-schema-"))
 APP = create_app(make_settings(_STATE), upstream=EchoUpstream())

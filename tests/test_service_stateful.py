@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, auth, make_settings
+from tests.support.echo_upstream import EchoUpstream
 
 TENANTS = {"team-a": KEY_A, "team-b": KEY_B}
 BODIES = [{"model": "echo-1", "messages": [{"role": "user", "content": f"q{i}"}],

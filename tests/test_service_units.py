@@ -24,19 +24,12 @@ from cachesvc.settings import ConfigError, load_settings, with_demo_tenant
 from cachesvc.single_flight import SingleFlight
 from cachesvc.streaming import body_to_chunks, chunks_to_body, stream_complete
 from cachesvc.tenants import TenantDirectory
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.clock import FakeClock
 
 
 class TestCircuitBreaker:
     def test_it_opens_after_the_configured_failures_in_a_row(self):
-        b = CircuitBreaker(failures=3, reset_after_s=1, clock=Clock())
+        b = CircuitBreaker(failures=3, reset_after_s=1, clock=FakeClock())
         for _ in range(2):
             b.failure()
         assert b.allow() and b.state == "closed"
@@ -44,38 +37,38 @@ class TestCircuitBreaker:
         assert b.state == "open" and not b.allow()
 
     def test_a_success_resets_the_count(self):
-        b = CircuitBreaker(failures=2, reset_after_s=1, clock=Clock())
+        b = CircuitBreaker(failures=2, reset_after_s=1, clock=FakeClock())
         b.failure()
         b.success()
         b.failure()
         assert b.state == "closed"
 
     def test_after_the_reset_time_exactly_one_probe_goes_through(self):
-        clock = Clock()
+        clock = FakeClock()
         b = CircuitBreaker(failures=1, reset_after_s=2, clock=clock)
         b.failure()
-        clock.t += 1.9
+        clock.now += 1.9
         assert not b.allow()
-        clock.t += 0.2
+        clock.now += 0.2
         assert b.allow() and not b.allow()
         b.success()
         assert b.state == "closed" and b.allow()
 
     def test_a_failed_probe_reopens_for_another_period(self):
-        clock = Clock()
+        clock = FakeClock()
         b = CircuitBreaker(failures=1, reset_after_s=2, clock=clock)
         b.failure()
-        clock.t += 2
+        clock.now += 2
         assert b.allow()
         b.failure()
         assert b.state == "open" and not b.allow()
 
     def test_state_changes_are_reported(self):
         seen: list[str] = []
-        clock = Clock()
+        clock = FakeClock()
         b = CircuitBreaker(failures=1, reset_after_s=1, clock=clock, on_change=seen.append)
         b.failure()
-        clock.t += 1
+        clock.now += 1
         b.allow()
         b.success()
         assert seen == ["open", "half_open", "closed"]
@@ -91,7 +84,7 @@ class BreakerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.b = CircuitBreaker(failures=3, reset_after_s=5, clock=self.clock)
         self.consecutive = 0
         self.opened_at: float | None = None
@@ -100,11 +93,11 @@ class BreakerMachine(RuleBasedStateMachine):
     def model_state(self) -> str:
         if self.opened_at is None:
             return "closed"
-        return "half_open" if self.clock.t - self.opened_at >= 5 else "open"
+        return "half_open" if self.clock.now - self.opened_at >= 5 else "open"
 
     @rule(dt=st.floats(0, 7))
     def wait(self, dt: float) -> None:
-        self.clock.t += dt
+        self.clock.now += dt
 
     @rule()
     def allow(self) -> None:
@@ -126,7 +119,7 @@ class BreakerMachine(RuleBasedStateMachine):
         self.consecutive += 1
         self.probing = False
         if state == "half_open" or self.consecutive >= 3:
-            self.opened_at = self.clock.t
+            self.opened_at = self.clock.now
 
     @invariant()
     def agrees(self) -> None:
@@ -148,13 +141,13 @@ class TestFillTokens:
         return signer.sign(**fields)
 
     def test_a_signed_token_verifies_to_what_it_binds(self):
-        s = FillTokenSigner(b"k" * 32, clock=Clock())
+        s = FillTokenSigner(b"k" * 32, clock=FakeClock())
         g = s.verify(self.grant(s))
         assert (g.tenant, g.digest, g.material_digest, g.model, g.epoch) == (
             "t", b"\x01" * 16, b"\x02" * 32, "m", 7)
 
     def test_any_changed_byte_is_refused(self):
-        s = FillTokenSigner(b"k" * 32, clock=Clock())
+        s = FillTokenSigner(b"k" * 32, clock=FakeClock())
         token = self.grant(s)
         for i in range(0, len(token), 7):
             if token[i] == ".":
@@ -164,23 +157,23 @@ class TestFillTokens:
                 s.verify(bad)
 
     def test_another_secret_does_not_verify(self):
-        a = FillTokenSigner(b"a" * 32, clock=Clock())
-        b = FillTokenSigner(b"b" * 32, clock=Clock())
+        a = FillTokenSigner(b"a" * 32, clock=FakeClock())
+        b = FillTokenSigner(b"b" * 32, clock=FakeClock())
         with pytest.raises(UnprocessableError, match="invalid signature"):
             b.verify(self.grant(a))
 
     def test_a_token_signed_before_a_rotation_still_verifies(self):
-        old = FillTokenSigner(b"a" * 32, clock=Clock())
-        rotated = FillTokenSigner(b"b" * 32, previous=[b"a" * 32], clock=Clock())
+        old = FillTokenSigner(b"a" * 32, clock=FakeClock())
+        rotated = FillTokenSigner(b"b" * 32, previous=[b"a" * 32], clock=FakeClock())
         assert rotated.verify(self.grant(old)).model == "m"
         with pytest.raises(UnprocessableError, match="invalid signature"):
             old.verify(self.grant(rotated))  # new tokens are signed under the new secret
 
     def test_an_expired_token_is_refused(self):
-        clock = Clock()
+        clock = FakeClock()
         s = FillTokenSigner(b"k" * 32, ttl_s=10, clock=clock)
         token = self.grant(s)
-        clock.t += 11
+        clock.now += 11
         with pytest.raises(UnprocessableError, match="expired"):
             s.verify(token)
 

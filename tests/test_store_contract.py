@@ -23,14 +23,7 @@ from cachesvc.store import (
 from keying import Scope
 from tests.store_helpers import digest_of, key_for, make_entry
 from tests.store_helpers import KEYS
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 @dataclass

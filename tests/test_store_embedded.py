@@ -13,14 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cachesvc.store import EmbeddedStore, StoreConfigError, open_store
 from cachesvc.store.embedded import ENTRY_OVERHEAD
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -48,7 +41,7 @@ class TestEmbeddedStore:
         store.check_valid()
 
     async def test_sweep_removes_expired_entries_only(self) -> None:
-        clock = Clock()
+        clock = FakeClock(0.0)
         store = EmbeddedStore(clock=clock)
         await store.set("a", b"1", ttl=1)
         await store.set("b", b"2", ttl=10)
@@ -76,7 +69,7 @@ class EmbeddedAgainstModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = FakeClock(0.0)
         self.store = EmbeddedStore(max_bytes=self.MAX, max_entry_bytes=600, clock=self.clock)
         # The model: key -> (value, expires_at), in LRU order, and its byte count.
         self.model: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()

@@ -55,7 +55,8 @@ async def _purge_old_epochs(services: Services, model: str, epoch: int) -> None:
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def models(services: ServicesDep, _: AdminDep) -> ModelList:
     """Every model the registry knows, with its current version and epoch."""
-    return ModelList(models=[ModelVersion(**m) for m in await services.versions.list()])
+    return ModelList(models=[ModelVersion(model=m.model, version=m.version, epoch=m.epoch)
+                             for m in await services.versions.list()])
 
 
 @router.delete("/tenants/{tenant}/entries", response_model=PurgeResult,
@@ -92,12 +93,12 @@ async def scan(query: Annotated[ScanQuery, Query()], services: ServicesDep,
     """Scan every entry of the service's own store (embedded or Redis) as ``cachesvc audit
     scan`` does, record the findings in the service's journal and save the result for
     reports. Runs on the service's event loop: on a large store it competes with requests."""
-    from cachesvc.auditing import default_findings_path, open_journal, run_scan
+    from cachesvc.auditing import default_findings_path, journal_for, run_scan
 
     settings = services.settings
-    journal = open_journal(
-        redis_url=settings.redis.url,
-        findings_path=settings.audit.findings_path or default_findings_path(settings.state_dir))
+    journal = journal_for(
+        settings.redis,
+        settings.audit.findings_path or default_findings_path(settings.state_dir))
     target = "embedded store" if not settings.redis.store_url else "the service's Redis store"
     keys = services.cache.keys
     secret = keys.secret_for(keys.current_id)

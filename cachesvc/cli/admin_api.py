@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cachesvc.cli.redis_target import fail
+from cachesvc.cli.errors import fail
 
 UrlOpt = Annotated[str | None, typer.Option(
     "--url", envvar="CACHESVC_URL",

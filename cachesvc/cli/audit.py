@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,6 +28,11 @@ from audit.finding import new_run_id
 from audit.report import REPORT_FORMATS, build_report, power_sentence, render
 from audit.timing import detectable_distance, summarize, trials_for
 from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
+from cachesvc.cli.errors import fail
+
+if TYPE_CHECKING:  # pragma: no cover - loaded by the commands that need it
+    from audit import Oracle, ScanResult
+    from cachesvc.settings import Settings
 
 app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks and INT8 KV drift, write reports.",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -42,45 +47,27 @@ FindingsOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=code)
-
-
-def _settings(config: str | None) -> Any:
+def _settings(config: str | None) -> Settings:
     from cachesvc.settings import ConfigError, load_settings
 
     try:
         return load_settings(config)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
-def _journal(settings: Any, findings: str | None) -> Journal:
-    from cachesvc.auditing import default_findings_path, open_journal
+def _journal(settings: Settings, findings: str | None) -> Journal:
+    """``--findings FILE``, else the journal beside the configured store."""
+    from cachesvc.auditing import default_findings_path, journal_for, open_journal
+    from cachesvc.store import StoreConfigError
 
-    path = findings or settings.audit.findings_path or default_findings_path(settings.state_dir)
     try:
-        return open_journal(redis_url=None if findings else settings.redis.url, findings_path=path)
-    except FindingsLogError as exc:
-        _fail(str(exc))
-    raise AssertionError  # unreachable
-
-
-async def _open_registry(store: Any) -> Any:
-    """The model registry beside a Redis store (the one the service uses), or None."""
-    client = getattr(store, "client", None)
-    if client is None:
-        return None
-    from invalidation import RedisRegistry
-
-    return RedisRegistry(client)
-
-
-async def _maybe_await(value: Any) -> Any:
-    if asyncio.iscoroutine(value):
-        return await value
-    return value
+        if findings:
+            return open_journal(redis_url=None, findings_path=findings)
+        return journal_for(settings.redis, settings.audit.findings_path
+                           or default_findings_path(settings.state_dir))
+    except (FindingsLogError, StoreConfigError) as exc:
+        fail(str(exc))
 
 
 @app.command("scan")
@@ -106,8 +93,8 @@ def scan(
     embedded one included) and records the findings in its journal."""
     if url:
         if recompute:
-            _fail("--recompute runs the oracle in this process and needs [redis] url; through "
-                  "--url the service scans without recomputing")
+            fail("--recompute runs the oracle in this process and needs [redis] url; through "
+                 "--url the service scans without recomputing")
         out = admin_api(url, admin_key, config).call("POST", "/admin/scan",
                                                      params={"batch": batch})
         typer.echo(f"scan {out['run_id']} of {out['target']} at {url}: {out['entries']} entries, "
@@ -115,10 +102,10 @@ def scan(
                    f"{out['unreadable']} unreadable, {out['reclaimable']} reclaimable (old epochs)")
         raise typer.Exit(code=1 if out["findings"] else 0)
     settings = _settings(config)
-    if not settings.redis.url:
-        _fail("the embedded store lives inside the service process, so this process cannot "
-              "open it: pass --url http://HOST:PORT (and the admin key) to have the service "
-              "scan it, or set [redis] url")
+    if not settings.redis.store_url:
+        fail("the embedded store lives inside the service process, so this process cannot "
+             "open it: pass --url http://HOST:PORT (and the admin key) to have the service "
+             "scan it, or set [redis] url (or nodes)")
     the_oracle = _scan_oracle(settings, oracle) if recompute else None
     result = asyncio.run(_scan(settings, _journal(settings, findings), batch=batch, quiet=quiet,
                                oracle=the_oracle))
@@ -157,7 +144,7 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _scan_oracle(settings: Any, name: str | None) -> Any:
+def _scan_oracle(settings: Settings, name: str | None) -> Oracle:
     """The oracle ``--recompute`` asks: the reference engine loaded in this process, or the
     OpenAI-compatible upstream."""
     name = name or settings.audit.oracle
@@ -168,41 +155,39 @@ def _scan_oracle(settings: Any, name: str | None) -> Any:
         try:
             return EngineOracle(load_engine(settings))
         except Exception as exc:  # noqa: BLE001 - an unknown model name, a missing package
-            _fail(f"--oracle engine: cannot load [upstream] model {settings.upstream.model!r}: "
-                  f"{exc}")
+            fail(f"--oracle engine: cannot load [upstream] model {settings.upstream.model!r}: "
+                 f"{exc}")
     if name == "upstream":
         if not settings.upstream.url:
-            _fail("--oracle upstream needs [upstream] url; or use --oracle engine")
+            fail("--oracle upstream needs [upstream] url; or use --oracle engine")
         from cachesvc.auditing import UpstreamOracle
 
         return UpstreamOracle(settings.upstream.url, api_key=settings.upstream.api_key)
-    _fail(f"--oracle: {name!r} cannot recompute; use engine or upstream")
-    raise AssertionError  # unreachable
+    fail(f"--oracle: {name!r} cannot recompute; use engine or upstream")
 
 
-async def _scan(settings: Any, journal: Journal, *, batch: int, quiet: bool,
-                oracle: Any = None) -> Any:
+async def _scan(settings: Settings, journal: Journal, *, batch: int, quiet: bool,
+                oracle: Oracle | None = None) -> ScanResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cachesvc.auditing import material_secret, run_scan
     from cachesvc.store import open_store
+    from cachesvc.store.redis_store import RedisStore
+    from invalidation import RedisRegistry
 
     secret = material_secret(settings)
     if secret is None:
-        _fail("the scan verifies every entry's MAC, which needs the service secret: set "
-              "[cache] secret (or run where the service's <state_dir>/secret is)")
-    assert secret is not None
+        fail("the scan verifies every entry's MAC, which needs the service secret: set "
+             "[cache] secret (or run where the service's <state_dir>/secret is)")
     store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
-    registry = await _open_registry(store)
-    if registry is None:
-        typer.echo("warning: no model registry reachable; epoch and version checks against the "
-                   "registry are skipped", err=True)
+    assert isinstance(store, RedisStore)  # the caller checked that [redis] names one
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
             task = progress.add_task("scan", total=None)
-            return await run_scan(settings, store, journal, registry=registry, secret=secret,
-                                  batch=batch, oracle=oracle,
+            # The registry the service uses lives beside its Redis store.
+            return await run_scan(settings, store, journal, registry=RedisRegistry(store.client),
+                                  secret=secret, batch=batch, oracle=oracle,
                                   target=_redacted(settings.redis.store_url or "-"),
                                   progress=lambda n: progress.update(task, completed=n))
     finally:
@@ -260,7 +245,7 @@ def timing(
         chosen = model or discover_model(url, key=victim_key)
         prober = HttpProber(url, model=chosen, endpoint=endpoint)
     except (AuditConfigError, TimingProbeError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"timing: {n} trials per level at {', '.join(lv.name for lv in levels)}; "
                f"{power_sentence(detectable_distance(n, alpha))}", err=True)
     journal = _journal(_settings(config), findings) if save else None
@@ -291,7 +276,7 @@ def timing(
             journal.save_result("timing", dataclasses.replace(latest[0], status="interrupted")
                                 .as_dict())
             typer.echo(f"timing run {run_id}: stopped; the results so far are saved", err=True)
-        _fail(str(exc) or "interrupted", code=2 if isinstance(exc, TimingProbeError) else 130)
+        fail(str(exc) or "interrupted", code=2 if isinstance(exc, TimingProbeError) else 130)
     finally:
         prober.close()
     typer.echo(f"timing run {run_id} against {url}")
@@ -338,7 +323,7 @@ def drift(
         engine = Engine.from_name(model, device=device, kv_dtype="int8", pool_bytes=pool_mb * 2**20,
                                   max_tokens_limit=max_tokens, model_id=model)
     except (PrefixCacheError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     journal = recorder = None
     if save:
         journal = _journal(_settings(config), findings)
@@ -380,9 +365,8 @@ def _parse_since(value: str | None) -> float | None:
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
-        _fail(f"--since {value!r}: use an ISO time (2026-11-27T20:00Z), Unix seconds, or an age "
-              "such as 24h or 7d")
-        raise AssertionError from None
+        fail(f"--since {value!r}: use an ISO time (2026-11-27T20:00Z), Unix seconds, or an age "
+             "such as 24h or 7d")
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
@@ -402,7 +386,7 @@ def report(
 ) -> None:
     """Write a report from the stored findings and the last scan, timing and drift results."""
     if format not in REPORT_FORMATS:
-        _fail(f"--format {format!r}: use one of {', '.join(REPORT_FORMATS)}")
+        fail(f"--format {format!r}: use one of {', '.join(REPORT_FORMATS)}")
     settings = _settings(config)
     journal = _journal(settings, findings)
     start = _parse_since(since)
@@ -412,7 +396,7 @@ def report(
                             generated_at=time.time(), shadow=journal.load_result("shadow"),
                             drift=journal.load_result("drift"))
     except FindingsLogError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     text = render(data, format)  # type: ignore[arg-type]
     if output:
         Path(output).write_text(text, encoding="utf-8")

@@ -9,6 +9,7 @@ from typing import Annotated
 import orjson
 import typer
 
+from cachesvc.cli.errors import fail
 from keying import InvalidRequestError, KeyParams, Scope, build_key
 from keying.canonical import RequestKind
 
@@ -37,10 +38,10 @@ def explain(
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        _fail(f"stdin is not valid JSON: {exc}; pipe a request body, e.g. < request.json")
+        fail(f"stdin is not valid JSON: {exc}; pipe a request body, e.g. < request.json")
     scope_kind = scope or ("user" if user else "public" if tenant is None else "tenant")
     if kind is not None and kind not in ("chat", "completion", "generic"):
-        _fail(f"--kind {kind!r}: use chat, completion or generic")
+        fail(f"--kind {kind!r}: use chat, completion or generic")
     try:
         s = Scope(kind=scope_kind, tenant=tenant, user=user)  # type: ignore[arg-type]
         if scope_kind != "public" and tenant is None:
@@ -56,13 +57,8 @@ def explain(
             ),
         )
     except InvalidRequestError as exc:
-        _fail(f"invalid request: {exc}")
+        fail(f"invalid request: {exc}")
     sys.stdout.write(orjson.dumps(result.explain(), option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 _: RequestKind  # keep the import for readers: the kinds accepted above

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
-from cachesvc.cli.redis_target import fail, open_redis_store
+from cachesvc.cli.errors import fail
+from cachesvc.cli.redis_target import open_redis_store
 from invalidation import InvalidationError, RedisRegistry
 
 app = typer.Typer(rich_markup_mode=None,

@@ -12,7 +12,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
-from cachesvc.cli.redis_target import fail, open_redis_store
+from cachesvc.cli.errors import fail
+from cachesvc.cli.redis_target import open_redis_store
 from cachesvc.store import StoreError
 from invalidation import InvalidationError, PurgeProgress, PurgeSelector, RedisRegistry
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
+from cachesvc.cli.errors import fail
 from cachesvc.store import StoreConfigError, open_store
 from cachesvc.store.redis_store import RedisStore
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def redis_target(redis_url: str | None, config: Path | None) -> tuple[str | None, list[str]]:
@@ -28,7 +22,6 @@ def redis_target(redis_url: str | None, config: Path | None) -> tuple[str | None
         redis = load_settings(config).redis
     except ConfigError as exc:
         fail(str(exc))
-        raise AssertionError from None  # unreachable: fail() exits
     return redis.url, list(redis.nodes)
 
 

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from cachesvc.store.base import (
     PREFIX,
@@ -85,17 +84,6 @@ def _limits(kwargs: dict[str, Any]) -> StoreLimits:
     return StoreLimits(**kwargs)
 
 
-def _parse_node(item: str | tuple[str, int]) -> tuple[str, int]:
-    if isinstance(item, tuple):
-        return item[0], int(item[1])
-    host, sep, port = item.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise StoreConfigError(
-            f"redis.nodes: {item!r} is not host:port; write e.g. \"10.0.0.1:7000\""
-        )
-    return host.strip("[]"), int(port)
-
-
 def open_store(
     url: str | None = None,
     *,
@@ -109,60 +97,23 @@ def open_store(
         return EmbeddedStore(
             max_bytes=lim.max_bytes, max_entry_bytes=lim.max_entry_bytes, clock=lim.clock
         )
-    from redis.asyncio import Redis
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
-    from redis.backoff import NoBackoff
-    from redis.asyncio.retry import Retry
-
     from cachesvc.store.pipelined_get import PipelinedGet
+    from cachesvc.store.redis_client import redis_client, redis_target
     from cachesvc.store.redis_store import RedisStore
 
-    common: dict[str, Any] = {
-        "socket_timeout": lim.socket_timeout,
-        "socket_connect_timeout": lim.connect_timeout,
-        "retry": Retry(NoBackoff(), lim.retries),
-    }
-    if nodes or (url and urlsplit(url).scheme in ("redis+cluster", "rediss+cluster")):
-        startup: list[tuple[str, int]] = [_parse_node(n) for n in nodes or ()]
-        ssl = False
-        username = password = None
-        if url:
-            parts = urlsplit(url)
-            ssl = parts.scheme == "rediss+cluster"
-            netloc = parts.netloc
-            if "@" in netloc:
-                cred, _, netloc = netloc.rpartition("@")
-                user, _, pw = cred.partition(":")
-                username, password = unquote(user) or None, unquote(pw) or None
-            startup += [_parse_node(n) for n in netloc.split(",") if n]
-        if not startup:
-            raise StoreConfigError("redis.url: a cluster URL needs host:port, e.g. "
-                                   "redis+cluster://10.0.0.1:7000")
-        client = RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in startup],
-            ssl=ssl,
-            username=username,
-            password=password,
-            max_connections=lim.max_connections,
-            # A degraded cluster still serves the slots it has: a missing node is a miss for
-            # its keys only.
-            require_full_coverage=False,
-            **common,
-        )
+    target = redis_target(url, nodes)
+    assert target is not None
+    client = redis_client(target, flavour="async", socket_timeout=lim.socket_timeout,
+                          connect_timeout=lim.connect_timeout, retries=lim.retries,
+                          # NOTE: a plain (non-blocking) pool: past max_connections a call
+                          # fails at once and the service treats it as a miss. A blocking pool
+                          # would queue instead, and its lock costs a measurable share of a
+                          # small GET (bench/store.py); a cache should shed load, not queue it.
+                          max_connections=lim.max_connections)
+    if target.cluster:
         return RedisStore(client, max_entry_bytes=lim.max_entry_bytes)
-    assert url is not None
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise StoreConfigError(
-            f"redis.url: scheme {scheme!r} is not supported; use redis://host:port/db, "
-            "rediss://..., unix:///path.sock, or redis+cluster://host:port for Redis Cluster"
-        )
-    # NOTE: a plain (non-blocking) pool: past max_connections a call fails at once and the
-    # service treats it as a miss. A blocking pool would queue instead, but its lock costs
-    # ~15% of a 1 KB GET (bench/store.py), and a cache should shed load, not queue it.
-    client = Redis.from_url(url, max_connections=lim.max_connections, **common)
     return RedisStore(client, max_entry_bytes=lim.max_entry_bytes,
-                      getter=PipelinedGet.for_client(client,
+                      getter=PipelinedGet.for_client(client,  # type: ignore[arg-type]
                                                      connect_timeout=lim.connect_timeout))
 
 

@@ -1,8 +1,8 @@
 """The hit path's Redis GET: one pipelined connection per process, replies parsed by hiredis.
 
 A hit costs one GET. Through redis-py's asyncio client a GET also pays a pool lock, an
-observability hook, a retry wrapper and a readiness check per call, which together cost about
-three times the CPU of the GET here (bench/store.py measures both). None of that is needed on
+observability hook, a retry wrapper and a readiness check per call, which together cost more
+CPU than the GET itself (``python bench/store.py`` measures both). None of that is needed on
 this path: ``GuardedStore`` already bounds every call with its timeout, and its circuit breaker
 decides when to try again.
 

@@ -121,6 +121,17 @@ class RedisStore:
                     if isinstance(value, bytes):  # expired or deleted since the SCAN: skip
                         yield key, value
 
+    def node_of(self, key: str) -> str | None:
+        """``host:port`` of the cluster node that holds ``key`` (None off a cluster, or while
+        the slot map is being refreshed: attribution in a report is best effort)."""
+        if not self.is_cluster:
+            return None
+        try:
+            node = self.client.get_node_from_key(key)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - a slot map being refreshed
+            return None
+        return f"{node.host}:{node.port}" if node is not None else None
+
     async def close(self) -> None:
         if self._getter is not None:
             await self._getter.close()

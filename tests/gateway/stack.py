@@ -20,9 +20,9 @@ from pathlib import Path
 import orjson
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
 from cachesvc.logs import configure_logging
 from tests.service_helpers import ADMIN, KEY_A, KEY_B, fake_openai_app, make_settings, serving
+from tests.support.echo_upstream import EchoUpstream
 
 
 def main() -> None:
