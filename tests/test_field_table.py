@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cachesvc.app import create_app
-from cachesvc.echo_upstream import EchoUpstream
+from tests.support.echo_upstream import EchoUpstream
 from cachesvc.engine_request import EngineRequestError, check_fields, parse_request
 from gpu_prefix.engine import Engine
 from keying import UNKEYED_FIELDS, canonicalize
