@@ -14,7 +14,13 @@ adapters to the service's stores, events, settings and HTTP live in ``cachesvc.a
 """
 
 from audit.answer import Answer, Choice
-from audit.errors import AuditConfigError, AuditError, FindingsLogError, OracleError, TimingProbeError
+from audit.errors import (
+    AuditConfigError,
+    AuditError,
+    FindingsLogError,
+    OracleError,
+    TimingProbeError,
+)
 from audit.facts import EntryFacts, KeyField, ModelState, UnreadableEntry
 from audit.finding import FINDING_KINDS, Draft, EntryRef, Finding, FindingKind
 from audit.journal import FileJournal, Journal, RedisJournal

@@ -169,7 +169,8 @@ class RedisLike(Protocol):
     """The few synchronous redis-py calls the journal makes."""
 
     def xadd(self, name: str, fields: Mapping[str, Any], **kwargs: Any) -> Any: ...
-    def xrange(self, name: str, min: str = "-", max: str = "+", count: int | None = None) -> Any: ...
+    def xrange(self, name: str, min: str = "-", max: str = "+",
+               count: int | None = None) -> Any: ...
     def set(self, name: str, value: Any) -> Any: ...
     def get(self, name: str) -> Any: ...
 
@@ -186,7 +187,8 @@ class RedisJournal:
         page: int = 1000,
     ) -> None:
         if "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix {prefix!r}: must not contain braces (the journal adds its own hash tag)")
+            raise ValueError(f"prefix {prefix!r}: must not contain braces (the journal adds its "
+                             "own hash tag)")
         self._r = client
         self._maxlen = maxlen
         self._page = page
@@ -215,7 +217,7 @@ class RedisJournal:
                 rows = self._r.xrange(self.stream_key, min=start, max="+", count=self._page)
                 if not rows:
                     break
-                for stream_id, fields in rows:
+                for _stream_id, fields in rows:
                     raw = fields.get(b"f", fields.get("f"))
                     if raw is None:
                         continue

@@ -153,7 +153,8 @@ def _env(autoescape: bool) -> jinja2.Environment:
     )
     env.filters.update(ts=_ts, pct=_pct, nodes=_nodes, evidence=_evidence)
     env.globals.update(KINDS=FINDING_KINDS, KIND_MEANING=KIND_MEANING, cdf=_cdf_chart,
-                       power_sentence=power_sentence, drift_rows=_drift_rows, drift_summary=_drift_summary)
+                       power_sentence=power_sentence, drift_rows=_drift_rows,
+                       drift_summary=_drift_summary)
     return env
 
 
@@ -163,14 +164,16 @@ DRIFT_COLUMNS = ("positions", "tokens", "mean KLD", "p99 KLD", "top-1 agreement"
 def _drift_rows(drift: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """The INT8 drift table: the whole run, then each position bucket."""
     rows = [("all", drift)] + list(drift.get("buckets", {}).items())
-    return [(name, str(f["tokens"]), f"{f['kld_mean']:.3g}", f"{f['kld_p99']:.3g}", f"{f['top1_agreement']:.4f}")
+    return [(name, str(f["tokens"]), f"{f['kld_mean']:.3g}", f"{f['kld_p99']:.3g}",
+             f"{f['top1_agreement']:.4f}")
             for name, f in rows]
 
 
 def _drift_summary(drift: Mapping[str, Any]) -> str:
     verdict = ("over its thresholds, INT8 turned off: " + "; ".join(drift["exceeded"])
                if drift.get("exceeded") else "within its thresholds")
-    return (f"Model {drift.get('model')}, {drift.get('prompts')} prompts x {drift.get('max_tokens')} greedy tokens; "
+    return (f"Model {drift.get('model')}, {drift.get('prompts')} prompts x "
+            f"{drift.get('max_tokens')} greedy tokens; "
             f"first greedy divergence median {drift.get('first_divergence_median')}; {verdict}.")
 
 

@@ -183,7 +183,7 @@ async def load(port: int, req: bytes, clients: int, seconds: float, want: str | 
         try:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                status, headers, _ = await http_roundtrip(reader, writer, req)  # noqa: F841
+                status, headers, _ = await http_roundtrip(reader, writer, req)
                 latencies.append(time.perf_counter() - t0)
                 if status != 200 or (want is not None and headers.get("x-cache") != want):
                     bad += 1

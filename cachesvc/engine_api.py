@@ -229,7 +229,7 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     def work() -> None:
         try:
             result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting coroutine
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             outcome = (False, exc)
         else:
             outcome = (True, result)
@@ -377,7 +377,7 @@ async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: st
                 if cancelled.is_set():
                     break
                 put(ev)
-        except BaseException as exc:  # handed to the consumer, re-raised there
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
             put(exc)
         finally:
             gen.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from cachesvc.errors import BadRequestError, NotFoundError, ServiceError
 from invalidation import (
     EmbeddedRegistry,
     EpochView,
@@ -28,8 +29,6 @@ from invalidation import (
     StaleViewError,
     UnknownModelError,
 )
-
-from cachesvc.errors import BadRequestError, NotFoundError, ServiceError
 
 log = structlog.get_logger()
 

@@ -259,10 +259,9 @@ class ResponseCache:
         if why is not None:
             return self._reject(why, f"entry does not match the request ({why})", raw,
                                 keyed=keyed, entry=entry)
-        if self.strict_epoch:
-            if not await self.versions.is_current(keyed.key.model, entry.epoch):
-                return self._reject("stale", "entry's epoch has passed (strict check)", raw,
-                                    keyed=keyed, entry=entry)
+        if self.strict_epoch and not await self.versions.is_current(keyed.key.model, entry.epoch):
+            return self._reject("stale", "entry's epoch has passed (strict check)", raw,
+                                keyed=keyed, entry=entry)
         now = self.clock()
         problem = entry.lifetime_problem(now, max_ttl_s=self.max_ttl_s)
         if problem is not None:
@@ -290,7 +289,7 @@ class ResponseCache:
             return
         try:
             event = self._event("hit", keyed, raw, entry, stream=keyed.stream)
-        except Exception:  # noqa: BLE001
+        except Exception:
             metrics.OBSERVER_ERRORS.inc()
             log.exception("observer_event_failed")
             return
@@ -406,7 +405,7 @@ class ResponseCache:
                 chunks, response = None, payload.as_body(keyed.kind)
             event = self._event(kind, keyed, raw, entry, stream=stream, response=response,
                                 chunks=chunks, source=source)
-        except Exception:  # noqa: BLE001
+        except Exception:
             metrics.OBSERVER_ERRORS.inc()
             log.exception("observer_event_failed")
             for o in observers:

@@ -61,8 +61,10 @@ def load_engine(settings: Settings) -> Any:
     device = settings.upstream.device
     e = settings.engine
     log.info("engine_loading", model=settings.upstream.model, device=device)
-    return Engine.from_name(settings.upstream.model, device=device, model_id=settings.upstream.model,
-                            pool_bytes=e.pool_mb * 2**20, block_size=e.block_size, max_running=e.max_running,
+    return Engine.from_name(settings.upstream.model, device=device,
+                            model_id=settings.upstream.model,
+                            pool_bytes=e.pool_mb * 2**20, block_size=e.block_size,
+                            max_running=e.max_running,
                             max_batch_tokens=e.max_batch_tokens, max_queue=e.max_queue,
                             queue_timeout_s=e.queue_timeout_s, high_watermark=e.high_watermark,
                             max_tokens_limit=e.max_tokens_limit, kv_dtype=e.kv_dtype)

@@ -157,7 +157,7 @@ def check(figures: Mapping[str, Figures], t: DriftThresholds) -> list[str]:
 
 
 def _first_divergence(a: Sequence[int], b: Sequence[int], n: int) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b), n))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b), n))
 
 
 def _kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -692,7 +692,7 @@ def hosted_tool(tools: Any) -> bool:
         return False
     if type(tools) is not list:
         return True
-    for t in tools:
+    for t in tools:  # noqa: SIM110 - hot path: a loop is cheaper than any() over a generator
         if not isinstance(t, Mapping) or t.get("type") not in CLIENT_TOOL_TYPES:
             return True
     return False

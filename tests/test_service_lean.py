@@ -14,6 +14,7 @@ from cachesvc.app import create_app
 from cachesvc.echo_upstream import EchoUpstream
 from tests.service_helpers import KEY_B, auth, chat, make_settings
 
+
 class _Passthrough:
     """A middleware that does nothing: added with ``add_middleware``, it sends every route
     through FastAPI's full stack (middleware, router, request handler)."""

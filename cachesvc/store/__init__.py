@@ -111,8 +111,8 @@ def open_store(
         )
     from redis.asyncio import Redis
     from redis.asyncio.cluster import ClusterNode, RedisCluster
-    from redis.backoff import NoBackoff
     from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
     from cachesvc.store.pipelined_get import PipelinedGet
     from cachesvc.store.redis_store import RedisStore

@@ -156,7 +156,8 @@ class PipelinedGet:
     async def _connected(self) -> _Replies:
         # Concurrent callers share one connection attempt.
         pending = self._connecting
-        if pending is None or pending.done() or pending.get_loop() is not asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        if pending is None or pending.done() or pending.get_loop() is not loop:
             pending = self._connecting = asyncio.ensure_future(self._connect())
         return await asyncio.shield(pending)
 

@@ -25,7 +25,7 @@ from cachesvc.store.base import (
 )
 from cachesvc.store.errors import StoreUnavailableError
 from cachesvc.store.pipelined_get import PipelinedGet
-from invalidation.purge import PurgeSelector, Purger, RedisCheckpoints
+from invalidation.purge import Purger, PurgeSelector, RedisCheckpoints
 
 STANDALONE_SHARD = "standalone"
 #: redis-py raises these when the server is unreachable, slow or the cluster is reconfiguring.
