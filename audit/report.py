@@ -53,7 +53,7 @@ def build_report(
         "coverage": verdict.as_dict(),
         "summary": {
             "findings": len(findings),
-            "by_kind": {k: by_kind.get(k, 0) for k in FINDING_KINDS},
+            "by_kind": {k: by_kind.get(k, 0) for k in FINDING_KINDS},  # type: ignore[call-overload]
             "by_source": dict(by_source),
         },
         "assurance": assurance_rows(scan, shadow),
@@ -104,7 +104,7 @@ def _group_by_run(findings: Sequence[Finding], scan: Mapping[str, Any] | None,
             name = f"scan {scan.get('run_id', '-')} (shown above)"
         elif f.id in timing_ids:
             name = f"timing run {timing.get('run_id', '-')} (shown above)"
-        elif f.source == "shadow":
+        elif f.source in ("hit", "fill"):  # the shadow auditor's sources
             name = "shadow auditor (live hits)"
         else:
             name = f"an earlier {f.source} run (not the one shown above)"

@@ -40,6 +40,14 @@ class TestReport:
     def test_a_timing_leak_alone_makes_the_verdict_findings(self):
         assert report(timing=TIMING)["verdict"] == "findings"
 
+    def test_the_shadow_auditors_findings_are_grouped_as_live_hits_not_an_earlier_run(self):
+        live = [dataclasses.replace(finding(1), source="hit"),
+                dataclasses.replace(finding(2), source="fill")]
+        runs = report([*live, finding(3)])["findings_by_run"]
+        by_name = {r["run"]: r["finding_ids"] for r in runs}
+        assert by_name["shadow auditor (live hits)"] == [f.id for f in live]
+        assert not any("earlier hit" in name or "earlier fill" in name for name in by_name)
+
     def test_json_is_the_report_itself(self):
         r = report([finding(1)])
         assert json.loads(render(r, "json")) == json.loads(json.dumps(r))
