@@ -152,7 +152,8 @@ class FileJournal:
     def load_result(self, name: str) -> dict[str, Any] | None:
         target = self.result_path(name)
         try:
-            return json.loads(target.read_text(encoding="utf-8"))
+            result: dict[str, Any] = json.loads(target.read_text(encoding="utf-8"))
+            return result
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:

@@ -28,9 +28,9 @@ slot index), then runs SDPA on it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -150,13 +150,15 @@ class PoolCache(Cache):
 
 #: The fused CPU attention kernel that returns the log-sum-exp beside the output (what SDPA runs
 #: on the CPU); ``None`` where this torch build lacks it, and then decodes gather too.
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU: Callable[..., Any] | None = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _decode_over_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
                       runs: tuple[tuple[int, int], ...], scale: float) -> torch.Tensor:
     """One query per head (``q``: ``[1, heads, 1, d]``) over several runs of pool slots, each
     read as a view; returns ``[1, heads, 1, d]``."""
+    assert _FLASH_CPU is not None, "the caller checks that the kernel exists"
     heads, d = q.shape[1], q.shape[3]
     kv_heads = k_all.shape[0]
     # Grouped-query attention without repeating K/V: the heads sharing a K/V head become that
@@ -187,10 +189,11 @@ def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer_idx = cast(int, module.layer_idx)
     if quant is not None:
-        return _quantized_attention(module.layer_idx, query, quant, layout, scale), None
-    k_all = pool_tensor[module.layer_idx, 0]  # [kv_heads, slots, head_dim]
-    v_all = pool_tensor[module.layer_idx, 1]
+        return _quantized_attention(layer_idx, query, quant, layout, scale), None
+    k_all = pool_tensor[layer_idx, 0]  # [kv_heads, slots, head_dim]
+    v_all = pool_tensor[layer_idx, 1]
     heads, total, d = query.shape[1], query.shape[2], query.shape[3]
     out = torch.empty((1, total, heads, d), dtype=query.dtype, device=query.device)
     for s in layout.seqs:
@@ -261,4 +264,5 @@ def packed_forward(model: Any, pool_tensor: torch.Tensor, input_ids: Sequence[in
                 use_cache=True,
                 logits_to_keep=torch.tensor(list(keep), dtype=torch.long, device=device),
                 **{LAYOUT_KWARG: layout, "pool_tensor": pool_tensor, QUANT_KWARG: quant})
-    return out.logits[0]
+    logits: torch.Tensor = out.logits[0]
+    return logits

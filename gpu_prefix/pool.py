@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,7 +37,8 @@ class KVShape:
     dtype: torch.dtype = torch.float32
 
     @classmethod
-    def from_config(cls, config: object, dtype: torch.dtype) -> KVShape:
+    def from_config(cls, config: Any, dtype: torch.dtype) -> KVShape:
+        """From a transformers config (any model's: read by attribute name)."""
         text = config.get_text_config(decoder=True) if hasattr(
             config, "get_text_config") else config
         heads = text.num_attention_heads

@@ -51,7 +51,10 @@ def validate_name(field: str, value: object) -> str:
 class ModelRegistry(Protocol):
     """Where the current version and epoch of every model live."""
 
-    events: EventLog
+    @property
+    def events(self) -> EventLog:
+        """The durable log every rollout is written to."""
+        ...
 
     async def current(self, model: str) -> ModelVersion:
         """The model's current version; :class:`UnknownModelError` if never rolled out."""

@@ -74,7 +74,7 @@ _HEADERS = {
 
 
 #: OpenAPI security of the routes that take a tenant key (their dependency is not declared).
-BEARER_SECURITY = [{"HTTPBearer": []}]
+BEARER_SECURITY: list[dict[str, list[str]]] = [{"HTTPBearer": []}]
 
 
 def proxy_openapi(kind: str) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def open_store(
         if not startup:
             raise StoreConfigError("redis.url: a cluster URL needs host:port, e.g. "
                                    "redis+cluster://10.0.0.1:7000")
-        client = RedisCluster(
+        client: Redis | RedisCluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in startup],
             ssl=ssl,
             username=username,

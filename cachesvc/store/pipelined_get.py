@@ -109,7 +109,7 @@ class PipelinedGet:
     def __init__(self, *, host: str = "localhost", port: int = 6379, path: str | None = None,
                  db: int = 0, username: str | None = None, password: str | None = None,
                  timeout: float = 0.25, connect_timeout: float = 0.5) -> None:
-        self._where = dict(path=path) if path else dict(host=host, port=port)
+        self._where: dict[str, Any] = dict(path=path) if path else dict(host=host, port=port)
         self._hello = []
         if password is not None:
             self._hello.append(_command(b"AUTH", *([username.encode()] if username else []),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -70,7 +70,8 @@ class RedisStore:
         if self._getter is not None:
             return await self._getter.get(key)
         try:
-            return await self.client.get(key)
+            # bytes: the client is made without decode_responses
+            return cast("bytes | None", await self.client.get(key))
         except BACKEND_ERRORS as exc:
             raise _unavailable(exc) from exc
 
@@ -137,6 +138,7 @@ class RedisStore:
             await self.client.initialize()
         except BACKEND_ERRORS as exc:
             raise _unavailable(exc) from exc
+        assert isinstance(self.client, RedisCluster)
         return sorted(n.name for n in self.client.get_primaries())
 
     async def purge_scan(
@@ -170,6 +172,7 @@ class RedisStore:
     # -- helpers ------------------------------------------------------------------------------
 
     def _node(self, shard: str) -> ClusterNode | None:
+        assert isinstance(self.client, RedisCluster), "shards other than the one are a cluster's"
         return self.client.get_node(node_name=shard)
 
     async def _scan(
