@@ -19,15 +19,21 @@ adapters to the service's stores, events, settings and HTTP live in ``cachesvc.a
 """
 
 from audit.answer import Answer, Choice
-from audit.errors import AuditConfigError, AuditError, FindingsLogError, OracleError, TimingProbeError
+from audit.errors import (
+    AuditConfigError,
+    AuditError,
+    FindingsLogError,
+    OracleError,
+    TimingProbeError,
+)
 from audit.facts import EntryFacts, KeyField, ModelState, UnreadableEntry
 from audit.finding import FINDING_KINDS, Draft, EntryRef, Finding, FindingKind
 from audit.journal import FileJournal, RedisJournal
 from audit.oracle import Tolerance
 from audit.protocols import Journal, Oracle, Prober, RegistryView
 from audit.recorder import Recorder
-from audit.scan import Scanner, ScanResult
 from audit.sample import Sample
+from audit.scan import Scanner, ScanResult
 from audit.shadow import ShadowAuditor
 from audit.shadow_config import ShadowConfig
 from audit.timing import Level, TimingConfig, TimingResult, levels_for_keys, run_timing

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+from audit.answer import Answer
+from audit.facts import EntryFacts, ModelState, UnreadableEntry
+from audit.finding import Draft, FindingKind
 from keying import (
     InvalidMaterialError,
     KeyResult,
@@ -20,10 +23,6 @@ from keying import (
     response_digest,
 )
 from keying.framing import DEFAULT_MATERIAL_SECRET
-
-from audit.answer import Answer
-from audit.facts import EntryFacts, ModelState, UnreadableEntry
-from audit.finding import Draft, FindingKind
 
 #: A key component that disagrees with the entry's provenance, and what that means.
 _KEY_FIELD_KIND: Mapping[str, FindingKind] = {
@@ -156,7 +155,8 @@ def check_canaries(
         for canary in strings:
             if canary and canary in text:
                 out.append(Draft(kind="canary",
-                                 summary=f"canary of tenant {tenant!r} in an answer of {owner.label}",
+                                 summary=f"canary of tenant {tenant!r} in an answer of "
+                                         f"{owner.label}",
                                  evidence={"canary_tenant": tenant, "canary_id": canary_id(canary),
                                            "scope": owner.label}))
     return out
@@ -191,7 +191,8 @@ def check_served(
     """A served entry against the request it was served for, and the registry view at the time."""
     out: list[Draft] = []
     if facts.scope != scope or key.scope != scope:
-        out.append(Draft(kind="cross_scope", summary=f"entry of {facts.scope.label} served to {scope.label}",
+        out.append(Draft(kind="cross_scope",
+                         summary=f"entry of {facts.scope.label} served to {scope.label}",
                          evidence={"entry_scope": facts.scope.label, "served_scope": scope.label}))
     if facts.material_digest is not None and facts.material_digest != key.material_digest:
         out.append(Draft(kind="collision", summary="entry's material digest is not the request's",

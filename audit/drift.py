@@ -9,11 +9,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gpu_prefix.drift import DriftReport, DriftThresholds, guard
-
 from audit.finding import EntryRef, Finding
 from audit.protocols import Journal
 from audit.recorder import Recorder
+from gpu_prefix.drift import DriftReport, DriftThresholds, guard
 
 
 def drift_finding(report: DriftReport, *, epoch: int | None, at: float) -> Finding:
@@ -22,21 +21,27 @@ def drift_finding(report: DriftReport, *, epoch: int | None, at: float) -> Findi
         "kld_mean": report.overall.kld_mean, "kld_p99": report.overall.kld_p99,
         "top1_agreement": report.overall.top1_agreement,
         "first_divergence_median": report.first_divergence_median,
-        "exceeded": list(report.exceeded), "prompts": report.prompts, "max_tokens": report.max_tokens,
+        "exceeded": list(report.exceeded), "prompts": report.prompts,
+        "max_tokens": report.max_tokens,
     }
     if report.layers:
         worst = max(report.layers, key=lambda e: max(e.k_rel_error, e.v_rel_error))
         evidence.update(worst_layer=worst.layer, worst_layer_k_rel_error=worst.k_rel_error,
                         worst_layer_v_rel_error=worst.v_rel_error)
-    return Finding(kind="drift", source="drift", entry=EntryRef(model=report.model, epoch=epoch), evidence=evidence,
-                   at=at, summary=f"INT8 KV drift over thresholds, INT8 turned off: {'; '.join(report.exceeded)}")
+    return Finding(kind="drift", source="drift", entry=EntryRef(model=report.model, epoch=epoch),
+                   evidence=evidence,
+                   at=at,
+                   summary="INT8 KV drift over thresholds, INT8 turned off: "
+                           f"{'; '.join(report.exceeded)}")
 
 
 def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens: int,
                     recorder: Recorder | None = None, journal: Journal | None = None,
-                    thresholds: DriftThresholds | None = None, per_layer: bool = True) -> DriftReport:
+                    thresholds: DriftThresholds | None = None,
+                    per_layer: bool = True) -> DriftReport:
     """Measure ``engine``'s INT8 drift and guard it; record a finding when it is turned off."""
-    report = guard(engine, prompts, max_tokens=max_tokens, thresholds=thresholds, per_layer=per_layer)
+    report = guard(engine, prompts, max_tokens=max_tokens, thresholds=thresholds,
+                   per_layer=per_layer)
     if report.exceeded and recorder is not None:
         recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
     if journal is not None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from keying import Scope
-
 from audit.answer import Answer
+from keying import Scope
 
 KeyFieldName = Literal["scope", "model", "epoch", "digest", "version"]
 

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-FindingKind = Literal["stale", "cross_scope", "collision", "corrupt", "mismatch", "canary", "timing", "drift"]
+FindingKind = Literal["stale", "cross_scope", "collision", "corrupt", "mismatch", "canary",
+                      "timing", "drift"]
 FINDING_KINDS: tuple[str, ...] = get_args(FindingKind)
 
 #: What produced a finding: the shadow auditor (on a sampled hit or fill), the offline scan, the
@@ -42,7 +43,8 @@ class EntryRef:
     storage_key: str | None = None
     node: str | None = None
     digest: str | None = None  # hex
-    scope: str | None = None  # Scope.label of the entry's provenance (or of the key when undecodable)
+    # Scope.label of the entry's provenance (or of the key when undecodable)
+    scope: str | None = None
     model: str | None = None
     epoch: int | None = None
 

@@ -131,7 +131,8 @@ class FileJournal:
     def load_result(self, name: str) -> dict[str, Any] | None:
         target = self.result_path(name)
         try:
-            return json.loads(target.read_text(encoding="utf-8"))
+            result: dict[str, Any] = json.loads(target.read_text(encoding="utf-8"))
+            return result
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -156,7 +157,8 @@ class RedisJournal:
         page: int = 1000,
     ) -> None:
         if "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix {prefix!r}: must not contain braces (the journal adds its own hash tag)")
+            raise ValueError(f"prefix {prefix!r}: must not contain braces (the journal adds its "
+                             "own hash tag)")
         self._r = client
         self._maxlen = maxlen
         self._page = page
@@ -165,11 +167,9 @@ class RedisJournal:
         self._result_prefix = f"{tag}:result:"
 
     def append(self, finding: Finding) -> None:
-        kwargs: dict[str, Any] = {}
-        if self._maxlen is not None:
-            kwargs = {"maxlen": self._maxlen, "approximate": True}
         try:
-            self._r.xadd(self.stream_key, {"f": _dumps(finding.as_dict())}, **kwargs)
+            self._r.xadd(self.stream_key, {"f": _dumps(finding.as_dict())},
+                         maxlen=self._maxlen, approximate=True)
         except Exception as exc:  # redis errors, timeouts, connection refused
             raise FindingsLogError(
                 f"cannot append a finding to the Redis stream {self.stream_key!r} ({exc!r}); "
@@ -185,7 +185,7 @@ class RedisJournal:
                 rows = self._r.xrange(self.stream_key, min=start, max="+", count=self._page)
                 if not rows:
                     break
-                for stream_id, fields in rows:
+                for _stream_id, fields in rows:
                     raw = fields.get(b"f", fields.get("f"))
                     if raw is None:
                         continue

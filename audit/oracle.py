@@ -34,8 +34,8 @@ sit in that gap; the ``min(...)`` keeps a model whose answers do not depend on t
 (random weights: every gain is ~0) from flagging its own answers. ``nll_margin`` 4.0 is above the
 sampling spread (a fresh sample once scored 2.2 nats above another, which a margin of 2.0
 flagged) and below gibberish (random letters or words: 6.3 to 7.0 nats/token on SmolLM2, whose
-near-zero ``gain`` is flagged as well). Answers shorter than ``min_tokens`` are undecided: a handful of tokens cannot
-separate the two populations.
+near-zero ``gain`` is flagged as well). Answers shorter than ``min_tokens`` are undecided: a
+handful of tokens cannot separate the two populations.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from audit.answer import Answer
 from audit.errors import AuditConfigError, OracleError
 from audit.finding import Draft
 from audit.protocols import Oracle, RequestKind
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Tolerance:

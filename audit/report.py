@@ -53,7 +53,7 @@ def build_report(
         "coverage": verdict.as_dict(),
         "summary": {
             "findings": len(findings),
-            "by_kind": {k: by_kind.get(k, 0) for k in FINDING_KINDS},
+            "by_kind": {k: by_kind.get(k, 0) for k in FINDING_KINDS},  # type: ignore[call-overload]
             "by_source": dict(by_source),
         },
         "assurance": assurance_rows(scan, shadow),
@@ -104,7 +104,7 @@ def _group_by_run(findings: Sequence[Finding], scan: Mapping[str, Any] | None,
             name = f"scan {scan.get('run_id', '-')} (shown above)"
         elif f.id in timing_ids:
             name = f"timing run {timing.get('run_id', '-')} (shown above)"
-        elif f.source == "shadow":
+        elif f.source in ("hit", "fill"):  # the shadow auditor's sources
             name = "shadow auditor (live hits)"
         else:
             name = f"an earlier {f.source} run (not the one shown above)"
@@ -153,7 +153,8 @@ def _env(autoescape: bool) -> jinja2.Environment:
     )
     env.filters.update(ts=_ts, pct=_pct, nodes=_nodes, evidence=_evidence)
     env.globals.update(KINDS=FINDING_KINDS, KIND_MEANING=KIND_MEANING, cdf=_cdf_chart,
-                       power_sentence=power_sentence, drift_rows=_drift_rows, drift_summary=_drift_summary)
+                       power_sentence=power_sentence, drift_rows=_drift_rows,
+                       drift_summary=_drift_summary)
     return env
 
 
@@ -163,14 +164,16 @@ DRIFT_COLUMNS = ("positions", "tokens", "mean KLD", "p99 KLD", "top-1 agreement"
 def _drift_rows(drift: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """The INT8 drift table: the whole run, then each position bucket."""
     rows = [("all", drift)] + list(drift.get("buckets", {}).items())
-    return [(name, str(f["tokens"]), f"{f['kld_mean']:.3g}", f"{f['kld_p99']:.3g}", f"{f['top1_agreement']:.4f}")
+    return [(name, str(f["tokens"]), f"{f['kld_mean']:.3g}", f"{f['kld_p99']:.3g}",
+             f"{f['top1_agreement']:.4f}")
             for name, f in rows]
 
 
 def _drift_summary(drift: Mapping[str, Any]) -> str:
     verdict = ("over its thresholds, INT8 turned off: " + "; ".join(drift["exceeded"])
                if drift.get("exceeded") else "within its thresholds")
-    return (f"Model {drift.get('model')}, {drift.get('prompts')} prompts x {drift.get('max_tokens')} greedy tokens; "
+    return (f"Model {drift.get('model')}, {drift.get('prompts')} prompts x "
+            f"{drift.get('max_tokens')} greedy tokens; "
             f"first greedy divergence median {drift.get('first_divergence_median')}; {verdict}.")
 
 

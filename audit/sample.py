@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from keying import KeyResult, Scope
-
 from audit.answer import Answer
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
 from audit.finding import EntryRef
+from keying import KeyResult, Scope
 
 EventKind = Literal["hit", "fill"]
 

@@ -17,9 +17,6 @@ from typing import Any
 
 import structlog
 
-from keying import InvalidMaterialError, rebuild_key
-from keying.framing import DEFAULT_MATERIAL_SECRET
-
 from audit import metrics
 from audit.checks import check_stored, check_unreadable
 from audit.facts import EntryFacts, ModelState, UnreadableEntry
@@ -27,6 +24,8 @@ from audit.finding import Draft, EntryRef, Finding, new_run_id
 from audit.oracle import Tolerance, recompute
 from audit.protocols import Oracle
 from audit.recorder import Recorder
+from keying import InvalidMaterialError, rebuild_key
+from keying.framing import DEFAULT_MATERIAL_SECRET
 
 log = structlog.get_logger("audit.scan")
 
@@ -254,6 +253,7 @@ class Scanner:
             started_at=started, finished_at=self.clock(), entries=entries, clean=clean,
             unreadable=unreadable, reclaimable=reclaimable, findings_by_kind=dict(by_kind),
             entries_by_node=dict(by_node), finding_ids=ids, material_checked=material,
-            registry={m: {"version": s.version, "epoch": s.epoch} for m, s in self.registry.items()},
+            registry={
+                m: {"version": s.version, "epoch": s.epoch} for m, s in self.registry.items()},
             recomputed=dict(self.recomputed), material_digest_checked=self.secret is not None,
         )

@@ -212,7 +212,7 @@ class ShadowAuditor(Generic[T]):
                 # GIL hand-off with the event loop, per batch instead of per sample (what it
                 # saves: ``python bench/audit.py``).
                 time.sleep(wait)
-            batch = [item]
+            batch: list[T | None] = [item]
             for _ in range(self.config.queue_size):
                 try:
                     batch.append(self._queue.get_nowait())
@@ -283,7 +283,8 @@ class ShadowAuditor(Generic[T]):
             if self._queue.empty() and done >= self.counts.enqueued:
                 return
             time.sleep(0.005)
-        raise TimeoutError(f"shadow auditor did not drain in {timeout}s ({self._queue.qsize()} queued)")
+        raise TimeoutError(f"shadow auditor did not drain in {timeout}s ({self._queue.qsize()} "
+                           "queued)")
 
     def check_valid(self) -> None:
         """Counters add up and the queue is within its bound."""

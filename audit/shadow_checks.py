@@ -79,7 +79,7 @@ class SampleChecker:
             return []
         try:
             state = self._registry.current(entry.model)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an unreadable registry skips this check, counted as an error
             log.warning("audit.shadow.registry_unavailable", error=repr(exc))
             metrics.child(metrics.CHECKS, "registry", "error").inc()
             return []

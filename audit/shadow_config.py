@@ -34,17 +34,21 @@ class ShadowConfig:
     def __post_init__(self) -> None:
         for name in ("sample_rate", "fill_sample_rate"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            if isinstance(value, bool) or not isinstance(
+                value, (int, float)) or not 0 <= value <= 1:
                 raise AuditConfigError(f"audit.{name}", f"{value!r} is not a fraction",
                                        "use a number from 0 (off) to 1 (every event), e.g. 0.01")
-        if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int) or self.queue_size < 1:
+        if isinstance(self.queue_size, bool) or not isinstance(
+            self.queue_size, int) or self.queue_size < 1:
             raise AuditConfigError("audit.queue_size", f"{self.queue_size!r} is not >= 1",
                                    "use a positive number of samples, e.g. 1024")
         if not 0 < self.recompute_budget <= 1:
-            raise AuditConfigError("audit.recompute_budget", f"{self.recompute_budget!r} is not in (0, 1]",
+            raise AuditConfigError("audit.recompute_budget",
+                                   f"{self.recompute_budget!r} is not in (0, 1]",
                                    "use the share of one core the recompute may use, e.g. 0.02")
         if not self.recompute_burst_s > 0:  # 0 could never bank credit: no recompute at all
-            raise AuditConfigError("audit.recompute_burst_s", f"{self.recompute_burst_s!r} is not > 0",
+            raise AuditConfigError("audit.recompute_burst_s",
+                                   f"{self.recompute_burst_s!r} is not > 0",
                                    "use a number of seconds, e.g. 2")
         if not 0 <= self.batch_wait_s <= 10:
             raise AuditConfigError("audit.batch_wait_s", f"{self.batch_wait_s!r} is not in [0, 10]",

@@ -106,7 +106,8 @@ class TimingConfig:
             raise AuditConfigError("--prompt-words", f"{self.prompt_words!r} is too short",
                                    "use at least 10 words; a cache effect needs long prompts")
         if not 0 < self.shared_fraction < 1:
-            raise AuditConfigError("--shared-fraction", f"{self.shared_fraction!r} is not in (0, 1)",
+            raise AuditConfigError("--shared-fraction",
+                                   f"{self.shared_fraction!r} is not in (0, 1)",
                                    "use a fraction such as 0.9")
         if not 0 < self.alpha < 1:
             raise AuditConfigError("--alpha", f"{self.alpha!r} is not in (0, 1)",
@@ -201,7 +202,8 @@ class TimingResult:
         for lv in self.leaks:
             draft = Draft(
                 kind="timing",
-                summary=f"prompt cache shared at level {lv.name}: a probe can tell a victim's prompt",
+                summary=f"prompt cache shared at level {lv.name}: a probe can tell a victim's "
+                        "prompt",
                 evidence={"level": lv.name, "p_value": lv.p_value, "statistic": lv.statistic,
                           "alpha": self.config.alpha, "trials": len(lv.hit_times),
                           "median_hit_s": lv.median_hit, "median_miss_s": lv.median_miss,

@@ -314,7 +314,7 @@ def interval(values: list[float], twins: list[int] | None = None) -> tuple[float
             return mean, float("-inf"), float("inf")
         half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
         return mean, mean - half, mean + half
-    groups = [[v for v, t in zip(values, twins) if t == twin] for twin in (0, 1)]
+    groups = [[v for v, t in zip(values, twins, strict=False) if t == twin] for twin in (0, 1)]
     if min(len(g) for g in groups) < 2:
         return interval(values)
     mean = sum(statistics.fmean(g) for g in groups) / 2
@@ -403,17 +403,19 @@ async def run_sequential(args: argparse.Namespace, ports: list[int]) -> dict[str
     rates: dict[str, Any] = {}
     a = results["0%"]
     b = results.get("0% again", a)  # without the control, the one 0% run is the baseline
-    base = [(x["hits_per_s"] + y["hits_per_s"]) / 2 for x, y in zip(a, b)]
-    base_cpu = [(x["cpu_us_per_hit"] + y["cpu_us_per_hit"]) / 2 for x, y in zip(a, b)]
+    base = [(x["hits_per_s"] + y["hits_per_s"]) / 2 for x, y in zip(a, b, strict=False)]
+    base_cpu = [(x["cpu_us_per_hit"] + y["cpu_us_per_hit"]) / 2 for x, y in zip(a, b, strict=False)]
     for label, rate in args.runs:
         rs = results[label]
         if label == "0% again":
-            costs = [100 * (1 - y["hits_per_s"] / x["hits_per_s"]) for x, y in zip(a, b)]
+            costs = [100 * (1 - y["hits_per_s"] / x["hits_per_s"])
+                     for x, y in zip(a, b, strict=False)]
             cpu_costs = [100 * (y["cpu_us_per_hit"] / x["cpu_us_per_hit"] - 1)
-                         for x, y in zip(a, b)]
+                         for x, y in zip(a, b, strict=False)]
         else:
-            costs = [100 * (1 - r["hits_per_s"] / h) for r, h in zip(rs, base)]
-            cpu_costs = [100 * (r["cpu_us_per_hit"] / c - 1) for r, c in zip(rs, base_cpu)]
+            costs = [100 * (1 - r["hits_per_s"] / h) for r, h in zip(rs, base, strict=False)]
+            cpu_costs = [100 * (r["cpu_us_per_hit"] / c - 1)
+                         for r, c in zip(rs, base_cpu, strict=False)]
         rates[label] = summarise(rate, rs, costs, cpu_costs)
     return rates
 
@@ -496,7 +498,8 @@ def report(summary: dict[str, Any]) -> None:
           f"{'CPU us/hit':>11} {'worker CPU':>10} {'p99 ms':>7} {'audited':>8} {'dropped':>8}")
     for label, r in rates.items():
         low, high = r["throughput_cost_ci95"]
-        cost = "-" if label == "0%" else f"{r['throughput_cost_pct']:5.1f}% ({low:5.1f}..{high:4.1f})"
+        cost = ("-" if label == "0%"
+                else f"{r['throughput_cost_pct']:5.1f}% ({low:5.1f}..{high:4.1f})")
         print(f"{label:>9} {r['hits_per_s']:>8.0f} {cost:>26} "
               f"{r['throughput_cost_median_pct']:>6.1f}% {r['cpu_us_per_hit']:>11.0f} "
               f"{r['worker_cpu_share_pct']:>9.2f}% {r['p99_ms']:>7.2f} {r['audited']:>8} "
@@ -510,16 +513,19 @@ def report(summary: dict[str, Any]) -> None:
                 low, high = r["raw_throughput_cost_ci95"]
                 l_low, l_high = r["loop_cost_ci95"]
                 print(f"  {label:>8}: hits/s while sharing the core "
-                      f"{r['raw_throughput_cost_pct']:.1f}% below the twin ({low:.1f}..{high:.1f}); "
+                      f"{r['raw_throughput_cost_pct']:.1f}% below the twin "
+                      f"({low:.1f}..{high:.1f}); "
                       f"the event loop's own CPU per hit {r['loop_cost_pct']:+.1f}% "
                       f"({l_low:.1f}..{l_high:.1f}) of a hit")
     else:
         print("(costs against the mean of the same round's 0% runs; '0% again' is the A/A "
               "control: its row is the second 0% run against the first)")
     budget = summary["audit_settings"].get("recompute_budget", ShadowConfig().recompute_budget)
+    paired = summary["mode"] == "paired"
+    half_core = " (half the default: each twin has half a core)" if paired else ""
     print(f"Findings on clean traffic: {summary['findings']}. Recompute capped at "
           f"{100 * budget:g}% of one core's wall time per service"
-          f"{' (half the default: each twin has half a core)' if summary['mode'] == 'paired' else ''}; "
+          f"{half_core}; "
           f"[audit] settings given: {summary['audit_settings'] or 'none'}.")
     m = summary["micro"]
     print(f"Per hit on the request path (ResponseCache.notify, in a tight loop): "
@@ -535,7 +541,8 @@ def report(summary: dict[str, Any]) -> None:
               f"of {summary['seconds']:g} s, "
               f"{'pinned cores' if summary['pinned'] else 'shared cores'}); goal under "
               f"{GOAL_PCT:g}%: {verdict(low, high)}. Of that, the worker thread's own CPU is "
-              f"{one['worker_cpu_share_pct']:.2f}% and the request path's (notify, in a tight loop) "
+              f"{one['worker_cpu_share_pct']:.2f}% and the request path's (notify, in a tight "
+              "loop) "
               f"{direct - one['worker_cpu_share_pct']:.2f}%.")
 
 
@@ -589,7 +596,7 @@ def main() -> None:
                                                str(state), args.oracle, server_cpus,
                                                json.dumps(args.audit)]))
                 ports.append(port)
-            for port, proc in zip(ports, procs):
+            for port, proc in zip(ports, procs, strict=True):
                 wait_port(port, proc)
             runner = run_paired if args.mode == "paired" else run_sequential
             rates = asyncio.run(runner(args, ports))

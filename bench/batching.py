@@ -39,11 +39,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from gpu_prefix.engine import Engine, GenerationParams, TokenEvent  # noqa: E402
-from gpu_prefix.errors import AdmissionRefusedError  # noqa: E402
-from gpu_prefix.models import LoadedModel, load_model, smollm2_dir  # noqa: E402
+from gpu_prefix.engine import Engine, GenerationParams, TokenEvent
+from gpu_prefix.errors import AdmissionRefusedError
+from gpu_prefix.models import LoadedModel, load_model, smollm2_dir
 
 
 def pct(values: list[float], q: float) -> float:
@@ -164,7 +164,8 @@ def scenario(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random) 
         del out[m]["outputs"]
     out["outputs_equal_across_modes"] = same
     out["short_p50_speedup_vs_fifo"] = out["fifo"]["short_p50_s"] / out["continuous"]["short_p50_s"]
-    out["short_p50_speedup_vs_static"] = out["static"]["short_p50_s"] / out["continuous"]["short_p50_s"]
+    out["short_p50_speedup_vs_static"] = (out["static"]["short_p50_s"]
+                                          / out["continuous"]["short_p50_s"])
     out["long_slowdown"] = out["continuous"]["long_latency_s"] / out["fifo"]["long_latency_s"]
     return out
 
@@ -173,7 +174,8 @@ def burst(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random) -> 
     vocab = min(loaded.tokenizer.vocab_size, 30000)
     engine = Engine(loaded, pool_bytes=args.pool_mb * 2**20, max_running=args.burst_running,
                     max_batch_tokens=args.max_batch_tokens, max_queue=64)
-    rs = [Timed(f"b{i}", 0.0, [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)], args.burst_tokens)
+    rs = [Timed(f"b{i}", 0.0, [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)],
+                args.burst_tokens)
           for i in range(args.burst)]
     t = time.perf_counter()
     run_arrivals(engine, rs)
@@ -181,16 +183,19 @@ def burst(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random) -> 
     s = engine.stats()
     engine.close()
     ttfts = [r.first for r in rs if r.first is not None]
-    return {"requests": args.burst, "max_running": args.burst_running, "new_tokens": args.burst_tokens,
+    return {"requests": args.burst, "max_running": args.burst_running,
+            "new_tokens": args.burst_tokens,
             "burst_p99_ttft_s": pct(ttfts, 99), "burst_p50_ttft_s": pct(ttfts, 50),
-            "burst_refused": sum(r.refused for r in rs), "burst_wall_s": wall, "preempted": s.preempted_total}
+            "burst_refused": sum(r.refused for r in rs), "burst_wall_s": wall,
+            "preempted": s.preempted_total}
 
 
 def throughput(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random) -> dict[str, Any]:
     vocab = min(loaded.tokenizer.vocab_size, 30000)
     prompts = [[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)] for _ in range(16)]
     n_new = args.new_tokens
-    engine = Engine(loaded, pool_bytes=args.pool_mb * 2**20, max_running=16, max_batch_tokens=args.max_batch_tokens)
+    engine = Engine(loaded, pool_bytes=args.pool_mb * 2**20, max_running=16,
+                    max_batch_tokens=args.max_batch_tokens)
     params = GenerationParams(max_tokens=n_new, min_tokens=n_new, temperature=0.0)
     engine.generate(prompts[0][:8], GenerationParams(max_tokens=2))  # warm
 
@@ -218,10 +223,12 @@ def throughput(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random
             cb_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                             attn_implementation="paged|sdpa").eval()
             cfg = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                   eos_token_id=None, num_blocks=512, block_size=16, max_batch_tokens=512)
+                                   eos_token_id=None, num_blocks=512, block_size=16,
+                                   max_batch_tokens=512)
             with torch.inference_mode():
                 cb_model.generate_batch(inputs=[prompts[0][:8]], generation_config=GenerationConfig(
-                    max_new_tokens=2, do_sample=False, num_blocks=64, block_size=16, max_batch_tokens=512))
+                    max_new_tokens=2, do_sample=False, num_blocks=64, block_size=16,
+                    max_batch_tokens=512))
                 t = time.perf_counter()
                 got = cb_model.generate_batch(inputs=prompts[:8], generation_config=cfg)
                 wall = time.perf_counter() - t
@@ -229,7 +236,8 @@ def throughput(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random
             tf = produced / wall
             del cb_model
     out: dict[str, Any] = {"prompt_tokens": args.prompt_tokens, "new_tokens": n_new,
-                           "tokens_per_s": {str(k): v for k, v in tps.items()}, "sequential_tokens_per_s": sequential,
+                           "tokens_per_s": {str(k): v for k, v in tps.items()},
+                           "sequential_tokens_per_s": sequential,
                            "transformers_cb_tokens_per_s": tf}
     for n, v in tps.items():
         out[f"throughput_{n}_vs_sequential"] = v / sequential
@@ -240,15 +248,18 @@ def throughput(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random
 def exactness(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random) -> dict[str, Any]:
     model = loaded.model
     vocab = min(loaded.tokenizer.vocab_size, 30000)
-    engine = Engine(loaded, pool_bytes=args.pool_mb * 2**20, max_running=8, max_batch_tokens=args.max_batch_tokens)
+    engine = Engine(loaded, pool_bytes=args.pool_mb * 2**20, max_running=8,
+                    max_batch_tokens=args.max_batch_tokens)
     salt = engine.scope_salt_for("bench")
     prefix = [rng.randrange(100, vocab) for _ in range(96)]
-    prompts = [prefix + [rng.randrange(100, vocab) for _ in range(rng.randrange(5, 40))] for _ in range(6)]
+    prompts = [
+        prefix + [rng.randrange(100, vocab) for _ in range(rng.randrange(5, 40))] for _ in range(6)]
     n = args.exact_tokens
     results: list[Any] = [None] * len(prompts)
 
     def go(i: int) -> None:
-        results[i] = engine.generate(prompts[i], GenerationParams(max_tokens=n, min_tokens=n, scope_salt=salt))
+        results[i] = engine.generate(prompts[i],
+                                     GenerationParams(max_tokens=n, min_tokens=n, scope_salt=salt))
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -258,7 +269,8 @@ def exactness(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random)
     equal = True
     with torch.inference_mode():
         for p, r in zip(prompts, results, strict=True):
-            ref = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            ref = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False)
             equal &= list(ref[0, len(p):]) == list(r.token_ids)
         diffs = []
         for p in prompts[:3]:
@@ -266,17 +278,20 @@ def exactness(args: argparse.Namespace, loaded: LoadedModel, rng: random.Random)
             full = model(input_ids=torch.tensor([p]), logits_to_keep=1).logits[0, -1]
             diffs.append(float((logits - full).abs().max()))
     engine.close()
-    return {"greedy_equal": bool(equal), "max_abs_logit_diff": max(diffs), "cached_tokens_in_logit_check": cached}
+    return {"greedy_equal": bool(equal), "max_abs_logit_diff": max(diffs),
+            "cached_tokens_in_logit_check": cached}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "random-tiny"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--long-tokens", type=int, default=2000)
     ap.add_argument("--short-tokens", type=int, default=100)
     ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=100, help="tokens per request in the throughput runs")
+    ap.add_argument("--new-tokens", type=int, default=100,
+                    help="tokens per request in the throughput runs")
     ap.add_argument("--burst", type=int, default=50)
     ap.add_argument("--burst-tokens", type=int, default=32)
     ap.add_argument("--burst-running", type=int, default=16)
@@ -285,8 +300,10 @@ def main() -> int:
     ap.add_argument("--pool-mb", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads for every variant (0: torch's default); 1 is steadier on a busy machine")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: scenario,burst,throughput,exact")
+                    help="torch CPU threads for every variant (0: torch's default); 1 is steadier "
+                         "on a busy machine")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated parts to skip: scenario,burst,throughput,exact")
     ap.add_argument("--transformers-cb", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args()
@@ -297,7 +314,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device, dtype=torch.float32)
     skip = set(filter(None, args.skip.split(",")))
-    result: dict[str, Any] = {"model": args.model, "device": args.device, "torch_threads": torch.get_num_threads()}
+    result: dict[str, Any] = {"model": args.model, "device": args.device,
+                              "torch_threads": torch.get_num_threads()}
     parts = {"exact": exactness, "burst": burst, "throughput": throughput, "scenario": scenario}
     for name, fn in parts.items():
         if name in skip:
@@ -306,8 +324,10 @@ def main() -> int:
         part = fn(args, loaded, random.Random(args.seed))
         print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
         result[name] = part
-        for key in ("short_p50_speedup_vs_fifo", "short_p50_speedup_vs_static", "long_slowdown", "burst_p99_ttft_s",
-                    "burst_refused", "throughput_8_vs_sequential", "throughput_8_vs_transformers_cb",
+        for key in ("short_p50_speedup_vs_fifo", "short_p50_speedup_vs_static", "long_slowdown",
+                    "burst_p99_ttft_s",
+                    "burst_refused", "throughput_8_vs_sequential",
+                    "throughput_8_vs_transformers_cb",
                     "max_abs_logit_diff", "greedy_equal"):
             if key in part:
                 result[key] = part[key]

@@ -139,7 +139,7 @@ def report(caches: dict[str, Any], client: CacheClient, kwargs: dict[str, Any], 
         "completion": (time_sync, lambda: litellm.completion(**kwargs),
                        lambda: client.lookup(body, kind="chat")),
         "acompletion": (time_async, lambda: litellm.acompletion(**kwargs),
-                        lambda: adapter._aclient().lookup(body, kind="chat")),  # noqa: SLF001
+                        lambda: adapter._aclient().lookup(body, kind="chat")),
     }
     for mode, (timed, completion, lookup) in modes.items():
         overhead: list[tuple[float, float]] = []  # (ms, ratio) per round

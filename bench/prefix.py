@@ -32,12 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+import torch
+from transformers import DynamicCache
 
-from gpu_prefix.engine import Engine, GenerationParams  # noqa: E402
-from gpu_prefix.hashing import block_hashes  # noqa: E402
-from gpu_prefix.models import load_model  # noqa: E402
+from gpu_prefix.engine import Engine, GenerationParams
+from gpu_prefix.hashing import block_hashes
+from gpu_prefix.models import load_model
 
 
 def sync(device: str) -> None:
@@ -54,13 +54,16 @@ def timed(fn, device: str) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "random-tiny"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prefix", type=int, default=1024, help="shared prefix tokens")
     ap.add_argument("--suffix", type=int, default=32, help="per-request suffix tokens")
-    ap.add_argument("--reps", type=int, default=7, help="timed requests per variant (median reported)")
-    ap.add_argument("--system-prompts", type=int, default=4, help="distinct system prompts in the mix")
+    ap.add_argument("--reps", type=int, default=7,
+                    help="timed requests per variant (median reported)")
+    ap.add_argument("--system-prompts", type=int, default=4,
+                    help="distinct system prompts in the mix")
     ap.add_argument("--mix-requests", type=int, default=24, help="requests in the mix")
     ap.add_argument("--mix-prefix", type=int, default=512, help="system prompt tokens in the mix")
     ap.add_argument("--pool-mb", type=int, default=512)
@@ -98,10 +101,12 @@ def main() -> int:
 
     def copy_recipe(sfx):
         cache = copy.deepcopy(prefilled)
-        return first_token(model(input_ids=torch.tensor([sfx], device=dev), cache=cache, logits_to_keep=1).logits)
+        return first_token(model(input_ids=torch.tensor([sfx], device=dev), cache=cache,
+                                 logits_to_keep=1).logits)
 
     def ideal(sfx):
-        out = first_token(model(input_ids=torch.tensor([sfx], device=dev), cache=prefilled, logits_to_keep=1).logits)
+        out = first_token(model(input_ids=torch.tensor([sfx], device=dev), cache=prefilled,
+                                logits_to_keep=1).logits)
         prefilled.crop(-len(sfx))
         return out
 
@@ -113,7 +118,8 @@ def main() -> int:
     # Warm everything (allocator, kernels) and put the prefix in the pool.
     for fn in (recompute, copy_recipe, ideal, store):
         fn(suffixes[-1])
-    times: dict[str, list[float]] = {k: [] for k in ("recompute", "store", "transformers_copy", "ideal")}
+    times: dict[str, list[float]] = {k: [] for k in ("recompute", "store", "transformers_copy",
+                                                     "ideal")}
     cached_tokens.clear()
     for sfx in suffixes[: args.reps]:
         # Interleaved, so machine noise hits every variant alike.
@@ -128,7 +134,7 @@ def main() -> int:
     # machine noise in the forward cannot hide or fake it. (No copy: attention reads the pool.)
     ops_ms = []
     bs = engine.pool.block_size
-    for sfx in suffixes[: args.reps]:
+    for _ in suffixes[: args.reps]:
         ids = prefix + [rng.randrange(lo, hi) for _ in range(args.suffix)]
         sync(dev)
         t0 = time.perf_counter()
@@ -147,13 +153,15 @@ def main() -> int:
     # Exactness: the store's first-token logits against a full forward.
     diffs = []
     for sfx in suffixes[:3]:
-        reuse, cached = engine.next_token_logits(prefix + sfx, scope_salt=salt)
-        full = model(input_ids=torch.tensor([prefix + sfx], device=dev), logits_to_keep=1).logits[0, -1]
+        reuse, _cached = engine.next_token_logits(prefix + sfx, scope_salt=salt)
+        full = model(input_ids=torch.tensor([prefix + sfx], device=dev),
+                     logits_to_keep=1).logits[0, -1]
         diffs.append(float((reuse - full).abs().max()))
     max_diff = max(diffs)
 
     # Mix: many requests over a few system prompts, first sight of each is a miss everywhere.
-    systems = [[rng.randrange(lo, hi) for _ in range(args.mix_prefix)] for _ in range(args.system_prompts)]
+    systems = [
+        [rng.randrange(lo, hi) for _ in range(args.mix_prefix)] for _ in range(args.system_prompts)]
     mix = [(rng.randrange(args.system_prompts), [rng.randrange(lo, hi) for _ in range(args.suffix)])
            for _ in range(args.mix_requests)]
     mix_engine = Engine(loaded, pool_bytes=args.pool_mb * 2**20, max_running=4)
@@ -176,15 +184,18 @@ def main() -> int:
                     model(input_ids=torch.tensor([systems[s]], device=dev), cache=c)
                     caches[s] = c
                 cache = copy.deepcopy(caches[s])
-                first_token(model(input_ids=torch.tensor([sfx], device=dev), cache=cache, logits_to_keep=1).logits)
+                first_token(model(input_ids=torch.tensor([sfx], device=dev), cache=cache,
+                                  logits_to_keep=1).logits)
             out.append(timed(one, dev))
         return out
 
     def run_mix_recompute():
-        return [timed(lambda: first_token(model(input_ids=torch.tensor([systems[s] + sfx], device=dev),
-                                               logits_to_keep=1).logits), dev) for s, sfx in mix]
+        return [timed(lambda: first_token(model(
+            input_ids=torch.tensor([systems[s] + sfx], device=dev),
+            logits_to_keep=1).logits), dev) for s, sfx in mix]
 
-    mix_times = {"recompute": run_mix_recompute(), "store": run_mix_store(), "transformers_copy": run_mix_copy()}
+    mix_times = {"recompute": run_mix_recompute(), "store": run_mix_store(),
+                 "transformers_copy": run_mix_copy()}
 
     # Memory held for the mix's prompts: the pool's used bytes (shared system blocks + each
     # request's own full blocks) against one deep-copied cache per prompt (what the recipe holds
@@ -225,26 +236,35 @@ def main() -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"prefix reuse: {args.model} on {args.device} (float32, {torch.get_num_threads()} threads), "
+    print(f"prefix reuse: {args.model} on {args.device} (float32, {torch.get_num_threads()} "
+          "threads), "
           f"{args.prefix}-token prefix + {args.suffix}-token suffix, median of {args.reps}")
     print(f"{'variant':<20}{'TTFT ms':>10}{'req/s':>10}{'prompt tok/s':>14}")
     for k in ("recompute", "transformers_copy", "ideal", "store"):
-        print(f"{k:<20}{med[k] * 1000:>10.1f}{1 / med[k]:>10.2f}{(args.prefix + args.suffix) / med[k]:>14.0f}")
+        print(
+            f"{k:<20}{med[k] * 1000:>10.1f}{1 / med[k]:>10.2f}"
+            f"{(args.prefix + args.suffix) / med[k]:>14.0f}")
     print(f"cached tokens per request (store): {min(cached_tokens)}")
     print(f"ttft_speedup_vs_recompute  {result['ttft_speedup_vs_recompute']:.2f}x  "
           f"(ideal {result['ttft_ideal_speedup']:.2f}x)")
     print(f"store / ideal              {result['ttft_store_over_ideal']:.3f}  "
           f"(overhead {result['store_overhead_ms']:.1f} ms; goal <= 1.20)")
-    print(f"store's own work           {store_ops_ms:.2f} ms per request (hash, lease, match, allocate, index), "
+    print(f"store's own work           {store_ops_ms:.2f} ms per request (hash, lease, match, "
+          "allocate, index), "
           f"{100 * result['store_ops_fraction_of_ideal']:.1f}% of the ideal TTFT")
-    print(f"ttft_vs_transformers_copy  {result['ttft_vs_transformers_copy']:.2f}x  (>= 1: store at least as fast)")
+    print(f"ttft_vs_transformers_copy  {result['ttft_vs_transformers_copy']:.2f}x  (>= 1: store at "
+          "least as fast)")
     print(f"max_abs_logit_diff         {max_diff:.2e}")
     m = result["mix"]
-    print(f"mix: {args.mix_requests} requests over {args.system_prompts} system prompts of {args.mix_prefix} tokens")
+    print(f"mix: {args.mix_requests} requests over {args.system_prompts} system prompts of "
+          f"{args.mix_prefix} tokens")
     for k in ("recompute", "transformers_copy", "store"):
-        print(f"  {k:<18} mean TTFT {m['mean_ttft_s'][k] * 1000:8.1f} ms   {m['requests_per_s'][k]:6.2f} req/s")
-    print(f"memory for the mix's prompts: pool {pool_bytes_used / 2**20:.1f} MiB vs one deep copy per prompt "
-          f"{copy_bytes / 2**20:.1f} MiB -> bytes_vs_transformers_copy {result['bytes_vs_transformers_copy']:.3f}")
+        print(f"  {k:<18} mean TTFT {m['mean_ttft_s'][k] * 1000:8.1f} ms   "
+              f"{m['requests_per_s'][k]:6.2f} req/s")
+    print(f"memory for the mix's prompts: pool {pool_bytes_used / 2**20:.1f} MiB vs one deep copy "
+          "per prompt "
+          f"{copy_bytes / 2**20:.1f} MiB -> bytes_vs_transformers_copy "
+          f"{result['bytes_vs_transformers_copy']:.3f}")
     return 0
 
 

@@ -75,8 +75,8 @@ _STATE_ENV = "BENCH_SERVICE_STATE_DIR"
 
 def service_app() -> Any:
     from cachesvc.app import create_app
-    from tests.support.echo_upstream import EchoUpstream
     from cachesvc.settings import load_settings
+    from tests.support.echo_upstream import EchoUpstream
 
     # NOTE: timeout_ms=1000: a loop saturated by the benchmark itself lags past the 200 ms
     # default, and those lookups would (correctly) turn into misses and stop the run.
@@ -183,7 +183,7 @@ async def load(port: int, req: bytes, clients: int, seconds: float, want: str | 
         try:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                status, headers, _ = await http_roundtrip(reader, writer, req)  # noqa: F841
+                status, headers, _ = await http_roundtrip(reader, writer, req)
                 latencies.append(time.perf_counter() - t0)
                 if status != 200 or (want is not None and headers.get("x-cache") != want):
                     bad += 1

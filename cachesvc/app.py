@@ -11,7 +11,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 from fastapi import FastAPI
@@ -35,6 +35,11 @@ from cachesvc.single_flight import SingleFlight
 from cachesvc.state import state_value
 from cachesvc.store.mac import EntryKeys
 from cachesvc.tenants import TenantDirectory
+
+if TYPE_CHECKING:
+    from cachesvc.models import ModelVersions
+    from cachesvc.store.base import ResponseStore
+    from cachesvc.upstream import Upstream
 
 log = structlog.get_logger()
 
@@ -76,9 +81,9 @@ def body_limits(settings: Settings) -> Callable[[str], tuple[int, str]]:
 def create_app(
     settings: Settings,
     *,
-    upstream: Any = None,
-    store: Any = None,
-    versions: Any = None,
+    upstream: Upstream | None = None,
+    store: ResponseStore | None = None,
+    versions: ModelVersions | None = None,
     observers: Sequence[CacheObserver] | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
@@ -129,8 +134,9 @@ def create_app(
     return app
 
 
-async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *, upstream: Any,
-                 store: Any, versions: Any, observers: Sequence[CacheObserver] | None
+async def _build(settings: Settings, stack: contextlib.AsyncExitStack, *,
+                 upstream: Upstream | None, store: ResponseStore | None,
+                 versions: ModelVersions | None, observers: Sequence[CacheObserver] | None
                  ) -> Services:
     from cachesvc import wiring
 

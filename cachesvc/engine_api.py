@@ -14,7 +14,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 # NOTE: the request's parts are re-exported: callers and tests know them as engine_api's.
@@ -66,7 +66,7 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     def work() -> None:
         try:
             result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting coroutine
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             outcome = (False, exc)
         else:
             outcome = (True, result)
@@ -89,10 +89,11 @@ def _usage(r: GenerationResult) -> dict[str, Any]:
 
 
 def _token_str(engine: Engine, token_id: int) -> str:
-    return engine.tokenizer.decode([token_id])
+    text: str = engine.tokenizer.decode([token_id])
+    return text
 
 
-def _chat_logprob_items(engine: Engine, ids: list[int], lps: list[float], tops: list[tuple]) -> list[dict[str, Any]]:
+def _chat_logprob_items(engine: Engine, ids: list[int], lps: list[float], tops: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     items = []
     for tid, lp, top in zip(ids, lps, tops, strict=True):
         s = _token_str(engine, tid)
@@ -105,7 +106,7 @@ def _chat_logprob_items(engine: Engine, ids: list[int], lps: list[float], tops: 
     return items
 
 
-def _completion_logprobs(engine: Engine, ids: list[int], lps: list[float], tops: list[tuple], offset: int) -> dict[str, Any]:
+def _completion_logprobs(engine: Engine, ids: list[int], lps: list[float], tops: list[tuple[Any, ...]], offset: int) -> dict[str, Any]:
     tokens = [_token_str(engine, t) for t in ids]
     offsets = []
     pos = offset
@@ -135,7 +136,9 @@ def _run_error(exc: BaseException) -> EngineRequestError:
 async def complete(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> dict[str, Any]:
     """Serve one non-streaming request (:func:`complete_blocking` in a thread of its own);
     returns an OpenAI response object."""
-    return await _in_thread(functools.partial(complete_blocking, engine, body, kind, tenant=tenant))
+    result: dict[str, Any] = await _in_thread(
+        functools.partial(complete_blocking, engine, body, kind, tenant=tenant))
+    return result
 
 
 def complete_blocking(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> dict[str, Any]:
@@ -189,7 +192,7 @@ def _response(engine: Engine, kind: Kind, params: GenerationParams, r: Generatio
 _DONE = object()
 
 
-async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> AsyncIterator[dict[str, Any]]:
+async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> AsyncGenerator[dict[str, Any], None]:
     """Serve one request as OpenAI chunk objects: a role chunk (chat), content deltas, a final
     chunk with ``finish_reason``, and a usage chunk when ``stream_options.include_usage``.
 
@@ -214,7 +217,7 @@ async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: st
                 if cancelled.is_set():
                     break
                 put(ev)
-        except BaseException as exc:  # handed to the consumer, re-raised there
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
             put(exc)
         finally:
             gen.close()

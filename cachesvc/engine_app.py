@@ -27,7 +27,8 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
            headers: Mapping[str, str] | None = None) -> JSONResponse:
     etype = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}.get(
         status, "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": etype, "param": param, "code": code}},
+    return JSONResponse({"error": {"message": message, "type": etype, "param": param,
+                                   "code": code}},
                         status_code=status, headers=dict(headers or {}))
 
 
@@ -111,12 +112,14 @@ def create_engine_app(engine: Engine, *, api_keys: Mapping[str, str] | None = No
             return _error(401, "missing or unknown API key; send Authorization: Bearer <key>",
                           code="invalid_api_key")
         return JSONResponse({"object": "list", "data": [
-            {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "provable-llm-cache"}]})
+            {"id": engine.model_id, "object": "model", "created": 0,
+             "owned_by": "provable-llm-cache"}]})
 
     @app.get("/healthz")
     async def healthz() -> Response:
         s = engine.stats()
-        return JSONResponse({"status": "ok", "model": engine.model_id, "model_epoch": engine.model_epoch,
+        return JSONResponse({"status": "ok", "model": engine.model_id,
+                             "model_epoch": engine.model_epoch,
                              "kv_pool_usage": s.usage, "running": s.running, "queued": s.queued})
 
     @app.get("/metrics")

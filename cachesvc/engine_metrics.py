@@ -37,19 +37,26 @@ class EngineCollector(Collector):
             return
         s = engine.stats()
         gauges = {
-            "engine_requests_running": ("Requests admitted and in flight (scheduled every step).", s.running),
-            "engine_requests_queued": ("Requests waiting for admission (KV pool watermark or max_running).",
+            "engine_requests_running": ("Requests admitted and in flight (scheduled every step).",
+                                        s.running),
+            "engine_requests_queued": ("Requests waiting for admission (KV pool watermark or "
+                                       "max_running).",
                                        s.queued),
-            "engine_kv_pool_usage_ratio": ("Fraction of KV pool blocks in use (cached, pinned or private).", s.usage),
+            "engine_kv_pool_usage_ratio": ("Fraction of KV pool blocks in use (cached, pinned or "
+                                           "private).", s.usage),
             "engine_kv_pool_used_bytes": ("Bytes of KV pool blocks in use.", s.used_bytes),
             "engine_kv_pool_capacity_bytes": ("KV pool size (preallocated).", s.capacity_bytes),
-            "engine_kv_held_blocks": ("Blocks held by running requests (pinned or private): not evictable.",
+            "engine_kv_held_blocks": ("Blocks held by running requests (pinned or private): not "
+                                      "evictable.",
                                       s.held_blocks),
-            "engine_kv_limit_blocks": ("Blocks admission lets running requests hold (the high watermark).",
+            "engine_kv_limit_blocks": ("Blocks admission lets running requests hold (the high "
+                                       "watermark).",
                                        s.limit_blocks),
-            "engine_step_last_tokens": ("Tokens in the last step's packed batch.", s.last_step_tokens),
+            "engine_step_last_tokens": ("Tokens in the last step's packed batch.",
+                                        s.last_step_tokens),
             "engine_model_epoch": ("Model epoch in the block hashes.", engine.model_epoch),
-            "engine_kv_int8": ("1 while the KV pool stores INT8 (kv_dtype int8 and not turned off).",
+            "engine_kv_int8": ("1 while the KV pool stores INT8 (kv_dtype int8 and not turned "
+                               "off).",
                                int(engine.kv_dtype == "int8")),
             "engine_kv_int8_disabled": ("1 once the drift guard turned this engine's INT8 KV off.",
                                         int(engine.int8_disabled_reason is not None)),
@@ -60,41 +67,56 @@ class EngineCollector(Collector):
         if drift is not None:
             figures = {"all": drift.overall, **drift.buckets}
             for name, doc, attr in (
-                ("engine_kv_drift_kld_mean", "Last drift audit: mean KLD of INT8 against full precision.", "kld_mean"),
-                ("engine_kv_drift_kld_p99", "Last drift audit: p99 KLD of INT8 against full precision.", "kld_p99"),
-                ("engine_kv_drift_top1_agreement", "Last drift audit: share of positions where INT8 keeps the "
+                ("engine_kv_drift_kld_mean",
+                 "Last drift audit: mean KLD of INT8 against full precision.", "kld_mean"),
+                ("engine_kv_drift_kld_p99",
+                 "Last drift audit: p99 KLD of INT8 against full precision.", "kld_p99"),
+                ("engine_kv_drift_top1_agreement",
+                 "Last drift audit: share of positions where INT8 keeps the "
                  "full-precision top token.", "top1_agreement"),
             ):
                 family = GaugeMetricFamily(name, doc, labels=["positions"])
                 for bucket, f in figures.items():
                     family.add_metric([bucket], getattr(f, attr))
                 yield family
-        blocks = GaugeMetricFamily("engine_kv_blocks", "KV pool blocks by state: free; cached (indexed, "
-                                   "evictable); pinned (indexed, used by a request); private (a request's own).",
+        blocks = GaugeMetricFamily("engine_kv_blocks",
+                                   "KV pool blocks by state: free; cached (indexed, "
+                                   "evictable); pinned (indexed, used by a request); private (a "
+                                   "request's own).",
                                    labels=["state"])
-        for state, value in (("free", s.free_blocks), ("cached", s.cached_blocks), ("pinned", s.pinned_blocks),
+        for state, value in (("free", s.free_blocks), ("cached", s.cached_blocks),
+                             ("pinned", s.pinned_blocks),
                              ("private", s.private_blocks)):
             blocks.add_metric([state], value)
         yield blocks
         counters = {
-            "engine_prefix_hit_tokens": ("Prompt tokens served from cached KV blocks.", s.hit_tokens_total),
-            "engine_prefix_query_tokens": ("Prompt tokens in full blocks looked up.", s.query_tokens_total),
+            "engine_prefix_hit_tokens": ("Prompt tokens served from cached KV blocks.",
+                                         s.hit_tokens_total),
+            "engine_prefix_query_tokens": ("Prompt tokens in full blocks looked up.",
+                                           s.query_tokens_total),
             "engine_requests_admitted": ("Requests admitted.", s.admitted_total),
-            "engine_requests_refused": ("Requests refused by admission control (retryable 503).", s.refused_total),
-            "engine_requests_preempted": ("Running requests preempted for blocks (recomputed later).",
+            "engine_requests_refused": ("Requests refused by admission control (retryable 503).",
+                                        s.refused_total),
+            "engine_requests_preempted": ("Running requests preempted for blocks (recomputed "
+                                          "later).",
                                           s.preempted_total),
             "engine_requests_finished": ("Requests finished.", s.finished_total),
             "engine_steps": ("Scheduler steps (one packed forward each).", s.steps_total),
-            "engine_step_tokens": ("Tokens run in scheduler steps (divide by engine_steps for tokens per step).",
+            "engine_step_tokens": ("Tokens run in scheduler steps (divide by engine_steps for "
+                                   "tokens per step).",
                                    s.step_tokens_total),
-            "engine_kv_evicted_blocks": ("KV blocks evicted (unpinned leaves, LRU).", s.evicted_blocks_total),
-            "engine_kv_block_collisions": ("Block hash matches refused by verification.", s.collisions_total),
+            "engine_kv_evicted_blocks": ("KV blocks evicted (unpinned leaves, LRU).",
+                                         s.evicted_blocks_total),
+            "engine_kv_block_collisions": ("Block hash matches refused by verification.",
+                                           s.collisions_total),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
-        yield _histogram("engine_step_seconds", "Time of one scheduler step (forward, sampling excluded).",
+        yield _histogram("engine_step_seconds",
+                         "Time of one scheduler step (forward, sampling excluded).",
                          s.step_time)
-        yield _histogram("engine_ttft_seconds", "Time from a request's arrival to its first token.", s.ttft)
+        yield _histogram("engine_ttft_seconds",
+                         "Time from a request's arrival to its first token.", s.ttft)
 
 
 _default: EngineCollector | None = None

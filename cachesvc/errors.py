@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ServiceError(Exception):
     """Base of every error the service raises on purpose."""
@@ -59,7 +61,8 @@ class UpstreamError(ServiceError, ConnectionError):
 
     code = "upstream_error"
 
-    def __init__(self, status: int, body: dict, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, body: dict[str, Any], *,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(f"upstream answered {status}")
         self.status = status
         self.body = body

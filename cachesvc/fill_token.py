@@ -101,5 +101,5 @@ def _b64(b: bytes) -> str:
 def _unb64(s: str) -> bytes:
     try:
         return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad token
         raise ValueError(str(exc)) from None

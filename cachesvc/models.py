@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from cachesvc.errors import BadRequestError, NotFoundError, ServiceError
+from cachesvc.store.base import ResponseStore
 from invalidation import (
     EmbeddedRegistry,
     EpochView,
@@ -29,9 +31,6 @@ from invalidation import (
     StaleViewError,
     UnknownModelError,
 )
-
-from cachesvc.errors import BadRequestError, NotFoundError, ServiceError
-from cachesvc.store.base import ResponseStore
 
 log = structlog.get_logger()
 

@@ -12,7 +12,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -40,6 +40,9 @@ from keying import (
     material_digest,
 )
 from keying.fields import read_unkeyed
+
+if TYPE_CHECKING:
+    from cachesvc.models import ModelVersions
 
 log = structlog.get_logger()
 
@@ -147,7 +150,7 @@ def _check_read_unkeyed(body: dict[str, Any]) -> None:
 class ResponseCache:
     store: ResponseStore
     guard: GuardedStore
-    versions: Any  # cachesvc.models.ModelVersions
+    versions: ModelVersions
     secret: bytes
     #: Signs every entry written and verifies every entry read (see cachesvc.store.mac).
     keys: EntryKeys
@@ -263,10 +266,9 @@ class ResponseCache:
         if why is not None:
             return self._reject(why, f"entry does not match the request ({why})", raw,
                                 keyed=keyed, entry=entry)
-        if self.strict_epoch:
-            if not await self.versions.is_current(keyed.key.model, entry.epoch):
-                return self._reject("stale", "entry's epoch has passed (strict check)", raw,
-                                    keyed=keyed, entry=entry)
+        if self.strict_epoch and not await self.versions.is_current(keyed.key.model, entry.epoch):
+            return self._reject("stale", "entry's epoch has passed (strict check)", raw,
+                                keyed=keyed, entry=entry)
         now = self.clock()
         problem = entry.lifetime_problem(now, max_ttl_s=self.max_ttl_s)
         if problem is not None:

@@ -48,7 +48,8 @@ class UpstreamSettings(_Section):
         default="smollm2",
         description='In-process engine model: "smollm2" (SmolLM2-135M-Instruct) or "random-tiny".',
     )
-    device: str = Field(default="auto", description='In-process engine device: "auto", "cpu", "cuda".')
+    device: str = Field(default="auto",
+                        description='In-process engine device: "auto", "cpu", "cuda".')
     timeout_s: float = Field(default=120.0, gt=0)
     #: Model version reported to the registry for the in-process engine at start-up.
     version: str = "1"
@@ -316,7 +317,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, p)) from None
-    except Exception as exc:  # TOML syntax errors surface here
+    except Exception as exc:  # noqa: BLE001 - TOML syntax errors surface here
         raise ConfigError(f"config file {str(p)!r}: {exc}") from None
     finally:
         _CONFIG_PATH["path"] = None

@@ -86,7 +86,8 @@ def chunks_to_body(chunks: Sequence[Mapping[str, Any]], kind: str) -> dict[str, 
         delta = acc.pop("_delta")
         text = acc.pop("_text")
         if kind == "chat":
-            message = {"role": delta.pop("role", "assistant"), "content": delta.pop("content", None)}
+            message = {"role": delta.pop("role", "assistant"),
+                       "content": delta.pop("content", None)}
             if "tool_calls" in delta:
                 message["tool_calls"] = [
                     {k: v for k, v in tc.items() if k != "index"}

@@ -10,13 +10,17 @@ its end raises :class:`IncompleteStreamError`, so a cut stream is never stored.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httpx
 import orjson
 
 from cachesvc.errors import UpstreamError
+
+if TYPE_CHECKING:
+    from cachesvc.engine_api import Kind
+    from gpu_prefix.engine import Engine
 
 
 class IncompleteStreamError(UpstreamError):
@@ -33,7 +37,7 @@ class Upstream(Protocol):
     async def complete(self, body: dict[str, Any], kind: str, *, tenant: str) -> dict[str, Any]: ...
 
     def stream(self, body: dict[str, Any], kind: str, *, tenant: str
-               ) -> AsyncIterator[dict[str, Any]]: ...
+               ) -> AsyncGenerator[dict[str, Any], None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -70,7 +74,7 @@ class HttpUpstream:
         return data
 
     async def stream(self, body: dict[str, Any], kind: str, *, tenant: str
-                     ) -> AsyncIterator[dict[str, Any]]:
+                     ) -> AsyncGenerator[dict[str, Any], None]:
         payload = {**body, "stream": True}
         try:
             async with self._client.stream(
@@ -107,23 +111,25 @@ class HttpUpstream:
 class EngineUpstream:
     """The in-process reference engine, called through ``cachesvc.engine_api``."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     async def complete(self, body: dict[str, Any], kind: str, *, tenant: str) -> dict[str, Any]:
         from cachesvc import engine_api
 
         try:
-            return await engine_api.complete(self.engine, body, kind, tenant=tenant)
+            # parse_request refuses a kind other than chat or completion
+            return await engine_api.complete(self.engine, body, cast("Kind", kind), tenant=tenant)
         except engine_api.EngineRequestError as exc:
             raise _engine_error(exc) from None
 
     async def stream(self, body: dict[str, Any], kind: str, *, tenant: str
-                     ) -> AsyncIterator[dict[str, Any]]:
+                     ) -> AsyncGenerator[dict[str, Any], None]:
         from cachesvc import engine_api
 
         try:
-            async for chunk in engine_api.stream(self.engine, body, kind, tenant=tenant):
+            async for chunk in engine_api.stream(self.engine, body, cast("Kind", kind),
+                                                 tenant=tenant):
                 yield chunk
         except engine_api.EngineRequestError as exc:
             raise _engine_error(exc) from None

@@ -7,17 +7,26 @@ construction (which imports the other packages) happens only when that part is w
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from cachesvc.events import CacheObserver
 from cachesvc.settings import Settings
 
+if TYPE_CHECKING:
+    # Types only: each part's module is imported when that part is built (see the docstring).
+    from audit.protocols import Oracle
+    from cachesvc.models import ModelVersions
+    from cachesvc.store import EntryKeys
+    from cachesvc.store.base import ResponseStore
+    from cachesvc.upstream import Upstream
+    from gpu_prefix.engine import Engine
+
 log = structlog.get_logger()
 
 
-async def open_store(settings: Settings) -> Any:
+async def open_store(settings: Settings) -> ResponseStore:
     """The embedded store, or Redis (standalone or Cluster) when ``[redis]`` names one."""
     from cachesvc.store import open_store as _open
 
@@ -31,14 +40,14 @@ async def open_store(settings: Settings) -> Any:
                  retries=0)
 
 
-async def open_versions(settings: Settings, store: Any) -> Any:
+async def open_versions(settings: Settings, store: ResponseStore) -> ModelVersions:
     from cachesvc.models import open_versions as _open
 
     return await _open(store, refresh_s=settings.cache.registry_refresh_s,
                        strict=settings.cache.strict_epoch)
 
 
-async def open_upstream(settings: Settings, versions: Any) -> Any:
+async def open_upstream(settings: Settings, versions: ModelVersions) -> Upstream:
     """An HTTP upstream when ``[upstream] url`` is set, else the reference engine in process."""
     from cachesvc.upstream import EngineUpstream, HttpUpstream
 
@@ -55,20 +64,22 @@ async def open_upstream(settings: Settings, versions: Any) -> Any:
     return EngineUpstream(engine)
 
 
-def load_engine(settings: Settings) -> Any:
+def load_engine(settings: Settings) -> Engine:
     from gpu_prefix.engine import Engine
 
     device = settings.upstream.device
     e = settings.engine
     log.info("engine_loading", model=settings.upstream.model, device=device)
-    return Engine.from_name(settings.upstream.model, device=device, model_id=settings.upstream.model,
-                            pool_bytes=e.pool_mb * 2**20, block_size=e.block_size, max_running=e.max_running,
+    return Engine.from_name(settings.upstream.model, device=device,
+                            model_id=settings.upstream.model,
+                            pool_bytes=e.pool_mb * 2**20, block_size=e.block_size,
+                            max_running=e.max_running,
                             max_batch_tokens=e.max_batch_tokens, max_queue=e.max_queue,
                             queue_timeout_s=e.queue_timeout_s, high_watermark=e.high_watermark,
                             max_tokens_limit=e.max_tokens_limit, kv_dtype=e.kv_dtype)
 
 
-async def attach_engine(engine: Any, versions: Any, version: str) -> None:
+async def attach_engine(engine: Engine, versions: ModelVersions, version: str) -> None:
     """Register the engine's model if the registry has never seen it, and follow its
     rollouts: a new epoch drops the old epoch's prefix blocks from the engine's pool.
 
@@ -104,8 +115,9 @@ async def attach_engine(engine: Any, versions: Any, version: str) -> None:
     versions.subscribe(on_epoch)
 
 
-async def open_observers(settings: Settings, upstream: Any, versions: Any,
-                         stack: contextlib.AsyncExitStack, keys: Any) -> list[CacheObserver]:
+async def open_observers(settings: Settings, upstream: Upstream, versions: ModelVersions,
+                         stack: contextlib.AsyncExitStack, keys: EntryKeys
+                         ) -> list[CacheObserver]:
     """The shadow auditor as an observer, started now and stopped at shutdown (``[audit]``).
 
     NOTE: it runs even with both sample rates at 0, because entries the service refuses are
@@ -122,7 +134,7 @@ async def open_observers(settings: Settings, upstream: Any, versions: Any,
         build_shadow_auditor,
     )
 
-    oracle: Any = None
+    oracle: Oracle | None = None
     engine = getattr(upstream, "engine", None)
     if settings.audit.oracle == "engine" and engine is not None:
         oracle = EngineOracle(engine)

@@ -28,9 +28,9 @@ slot index), then runs SDPA on it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,8 @@ def seq_slice(*, q_start: int, q_len: int, ctx_len: int, table: Sequence[int], b
     gather = None
     if len(runs) > 1 and not (q_len == 1 and device.type == "cpu" and _FLASH_CPU is not None):
         blocks = torch.tensor(table[: -(-ctx_len // block_size)], dtype=torch.long)
-        slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).flatten()[:ctx_len]
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).flatten(
+            )[:ctx_len]
         gather = slots.to(device)
     mask = None
     q_pos0 = ctx_len - q_len
@@ -98,7 +99,8 @@ def seq_slice(*, q_start: int, q_len: int, ctx_len: int, table: Sequence[int], b
                     run=runs[0][0] if len(runs) == 1 else None, gather=gather, mask=mask)
 
 
-def slot_runs(block_ids: Sequence[int], block_size: int, n_tokens: int) -> tuple[tuple[int, int], ...]:
+def slot_runs(block_ids: Sequence[int], block_size: int,
+              n_tokens: int) -> tuple[tuple[int, int], ...]:
     """The first ``n_tokens`` positions of a block table as runs of consecutive pool slots."""
     runs: list[list[int]] = []
     left = n_tokens
@@ -113,7 +115,8 @@ def slot_runs(block_ids: Sequence[int], block_size: int, n_tokens: int) -> tuple
             runs.append([start, n])
         left -= n
     if left > 0:
-        raise RuntimeError(f"block table holds {n_tokens - left} of the {n_tokens} positions asked for")
+        raise RuntimeError(f"block table holds {n_tokens - left} of the {n_tokens} positions asked "
+                           "for")
     return tuple((a, n) for a, n in runs)
 
 
@@ -121,13 +124,15 @@ class PoolCache(Cache):
     """The step's cache: ``update()`` writes the new K/V into the pool through the layout's slot
     mapping. The attention function then reads them (with the context) from the pool."""
 
-    def __init__(self, pool_tensor: torch.Tensor, layout: StepLayout, quant: QuantizedKV | None = None) -> None:
+    def __init__(self, pool_tensor: torch.Tensor, layout: StepLayout,
+                 quant: QuantizedKV | None = None) -> None:
         super().__init__(layers=[])
         self.pool_tensor = pool_tensor
         self.layout = layout
         self.quant = quant
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.layout.write_slots
         if self.quant is not None:
@@ -145,13 +150,15 @@ class PoolCache(Cache):
 
 #: The fused CPU attention kernel that returns the log-sum-exp beside the output (what SDPA runs
 #: on the CPU); ``None`` where this torch build lacks it, and then decodes gather too.
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU: Callable[..., Any] | None = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _decode_over_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
                       runs: tuple[tuple[int, int], ...], scale: float) -> torch.Tensor:
     """One query per head (``q``: ``[1, heads, 1, d]``) over several runs of pool slots, each
     read as a view; returns ``[1, heads, 1, d]``."""
+    assert _FLASH_CPU is not None, "the caller checks that the kernel exists"
     heads, d = q.shape[1], q.shape[3]
     kv_heads = k_all.shape[0]
     # Grouped-query attention without repeating K/V: the heads sharing a K/V head become that
@@ -159,7 +166,8 @@ def _decode_over_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
     qg = q.reshape(1, kv_heads, heads // kv_heads, d)
     outs, lses = [], []
     for a, n in runs:
-        o, lse = _FLASH_CPU(qg, k_all[None, :, a : a + n].to(q.dtype), v_all[None, :, a : a + n].to(q.dtype),
+        o, lse = _FLASH_CPU(qg, k_all[None, :, a : a + n].to(q.dtype),
+                            v_all[None, :, a : a + n].to(q.dtype),
                             scale=scale)[:2]
         outs.append(o)
         lses.append(lse)
@@ -167,8 +175,10 @@ def _decode_over_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
     return (torch.stack(outs) * weights).sum(dim=0).reshape(1, heads, 1, d)
 
 
-def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                   scaling: float | None = None,
                    **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The registered attention function. Without a step layout (a plain forward of the same
     model elsewhere) it is transformers' SDPA attention, mask and all."""
@@ -179,10 +189,11 @@ def pool_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer_idx = cast(int, module.layer_idx)
     if quant is not None:
-        return _quantized_attention(module.layer_idx, query, quant, layout, scale), None
-    k_all = pool_tensor[module.layer_idx, 0]  # [kv_heads, slots, head_dim]
-    v_all = pool_tensor[module.layer_idx, 1]
+        return _quantized_attention(layer_idx, query, quant, layout, scale), None
+    k_all = pool_tensor[layer_idx, 0]  # [kv_heads, slots, head_dim]
+    v_all = pool_tensor[layer_idx, 1]
     heads, total, d = query.shape[1], query.shape[2], query.shape[3]
     out = torch.empty((1, total, heads, d), dtype=query.dtype, device=query.device)
     for s in layout.seqs:
@@ -237,8 +248,10 @@ def install(model: Any) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-def packed_forward(model: Any, pool_tensor: torch.Tensor, input_ids: Sequence[int], positions: Sequence[int],
-                   layout: StepLayout, keep: Sequence[int], quant: QuantizedKV | None = None) -> torch.Tensor:
+def packed_forward(model: Any, pool_tensor: torch.Tensor, input_ids: Sequence[int],
+                   positions: Sequence[int],
+                   layout: StepLayout, keep: Sequence[int],
+                   quant: QuantizedKV | None = None) -> torch.Tensor:
     """One forward over a packed step; returns the logits of the packed positions in ``keep``
     (``[len(keep), vocab]``). ``quant``: the pool's INT8 storage, when it is one."""
     device = pool_tensor.device
@@ -248,6 +261,8 @@ def packed_forward(model: Any, pool_tensor: torch.Tensor, input_ids: Sequence[in
     no_mask = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
     out = model(input_ids=ids, position_ids=pos, attention_mask=no_mask,
                 cache=PoolCache(pool_tensor, layout, quant),
-                use_cache=True, logits_to_keep=torch.tensor(list(keep), dtype=torch.long, device=device),
+                use_cache=True,
+                logits_to_keep=torch.tensor(list(keep), dtype=torch.long, device=device),
                 **{LAYOUT_KWARG: layout, "pool_tensor": pool_tensor, QUANT_KWARG: quant})
-    return out.logits[0]
+    logits: torch.Tensor = out.logits[0]
+    return logits

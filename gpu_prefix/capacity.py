@@ -59,10 +59,12 @@ def pool_plan(*, kv_bytes_per_token: int | None = None, pool_bytes: int, block_s
     if block_size < 1:
         raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}", "use 16")
     if not 0.0 < high_watermark <= 1.0:
-        raise InvalidParamsError("high_watermark", f"must be in (0, 1], got {high_watermark}", "use 0.8")
+        raise InvalidParamsError("high_watermark", f"must be in (0, 1], got {high_watermark}",
+                                 "use 0.8")
     if block_bytes is None:
         if kv_bytes_per_token is None:
-            raise InvalidParamsError("kv_bytes_per_token", "missing", "give kv_bytes_per_token or block_bytes")
+            raise InvalidParamsError("kv_bytes_per_token", "missing",
+                                     "give kv_bytes_per_token or block_bytes")
         block_bytes = kv_bytes_per_token * block_size
     per_token = kv_bytes_per_token if kv_bytes_per_token is not None else block_bytes / block_size
     blocks = max(0, int(pool_bytes)) // block_bytes
@@ -76,13 +78,16 @@ def pool_plan(*, kv_bytes_per_token: int | None = None, pool_bytes: int, block_s
 
 def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
     """K and V of every layer for one token."""
-    for name, v in (("layers", layers), ("kv_heads", kv_heads), ("head_dim", head_dim), ("dtype_bytes", dtype_bytes)):
+    for name, v in (("layers", layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                    ("dtype_bytes", dtype_bytes)):
         if v < 1:
-            raise InvalidParamsError(name, f"must be at least 1, got {v}", "give the model's geometry")
+            raise InvalidParamsError(name, f"must be at least 1, got {v}",
+                                     "give the model's geometry")
     return layers * 2 * kv_heads * head_dim * dtype_bytes
 
 
-def int8_block_bytes(*, layers: int, kv_heads: int, head_dim: int, block_size: int, scale_bytes: int) -> int:
+def int8_block_bytes(*, layers: int, kv_heads: int, head_dim: int, block_size: int,
+                     scale_bytes: int) -> int:
     """Bytes of one INT8 pool block (``gpu_prefix.kvquant``): K and V codes (one byte each), the
     block's per-channel K scales and its tokens' V scales, over every layer and KV head."""
     per_head = 2 * block_size * head_dim + head_dim * scale_bytes + block_size * scale_bytes
@@ -94,9 +99,11 @@ def block_bytes_for(*, layers: int, kv_heads: int, head_dim: int, block_size: in
     """Bytes of one pool block of ``kv_dtype`` (one of ``DTYPE_BYTES``); INT8 blocks carry their
     scales, ``scale_bytes`` each (the model's dtype: 2 for fp16/bf16, 4 for fp32)."""
     if kv_dtype not in DTYPE_BYTES:
-        raise InvalidParamsError("kv_dtype", f"unknown KV dtype {kv_dtype!r}", f"use one of {', '.join(DTYPE_BYTES)}")
+        raise InvalidParamsError("kv_dtype", f"unknown KV dtype {kv_dtype!r}",
+                                 f"use one of {', '.join(DTYPE_BYTES)}")
     if kv_dtype == "int8":
-        return int8_block_bytes(layers=layers, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+        return int8_block_bytes(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                                block_size=block_size,
                                 scale_bytes=scale_bytes)
     return kv_bytes_per_token(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               dtype_bytes=DTYPE_BYTES[kv_dtype]) * block_size
@@ -110,12 +117,15 @@ def device_plan(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, 
     free = device_bytes - weights_bytes - reserve_bytes
     if free <= 0:
         raise InvalidParamsError(
-            "device_memory", f"{device_bytes} bytes hold no KV next to {weights_bytes} bytes of weights"
-            f" and {reserve_bytes} reserved", "use a larger device, a smaller model, or quantized weights")
+            "device_memory",
+            f"{device_bytes} bytes hold no KV next to {weights_bytes} bytes of weights"
+            f" and {reserve_bytes} reserved",
+            "use a larger device, a smaller model, or quantized weights")
     if block_bytes is not None:
         return pool_plan(block_bytes=block_bytes, pool_bytes=free, block_size=block_size,
                          high_watermark=high_watermark)
-    per_token = kv_bytes_per_token(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
+    per_token = kv_bytes_per_token(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                                   dtype_bytes=dtype_bytes)
     return pool_plan(kv_bytes_per_token=per_token, pool_bytes=free, block_size=block_size,
                      high_watermark=high_watermark)
 
@@ -125,12 +135,14 @@ def parse_bytes(text: str, *, field: str) -> int:
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
     t = text.strip().lower().replace(" ", "")
-    num = t.rstrip("abgikmtb")
+    num = t.rstrip("abgikmtb")  # noqa: B005 - strips any run of unit letters, as meant
     unit = t[len(num):]
     try:
         value = float(num)
     except ValueError:
-        raise InvalidParamsError(field, f"cannot read {text!r} as a size", "write e.g. 24GB or 512MiB") from None
+        raise InvalidParamsError(field, f"cannot read {text!r} as a size",
+                                 "write e.g. 24GB or 512MiB") from None
     if unit not in units or value < 0:
-        raise InvalidParamsError(field, f"cannot read {text!r} as a size", "write e.g. 24GB or 512MiB")
+        raise InvalidParamsError(field, f"cannot read {text!r} as a size",
+                                 "write e.g. 24GB or 512MiB")
     return int(value * units[unit])

@@ -157,7 +157,7 @@ def check(figures: Mapping[str, Figures], t: DriftThresholds) -> list[str]:
 
 
 def _first_divergence(a: Sequence[int], b: Sequence[int], n: int) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b), n))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b), n))
 
 
 def _kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +187,8 @@ def layer_errors(engine: Engine, sequences: Sequence[Sequence[int]], quant: Quan
         scratch = QuantizedKV(num_layers=engine.shape.num_layers, kv_heads=engine.shape.kv_heads,
                               head_dim=engine.shape.head_dim, num_blocks=blocks, block_size=bs,
                               dtype=engine.shape.dtype, device=engine.device)
-        scratch.k_scale_for, scratch.v_scale_for = quant.k_scale_for, quant.v_scale_for
+        # the scratch pool borrows the live pool's scales
+        scratch.k_scale_for, scratch.v_scale_for = quant.k_scale_for, quant.v_scale_for  # type: ignore[method-assign]
         slots = torch.arange(n, device=engine.device)
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys[0], layer.values[0]

@@ -15,7 +15,7 @@ import os
 import queue
 import random
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,7 +317,8 @@ class Engine:
         return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return text
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -330,7 +331,7 @@ class Engine:
 
     def generate_stream(
         self, prompt_ids: Sequence[int], params: GenerationParams | None = None
-    ) -> Iterator[TokenEvent | FinalEvent]:
+    ) -> Generator[TokenEvent | FinalEvent, None, None]:
         """Yield a ``TokenEvent`` per generated token, then one ``FinalEvent``. Closing the
         iterator early stops the request and releases its blocks."""
         params = params or GenerationParams()
@@ -420,7 +421,8 @@ class Engine:
             raise
         if isinstance(item, BaseException):
             raise item
-        return item
+        logits: torch.Tensor = item
+        return logits
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -518,7 +520,8 @@ class Engine:
         dropped = old.pool.num_used
 
         def full_store() -> PrefixStore:
-            old.pool.tensor = old.pool.quant = None  # let the INT8 storage go before allocating
+            # let the INT8 storage go before allocating (the old pool is never used again)
+            old.pool.tensor = old.pool.quant = None  # type: ignore[assignment]
             self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes, block_size=old.block_size,
                                device=self.device)
             self.store = PrefixStore(self.pool)

@@ -1,8 +1,9 @@
 """Chained block hashes for prefix reuse, and the scope salt that keeps tenants apart.
 
 Block ``i`` hashes its parent's hash, its token ids and the extra keys (model epoch, adapter,
-scope salt, KV storage dtype) through ``keying.hash_block_tokens``, so equal hashes mean equal prefixes under the
-same weights, adapter and scope, up to ``xxh3_128`` collisions; the store verifies token ids,
+scope salt, KV storage dtype) through ``keying.hash_block_tokens``, so equal hashes mean equal
+prefixes under the same weights, adapter and scope, up to ``xxh3_128`` collisions; the store
+verifies token ids,
 parent link and extra keys on every match, so a collision is a miss, never another's KV.
 """
 
@@ -12,9 +13,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from keying import BlockHash, frame, hash_block_tokens, xxh3_128
-
 from gpu_prefix.errors import InvalidParamsError
+from keying import BlockHash, frame, hash_block_tokens, xxh3_128
 
 HashFn = Callable[[bytes], bytes]
 
@@ -31,8 +31,10 @@ def scope_salt(tenant: str, *, secret: bytes = DEFAULT_SALT_SECRET) -> bytes:
     offline; framed so ``"a:b"`` style ids cannot alias.
     """
     if not isinstance(tenant, str) or not tenant:
-        raise InvalidParamsError("tenant", "a scope salt needs a non-empty tenant id", "pass the authenticated tenant")
-    return hashlib.blake2b(frame(["scope-salt/v1", tenant]), digest_size=16, key=secret[:64]).digest()
+        raise InvalidParamsError("tenant", "a scope salt needs a non-empty tenant id",
+                                 "pass the authenticated tenant")
+    return hashlib.blake2b(frame(["scope-salt/v1", tenant]), digest_size=16,
+                           key=secret[:64]).digest()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,7 +67,8 @@ def block_hashes(
     hash_fn: HashFn = xxh3_128,
 ) -> list[tuple[BlockHash, tuple[int, ...], tuple[object, ...]]]:
     """``(hash, tokens, extra_keys)`` for every full block of ``tokens``, chained from the root."""
-    return extend_chain([], tokens, keys, block_size=block_size, upto=len(tokens) // block_size, hash_fn=hash_fn)
+    return extend_chain([], tokens, keys, block_size=block_size, upto=len(tokens) // block_size,
+                        hash_fn=hash_fn)
 
 
 def extend_chain(
@@ -82,7 +85,9 @@ def extend_chain(
     if block_size < 1:
         raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}", "use 16")
     if upto * block_size > len(tokens):
-        raise InvalidParamsError("upto", f"{upto} blocks need {upto * block_size} tokens, got {len(tokens)}",
+        raise InvalidParamsError("upto",
+                                 f"{upto} blocks need {upto * block_size} tokens, got "
+                                 f"{len(tokens)}",
                                  "hash only whole blocks")
     parent: BlockHash | None = chain[-1][0] if chain else None
     for i in range(len(chain), upto):

@@ -50,11 +50,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device: torch.device = next(self.model.parameters()).device
+        return device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        dtype: torch.dtype = next(self.model.parameters()).dtype
+        return dtype
 
 
 def cache_dir() -> Path:
@@ -63,7 +65,8 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "provable-llm-cache"
 
 
-def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(name: str, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``"random-tiny"`` or ``"smollm2"`` onto ``device`` (``"auto"``: CUDA when there is
     one, else the CPU) in ``dtype``, in eval mode."""
     if device == "auto":
@@ -73,7 +76,8 @@ def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     elif name == "smollm2":
         loaded = _load_smollm2()
     else:
-        raise InvalidParamsError("model", f"unknown model {name!r}", f"use one of {', '.join(MODEL_NAMES)}")
+        raise InvalidParamsError("model", f"unknown model {name!r}",
+                                 f"use one of {', '.join(MODEL_NAMES)}")
     model = loaded.model.to(device=torch.device(device), dtype=dtype)
     model.eval()
     return LoadedModel(name=name, model=model, tokenizer=loaded.tokenizer)
@@ -89,7 +93,7 @@ def tiny_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # transformers: untyped
         tokenizer_object=tok,
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
@@ -174,7 +178,8 @@ def _convert_smollm2(target: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log.info("smollm2.convert.start", source=str(source), target=str(target))
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF,
+                                                 dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a crash mid-write never leaves a half folder
     # that a later load would trust.

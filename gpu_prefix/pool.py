@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,8 +37,10 @@ class KVShape:
     dtype: torch.dtype = torch.float32
 
     @classmethod
-    def from_config(cls, config: object, dtype: torch.dtype) -> KVShape:
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    def from_config(cls, config: Any, dtype: torch.dtype) -> KVShape:
+        """From a transformers config (any model's: read by attribute name)."""
+        text = config.get_text_config(decoder=True) if hasattr(
+            config, "get_text_config") else config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return cls(
@@ -82,16 +85,19 @@ class KVPool:
         kv_dtype: str = "full",
     ) -> None:
         if block_size < 1:
-            raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}", "use 16")
+            raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}",
+                                     "use 16")
         if kv_dtype not in KV_DTYPES:
-            raise InvalidParamsError("kv_dtype", f"unknown KV storage {kv_dtype!r}", f"use one of {', '.join(KV_DTYPES)}")
+            raise InvalidParamsError("kv_dtype", f"unknown KV storage {kv_dtype!r}",
+                                     f"use one of {', '.join(KV_DTYPES)}")
         self.shape = shape
         self.block_size = block_size
         self.kv_dtype = kv_dtype
         if kv_dtype == "int8":
             scale_bytes = torch.empty((), dtype=shape.dtype).element_size()
             self.block_bytes = block_bytes_for(layers=shape.num_layers, kv_heads=shape.kv_heads,
-                                               head_dim=shape.head_dim, block_size=block_size, kv_dtype="int8",
+                                               head_dim=shape.head_dim, block_size=block_size,
+                                               kv_dtype="int8",
                                                scale_bytes=scale_bytes)
         else:
             self.block_bytes = shape.bytes_per_token() * block_size
@@ -109,8 +115,10 @@ class KVPool:
         # cannot make the process ask the device for more memory on the cache's behalf.
         self.quant: QuantizedKV | None = None
         if kv_dtype == "int8":
-            self.quant = QuantizedKV(num_layers=shape.num_layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-                                     num_blocks=self.num_blocks, block_size=block_size, dtype=shape.dtype,
+            self.quant = QuantizedKV(num_layers=shape.num_layers, kv_heads=shape.kv_heads,
+                                     head_dim=shape.head_dim,
+                                     num_blocks=self.num_blocks, block_size=block_size,
+                                     dtype=shape.dtype,
                                      device=self.device)
             self.tensor = self.quant.codes
         else:
@@ -171,12 +179,14 @@ class KVPool:
         """Views (no copies) of the pool over ``block_ids``, one per run of consecutive ids, each
         ``[layers, 2, kv_heads, run_tokens, head_dim]``."""
         bs = self.block_size
-        return [self.tensor[:, :, :, first * bs : (first + n) * bs, :] for _, first, n in runs(block_ids)]
+        return [self.tensor[:, :, :, first * bs : (first + n) * bs,
+                            :] for _, first, n in runs(block_ids)]
 
     def check_valid(self) -> None:
         assert sum(self._is_free) == self._num_free, "free count and free flags disagree"
         assert {b for b in self._heap if self._is_free[b]} == {
             b for b in range(self.num_blocks) if self._is_free[b]
         }, "a free block is missing from the free heap"
-        nbytes = self.quant.nbytes if self.quant is not None else self.tensor.numel() * self.tensor.element_size()
+        nbytes = self.quant.nbytes if self.quant is not None else self.tensor.numel(
+            ) * self.tensor.element_size()
         assert nbytes == self.capacity_bytes, "pool size drifted"

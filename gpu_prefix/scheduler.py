@@ -13,8 +13,9 @@ New requests are admitted at the next step, finished ones leave at once. Memory:
 
 - admission at the pool's high watermark: a request is admitted while fewer than
   ``max_running`` run and the blocks running requests hold (or still need for the tokens they
-  know) plus its prompt's blocks stay under ``high_watermark`` of the pool; otherwise it waits in a bounded FIFO queue, and past the
-  bound or its wait timeout it is refused with ``AdmissionRefusedError`` (retryable);
+  know) plus its prompt's blocks stay under ``high_watermark`` of the pool; otherwise it waits
+  in a bounded FIFO queue, and past the bound or its wait timeout it is refused with
+  ``AdmissionRefusedError`` (retryable);
 - a running request that needs a block when none is free or evictable preempts the most recently
   admitted request (itself, if it is the newest): that one's private blocks are freed, its
   indexed blocks stay cached, and it is requeued first in line, to be recomputed from its tokens
@@ -89,18 +90,22 @@ class SchedulerConfig:
 
     def check(self, block_size: int) -> None:
         if not 0.0 < self.high_watermark <= 1.0:
-            raise InvalidParamsError("high_watermark", f"must be in (0, 1], got {self.high_watermark}", "use 0.8")
+            raise InvalidParamsError("high_watermark",
+                                     f"must be in (0, 1], got {self.high_watermark}", "use 0.8")
         if self.max_queue < 0 or self.max_running < 1:
-            raise InvalidParamsError("max_queue/max_running", "max_queue >= 0 and max_running >= 1", "use 64 and 8")
+            raise InvalidParamsError("max_queue/max_running",
+                                     "max_queue >= 0 and max_running >= 1", "use 64 and 8")
         if self.max_batch_tokens < self.max_running + block_size:
             raise InvalidParamsError(
                 "max_batch_tokens",
-                f"{self.max_batch_tokens} leaves no room for a prefill chunk of one block ({block_size} tokens) "
+                f"{self.max_batch_tokens} leaves no room for a prefill chunk of one block "
+                f"({block_size} tokens) "
                 f"beside {self.max_running} decodes",
                 f"use at least max_running + block_size = {self.max_running + block_size}",
             )
         if self.queue_timeout_s <= 0:
-            raise InvalidParamsError("queue_timeout_s", f"must be > 0, got {self.queue_timeout_s}", "use 30")
+            raise InvalidParamsError("queue_timeout_s", f"must be > 0, got {self.queue_timeout_s}",
+                                     "use 30")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,7 +133,8 @@ class Seq:
     K/V is computed by the next step). ``computed`` tokens have their K/V in the lease's blocks.
     """
 
-    def __init__(self, tokens: Sequence[int], *, keys: BlockKeys | None, model: Any, max_total: int) -> None:
+    def __init__(self, tokens: Sequence[int], *, keys: BlockKeys | None, model: Any,
+                 max_total: int) -> None:
         self.tokens = list(tokens)
         self.keys = keys
         self.model = model
@@ -201,8 +207,10 @@ class Scheduler:
         if need > self.limit:
             raise InvalidParamsError(
                 "max_tokens",
-                f"the prompt and max_tokens ({seq.max_total} tokens) need {need} KV blocks; this engine runs at "
-                f"most {self.limit} ({self.config.high_watermark:.0%} of its {self.store.pool.num_blocks}-block pool)",
+                f"the prompt and max_tokens ({seq.max_total} tokens) need {need} KV blocks; this "
+                "engine runs at "
+                f"most {self.limit} ({self.config.high_watermark:.0%} of its "
+                f"{self.store.pool.num_blocks}-block pool)",
                 "lower max_tokens, shorten the prompt, or give the engine a larger pool",
             )
         with self._cond:
@@ -210,20 +218,24 @@ class Scheduler:
                 raise RuntimeError("the engine is shut down")
             now = self._clock()
             seq.arrived = now
-            seq.deadline = now + (self.config.queue_timeout_s if queue_timeout_s is None else queue_timeout_s)
+            seq.deadline = now + (
+                self.config.queue_timeout_s if queue_timeout_s is None else queue_timeout_s)
             if not self._waiting and self._fits(seq):
                 self._admit(seq)
             elif len(self._waiting) >= self.config.max_queue:
                 self._refused += 1
                 raise AdmissionRefusedError(
-                    f"KV pool above its high watermark ({self.store.held_blocks()}/{self.limit} blocks held, "
-                    f"{len(self._running)} running) and the wait queue is full ({self.config.max_queue}); retry later",
+                    f"KV pool above its high watermark ({self.store.held_blocks()}/{self.limit} "
+                    "blocks held, "
+                    f"{len(self._running)} running) and the wait queue is full "
+                    f"({self.config.max_queue}); retry later",
                     retry_after_s=1.0,
                 )
             else:
                 self._waiting.append(seq)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="engine-scheduler",
+                                                daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
@@ -260,12 +272,17 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._cond:
             return SchedulerStats(
-                running=len(self._running), queued=len(self._waiting), admitted_total=self._admitted,
-                refused_total=self._refused, preempted_total=self._preempted, finished_total=self._finished,
-                steps_total=self._steps, step_tokens_total=self._step_tokens, last_step_tokens=self._last_tokens,
+                running=len(self._running), queued=len(self._waiting),
+                admitted_total=self._admitted,
+                refused_total=self._refused, preempted_total=self._preempted,
+                finished_total=self._finished,
+                steps_total=self._steps, step_tokens_total=self._step_tokens,
+                last_step_tokens=self._last_tokens,
                 last_step_seqs=self._last_seqs, limit_blocks=self.limit,
-                ttft=Histogram(self._ttft.buckets, list(self._ttft.counts), self._ttft.total, self._ttft.count),
-                step_time=Histogram(self._step_time.buckets, list(self._step_time.counts), self._step_time.total,
+                ttft=Histogram(self._ttft.buckets, list(self._ttft.counts), self._ttft.total,
+                               self._ttft.count),
+                step_time=Histogram(self._step_time.buckets, list(self._step_time.counts),
+                                    self._step_time.total,
                                     self._step_time.count),
             )
 
@@ -283,8 +300,10 @@ class Scheduler:
                 if self.blocks_for(seq.max_total) > self.limit:
                     self._waiting.remove(seq)
                     seq.on_failed(InvalidParamsError(
-                        "max_tokens", f"the engine's KV pool shrank to {self.limit} blocks under its watermark "
-                        "(INT8 KV turned off); this request no longer fits", "retry with a lower max_tokens"))
+                        "max_tokens",
+                        f"the engine's KV pool shrank to {self.limit} blocks under its watermark "
+                        "(INT8 KV turned off); this request no longer fits",
+                        "retry with a lower max_tokens"))
             self._cond.notify_all()
 
     # -- admission and preemption (under the lock) ----------------------------------------------
@@ -377,7 +396,8 @@ class Scheduler:
             self._waiting.remove(seq)
             self._refused += 1
             seq.on_failed(AdmissionRefusedError(
-                f"waited {now - seq.arrived:.1f} s for KV pool room without getting it; retry later",
+                f"waited {now - seq.arrived:.1f} s for KV pool room without getting it; retry "
+                "later",
                 retry_after_s=1.0))
         while self._waiting and self._fits(self._waiting[0]):
             self._admit(self._waiting.popleft())
@@ -389,13 +409,15 @@ class Scheduler:
         for seq in list(self._running):
             if budget <= 0:
                 break
-            if seq in self._running and len(seq.tokens) - seq.computed == 1 and self._grow(seq, seq.computed + 1, plan):
+            if seq in self._running and len(seq.tokens) - seq.computed == 1 and self._grow(
+                seq, seq.computed + 1, plan):
                 plan.append((seq, seq.computed, seq.computed + 1))
                 budget -= 1
         for seq in list(self._running):
             if budget <= 0:
                 break
-            if seq not in self._running or len(seq.tokens) - seq.computed <= 1 or any(p[0] is seq for p in plan):
+            if seq not in self._running or len(seq.tokens) - seq.computed <= 1 or any(
+                p[0] is seq for p in plan):
                 continue
             self._rematch(seq)
             pending = len(seq.tokens) - seq.computed
@@ -422,7 +444,8 @@ class Scheduler:
         while True:
             with self._cond:
                 if self._stopping:
-                    self._fail_all(RuntimeError("the engine shut down before this request finished"))
+                    self._fail_all(RuntimeError("the engine shut down before this request "
+                                                "finished"))
                     self._thread = None
                     return
                 idle_since = self._clock()
@@ -445,7 +468,7 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 outputs = self._execute(plan, keeps)
-            except BaseException as exc:  # noqa: BLE001 - handed to every request of the step
+            except BaseException as exc:  # handed to every request of the step
                 log.exception("engine.step_failed", seqs=len(plan))
                 with self._cond:
                     self._executing = False
@@ -472,7 +495,8 @@ class Scheduler:
         while self._waiting:
             self._waiting.popleft().on_failed(exc)
 
-    def _execute(self, plan: list[tuple[Seq, int, int]], keeps: list[list[int]]) -> list[torch.Tensor]:
+    def _execute(self, plan: list[tuple[Seq, int, int]],
+                 keeps: list[list[int]]) -> list[torch.Tensor]:
         """Run the step: one packed forward per model (one, except while a rollout's old and new
         weights both have requests in flight). Returns each plan entry's logits rows."""
         bs = self.block_size
@@ -496,13 +520,16 @@ class Scheduler:
                 ids.extend(seq.tokens[a:b])
                 positions.extend(range(a, b))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(a, b))
-                slices.append(seq_slice(q_start=q_start, q_len=b - a, ctx_len=b, table=table, block_size=bs,
+                slices.append(seq_slice(q_start=q_start, q_len=b - a, ctx_len=b, table=table,
+                                        block_size=bs,
                                         device=pool.device))
                 keep.extend(q_start + p - a for p in keeps[i])
-            layout = StepLayout(write_slots=torch.tensor(slots, dtype=torch.long, device=pool.device),
+            layout = StepLayout(write_slots=torch.tensor(slots, dtype=torch.long,
+                                                         device=pool.device),
                                 seqs=tuple(slices))
             with torch.inference_mode():
-                logits = packed_forward(plan[members[0]][0].model, pool, ids, positions, layout, keep, quant)
+                logits = packed_forward(plan[members[0]][0].model, pool, ids, positions, layout,
+                                        keep, quant)
             at = 0
             for i in members:
                 n = len(keeps[i])

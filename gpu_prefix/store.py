@@ -24,10 +24,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from keying import BlockHash
-
-from gpu_prefix.errors import PoolExhaustedError
 from gpu_prefix.pool import KVPool
+from keying import BlockHash
 
 #: One element of a block chain: ``(hash, token ids, extra keys)``; ``extra_keys[0]`` is the
 #: model epoch. ``gpu_prefix.hashing.block_hashes`` builds these.
@@ -35,9 +33,11 @@ ChainItem = tuple[BlockHash, tuple[int, ...], tuple[object, ...]]
 
 
 class _Block:
-    __slots__ = ("block_id", "block_hash", "parent", "tokens", "extra", "epoch", "refs", "children", "stamp", "retired")
+    __slots__ = ("block_id", "block_hash", "parent", "tokens", "extra", "epoch", "refs",
+                 "children", "stamp", "retired")
 
-    def __init__(self, block_id: int, item: ChainItem, parent: BlockHash | None, stamp: int) -> None:
+    def __init__(self, block_id: int, item: ChainItem, parent: BlockHash | None,
+                 stamp: int) -> None:
         self.block_id = block_id
         self.block_hash, self.tokens, self.extra = item
         self.parent = parent
@@ -226,7 +226,8 @@ class PrefixStore:
             existing = self._index.get(h)
             if (extra and extra[0] in self._retired_epochs) or existing is not None:
                 if existing is not None and (
-                    existing.tokens != tokens or existing.parent != parent or existing.extra != extra
+                    existing.tokens != tokens or existing.parent != parent
+                    or existing.extra != extra
                 ):
                     self._collisions += 1
                 lease.indexing = False
@@ -246,7 +247,8 @@ class PrefixStore:
         while self._heap:
             stamp, h = heapq.heappop(self._heap)
             block = self._index.get(h)
-            if block is None or block.stamp != stamp or block.refs or block.children or block.retired:
+            if (block is None or block.stamp != stamp or block.refs or block.children
+                    or block.retired):
                 continue  # stale entry
             self._remove(block)
             self._evicted += 1
@@ -262,7 +264,8 @@ class PrefixStore:
             if parent.children == 0 and parent.refs == 0 and not parent.retired:
                 heapq.heappush(self._heap, (parent.stamp, block.parent))
         if len(self._heap) > 4 * self.pool.num_blocks + 64:
-            self._heap = [(s, h) for s, h in self._heap if h in self._index and self._index[h].stamp == s]
+            self._heap = [
+                (s, h) for s, h in self._heap if h in self._index and self._index[h].stamp == s]
             heapq.heapify(self._heap)
 
     def evict(self, n_blocks: int) -> int:
@@ -355,15 +358,19 @@ class PrefixStore:
             indexed = [b.block_id for b in self._index.values()]
             private = [b for lease in self._leases.values() for b in lease.private]
             held = indexed + private
-            assert len(held) == len(set(held)), "a pool block is indexed twice, private twice, or both"
-            assert len(held) == self.pool.num_used, "indexed + private blocks and used pool slots differ"
-            assert all(not self.pool._is_free[i] for i in held), "a held block sits on the free list"
+            assert len(held) == len(
+                set(held)), "a pool block is indexed twice, private twice, or both"
+            assert len(
+                held) == self.pool.num_used, "indexed + private blocks and used pool slots differ"
+            assert all(
+                not self.pool._is_free[i] for i in held), "a held block sits on the free list"
             assert len(private) == self._private, "private block count drifted"
             refs: dict[BlockHash, int] = {}
             for lease in self._leases.values():
                 assert not lease.released, "a released lease is still active"
                 assert len(set(lease.pinned)) == len(lease.pinned), "a lease pins a block twice"
-                assert len(lease.table) >= len(lease.pinned), "a lease's table lost its pinned blocks"
+                assert len(lease.table) >= len(
+                    lease.pinned), "a lease's table lost its pinned blocks"
                 parent = None
                 for i, h in enumerate(lease.pinned):
                     assert h in self._index, "a lease pins a block not in the index"
@@ -392,7 +399,8 @@ class PrefixStore:
             assert pinned == self._pinned, "pinned block count drifted"
             for h, b in self._index.items():
                 assert b.children == children.get(h, 0), "child count drifted"
-            assert self.pool.num_used * self.pool.block_bytes <= self.pool.capacity_bytes, "bytes over budget"
+            assert self.pool.num_used * self.pool.block_bytes <= self.pool.capacity_bytes, (
+                "bytes over budget")
             heap = set(self._heap)
             for h, b in self._index.items():
                 if b.refs == 0 and b.children == 0 and not b.retired:

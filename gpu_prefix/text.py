@@ -24,7 +24,8 @@ class Detokenizer:
         self.text = ""
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        text: str = self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        return text
 
     def add(self, token_id: int) -> str:
         """Append a token; returns the text it completes (possibly empty)."""

@@ -35,7 +35,6 @@ from invalidation.errors import (
     StaleViewError,
     UnknownModelError,
 )
-
 from invalidation.types import ModelVersion, RolloutEvent
 
 if TYPE_CHECKING:

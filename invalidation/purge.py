@@ -228,7 +228,7 @@ class Purger:
         shards = list(await self._target.purge_shards())
         saved = await self._checkpoints.load(job_id)
         resumed = saved is not None
-        cursors: dict[str, str | None] = {s: START for s in shards}
+        cursors: dict[str, str | None] = dict.fromkeys(shards, START)
         # A batch between "keys found" and "deletion recorded": kept in the checkpoint so a
         # resumed purge finishes it and still counts it exactly once.
         pending: dict[str, dict[str, Any]] = {}

@@ -51,7 +51,10 @@ def validate_name(field: str, value: object) -> str:
 class ModelRegistry(Protocol):
     """Where the current version and epoch of every model live."""
 
-    events: EventLog
+    @property
+    def events(self) -> EventLog:
+        """The durable log every rollout is written to."""
+        ...
 
     async def current(self, model: str) -> ModelVersion:
         """The model's current version; :class:`UnknownModelError` if never rolled out."""
@@ -184,7 +187,8 @@ local epoch = math.max(counter + 1, now_ms)
 local epoch_s = string.format('%d', epoch)
 redis.call('SET', KEYS[2], epoch_s)
 local at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-local val = '{"version":' .. cjson.encode(ARGV[2]) .. ',"epoch":' .. epoch_s .. ',"at":' .. at .. '}'
+local val = '{"version":' .. cjson.encode(ARGV[2]) .. ',"epoch":' .. epoch_s
+  .. ',"at":' .. at .. '}'
 redis.call('HSET', KEYS[1], ARGV[1], val)
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*',
   'model', ARGV[1], 'version', ARGV[2], 'epoch', epoch_s, 'previous', prev, 'at', at)

@@ -55,10 +55,10 @@ def _packer() -> msgpack.Packer:
     # NOTE: msgpack.packb builds a Packer per call, which costs more than packing a small
     # request; a Packer is not thread-safe, so each thread keeps its own.
     try:
-        return _local.packer
+        packer: msgpack.Packer = _local.packer
     except AttributeError:
-        _local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-        return _local.packer
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    return packer
 
 
 def frame_presorted(value: Any) -> bytes:

@@ -23,7 +23,7 @@ from keying.canonical import UNKEYED_FIELDS
 Request = dict[str, Any]
 
 _text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=40
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=0, max_size=40
 )
 _name = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10)
 _json_scalar = st.one_of(
@@ -185,7 +185,7 @@ def _respell_deep(value: Any, draw: Callable[[st.SearchStrategy[Any]], Any]) -> 
     return value
 
 
-_CHAT_DEFAULTS = {
+_CHAT_DEFAULTS: dict[str, Any] = {
     "temperature": 1,
     "top_p": 1,
     "n": 1,
@@ -200,7 +200,7 @@ _CHAT_DEFAULTS = {
     "logit_bias": {},
     "response_format": {"type": "text"},
 }
-_COMPLETION_DEFAULTS = {
+_COMPLETION_DEFAULTS: dict[str, Any] = {
     "temperature": 1,
     "top_p": 1,
     "n": 1,
@@ -243,7 +243,8 @@ def respelled(draw: Callable[[st.SearchStrategy[Any]], Any], request: Request) -
         r["user"] = draw(_text)
     if draw(st.booleans()):
         r["metadata"] = {"trace": draw(_text)}
-    return _respell_deep(r, draw)
+    respelled: dict[str, Any] = _respell_deep(r, draw)
+    return respelled
 
 
 # --- mutations: one keyed field changes meaning ------------------------------------------------

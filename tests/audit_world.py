@@ -15,8 +15,7 @@ from typing import Any
 from audit import Answer, ModelState
 from cachesvc.auditing import EntryReader
 from cachesvc.events import CacheEvent
-from cachesvc.store import Entry, decode_entry, encode_entry, storage_key
-from cachesvc.store import EntryKeys
+from cachesvc.store import Entry, EntryKeys, decode_entry, encode_entry, storage_key
 from keying import KeyParams, KeyResult, Scope, build_key
 from keying.framing import DEFAULT_MATERIAL_SECRET
 
@@ -114,7 +113,8 @@ def plant_faults(n_clean: int, *, epoch: int = EPOCH) -> list[Planted]:
                        frozenset({"stale"}), frozenset({"stale"})))
     # 3. A wrong material digest (a crafted xxh3 collision would look like this).
     k = current("acme", base + 2)
-    forged = replace(entry_for(k), material_digest=hashlib.blake2b(b"forged", digest_size=32).digest())
+    forged = replace(entry_for(k),
+                     material_digest=hashlib.blake2b(b"forged", digest_size=32).digest())
     out.append(Planted("material_digest", "acme", base + 2, encode_entry(forged, keys=KEYS),
                        frozenset({"collision"}), frozenset({"collision"})))
     # 4. Flipped bytes.
@@ -131,7 +131,8 @@ def plant_faults(n_clean: int, *, epoch: int = EPOCH) -> list[Planted]:
     # 5b. The same, where the wrong answer is another tenant's (it carries their canary).
     k = current("acme", base + 5)
     leaked = f"globex's private answer {CANARIES['globex'][0]}"
-    out.append(Planted("leaked_answer", "acme", base + 5, encode_entry(entry_for(k, text=leaked), keys=KEYS),
+    out.append(Planted("leaked_answer", "acme", base + 5,
+                       encode_entry(entry_for(k, text=leaked), keys=KEYS),
                        frozenset({"canary"}), frozenset({"canary", "mismatch"})))
     return out
 
@@ -150,7 +151,7 @@ def hit_event(tenant: str, i: int, raw: bytes, *, at: float = NOW) -> CacheEvent
     k = key_for(tenant, i)
     try:
         entry: Entry | None = decode_entry(raw, keys=KEYS)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an entry the service could not read serves as empty
         entry = None
     served = entry.response if entry is not None else response_for("")
     return CacheEvent(kind="hit", tenant=tenant, scope=k.scope, request=body(i), key=k,

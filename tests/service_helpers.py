@@ -15,9 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from cachesvc.errors import UpstreamError
-from cachesvc.streaming import DONE, sse
-
 from cachesvc.settings import Settings, load_settings
+from cachesvc.streaming import DONE, sse
 from tests.support.redis_servers import free_port
 
 KEY_A = "sk-tenant-a-0123456789abcdef"

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from audit import Answer, AuditConfigError, EntryFacts, KeyField, ModelState, Tolerance, UnreadableEntry
+from audit import (
+    Answer,
+    AuditConfigError,
+    EntryFacts,
+    KeyField,
+    ModelState,
+    Tolerance,
+    UnreadableEntry,
+)
 from audit.checks import (
     check_canaries,
     check_material,
@@ -70,7 +79,8 @@ class TestAnswer:
         ]
         body = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
             "content": None, "tool_calls": [{"id": "c1", "type": "function",
-                                              "function": {"name": "f", "arguments": '{"a":1}'}}]}}]}
+                                              "function": {
+                                                  "name": "f", "arguments": '{"a":1}'}}]}}]}
         assert Answer.of(chunks).same_as(Answer.of(body))
 
     def test_a_different_finish_reason_is_a_different_answer(self):
@@ -172,7 +182,8 @@ class TestServedChecks:
         assert kinds(self.served(facts(), expected_epoch=w.EPOCH + 1)) == ["stale"]
 
     def test_a_served_answer_that_is_not_the_stored_one_is_a_mismatch(self):
-        assert kinds(self.served(facts(), served=Answer.of(w.response_for("other")))) == ["mismatch"]
+        assert kinds(self.served(facts(),
+                                 served=Answer.of(w.response_for("other")))) == ["mismatch"]
 
 
 class TestJudgements:
@@ -249,7 +260,7 @@ class TestAnswerProperties:
             body["choices"].append({"index": i, "finish_reason": c["finish"], "message": message})
             cuts = sorted({0, len(c["text"]), *[min(x, len(c["text"])) for x in c["cuts"]]})
             chunks.append({"choices": [{"index": i, "delta": {"role": "assistant"}}]})
-            for a, b in zip(cuts, cuts[1:]):
+            for a, b in itertools.pairwise(cuts):
                 chunks.append({"choices": [{"index": i, "delta": {"content": c["text"][a:b]}}]})
             if c["reasoning"]:
                 chunks.append({"choices": [{"index": i,

@@ -26,16 +26,19 @@ def journal(tmp_path):
 
 
 def metric(text: str, name: str) -> float:
-    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
+    return float(
+        next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
 
 
 class TestDriftAudit:
-    def test_a_planted_fault_becomes_a_drift_finding_in_the_journal_report_and_metrics(self, make_engine, journal):
+    def test_a_planted_fault_becomes_a_drift_finding_in_the_journal_report_and_metrics(
+        self, make_engine, journal):
         engine = make_engine(kv_dtype="int8", pool_bytes=2**21)
         try:
             plant(engine, zero_v=frozenset({1}))
             before = generate_latest(engine_registry(engine)).decode()
-            assert metric(before, "engine_kv_int8") == 1 and metric(before, "engine_kv_int8_disabled") == 0
+            assert metric(before, "engine_kv_int8") == 1 and metric(
+                before, "engine_kv_int8_disabled") == 0
             recorder = Recorder(journal)
             report = run_drift_audit(engine, corpus(engine, prompts=1, seed=0), max_tokens=160,
                                      recorder=recorder, journal=journal)
@@ -43,17 +46,20 @@ class TestDriftAudit:
             [finding] = journal.findings()
             assert finding.kind == "drift" and finding.source == "drift"
             assert finding.entry.model == "random-tiny" and finding.entry.epoch == 1
-            assert finding.evidence["worst_layer"] == 1 and finding.evidence["exceeded"] == report.exceeded
+            assert finding.evidence["worst_layer"] == 1
+            assert finding.evidence["exceeded"] == report.exceeded
             saved = journal.load_result("drift")
             assert saved["int8_disabled"] is True and saved["kld_mean"] == report.overall.kld_mean
-            data = build_report(journal.findings(), scan=None, timing=None, since=None, generated_at=0.0,
+            data = build_report(journal.findings(), scan=None, timing=None, since=None,
+                                generated_at=0.0,
                                 drift=saved)
             assert data["verdict"] == "findings" and data["summary"]["by_kind"]["drift"] == 1
             md = render(data, "md")
             assert "INT8 turned off" in md and "| 0-128 | 128 |" in md
             assert "Last INT8 KV drift audit" in render(data, "html")
             after = generate_latest(engine_registry(engine)).decode()
-            assert metric(after, "engine_kv_int8") == 0 and metric(after, "engine_kv_int8_disabled") == 1
+            assert metric(after, "engine_kv_int8") == 0 and metric(
+                after, "engine_kv_int8_disabled") == 1
             assert 'engine_kv_drift_kld_mean{positions="all"}' in after
         finally:
             engine.close()
@@ -62,7 +68,8 @@ class TestDriftAudit:
         engine = make_engine(kv_dtype="int8", pool_bytes=2**21)
         try:
             recorder = Recorder(journal)
-            report = run_drift_audit(engine, corpus(engine, prompts=1, seed=0), max_tokens=160, recorder=recorder,
+            report = run_drift_audit(engine, corpus(engine, prompts=1, seed=0), max_tokens=160,
+                                     recorder=recorder,
                                      journal=journal, per_layer=False)
             recorder.close()
             assert report.exceeded == [] and journal.findings() == []
@@ -73,7 +80,8 @@ class TestDriftAudit:
 
 
 class TestDriftCli:
-    def test_audit_drift_prints_the_report_as_json_and_exits_0_when_within_thresholds(self, tmp_path):
+    def test_audit_drift_prints_the_report_as_json_and_exits_0_when_within_thresholds(
+        self, tmp_path):
         out = CliRunner().invoke(app, ["audit", "drift", "--model", "random-tiny", "--prompts", "1",
                                        "--max-tokens", "40", "--no-per-layer", "--json",
                                        "--findings", str(tmp_path / "f.jsonl")])

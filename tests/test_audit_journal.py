@@ -101,7 +101,8 @@ class TestRedisJournal:
     def test_every_key_shares_one_hash_slot_on_a_cluster(self, redis_cluster):
         from redis.cluster import ClusterNode, RedisCluster
 
-        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes])
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes])
         j = RedisJournal(client)
         j.append(finding(1))
         j.save_result("scan", {"entries": 3})
@@ -205,4 +206,5 @@ class TestRecorder:
         server.kill()
         rec.record(finding(7))
         rec.close()
-        assert [f.summary for f in FileJournal(tmp_path / "fallback.jsonl").findings()] == ["finding 7"]
+        assert [f.summary for f in FileJournal(tmp_path / "fallback.jsonl").findings()] == [
+            "finding 7"]

@@ -32,7 +32,8 @@ def sample(engine, body: dict, answer_text: str) -> Sample:
 
 def auditor(tmp_path, oracle) -> ShadowAuditor:
     return ShadowAuditor(recorder=Recorder(FileJournal(tmp_path / "f.jsonl", fsync=False)),
-                         convert=lambda s: s, config=ShadowConfig(sample_rate=1.0, recompute_budget=1.0),
+                         convert=lambda s: s,
+                         config=ShadowConfig(sample_rate=1.0, recompute_budget=1.0),
                          oracle=oracle, rng=random.Random(0), clock=lambda: 0.0,
                          event_kind=lambda s: s.event)
 

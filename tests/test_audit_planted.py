@@ -79,7 +79,8 @@ class TestScanFindsPlantedFaults:
         by_key = _kinds_by_key(findings)
         for p in planted:
             assert p.scan_kinds, p.name
-            assert p.scan_kinds <= by_key.get(_planted_key(p), set()), (p.name, by_key.get(_planted_key(p)))
+            assert p.scan_kinds <= by_key.get(_planted_key(p), set()), (
+                p.name, by_key.get(_planted_key(p)))
         planted_keys = {_planted_key(p) for p in planted}
         false_positives = {k: v for k, v in by_key.items() if k not in planted_keys}
         assert false_positives == {}
@@ -132,7 +133,8 @@ class TestScanFindsPlantedFaults:
         store = open_store(None)
         k = w.key_for("acme", 1)
         other = w.key_for("globex", 1)
-        asyncio.run(store.set(w.skey(k), w.encode_entry(w.entry_for(k, material=False), keys=w.KEYS)))
+        asyncio.run(store.set(w.skey(k),
+                              w.encode_entry(w.entry_for(k, material=False), keys=w.KEYS)))
         asyncio.run(store.set(w.skey(w.key_for("acme", 2)),
                               w.encode_entry(w.entry_for(other, material=False), keys=w.KEYS)))
         oracle = w.DeterministicOracle()
@@ -150,10 +152,12 @@ class TestScanFindsPlantedFaults:
         _, findings, _ = _scan(store, tmp_path / "f.jsonl", oracle=w.DeterministicOracle())
         assert {f.kind for f in findings} == {"collision", "corrupt"}
 
-    def test_an_entry_of_an_old_epoch_under_its_own_key_is_reclaimable_not_a_finding(self, tmp_path):
+    def test_an_entry_of_an_old_epoch_under_its_own_key_is_reclaimable_not_a_finding(
+        self, tmp_path):
         store = open_store(None)
         old = w.key_for("acme", 1, epoch=w.OLD_EPOCH)
-        asyncio.run(store.set(w.skey(old), w.encode_entry(w.entry_for(old, version=w.OLD_VERSION), keys=w.KEYS)))
+        asyncio.run(store.set(w.skey(old),
+                              w.encode_entry(w.entry_for(old, version=w.OLD_VERSION), keys=w.KEYS)))
         oracle = w.DeterministicOracle()
         result, findings, _ = _scan(store, tmp_path / "f.jsonl", oracle=oracle)
         assert findings == []
@@ -201,7 +205,8 @@ class TestShadowAuditorFindsPlantedFaults:
             # Each sampled hit on a faulty entry yields one finding of each expected kind:
             # Binomial(150, 0.2) has mean 30 and sd ~4.9; 10..50 is a four-sigma band.
             for kind in p.shadow_kinds:
-                assert 10 <= per_key_kind[(key, kind)] <= 50, (p.name, kind, per_key_kind[(key, kind)])
+                assert 10 <= per_key_kind[(key, kind)] <= 50, (p.name, kind,
+                                                               per_key_kind[(key, kind)])
         assert auditor.enqueued + auditor.skipped == len(order)
 
     def test_no_clean_hit_is_flagged_over_thousands_of_hits(self, tmp_path):
@@ -212,7 +217,7 @@ class TestShadowAuditorFindsPlantedFaults:
         rng = random.Random(5)
         hits = 3000
         for _ in range(hits):
-            key, raw, k = rng.choice(clean)
+            _key, raw, k = rng.choice(clean)
             tenant = k.scope.tenant
             i = int(k.canonical.fields["messages"][0]["content"].rsplit(" ", 1)[1])
             auditor.offer(w.hit_event(tenant, i, raw))

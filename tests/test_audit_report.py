@@ -40,6 +40,14 @@ class TestReport:
     def test_a_timing_leak_alone_makes_the_verdict_findings(self):
         assert report(timing=TIMING)["verdict"] == "findings"
 
+    def test_the_shadow_auditors_findings_are_grouped_as_live_hits_not_an_earlier_run(self):
+        live = [dataclasses.replace(finding(1), source="hit"),
+                dataclasses.replace(finding(2), source="fill")]
+        runs = report([*live, finding(3)])["findings_by_run"]
+        by_name = {r["run"]: r["finding_ids"] for r in runs}
+        assert by_name["shadow auditor (live hits)"] == [f.id for f in live]
+        assert not any("earlier hit" in name or "earlier fill" in name for name in by_name)
+
     def test_json_is_the_report_itself(self):
         r = report([finding(1)])
         assert json.loads(render(r, "json")) == json.loads(json.dumps(r))
@@ -54,7 +62,8 @@ class TestReport:
         text = render(report([finding(1)], timing=TIMING), "html")
         assert text.startswith("<!doctype html>")
         assert "<svg" in text and text.count("<path") == 2
-        assert not re.search(r"<(script|link)\b|src=|https?://(?!x\b)", text.replace("http://www.w3.org/2000/svg", ""))
+        assert not re.search(r"<(script|link)\b|src=|https?://(?!x\b)",
+                             text.replace("http://www.w3.org/2000/svg", ""))
 
     def test_the_verdict_says_what_the_scan_could_not_check(self):
         scan = {"started_at": 1.0, "entries": 10, "unreadable": 1, "findings": 0,
@@ -216,7 +225,8 @@ class TestScanRecompute:
             s = open_store(redis_url)
             entries = [(k, decode_entry(raw, keys=keys)) async for k, raw in s.scan_entries()]
             assert len(entries) == len(bodies) and all(e.material for _, e in entries)
-            key, entry = next((k, e) for k, e in entries if e.response["object"] == "chat.completion")
+            key, entry = next(
+                (k, e) for k, e in entries if e.response["object"] == "chat.completion")
             wrong = dict(entry.response, choices=[{**entry.response["choices"][0], "message": {
                 "role": "assistant", "content": "a fluent but wrong answer"}}])
             await s.set(key, encode_entry(dataclasses.replace(entry, response=wrong), keys=keys))

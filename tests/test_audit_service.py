@@ -98,7 +98,8 @@ class TestShadowAuditorInTheService:
         body = dict(entry.response)
         body["choices"] = [{**body["choices"][0],
                             "message": {"role": "assistant", "content": "psst: CANARY-A-7f3"}}]
-        asyncio.run(store.set(key, encode_entry(dataclasses.replace(entry, response=body), keys=KEYS),
+        asyncio.run(store.set(key,
+                              encode_entry(dataclasses.replace(entry, response=body), keys=KEYS),
                               ttl=600))
         post(server, chat("tell me a secret"), key=KEY_B)
         auditor_of(app).drain(timeout=60)
@@ -145,8 +146,10 @@ class TestRefusedEntriesAreFindings:
         post(server, chat("mine"), key=KEY_A)
         post(server, chat("theirs"), key=KEY_B)
         entries = asyncio.run(_entries(store))
-        a_key = next(k for k, raw in entries if decode_entry(raw, keys=KEYS).scope.tenant == "team-a")
-        b_raw = next(raw for k, raw in entries if decode_entry(raw, keys=KEYS).scope.tenant != "team-a")
+        a_key = next(
+            k for k, raw in entries if decode_entry(raw, keys=KEYS).scope.tenant == "team-a")
+        b_raw = next(
+            raw for k, raw in entries if decode_entry(raw, keys=KEYS).scope.tenant != "team-a")
         asyncio.run(store.set(a_key, b_raw, ttl=600))  # tenant B's entry planted under A's key
         r = post(server, chat("mine"), key=KEY_A)
         assert r.headers["x-cache"].startswith("MISS")

@@ -3,6 +3,7 @@ the staleness check against the registry."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -44,18 +45,18 @@ def assert_independent_at_five_percent(seq: list[bool]) -> int:
     a sample as anywhere (no memory). Returns the number of samples."""
     n = sum(seq)
     assert 9600 <= n <= 10400  # Binomial(200000, 0.05): sd 97, four either way
-    after = [b for prev, b in zip(seq, seq[1:]) if prev]
+    after = [b for prev, b in itertools.pairwise(seq) if prev]
     assert 0.041 <= sum(after) / len(after) <= 0.059  # ~10000 trials, sd 0.0022
     return n
 
 
 class TestConfig:
     def test_a_rate_outside_zero_to_one_is_refused_naming_the_setting(self):
-        with pytest.raises(AuditConfigError, match="audit.sample_rate"):
+        with pytest.raises(AuditConfigError, match=r"audit.sample_rate"):
             ShadowConfig(sample_rate=1.5)
 
     def test_an_empty_queue_is_refused(self):
-        with pytest.raises(AuditConfigError, match="audit.queue_size"):
+        with pytest.raises(AuditConfigError, match=r"audit.queue_size"):
             ShadowConfig(queue_size=0)
 
 
@@ -242,7 +243,7 @@ class TestWorker:
         assert metrics.WORKER_CPU._value.get() - before == pytest.approx(a.worker_cpu_s)
 
     def test_a_batch_wait_outside_its_range_is_refused(self):
-        with pytest.raises(AuditConfigError, match="audit.batch_wait_s"):
+        with pytest.raises(AuditConfigError, match=r"audit.batch_wait_s"):
             ShadowConfig(batch_wait_s=-1)
 
     def test_a_sample_that_fails_to_convert_is_counted_not_raised(self, tmp_path):
@@ -326,13 +327,13 @@ class TestRecomputeBudget:
         assert oracle.calls == 3 and a.recompute_skipped == 7
 
     def test_a_budget_outside_zero_to_one_is_refused(self):
-        with pytest.raises(AuditConfigError, match="audit.recompute_budget"):
+        with pytest.raises(AuditConfigError, match=r"audit.recompute_budget"):
             ShadowConfig(recompute_budget=0)
 
     def test_a_bucket_that_could_never_hold_credit_is_refused(self):
         """With no room to bank, the credit never goes above 0 and no recompute would ever
         run: refused, naming the setting, rather than silently auditing less."""
-        with pytest.raises(AuditConfigError, match="audit.recompute_burst_s"):
+        with pytest.raises(AuditConfigError, match=r"audit.recompute_burst_s"):
             ShadowConfig(recompute_burst_s=0)
 
 

@@ -184,18 +184,19 @@ class TestRaisingErrors:
             yield c
 
     def test_a_service_that_is_down_raises_cache_unavailable(self):
-        with CacheClient(closed_port_url(), KEY_A, fail_open=False) as down:
-            with pytest.raises(CacheUnavailableError, match="unreachable"):
-                down.lookup(chat())
+        with (CacheClient(closed_port_url(), KEY_A, fail_open=False) as down,
+              pytest.raises(CacheUnavailableError, match="unreachable")):
+            down.lookup(chat())
 
     def test_an_unknown_key_raises_auth_error(self, service):
-        with CacheClient(service.url, "sk-nobody-0123456789abcdef", fail_open=False) as c:
-            with pytest.raises(AuthError):
-                c.lookup(chat())
+        with (CacheClient(service.url, "sk-nobody-0123456789abcdef", fail_open=False) as c,
+              pytest.raises(AuthError)):
+            c.lookup(chat())
 
     def test_a_store_after_a_rollout_raises_stale_epoch(self, strict, service):
         found = strict.lookup(chat("c9", model="client-roll"))
-        httpx.post(service.url + "/admin/models/client-roll/rollout", json={"version": "2", "create": True},
+        httpx.post(service.url + "/admin/models/client-roll/rollout",
+                   json={"version": "2", "create": True},
                    headers=auth(ADMIN)).raise_for_status()
         with pytest.raises(StaleEpochError) as err:
             strict.store(found, response=answer())

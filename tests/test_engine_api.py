@@ -18,11 +18,13 @@ LONG = "You are a careful assistant. Answer briefly and precisely, citing nothin
 
 
 def chat(content: str = "hello", **kw) -> dict:
-    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 8, **kw}
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 8,
+            **kw}
 
 
 class TestComplete:
-    async def test_a_chat_completion_has_the_openai_shape_and_reports_cached_tokens(self, tiny_engine: Engine):
+    async def test_a_chat_completion_has_the_openai_shape_and_reports_cached_tokens(
+        self, tiny_engine: Engine):
         first = await engine_api.complete(tiny_engine, chat(LONG), "chat", tenant="t")
         assert first["object"] == "chat.completion" and first["model"] == "random-tiny"
         msg = first["choices"][0]
@@ -39,7 +41,8 @@ class TestComplete:
         assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
     async def test_a_text_completion_with_logprobs(self, tiny_engine: Engine):
-        out = await engine_api.complete(tiny_engine, {"prompt": "abc", "max_tokens": 4, "temperature": 0,
+        out = await engine_api.complete(tiny_engine,
+                                        {"prompt": "abc", "max_tokens": 4, "temperature": 0,
                                                       "logprobs": 2}, "completion", tenant="t")
         c = out["choices"][0]
         assert out["object"] == "text_completion" and len(c["logprobs"]["token_logprobs"]) == 4
@@ -47,7 +50,8 @@ class TestComplete:
         assert all(len(t) <= 2 for t in c["logprobs"]["top_logprobs"])
 
     async def test_chat_logprobs_carry_tokens_bytes_and_top_alternatives(self, tiny_engine: Engine):
-        out = await engine_api.complete(tiny_engine, chat(logprobs=True, top_logprobs=2), "chat", tenant="t")
+        out = await engine_api.complete(tiny_engine, chat(logprobs=True, top_logprobs=2), "chat",
+                                        tenant="t")
         items = out["choices"][0]["logprobs"]["content"]
         assert len(items) == 8 and all(len(i["top_logprobs"]) == 2 and i["bytes"] for i in items)
 
@@ -58,11 +62,13 @@ class TestComplete:
         assert a["choices"][0]["text"] == b["choices"][0]["text"]
 
     async def test_max_completion_tokens_and_stop_are_honoured(self, tiny_engine: Engine):
-        full = await engine_api.complete(tiny_engine, chat(max_tokens=None, max_completion_tokens=12), "chat",
+        full = await engine_api.complete(tiny_engine,
+                                         chat(max_tokens=None, max_completion_tokens=12), "chat",
                                          tenant="t")
         text = full["choices"][0]["message"]["content"]
         assert full["usage"]["completion_tokens"] == 12
-        cut = await engine_api.complete(tiny_engine, chat(max_tokens=12, stop=[text[4:6]]), "chat", tenant="t")
+        cut = await engine_api.complete(tiny_engine, chat(max_tokens=12, stop=[text[4:6]]), "chat",
+                                        tenant="t")
         assert cut["choices"][0]["message"]["content"] == text[: text.find(text[4:6])]
         assert cut["choices"][0]["finish_reason"] == "stop"
 
@@ -83,7 +89,8 @@ class TestComplete:
             ({"top_logprobs": 2}, 400, "top_logprobs"),
         ],
     )
-    async def test_bad_or_unsupported_input_is_refused_naming_the_field(self, tiny_engine, patch, status, field):
+    async def test_bad_or_unsupported_input_is_refused_naming_the_field(self, tiny_engine, patch,
+                                                                        status, field):
         with pytest.raises(engine_api.EngineRequestError, match=re.escape(field)) as info:
             await engine_api.complete(tiny_engine, chat(**patch), "chat", tenant="t")
         assert info.value.status == status and info.value.field == field
@@ -103,11 +110,13 @@ class TestStream:
         finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
         assert finals[-1] == "length" and all(f is None for f in finals[:-1])
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
-        whole = await engine_api.complete(tiny_engine, chat(LONG, max_tokens=10), "chat", tenant="t")
+        whole = await engine_api.complete(tiny_engine, chat(LONG, max_tokens=10), "chat",
+                                          tenant="t")
         assert text == whole["choices"][0]["message"]["content"]
 
     async def test_a_consumer_that_stops_early_releases_the_request(self, tiny_engine: Engine):
-        agen = engine_api.stream(tiny_engine, chat(LONG, max_tokens=200, stream=True), "chat", tenant="t")
+        agen = engine_api.stream(tiny_engine, chat(LONG, max_tokens=200, stream=True), "chat",
+                                 tenant="t")
         await agen.__anext__()
         await agen.__anext__()
         await agen.aclose()
@@ -120,7 +129,8 @@ class TestStream:
 
     async def test_a_bad_stream_request_fails_before_the_first_chunk(self, tiny_engine: Engine):
         with pytest.raises(engine_api.EngineRequestError, match="temperature"):
-            await engine_api.stream(tiny_engine, chat(stream=True, temperature=-1), "chat", tenant="t").__anext__()
+            await engine_api.stream(tiny_engine, chat(stream=True, temperature=-1), "chat",
+                                    tenant="t").__anext__()
 
 
 def client_for(app) -> httpx.AsyncClient:
@@ -128,30 +138,38 @@ def client_for(app) -> httpx.AsyncClient:
 
 
 class TestApp:
-    async def test_bearer_keys_map_to_tenants_and_unknown_keys_are_refused(self, tiny_engine: Engine):
+    async def test_bearer_keys_map_to_tenants_and_unknown_keys_are_refused(
+        self, tiny_engine: Engine):
         app = create_engine_app(tiny_engine, api_keys={"ka": "a", "kb": "b", "ka2": "a"})
         async with client_for(app) as c:
             r = await c.post("/v1/chat/completions", json=chat(LONG))
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-            r = await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer nope"})
+            r = await c.post("/v1/chat/completions", json=chat(LONG),
+                             headers={"Authorization": "Bearer nope"})
             assert r.status_code == 401
-            await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer ka"})
-            same = await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer ka2"})
-            other = await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer kb"})
+            await c.post("/v1/chat/completions", json=chat(LONG),
+                         headers={"Authorization": "Bearer ka"})
+            same = await c.post("/v1/chat/completions", json=chat(LONG),
+                                headers={"Authorization": "Bearer ka2"})
+            other = await c.post("/v1/chat/completions", json=chat(LONG),
+                                 headers={"Authorization": "Bearer kb"})
         assert same.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
     async def test_isolation_can_be_switched_off_for_the_timing_audit(self, make_engine):
         app = create_engine_app(make_engine(isolate_tenants=False), api_keys={"ka": "a", "kb": "b"})
         async with client_for(app) as c:
-            await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer ka"})
-            other = await c.post("/v1/chat/completions", json=chat(LONG), headers={"Authorization": "Bearer kb"})
+            await c.post("/v1/chat/completions", json=chat(LONG),
+                         headers={"Authorization": "Bearer ka"})
+            other = await c.post("/v1/chat/completions", json=chat(LONG),
+                                 headers={"Authorization": "Bearer kb"})
         assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
     async def test_sse_streams_chunks_then_done(self, tiny_engine: Engine):
         app = create_engine_app(tiny_engine)
         async with client_for(app) as c:
-            r = await c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5, "temperature": 0,
+            r = await c.post("/v1/completions",
+                             json={"prompt": "abc", "max_tokens": 5, "temperature": 0,
                                                       "stream": True})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.text.split("\n\n") if line.startswith("data: ")]
@@ -171,7 +189,7 @@ class TestApp:
         engine = make_engine(max_running=1, max_queue=0)
         with engine.scheduler.paused():
             busy = asyncio.ensure_future(engine_api.complete(engine, chat(), "chat", tenant="t"))
-            while engine.stats().running == 0:
+            while engine.stats().running == 0:  # noqa: ASYNC110 - the engine has no event for it
                 await asyncio.sleep(0.005)
             async with client_for(create_engine_app(engine)) as c:
                 r = await c.post("/v1/chat/completions", json=chat())
@@ -190,13 +208,19 @@ class TestApp:
             metrics = (await c.get("/metrics")).text
         assert models["data"][0]["id"] == "random-tiny"
         assert health["status"] == "ok" and health["model_epoch"] == 1
-        hit = next(line for line in metrics.splitlines() if line.startswith("engine_prefix_hit_tokens_total"))
+        hit = next(
+            line for line in metrics.splitlines() if line.startswith(
+                "engine_prefix_hit_tokens_total"))
         assert float(hit.split()[-1]) > 0
-        assert "engine_kv_pool_usage_ratio" in metrics and "engine_requests_refused_total" in metrics
+        assert "engine_kv_pool_usage_ratio" in metrics
+        assert "engine_requests_refused_total" in metrics
         steps = next(line for line in metrics.splitlines() if line.startswith("engine_steps_total"))
-        ttft = next(line for line in metrics.splitlines() if line.startswith("engine_ttft_seconds_count"))
+        ttft = next(
+            line for line in metrics.splitlines() if line.startswith("engine_ttft_seconds_count"))
         assert float(steps.split()[-1]) > 0 and float(ttft.split()[-1]) == 2
-        cached = next(line for line in metrics.splitlines() if line.startswith('engine_kv_blocks{state="cached"}'))
+        cached = next(
+            line for line in metrics.splitlines() if line.startswith(
+                'engine_kv_blocks{state="cached"}'))
         assert float(cached.split()[-1]) > 0
 
     async def test_the_openai_client_works_against_it(self, tiny_engine: Engine):
@@ -204,12 +228,15 @@ class TestApp:
 
         app = create_engine_app(tiny_engine, api_keys={"sk-test": "a"})
         http = client_for(app)
-        client = openai.AsyncOpenAI(api_key="sk-test", base_url="http://engine/v1", http_client=http)
-        r = await client.chat.completions.create(model="random-tiny", messages=[{"role": "user", "content": "hi"}],
+        client = openai.AsyncOpenAI(api_key="sk-test", base_url="http://engine/v1",
+                                    http_client=http)
+        r = await client.chat.completions.create(model="random-tiny",
+                                                 messages=[{"role": "user", "content": "hi"}],
                                                  max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5
         parts = []
-        stream = await client.chat.completions.create(model="random-tiny", messages=[{"role": "user", "content": "hi"}],
+        stream = await client.chat.completions.create(model="random-tiny",
+                                                      messages=[{"role": "user", "content": "hi"}],
                                                       max_tokens=5, temperature=0, stream=True,
                                                       stream_options={"include_usage": True})
         async for chunk in stream:
@@ -220,7 +247,8 @@ class TestApp:
 
 
 class TestConcurrency:
-    async def test_a_burst_reaches_admission_control_and_the_excess_is_refused_retryably(self, make_engine):
+    async def test_a_burst_reaches_admission_control_and_the_excess_is_refused_retryably(
+        self, make_engine):
         engine = make_engine(max_running=2, max_queue=2, queue_timeout_s=30)
         body = chat(LONG, max_tokens=30)
         results = await asyncio.gather(

@@ -12,7 +12,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cachesvc.app import create_app
-from tests.support.echo_upstream import EchoUpstream
 from cachesvc.engine_request import EngineRequestError, check_fields, parse_request
 from gpu_prefix.engine import Engine
 from keying import UNKEYED_FIELDS, canonicalize
@@ -35,6 +34,7 @@ from keying.fields import (
     read_unkeyed,
 )
 from tests.service_helpers import auth, make_settings
+from tests.support.echo_upstream import EchoUpstream
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "keys.md"
 
@@ -300,7 +300,7 @@ class TestTheServiceReadsTheTable:
         with TestClient(create_app(make_settings(tmp_path), upstream=EchoUpstream())) as c:
             yield c
 
-    @pytest.mark.parametrize("field", [f for f in read_unkeyed()], ids=lambda f: f.name)
+    @pytest.mark.parametrize("field", list(read_unkeyed()), ids=lambda f: f.name)
     def test_an_unkeyed_field_the_service_reads_is_refused_with_a_400_of_its_wrong_type(
         self, client: TestClient, field: Any
     ):

@@ -9,7 +9,15 @@ import threading
 import pytest
 import torch
 
-from gpu_prefix.drift import BUCKETS, DEFAULT_THRESHOLDS, DriftThresholds, corpus, guard, measure, thresholds_for
+from gpu_prefix.drift import (
+    BUCKETS,
+    DEFAULT_THRESHOLDS,
+    DriftThresholds,
+    corpus,
+    guard,
+    measure,
+    thresholds_for,
+)
 from gpu_prefix.engine import GenerationParams
 from gpu_prefix.kvquant import QMAX
 
@@ -52,7 +60,8 @@ class TestDriftMeasure:
         assert 0 < report.overall.kld_mean < 1e-3 and report.overall.top1_agreement > 0.95
         assert all(0 <= f <= TOKENS for f in report.first_divergence)
         # every layer's K/V error is about int8's half step, a fraction of a percent
-        assert len(report.layers) == 2 and all(e.k_rel_error < 0.02 and e.v_rel_error < 0.02 for e in report.layers)
+        assert len(report.layers) == 2 and all(
+            e.k_rel_error < 0.02 and e.v_rel_error < 0.02 for e in report.layers)
 
     def test_the_corpus_is_fixed_by_its_seed(self, int8_engine):
         assert corpus(int8_engine, prompts=3, seed=4) == corpus(int8_engine, prompts=3, seed=4)
@@ -70,7 +79,8 @@ class TestDriftMeasure:
 class TestDriftGuard:
     @pytest.mark.parametrize("fault", [dict(coarsen=frozenset({0, 1})), dict(zero_k=frozenset({0})),
                                        dict(zero_v=frozenset({1}))])
-    def test_a_planted_bad_quantization_is_caught_attributed_and_int8_turned_off(self, int8_engine, make_engine, fault):
+    def test_a_planted_bad_quantization_is_caught_attributed_and_int8_turned_off(
+        self, int8_engine, make_engine, fault):
         plant(int8_engine, **fault)
         salt = int8_engine.scope_salt_for("t")
         prompts = corpus(int8_engine, prompts=2, seed=0)
@@ -88,7 +98,8 @@ class TestDriftGuard:
         fp = make_engine(pool_bytes=2**21)
         try:
             params = GenerationParams(max_tokens=40, min_tokens=40, scope_salt=salt)
-            assert int8_engine.generate(prompts[1], params).token_ids == fp.generate(prompts[1], params).token_ids
+            assert int8_engine.generate(prompts[1], params).token_ids == fp.generate(
+                prompts[1], params).token_ids
             again = int8_engine.generate(prompts[1], params)
             assert again.cached_tokens > 0  # full-precision blocks are indexed and shared again
         finally:
@@ -102,7 +113,8 @@ class TestDriftGuard:
 
     def test_a_strict_threshold_trips_on_clean_int8_and_turns_it_off(self, int8_engine):
         strict = DriftThresholds(kld_mean=0.0, kld_p99=1.0, top1_agreement=0.0)
-        report = guard(int8_engine, corpus(int8_engine, prompts=1, seed=1), max_tokens=64, thresholds=strict,
+        report = guard(int8_engine, corpus(int8_engine, prompts=1, seed=1), max_tokens=64,
+                       thresholds=strict,
                        per_layer=False)
         assert report.exceeded and report.exceeded[0].startswith("all: mean KLD")
         assert int8_engine.kv_dtype == "full"
@@ -114,7 +126,9 @@ class TestDriftGuard:
         started = threading.Event()
 
         def run() -> None:
-            for event in int8_engine.generate_stream(prompt, GenerationParams(max_tokens=300, min_tokens=300,
+            for _event in int8_engine.generate_stream(prompt,
+                                                     GenerationParams(max_tokens=300,
+                                                                      min_tokens=300,
                                                                               scope_salt=salt)):
                 started.set()
                 results.setdefault("events", 0)

@@ -37,30 +37,40 @@ class TestSampling:
         b = tiny_engine.generate(p, GenerationParams(max_tokens=12, temperature=0.0))
         assert a.token_ids == b.token_ids and len(a.token_ids) == 12 and a.finish_reason == "length"
 
-    def test_the_same_seed_gives_the_same_sample_and_another_seed_differs(self, tiny_engine: Engine):
+    def test_the_same_seed_gives_the_same_sample_and_another_seed_differs(
+        self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, "hello")
-        runs = [tiny_engine.generate(p, GenerationParams(max_tokens=16, temperature=1.5, seed=s)) for s in (1, 1, 2)]
+        runs = [tiny_engine.generate(p,
+                                     GenerationParams(
+                                         max_tokens=16, temperature=1.5,
+                                         seed=s)) for s in (1, 1, 2)]
         assert runs[0].token_ids == runs[1].token_ids
         assert runs[0].token_ids != runs[2].token_ids
 
     def test_top_p_near_zero_is_greedy(self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, "hello")
         greedy = tiny_engine.generate(p, GenerationParams(max_tokens=10, temperature=0.0))
-        nucleus = tiny_engine.generate(p, GenerationParams(max_tokens=10, temperature=1.0, top_p=1e-6, seed=3))
+        nucleus = tiny_engine.generate(p,
+                                       GenerationParams(max_tokens=10, temperature=1.0, top_p=1e-6,
+                                                        seed=3))
         assert greedy.token_ids == nucleus.token_ids
 
     def test_stop_sequences_end_the_text_before_the_stop(self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, "hello")
         full = tiny_engine.generate(p, GenerationParams(max_tokens=20, temperature=0.0)).text
         stop = full[5:7]
-        cut = tiny_engine.generate(p, GenerationParams(max_tokens=20, temperature=0.0, stop=(stop,)))
+        cut = tiny_engine.generate(p,
+                                   GenerationParams(max_tokens=20, temperature=0.0, stop=(stop,)))
         assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
 
-    def test_streamed_text_joins_to_the_final_text_and_never_shows_a_stop(self, tiny_engine: Engine):
+    def test_streamed_text_joins_to_the_final_text_and_never_shows_a_stop(
+        self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, "hello")
         full = tiny_engine.generate(p, GenerationParams(max_tokens=20, temperature=0.0)).text
         stop = full[6:9]
-        events = list(tiny_engine.generate_stream(p, GenerationParams(max_tokens=20, temperature=0.0, stop=(stop,))))
+        events = list(tiny_engine.generate_stream(p,
+                                                  GenerationParams(max_tokens=20, temperature=0.0,
+                                                                   stop=(stop,))))
         final = events[-1]
         assert isinstance(final, FinalEvent)
         shown = "".join(e.text for e in events if isinstance(e, TokenEvent)) + final.text
@@ -69,7 +79,9 @@ class TestSampling:
     def test_reported_logprobs_equal_teacher_forced_scores(self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, LONG)
         salt = tiny_engine.scope_salt_for("t")
-        r = tiny_engine.generate(p, GenerationParams(max_tokens=10, temperature=0.0, logprobs=True, top_logprobs=3,
+        r = tiny_engine.generate(p,
+                                 GenerationParams(max_tokens=10, temperature=0.0, logprobs=True,
+                                                  top_logprobs=3,
                                                      scope_salt=salt))
         scores = tiny_engine.score(p, r.token_ids, scope_salt=salt)
         assert max(abs(a - b) for a, b in zip(scores, r.logprobs, strict=True)) < 1e-4
@@ -98,24 +110,34 @@ class TestSampling:
 
 
 class TestCompletionBlocks:
-    def test_a_follow_up_that_continues_a_completion_reuses_its_blocks_exactly(self, tiny_engine: Engine):
+    def test_a_follow_up_that_continues_a_completion_reuses_its_blocks_exactly(
+        self, tiny_engine: Engine):
         salt = tiny_engine.scope_salt_for("t")
         prompt = prompt_of(tiny_engine, "hello")
-        first = tiny_engine.generate(prompt, GenerationParams(max_tokens=40, temperature=0.0, scope_salt=salt))
+        first = tiny_engine.generate(prompt,
+                                     GenerationParams(max_tokens=40, temperature=0.0,
+                                                      scope_salt=salt))
         follow = prompt + list(first.token_ids) + tiny_engine.encode(" and more")
-        reused = tiny_engine.generate(follow, GenerationParams(max_tokens=8, temperature=0.0, scope_salt=salt))
-        fresh = tiny_engine.generate(follow, GenerationParams(max_tokens=8, temperature=0.0, use_prefix_cache=False))
+        reused = tiny_engine.generate(follow,
+                                      GenerationParams(max_tokens=8, temperature=0.0,
+                                                       scope_salt=salt))
+        fresh = tiny_engine.generate(follow,
+                                     GenerationParams(max_tokens=8, temperature=0.0,
+                                                      use_prefix_cache=False))
         assert reused.cached_tokens == (len(prompt) + 39) // 16 * 16 > len(prompt) // 16 * 16
         assert reused.token_ids == fresh.token_ids
-        assert max((abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)), default=0.0) < 1e-4
+        assert max((abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)),
+                   default=0.0) < 1e-4
         tiny_engine.store.check_valid()
 
 
 class TestTenants:
     def test_two_tenants_never_share_blocks(self, tiny_engine: Engine):
         p = prompt_of(tiny_engine, LONG)
-        a = GenerationParams(max_tokens=2, temperature=0.0, scope_salt=tiny_engine.scope_salt_for("a"))
-        b = GenerationParams(max_tokens=2, temperature=0.0, scope_salt=tiny_engine.scope_salt_for("b"))
+        a = GenerationParams(max_tokens=2, temperature=0.0,
+                             scope_salt=tiny_engine.scope_salt_for("a"))
+        b = GenerationParams(max_tokens=2, temperature=0.0,
+                             scope_salt=tiny_engine.scope_salt_for("b"))
         tiny_engine.generate(p, a)
         assert tiny_engine.generate(p, b).cached_tokens == 0
         assert tiny_engine.generate(p, a).cached_tokens > 0
@@ -136,23 +158,30 @@ class TestTenants:
         pa = system + engine.encode("tenant a asks about the weather today")
         pb = system + engine.encode("tenant a asks about the weather today")
         engine.generate(pa, GenerationParams(max_tokens=1, scope_salt=engine.scope_salt_for("a")))
-        rb = engine.generate(pb, GenerationParams(max_tokens=1, scope_salt=engine.scope_salt_for("b")))
+        rb = engine.generate(pb,
+                             GenerationParams(max_tokens=1, scope_salt=engine.scope_salt_for("b")))
         assert rb.cached_tokens == 32
 
     def test_isolation_off_shares_across_tenants(self, make_engine):
         engine = make_engine(isolate_tenants=False)
         p = prompt_of(engine, LONG)
         engine.generate(p, GenerationParams(max_tokens=1, scope_salt=engine.scope_salt_for("a")))
-        assert engine.generate(p, GenerationParams(max_tokens=1, scope_salt=engine.scope_salt_for("b"))).cached_tokens > 0
+        assert engine.generate(p,
+                               GenerationParams(max_tokens=1,
+                                                scope_salt=engine.scope_salt_for(
+                                                    "b"))).cached_tokens > 0
 
 
 class TestRollout:
-    def test_a_rollout_drops_old_blocks_but_not_those_of_requests_in_flight(self, tiny_engine: Engine):
+    def test_a_rollout_drops_old_blocks_but_not_those_of_requests_in_flight(
+        self, tiny_engine: Engine):
         salt = tiny_engine.scope_salt_for("t")
         p = prompt_of(tiny_engine, LONG)
         other = prompt_of(tiny_engine, "something else entirely, long enough for blocks")
         tiny_engine.generate(other, GenerationParams(max_tokens=1, scope_salt=salt))
-        stream = tiny_engine.generate_stream(p, GenerationParams(max_tokens=1000, temperature=0.0, scope_salt=salt))
+        stream = tiny_engine.generate_stream(p,
+                                             GenerationParams(max_tokens=1000, temperature=0.0,
+                                                              scope_salt=salt))
         first = next(stream)
         assert isinstance(first, TokenEvent)
         with tiny_engine.scheduler.paused():  # the request stays in flight, frozen between steps
@@ -165,7 +194,8 @@ class TestRollout:
             assert tiny_engine.stats().used_blocks == held  # the rest dropped
         rest = list(stream)
         assert isinstance(rest[-1], FinalEvent)
-        assert tiny_engine.stats().used_blocks == 0  # its blocks were of the old epoch: freed at the end
+        assert tiny_engine.stats(
+            ).used_blocks == 0  # its blocks were of the old epoch: freed at the end
         tiny_engine.store.check_valid()
         r = tiny_engine.generate(p, GenerationParams(max_tokens=1, scope_salt=salt))
         assert r.cached_tokens == 0
@@ -176,14 +206,18 @@ class TestRollout:
 
 
 class TestBurst:
-    def test_a_burst_larger_than_the_pool_queues_or_refuses_and_every_admitted_request_is_right(self, make_engine):
+    def test_a_burst_larger_than_the_pool_queues_or_refuses_and_every_admitted_request_is_right(
+        self, make_engine):
         reference = make_engine()
         prompts = [prompt_of(reference, f"{i} " + LONG * 3) for i in range(12)]
-        expected = [reference.generate(p, GenerationParams(max_tokens=6, temperature=0.0, use_prefix_cache=False))
+        expected = [reference.generate(p,
+                                       GenerationParams(max_tokens=6, temperature=0.0,
+                                                        use_prefix_cache=False))
                     for p in prompts]
         # Room for about two prompts' blocks under the watermark; two running, three waiting.
         per_prompt = reference.pool.block_bytes * (len(prompts[0]) // 16 + 1)
-        engine = make_engine(pool_bytes=int(per_prompt * 2.6), max_running=2, max_queue=3, queue_timeout_s=30)
+        engine = make_engine(pool_bytes=int(per_prompt * 2.6), max_running=2, max_queue=3,
+                             queue_timeout_s=30)
         results: dict[int, object] = {}
         start = threading.Barrier(len(prompts))
         stop_checking = threading.Event()

@@ -36,7 +36,8 @@ def kv(gen: torch.Generator, n: int, spread: float = 1.0) -> tuple[torch.Tensor,
 class TestQuantizeRoundTrip:
     @settings(max_examples=30, deadline=None)
     @given(seed=st.integers(0, 2**31 - 1), blocks=st.integers(1, 3))
-    def test_a_block_written_whole_is_within_half_a_step_per_channel_and_per_token(self, seed, blocks):
+    def test_a_block_written_whole_is_within_half_a_step_per_channel_and_per_token(
+        self, seed, blocks):
         gen = torch.Generator().manual_seed(seed)
         q = storage()
         k, v = kv(gen, blocks * BS)
@@ -90,16 +91,19 @@ class TestInt8NeverSharesWithFullPrecision:
     def test_the_kv_dtype_is_in_every_block_hash(self):
         tokens = list(range(3 * BS))
         full = block_hashes(tokens, BlockKeys(model_epoch=1, salt=b"a"), block_size=BS)
-        int8 = block_hashes(tokens, BlockKeys(model_epoch=1, salt=b"a", kv_dtype="int8"), block_size=BS)
+        int8 = block_hashes(tokens, BlockKeys(model_epoch=1, salt=b"a", kv_dtype="int8"),
+                            block_size=BS)
         assert not {h for h, _, _ in full} & {h for h, _, _ in int8}
 
     def test_a_store_holding_int8_blocks_matches_none_of_them_for_full_precision_keys(self):
-        pool = KVPool(KVShape(num_layers=1, kv_heads=H, head_dim=D), budget_bytes=1 << 16, block_size=BS,
+        pool = KVPool(KVShape(num_layers=1, kv_heads=H, head_dim=D), budget_bytes=1 << 16,
+                      block_size=BS,
                       kv_dtype="int8")
         store = PrefixStore(pool)
         tokens = list(range(3 * BS))
         lease = store.open()
-        for item in block_hashes(tokens, BlockKeys(model_epoch=1, salt=b"a", kv_dtype="int8"), block_size=BS):
+        for item in block_hashes(tokens, BlockKeys(model_epoch=1, salt=b"a", kv_dtype="int8"),
+                                 block_size=BS):
             store.allocate(lease)
             store.adopt(lease, item)
         store.release(lease)
@@ -108,7 +112,8 @@ class TestInt8NeverSharesWithFullPrecision:
         assert len(store.match(probe, full).block_ids) == 0
         store.release(probe)
         again = store.open()
-        int8 = block_hashes(tokens, BlockKeys(model_epoch=1, salt=b"a", kv_dtype="int8"), block_size=BS)
+        int8 = block_hashes(tokens, BlockKeys(model_epoch=1, salt=b"a", kv_dtype="int8"),
+                            block_size=BS)
         assert len(store.match(again, int8).block_ids) == 3
         store.release(again)
         store.check_valid()
@@ -125,7 +130,8 @@ class TestInt8Pool:
 
     def test_an_unknown_kv_dtype_is_refused_by_name(self):
         with pytest.raises(Exception, match="kv_dtype"):
-            KVPool(KVShape(num_layers=1, kv_heads=H, head_dim=D), budget_bytes=1 << 16, kv_dtype="int4")
+            KVPool(KVShape(num_layers=1, kv_heads=H, head_dim=D), budget_bytes=1 << 16,
+                   kv_dtype="int4")
 
 
 def prompt_of(n: int, seed: int, vocab: int) -> list[int]:
@@ -133,11 +139,13 @@ def prompt_of(n: int, seed: int, vocab: int) -> list[int]:
 
 
 class TestInt8Engine:
-    def test_teacher_forced_distributions_stay_close_to_full_precision_on_random_tiny(self, make_engine):
+    def test_teacher_forced_distributions_stay_close_to_full_precision_on_random_tiny(
+        self, make_engine):
         fp, q = make_engine(), make_engine(kv_dtype="int8")
         try:
             prompt = prompt_of(40, 1, fp.vocab_size)
-            completion = list(fp.generate(prompt, GenerationParams(max_tokens=60, min_tokens=60)).token_ids)
+            completion = list(fp.generate(prompt,
+                                          GenerationParams(max_tokens=60, min_tokens=60)).token_ids)
             a = torch.log_softmax(fp.teacher_forced_logits(prompt, completion), dim=-1)
             b = torch.log_softmax(q.teacher_forced_logits(prompt, completion), dim=-1)
             kld = (a.exp() * (a - b)).sum(dim=-1)
@@ -149,7 +157,8 @@ class TestInt8Engine:
             fp.close()
             q.close()
 
-    def test_int8_blocks_are_shared_between_int8_requests_and_read_back_identically(self, make_engine):
+    def test_int8_blocks_are_shared_between_int8_requests_and_read_back_identically(
+        self, make_engine):
         q = make_engine(kv_dtype="int8")
         try:
             salt = q.scope_salt_for("t")
@@ -165,13 +174,17 @@ class TestInt8Engine:
     def test_batched_int8_greedy_equals_int8_greedy_alone(self, make_engine):
         import threading
 
-        solo, batched = make_engine(kv_dtype="int8"), make_engine(kv_dtype="int8", max_batch_tokens=40)
+        solo, batched = make_engine(kv_dtype="int8"), make_engine(
+            kv_dtype="int8", max_batch_tokens=40)
         try:
             prompts = [prompt_of(20 + 7 * i, 10 + i, solo.vocab_size) for i in range(3)]
             params = GenerationParams(max_tokens=30, min_tokens=30, scope_salt=b"s")
             alone = [solo.generate(p, params).token_ids for p in prompts]
             out: dict[int, tuple[int, ...]] = {}
-            threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, batched.generate(prompts[i], params).token_ids))
+            threads = [threading.Thread(target=lambda i=i: out.__setitem__(i,
+                                                                           batched.generate(
+                                                                               prompts[i],
+                                                                               params).token_ids))
                        for i in range(3)]
             for t in threads:
                 t.start()

@@ -14,7 +14,8 @@ from gpu_prefix.engine import Engine, GenerationParams
 from gpu_prefix.models import LoadedModel
 
 
-def reuse_logits(engine: Engine, ids: list[int], cached_prompt: list[int]) -> tuple[torch.Tensor, int]:
+def reuse_logits(engine: Engine, ids: list[int],
+                 cached_prompt: list[int]) -> tuple[torch.Tensor, int]:
     """Store ``cached_prompt``'s blocks, then run ``ids`` through the engine reusing them;
     returns the logits of every position after the cached blocks, and how many tokens were
     cached."""
@@ -34,8 +35,10 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
 
 class TestReuseIsExact:
     @settings(max_examples=20, deadline=None)
-    @given(seed=st.integers(0, 2**32 - 1), prefix_len=st.integers(1, 120), suffix_len=st.integers(1, 40))
-    def test_logits_with_reuse_equal_a_full_forward(self, tiny_model: LoadedModel, seed, prefix_len, suffix_len):
+    @given(seed=st.integers(0, 2**32 - 1), prefix_len=st.integers(1, 120),
+           suffix_len=st.integers(1, 40))
+    def test_logits_with_reuse_equal_a_full_forward(self, tiny_model: LoadedModel, seed,
+                                                    prefix_len, suffix_len):
         engine = Engine(tiny_model, pool_bytes=2**20)
         rng = random.Random(seed)
         ids = [rng.randrange(engine.vocab_size) for _ in range(prefix_len + suffix_len)]
@@ -47,24 +50,32 @@ class TestReuseIsExact:
 
     @settings(max_examples=10, deadline=None)
     @given(seed=st.integers(0, 2**32 - 1), n_prefix=st.integers(17, 90))
-    def test_greedy_generations_are_identical_with_and_without_reuse(self, tiny_model: LoadedModel, seed, n_prefix):
+    def test_greedy_generations_are_identical_with_and_without_reuse(self, tiny_model: LoadedModel,
+                                                                     seed, n_prefix):
         engine = Engine(tiny_model, pool_bytes=2**20)
         rng = random.Random(seed)
         prefix = [rng.randrange(engine.vocab_size) for _ in range(n_prefix)]
         salt = engine.scope_salt_for("t")
-        engine.generate(prefix + [1, 2, 3], GenerationParams(max_tokens=1, temperature=0.0, scope_salt=salt))
+        engine.generate(prefix + [1, 2, 3],
+                        GenerationParams(max_tokens=1, temperature=0.0, scope_salt=salt))
         prompt = prefix + [rng.randrange(engine.vocab_size) for _ in range(5)]
-        fresh = engine.generate(prompt, GenerationParams(max_tokens=24, temperature=0.0, use_prefix_cache=False))
-        reused = engine.generate(prompt, GenerationParams(max_tokens=24, temperature=0.0, scope_salt=salt))
+        fresh = engine.generate(prompt,
+                                GenerationParams(max_tokens=24, temperature=0.0,
+                                                 use_prefix_cache=False))
+        reused = engine.generate(prompt,
+                                 GenerationParams(max_tokens=24, temperature=0.0, scope_salt=salt))
         assert reused.cached_tokens >= 16 and fresh.cached_tokens == 0
         assert reused.token_ids == fresh.token_ids
-        assert max((abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)), default=0.0) < 1e-4
+        assert max((abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)),
+                   default=0.0) < 1e-4
 
     def test_the_whole_prompt_cached_still_runs_its_last_token(self, tiny_engine: Engine):
         prompt = list(range(32))  # exactly two blocks
         salt = tiny_engine.scope_salt_for("t")
-        a = tiny_engine.generate(prompt, GenerationParams(max_tokens=8, temperature=0.0, scope_salt=salt))
-        b = tiny_engine.generate(prompt, GenerationParams(max_tokens=8, temperature=0.0, scope_salt=salt))
+        a = tiny_engine.generate(prompt,
+                                 GenerationParams(max_tokens=8, temperature=0.0, scope_salt=salt))
+        b = tiny_engine.generate(prompt,
+                                 GenerationParams(max_tokens=8, temperature=0.0, scope_salt=salt))
         assert b.cached_tokens == 16 and a.token_ids == b.token_ids
 
 
@@ -79,11 +90,15 @@ class TestReuseOnSmolLM2:
         out, cached = reuse_logits(engine, ids, ids[:150])
         assert cached == 144
         assert (out - full_logits(engine.model, ids)[cached:]).abs().max().item() < 1e-4
-        prompt = engine.chat_prompt_ids([{"role": "user", "content": "Name three colours of the rainbow."}])
-        fresh = engine.generate(prompt, GenerationParams(max_tokens=12, temperature=0.0, use_prefix_cache=False))
+        prompt = engine.chat_prompt_ids([{"role": "user",
+                                          "content": "Name three colours of the rainbow."}])
+        fresh = engine.generate(prompt,
+                                GenerationParams(max_tokens=12, temperature=0.0,
+                                                 use_prefix_cache=False))
         salt = engine.scope_salt_for("t")
         engine.generate(prompt, GenerationParams(max_tokens=1, temperature=0.0, scope_salt=salt))
-        reused = engine.generate(prompt, GenerationParams(max_tokens=12, temperature=0.0, scope_salt=salt))
+        reused = engine.generate(prompt,
+                                 GenerationParams(max_tokens=12, temperature=0.0, scope_salt=salt))
         assert reused.cached_tokens > 0 and reused.token_ids == fresh.token_ids
         assert fresh.text.strip()
 

@@ -43,14 +43,16 @@ def wait_for(cond, timeout: float = 30.0) -> None:
         time.sleep(0.002)
 
 
-def run_arrivals(engine: Engine, requests: list[tuple[int, list[int], GenerationParams]]) -> dict[int, object]:
+def run_arrivals(engine: Engine,
+                 requests: list[tuple[int, list[int], GenerationParams]]) -> dict[int, object]:
     """Each request starts once the engine has run ``arrival`` steps; returns results (or the
     exception) by index."""
     results: dict[int, object] = {}
     base = engine.stats().steps_total
 
     def run(i: int, arrival: int, prompt: list[int], params: GenerationParams) -> None:
-        wait_for(lambda: engine.stats().steps_total >= base + arrival or engine.stats().running == 0)
+        wait_for(
+            lambda: engine.stats().steps_total >= base + arrival or engine.stats().running == 0)
         try:
             results[i] = engine.generate(prompt, params)
         except Exception as exc:  # noqa: BLE001 - asserted by the caller
@@ -66,7 +68,8 @@ def run_arrivals(engine: Engine, requests: list[tuple[int, list[int], Generation
 
 class TestBatchedEqualsSolo:
     @settings(max_examples=12, deadline=None)
-    @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 6), pool_blocks=st.sampled_from([20, 28, 200]),
+    @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 6),
+           pool_blocks=st.sampled_from([20, 28, 200]),
            max_batch_tokens=st.sampled_from([24, 40, 512]))
     def test_batched_greedy_output_equals_solo_decoding_token_for_token(
         self, tiny_model: LoadedModel, seed, n, pool_blocks, max_batch_tokens
@@ -81,21 +84,25 @@ class TestBatchedEqualsSolo:
         salts = [engine.scope_salt_for("a"), engine.scope_salt_for("b"), None]
         requests = []
         for _ in range(n):
-            prompt = rng.choice(shared) + [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
-            params = GenerationParams(max_tokens=rng.randrange(1, 24), temperature=0.0, scope_salt=rng.choice(salts))
+            prompt = rng.choice(shared) + [
+                rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+            params = GenerationParams(max_tokens=rng.randrange(1, 24), temperature=0.0,
+                                      scope_salt=rng.choice(salts))
             requests.append((rng.randrange(0, 6), prompt, params))
         results = run_arrivals(engine, requests)
         for i, (_, prompt, params) in enumerate(requests):
             r = results[i]
             assert not isinstance(r, BaseException), r
-            assert list(r.token_ids) == greedy_reference(engine.model, prompt, params.max_tokens, engine.eos_ids)
+            assert list(r.token_ids) == greedy_reference(engine.model, prompt, params.max_tokens,
+                                                         engine.eos_ids)
         s = engine.stats()
         assert s.held_blocks == 0 and s.running == 0 and s.queued == 0
         engine.store.check_valid()
 
 
 class TestInPlaceAttention:
-    def test_logits_from_fragmented_and_shared_block_tables_equal_a_full_forward(self, tiny_model: LoadedModel):
+    def test_logits_from_fragmented_and_shared_block_tables_equal_a_full_forward(
+        self, tiny_model: LoadedModel):
         """Two sequences packed in one step, one reading a fragmented table (gathered), one a
         single run (a view), then a second step continuing both: every logit within 1e-4."""
         model = tiny_model.model
@@ -116,7 +123,8 @@ class TestInPlaceAttention:
                 ids += tokens[lo:hi]
                 pos += list(range(lo, hi))
                 write += slots(tab, lo, hi)
-                seqs.append(seq_slice(q_start=q, q_len=hi - lo, ctx_len=hi, table=tab, block_size=bs,
+                seqs.append(seq_slice(q_start=q, q_len=hi - lo, ctx_len=hi, table=tab,
+                                      block_size=bs,
                                       device=pool.device))
                 q += hi - lo
             layout = StepLayout(write_slots=torch.tensor(write), seqs=tuple(seqs))
@@ -137,10 +145,12 @@ class TestInPlaceAttention:
         assert (third[1] - full_b[8]).abs().max().item() < 1e-4
 
         def layout_of(q_len, ctx_len, tab):
-            return seq_slice(q_start=0, q_len=q_len, ctx_len=ctx_len, table=tab, block_size=bs, device=pool.device)
+            return seq_slice(q_start=0, q_len=q_len, ctx_len=ctx_len, table=tab, block_size=bs,
+                             device=pool.device)
 
         assert layout_of(8, 21, tab_a).gather is not None  # a chunk over three runs gathers
-        assert layout_of(1, 22, tab_a).gather is None and len(layout_of(1, 22, tab_a).runs) == 3  # a decode does not
+        assert layout_of(1, 22, tab_a).gather is None and len(
+            layout_of(1, 22, tab_a).runs) == 3  # a decode does not
         assert layout_of(1, 8, tab_b).run == 80  # one run: a view
 
     def test_a_plain_forward_over_a_cache_is_unchanged(self, tiny_model: LoadedModel):
@@ -177,7 +187,7 @@ class TestChunkedPrefill:
         times: dict[str, float] = {}
 
         def long_request() -> None:
-            for ev in engine.generate_stream(long_prompt, GenerationParams(max_tokens=2)):
+            for _ev in engine.generate_stream(long_prompt, GenerationParams(max_tokens=2)):
                 times.setdefault("long_first", time.monotonic())
 
         t = threading.Thread(target=long_request)
@@ -206,17 +216,20 @@ class TestSharing:
             wait_for(lambda: engine.stats().running == 2)
         for t in threads:
             t.join(30)
-        assert sorted(r.cached_tokens for r in results) == [0, 64]  # the second read the first's blocks
+        assert sorted(r.cached_tokens for r in results) == [
+            0, 64]  # the second read the first's blocks
         assert engine.stats().inserted_blocks_total == 4  # the prefix was stored once
         engine.store.check_valid()
 
 
 class TestAdmission:
     def test_requests_past_the_watermark_queue_then_run_when_room_frees(self, make_engine):
-        engine = make_engine(pool_bytes=20 * BLOCK_BYTES, max_running=8, max_queue=4)  # limit 16 blocks
+        engine = make_engine(pool_bytes=20 * BLOCK_BYTES, max_running=8,
+                             max_queue=4)  # limit 16 blocks
         prompts = [[i + 1] * 100 for i in range(3)]  # 7 blocks each: two fit under the watermark
         with engine.scheduler.paused():
-            threads = [threading.Thread(target=engine.generate, args=(p, GenerationParams(max_tokens=4)))
+            threads = [threading.Thread(target=engine.generate,
+                                        args=(p, GenerationParams(max_tokens=4)))
                        for p in prompts]
             for t in threads:
                 t.start()
@@ -230,7 +243,8 @@ class TestAdmission:
     def test_a_full_queue_refuses_with_a_retryable_error(self, make_engine):
         engine = make_engine(max_running=1, max_queue=0)
         with engine.scheduler.paused():
-            t = threading.Thread(target=engine.generate, args=([1, 2, 3], GenerationParams(max_tokens=2)))
+            t = threading.Thread(target=engine.generate,
+                                 args=([1, 2, 3], GenerationParams(max_tokens=2)))
             t.start()
             wait_for(lambda: engine.stats().running == 1)
             with pytest.raises(AdmissionRefusedError, match="retry") as info:
@@ -242,12 +256,14 @@ class TestAdmission:
     def test_a_wait_that_times_out_is_refused(self, make_engine):
         engine = make_engine(max_running=1, max_queue=2)
         with engine.scheduler.paused():
-            t = threading.Thread(target=engine.generate, args=([1, 2, 3], GenerationParams(max_tokens=2)))
+            t = threading.Thread(target=engine.generate,
+                                 args=([1, 2, 3], GenerationParams(max_tokens=2)))
             t.start()
             wait_for(lambda: engine.stats().running == 1)
             got: list = []
-            waiter = threading.Thread(target=lambda: got.append(pytest.raises(
-                AdmissionRefusedError, engine.generate, [4, 5], GenerationParams(max_tokens=2, queue_timeout_s=0.01))))
+            waiter = threading.Thread(target=lambda: got.append(pytest.raises(  # noqa: RUF061
+                AdmissionRefusedError, engine.generate, [4, 5],
+                GenerationParams(max_tokens=2, queue_timeout_s=0.01))))
             waiter.start()
             wait_for(lambda: engine.stats().queued == 1)
             time.sleep(0.05)
@@ -256,8 +272,9 @@ class TestAdmission:
         assert got and "waited" in str(got[0].value)
 
     def test_a_request_that_could_never_fit_is_refused_naming_the_fix(self, make_engine):
-        engine = make_engine(pool_bytes=10 * BLOCK_BYTES)  # 8 blocks under the watermark: 128 tokens
-        with pytest.raises(InvalidParamsError, match="max_tokens.*larger pool"):
+        engine = make_engine(
+            pool_bytes=10 * BLOCK_BYTES)  # 8 blocks under the watermark: 128 tokens
+        with pytest.raises(InvalidParamsError, match=r"max_tokens.*larger pool"):
             engine.generate([1] * 100, GenerationParams(max_tokens=40))
         assert engine.generate([1] * 100, GenerationParams(max_tokens=20)).prompt_tokens == 100
 
@@ -272,30 +289,36 @@ class TestAdmission:
 
 
 class TestPreemption:
-    def test_out_of_blocks_the_newest_request_is_preempted_and_recomputed_exactly(self, make_engine):
+    def test_out_of_blocks_the_newest_request_is_preempted_and_recomputed_exactly(
+        self, make_engine):
         # 12 blocks under the watermark; three requests admitted at 2 blocks each grow to 6.
         engine = make_engine(pool_bytes=15 * BLOCK_BYTES, max_running=3, max_queue=8)
         rng = random.Random(9)
         prompts = [[rng.randrange(engine.vocab_size) for _ in range(20)] for _ in range(3)]
-        requests = [(0, p, GenerationParams(max_tokens=70, scope_salt=engine.scope_salt_for("t"))) for p in prompts]
+        requests = [(0, p,
+                     GenerationParams(max_tokens=70,
+                                      scope_salt=engine.scope_salt_for("t"))) for p in prompts]
         results = run_arrivals(engine, requests)
         s = engine.stats()
         assert s.preempted_total > 0 and s.refused_total == 0
-        for i, (_, prompt, params) in enumerate(requests):
-            assert list(results[i].token_ids) == greedy_reference(engine.model, prompt, 70, engine.eos_ids)
+        for i, (_, prompt, _params) in enumerate(requests):
+            assert list(results[i].token_ids) == greedy_reference(engine.model, prompt, 70,
+                                                                  engine.eos_ids)
         assert s.held_blocks == 0
         engine.store.check_valid()
 
 
 class TestBurst:
-    def test_fifty_requests_into_a_pool_for_ten_never_fail_and_every_answer_is_exact(self, make_engine):
+    def test_fifty_requests_into_a_pool_for_ten_never_fail_and_every_answer_is_exact(
+        self, make_engine):
         reference = make_engine()
         rng = random.Random(11)
         prompts = [[rng.randrange(reference.vocab_size) for _ in range(40)] for _ in range(50)]
         params = GenerationParams(max_tokens=8)
         expected = [reference.generate(p, params).token_ids for p in prompts]
         # Each request holds 3 blocks: 30 blocks under the watermark hold 10 of them.
-        engine = make_engine(pool_bytes=38 * BLOCK_BYTES, max_running=16, max_queue=10, queue_timeout_s=30)
+        engine = make_engine(pool_bytes=38 * BLOCK_BYTES, max_running=16, max_queue=10,
+                             queue_timeout_s=30)
         problems: list[BaseException] = []
         stop = threading.Event()
 
@@ -341,7 +364,8 @@ class TestStreams:
 
 
 class TestScoringPreempted:
-    def test_a_scoring_request_preempted_mid_prefill_is_recomputed_and_takes_no_logit_twice(self, make_engine):
+    def test_a_scoring_request_preempted_mid_prefill_is_recomputed_and_takes_no_logit_twice(
+        self, make_engine):
         engine = make_engine(max_batch_tokens=20, max_running=2)
         rng = random.Random(3)
         prompt = [rng.randrange(engine.vocab_size) for _ in range(31)]
@@ -366,13 +390,18 @@ class TestBatchingOnCuda:
     def test_batched_greedy_on_cuda_equals_the_cpu_reference(self, tiny_model: LoadedModel):
         from gpu_prefix.models import load_model
 
-        engine = Engine(load_model("random-tiny", device="cuda"), pool_bytes=40 * BLOCK_BYTES, max_running=4,
+        engine = Engine(load_model("random-tiny", device="cuda"), pool_bytes=40 * BLOCK_BYTES,
+                        max_running=4,
                         max_batch_tokens=40)
         rng = random.Random(4)
         shared = [rng.randrange(engine.vocab_size) for _ in range(40)]
-        requests = [(rng.randrange(0, 4), shared + [rng.randrange(engine.vocab_size) for _ in range(rng.randrange(1, 30))],
-                     GenerationParams(max_tokens=20, scope_salt=engine.scope_salt_for("t"))) for _ in range(6)]
+        requests = [(rng.randrange(0, 4),
+                     shared + [
+                         rng.randrange(engine.vocab_size) for _ in range(rng.randrange(1, 30))],
+                     GenerationParams(max_tokens=20,
+                                      scope_salt=engine.scope_salt_for("t"))) for _ in range(6)]
         results = run_arrivals(engine, requests)
-        for i, (_, prompt, params) in enumerate(requests):
-            assert list(results[i].token_ids) == greedy_reference(tiny_model.model, prompt, 20, engine.eos_ids)
+        for i, (_, prompt, _params) in enumerate(requests):
+            assert list(results[i].token_ids) == greedy_reference(tiny_model.model, prompt, 20,
+                                                                  engine.eos_ids)
         engine.store.check_valid()

@@ -4,7 +4,6 @@ stateful tests against a plain model)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
@@ -56,7 +55,8 @@ class TestBlockHashing:
         base = chain_of([1, 2, 3, 4])
         assert chain_of([1, 2, 3, 4], epoch=2)[0][0] != base[0][0]
         assert chain_of([1, 2, 3, 4], salt=b"b")[0][0] != base[0][0]
-        other_adapter = block_hashes([1, 2], BlockKeys(model_epoch=1, adapter="lora", salt=b"a"), block_size=BS)
+        other_adapter = block_hashes([1, 2], BlockKeys(model_epoch=1, adapter="lora", salt=b"a"),
+                                     block_size=BS)
         assert other_adapter[0][0] != base[0][0]
 
     def test_only_whole_blocks_are_hashed(self):
@@ -88,7 +88,8 @@ class TestPool:
         pool.check_valid()
 
     def test_views_are_the_pool_itself_one_per_run_of_consecutive_blocks(self):
-        pool = KVPool(KVShape(num_layers=2, kv_heads=2, head_dim=3), budget_bytes=10**6, block_size=4)
+        pool = KVPool(KVShape(num_layers=2, kv_heads=2, head_dim=3), budget_bytes=10**6,
+                      block_size=4)
         views = pool.view([5, 6, 2])
         assert [v.shape[3] for v in views] == [8, 4]
         views[0].fill_(7.0)
@@ -368,14 +369,16 @@ class StoreMachine(RuleBasedStateMachine):
         assert bool((vals == vals[0, 0]).all()), "a block's slots disagree"
         return float(vals[0, 0])
 
-    @rule(target=leases, tokens=TOKENS, epoch=st.sampled_from([1, 2]), salt=st.sampled_from([b"a", b"b"]),
+    @rule(target=leases, tokens=TOKENS, epoch=st.sampled_from([1, 2]),
+          salt=st.sampled_from([b"a", b"b"]),
           private=st.booleans())
     def request(self, tokens, epoch, salt, private):
         chain = chain_of(tokens, epoch=epoch, salt=salt, hash_fn=self.hash_fn)
         lease = self.store.open(indexing=not private)
         m = self.store.match(lease, chain)
         for i, b in enumerate(m.block_ids):
-            assert self.content(b) == self.ident(epoch, salt, tokens[: (i + 1) * BS]), "matched someone else's KV"
+            assert self.content(b) == self.ident(
+                epoch, salt, tokens[: (i + 1) * BS]), "matched someone else's KV"
         assert epoch not in self.dropped or m.num_tokens == 0, "matched a dropped epoch"
         if self.strong and not private:
             # Every block of this chain pinned by a live lease must be found.
@@ -391,9 +394,11 @@ class StoreMachine(RuleBasedStateMachine):
             held = self.store.held_blocks()
             b = self.store.allocate(lease)
             if b is None:
-                assert held == self.store.pool.num_blocks, "allocation failed with a block free or evictable"
+                assert held == self.store.pool.num_blocks, (
+                    "allocation failed with a block free or evictable")
                 break
-            self.store.pool.tensor[:, :, :, b * BS : (b + 1) * BS, :] = self.ident(epoch, salt, tokens[: (j + 1) * BS])
+            self.store.pool.tensor[:, :, :, b * BS : (b + 1) * BS, :] = self.ident(
+                epoch, salt, tokens[: (j + 1) * BS])
             self.store.adopt(lease, chain[j])
         self.live[lease.lease_id] = (lease, epoch, salt, tokens)
         return lease
@@ -420,7 +425,8 @@ class StoreMachine(RuleBasedStateMachine):
     def held_blocks_keep_their_kv(self):
         for lease, epoch, salt, tokens in self.live.values():
             for i, b in enumerate(lease.table):
-                assert self.content(b) == self.ident(epoch, salt, tokens[: (i + 1) * BS]), "a held block changed"
+                assert self.content(b) == self.ident(
+                    epoch, salt, tokens[: (i + 1) * BS]), "a held block changed"
             for i, h in enumerate(lease.pinned):
                 assert self.store.block_id_of(h) == lease.table[i], "a pinned block was evicted"
 
@@ -439,4 +445,5 @@ class WeakHashStoreMachine(StoreMachine):
 TestStoreStateful = StoreMachine.TestCase
 TestStoreStateful.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestWeakHashStoreStateful = WeakHashStoreMachine.TestCase
-TestWeakHashStoreStateful.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestWeakHashStoreStateful.settings = settings(max_examples=150, stateful_step_count=40,
+                                              deadline=None)

@@ -103,7 +103,7 @@ class TestEpochView:
         clock.now += 0.999
         assert view.current("m").version == "v1"
         clock.now += 0.001
-        with pytest.raises(StaleViewError, match="refresh_interval=1.0"):
+        with pytest.raises(StaleViewError, match=r"refresh_interval=1.0"):
             view.current("m")
         assert not await view.is_current("m", view.snapshot()["m"].epoch)
         await view.refresh()

@@ -13,8 +13,7 @@ from cachesvc.store import encode_entry, storage_key
 from cachesvc.store.redis_store import RedisStore
 from invalidation import EpochView, RedisRegistry
 from keying import Scope
-from tests.store_helpers import key_for, make_entry
-from tests.store_helpers import KEYS
+from tests.store_helpers import KEYS, key_for, make_entry
 
 pytestmark = pytest.mark.redis
 SCOPE = Scope.for_tenant("acme")

@@ -73,7 +73,8 @@ class TestModelRegistry:
         assert second.changed and second.current.epoch > first.current.epoch
         assert second.previous == first.current
 
-    async def test_a_repeat_without_idempotent_is_a_new_epoch(self, registry: ModelRegistry) -> None:
+    async def test_a_repeat_without_idempotent_is_a_new_epoch(
+        self, registry: ModelRegistry) -> None:
         a = await registry.rollout("m", "v1")
         b = await registry.rollout("m", "v1")
         assert b.changed and b.current.epoch > a.current.epoch

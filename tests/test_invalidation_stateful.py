@@ -19,10 +19,9 @@ from cachesvc.store import decode_entry, encode_entry
 from cachesvc.store.redis_store import RedisStore
 from invalidation import EpochView, RedisRegistry, StaleViewError
 from keying import Scope
-from tests.store_helpers import key_for, make_entry
-from tests.test_invalidation_events import DeafRegistry
-from tests.store_helpers import KEYS
+from tests.store_helpers import KEYS, key_for, make_entry
 from tests.support.clock import FakeClock
+from tests.test_invalidation_events import DeafRegistry
 
 pytestmark = pytest.mark.redis
 

@@ -253,7 +253,7 @@ class TestInvalidInput:
             canonicalize(body)
 
     def test_not_an_object(self) -> None:
-        with pytest.raises(InvalidRequestError, match="^request: expected a JSON object"):
+        with pytest.raises(InvalidRequestError, match=r"^request: expected a JSON object"):
             canonicalize([1, 2])
 
     def test_oversize_request_is_refused(self) -> None:

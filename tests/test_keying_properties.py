@@ -42,7 +42,8 @@ class TestDeterminism:
     def test_same_request_same_key(self, request: dict) -> None:
         a = build_key(request, KeyParams(scope=ACME))
         b = build_key(request, KeyParams(scope=ACME))
-        assert (a.digest, a.material_digest, a.material) == (b.digest, b.material_digest, b.material)
+        assert (a.digest, a.material_digest, a.material) == (b.digest, b.material_digest,
+                                                             b.material)
 
 
 class TestSensitivity:
@@ -87,7 +88,7 @@ class TestFraming:
                                                      epoch: int) -> None:
         """Decoding recovers every component, so the encoding is injective."""
         r = build_key(request, KeyParams(scope=Scope.for_tenant(tenant), epoch=epoch))
-        version, scope, model, ep, adapter, kind, fields = msgpack.unpackb(r.material, raw=False)
+        _version, scope, model, ep, _adapter, _kind, fields = msgpack.unpackb(r.material, raw=False)
         assert scope == ["scope", ["tenant", tenant, None]]
         assert model == ["model", request["model"]]
         assert ep == ["epoch", epoch]
@@ -119,7 +120,8 @@ class TestReadBack:
         assert len(again.canonical.body(minimal=True)) <= len(parts.body())
 
     def test_the_minimal_body_leaves_out_defaults(self) -> None:
-        k = build_key({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]},
+        k = build_key({"model": "m", "temperature": 0,
+                       "messages": [{"role": "user", "content": "hi"}]},
                       KeyParams(scope=ACME))
         body = rebuild_key(k.material).canonical.body(minimal=True)
         assert body == {"model": "m", "temperature": 0.0,

@@ -8,7 +8,8 @@ import time
 
 import pytest
 import redis
-from redis.cluster import ClusterNode, RedisCluster as SyncCluster
+from redis.cluster import ClusterNode
+from redis.cluster import RedisCluster as SyncCluster
 
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_servers import RedisServer

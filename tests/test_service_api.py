@@ -382,7 +382,8 @@ class TestCacheApi:
 
     def test_a_store_after_a_rollout_is_refused(self, client):
         token = self.lookup(client, chat("q4")).json()["fill_token"]
-        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True}, headers=auth(ADMIN))
+        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True},
+                    headers=auth(ADMIN))
         r = self.store(client, token, self.answer())
         assert r.status_code == 409 and r.json()["error"]["code"] == "stale_epoch"
 
@@ -503,14 +504,15 @@ class TestAdmin:
         post(client, chat())
         post(client, chat("other"))
         store = client.app.state.services.store
-        assert len(store._items) == 2  # noqa: SLF001
-        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True}, headers=auth(ADMIN))
+        assert len(store._items) == 2
+        client.post("/admin/models/echo-1/rollout", json={"version": "v2", "create": True},
+                    headers=auth(ADMIN))
         import time
 
         deadline = time.monotonic() + 5
-        while store._items and time.monotonic() < deadline:  # noqa: SLF001
+        while store._items and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(store._items) == 0  # noqa: SLF001
+        assert len(store._items) == 0
         post(client, chat())
         assert post(client, chat()).headers["x-cache"] == "HIT"
 
@@ -518,7 +520,8 @@ class TestAdmin:
         # Gateways name models by provider path (LiteLLM: "openai/gpt-4o").
         body = chat(model="openai/echo-1")
         post(client, body)
-        r = client.post("/admin/models/openai/echo-1/rollout", json={"version": "v2", "create": True},
+        r = client.post("/admin/models/openai/echo-1/rollout",
+                        json={"version": "v2", "create": True},
                         headers=auth(ADMIN))
         assert r.status_code == 200 and r.json()["model"] == "openai/echo-1"
         assert post(client, body).headers["x-cache"] == "MISS"
@@ -526,7 +529,8 @@ class TestAdmin:
     def test_a_rollback_gets_a_fresh_epoch(self, client):
         e1 = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
                          headers=auth(ADMIN)).json()["epoch"]
-        client.post("/admin/models/m/rollout", json={"version": "b", "create": True}, headers=auth(ADMIN))
+        client.post("/admin/models/m/rollout", json={"version": "b", "create": True},
+                    headers=auth(ADMIN))
         e3 = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
                          headers=auth(ADMIN)).json()["epoch"]
         assert e3 > e1
@@ -534,7 +538,8 @@ class TestAdmin:
         assert {"model": "m", "version": "a", "epoch": e3} in models
 
     def test_admin_endpoints_refuse_tenant_keys(self, client):
-        r = client.post("/admin/models/m/rollout", json={"version": "a", "create": True}, headers=auth(KEY_A))
+        r = client.post("/admin/models/m/rollout", json={"version": "a", "create": True},
+                        headers=auth(KEY_A))
         assert r.status_code == 401
         assert client.get("/admin/models").status_code == 401
 

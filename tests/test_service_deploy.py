@@ -128,9 +128,12 @@ class TestEngineUpstream:
                                  headers=auth())
             assert unsupported.status_code == 422
             assert unsupported.json()["error"]["param"] == "logit_bias"
-            metrics = c.get("/metrics", headers=auth(ADMIN)).text  # the engine's metrics, through the service
-            for name in ("engine_requests_running", "engine_requests_preempted_total", 'engine_kv_blocks{state="cached"}',
-                         "engine_ttft_seconds_bucket", "engine_step_seconds_count", "engine_steps_total"):
+            metrics = c.get(
+                "/metrics", headers=auth(ADMIN)).text  # the engine's metrics, through the service
+            for name in ("engine_requests_running", "engine_requests_preempted_total",
+                         'engine_kv_blocks{state="cached"}',
+                         "engine_ttft_seconds_bucket", "engine_step_seconds_count",
+                         "engine_steps_total"):
                 assert name in metrics, name
 
 
@@ -140,7 +143,8 @@ class TestLogs:
         marker = "PROMPT-MARKER-5f1c"
         with serving(fake_openai_app(EchoUpstream())) as up:
             cfg = _config(tmp_path, "redis://127.0.0.1:9/0", up.url + "/v1")  # a dead store
-            cfg.write_text(cfg.read_text() + f"[logging]\nlog_content = {str(log_content).lower()}\n")
+            cfg.write_text(cfg.read_text() + "[logging]\nlog_content = "
+                                             f"{str(log_content).lower()}\n")
             port, log = free_port(), tmp_path / "serve.log"
             proc = _serve(cfg, port, log=log)
             try:

@@ -76,7 +76,8 @@ class TestOpenAIClient:
     def test_a_rollout_turns_the_next_request_into_a_miss(self, service):
         c = client(service)
         chat_raw(c)
-        r = httpx.post(service.url + "/admin/models/echo-1/rollout", json={"version": "2", "create": True},
+        r = httpx.post(service.url + "/admin/models/echo-1/rollout",
+                       json={"version": "2", "create": True},
                        headers={"Authorization": f"Bearer {ADMIN}"})
         assert r.status_code == 200
         assert chat_raw(c).headers["x-cache"] == "MISS"

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 RECOVERY_S = 3.0
 BODIES = [{"model": "echo-1", "messages": [{"role": "user", "content": f"q{i}"}],
            "temperature": 0} for i in range(16)]
-EXPECTED = {i: EchoUpstream()._parts(b)[2] for i, b in enumerate(BODIES)}  # noqa: SLF001
+EXPECTED = {i: EchoUpstream()._parts(b)[2] for i, b in enumerate(BODIES)}
 
 
 @dataclass

@@ -80,7 +80,7 @@ class TestForgedAndInvalidEntries:
 
             by_prompt = asyncio.run(entries())
             assert len(by_prompt) == len(prompts) + 1
-            _, y_raw, y = by_prompt["question 1"]
+            _, _y_raw, y = by_prompt["question 1"]
             planted = {
                 "rewritten answer": _repack(by_prompt["question 0"][1], lambda p: p["r"][
                     "choices"][0]["message"].update(content="a planted answer")),

@@ -42,7 +42,7 @@ class TestCounters:
         hits = value("cachesvc_hits_total", tenant="team-b", model="echo-1") - hits0
         misses = value("cachesvc_misses_total", tenant="team-b", model="echo-1") - misses0
         assert (hits, misses) == (3, 2)
-        d_hit, d_miss = (value(n, **lb) - s for (n, lb), s in zip(names, start))
+        d_hit, d_miss = (value(n, **lb) - s for (n, lb), s in zip(names, start, strict=True))
         assert (d_hit, d_miss) == (hits, misses)
 
     def test_a_client_error_from_the_upstream_is_not_an_upstream_failure(self, client):

@@ -44,7 +44,7 @@ class TestStartUpNeverChangesTheRegistry:
         rolled = await registry.rollout("smollm2", "2")
         versions = await _versions(registry)
         try:
-            with pytest.raises(RegistryConflictError, match="version '2'.*version is '1'"):
+            with pytest.raises(RegistryConflictError, match=r"version '2'.*version is '1'"):
                 await attach_engine(FakeEngine(), versions, "1")
             # Nothing rolled back: the registry and its epoch are as the operator left them.
             assert await registry.current("smollm2") == rolled.current

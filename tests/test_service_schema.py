@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
-
 import schemathesis.checks
+from hypothesis import HealthCheck, settings
 
 from cachesvc.app import create_app
 from tests.service_helpers import ADMIN, KEY_A, make_settings, serving

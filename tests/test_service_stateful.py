@@ -27,7 +27,7 @@ BODIES = [{"model": "echo-1", "messages": [{"role": "user", "content": f"q{i}"}]
            "temperature": 0} for i in range(4)] + [
     {"model": "echo-1", "messages": [{"role": "user", "content": "q0"}], "temperature": 0,
      "max_tokens": 5}]
-EXPECTED = [EchoUpstream()._parts(b)[2] for b in BODIES]  # noqa: SLF001
+EXPECTED = [EchoUpstream()._parts(b)[2] for b in BODIES]
 
 
 def _content(resp: Any, stream: bool) -> str:
@@ -68,7 +68,8 @@ class ServiceMachine(RuleBasedStateMachine):
     @rule()
     def rollout(self) -> None:
         self.epoch += 1
-        r = self.client.post("/admin/models/echo-1/rollout", json={"version": f"v{self.epoch}", "create": True},
+        r = self.client.post("/admin/models/echo-1/rollout",
+                             json={"version": f"v{self.epoch}", "create": True},
                              headers=auth(ADMIN))
         assert r.status_code == 200
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import typing
 from pathlib import Path
-import re
 from typing import Any
 
 import pytest
@@ -351,13 +351,13 @@ class TestSettings:
 
     @pytest.mark.parametrize("secret", ["x" * 65, "short"])
     def test_a_secret_the_service_cannot_use_is_refused_at_start_with_the_range(self, secret):
-        with pytest.raises(ConfigError, match="cache.secret: .*16 to 64 bytes"):
+        with pytest.raises(ConfigError, match=r"cache.secret: .*16 to 64 bytes"):
             load_settings(None, cache={"secret": secret})
 
     def test_a_previous_secret_is_checked_the_same_and_needs_a_current_one(self):
-        with pytest.raises(ConfigError, match="cache.previous_secrets: .*16 to 64 bytes"):
+        with pytest.raises(ConfigError, match=r"cache.previous_secrets: .*16 to 64 bytes"):
             load_settings(None, cache={"secret": "s" * 32, "previous_secrets": ["p" * 70]})
-        with pytest.raises(ConfigError, match="needs cache.secret"):
+        with pytest.raises(ConfigError, match=r"needs cache.secret"):
             load_settings(None, cache={"previous_secrets": ["p" * 32]})
 
     def test_a_key_shared_by_two_tenants_is_refused(self):
@@ -379,7 +379,7 @@ class TestSettings:
         s, key = with_demo_tenant(load_settings(None, state_dir=str(tmp_path)))
         assert key and key.startswith("sk-demo-") and s.tenants[0].api_keys == [key]
         assert with_demo_tenant(s)[1] is None
-        again, key2 = with_demo_tenant(load_settings(None, state_dir=str(tmp_path)))
+        _again, key2 = with_demo_tenant(load_settings(None, state_dir=str(tmp_path)))
         assert key2 == key
         assert (tmp_path / "demo-key").stat().st_mode & 0o077 == 0  # owner-only
         _, other = with_demo_tenant(load_settings(None, state_dir=str(tmp_path / "elsewhere")))
@@ -431,7 +431,8 @@ class TestTenants:
         assert self.directory().authenticate("bearer key-u-0123456789ab").id == "u"
 
     @pytest.mark.parametrize("header", [None, "", "Bearer ", "Basic key-a-0123456789ab",
-                                        "Bearer key-a-0123456789ac", "Bearer admin-0123456789abcdef"])
+                                        "Bearer key-a-0123456789ac",
+                                        "Bearer admin-0123456789abcdef"])
     def test_anything_else_is_refused(self, header):
         with pytest.raises(AuthError):
             self.directory().authenticate(header)

@@ -67,9 +67,12 @@ class TestModelsCli:
 
 
 class TestPurgeCli:
-    def test_purge_old_epochs_keeps_the_current_one(self, redis_url: str, redis_standalone: Any) -> None:
-        old = last_json(cli("models", "rollout", "m", "v1", "--create", "--redis", redis_url, "--json").output)
-        new = last_json(cli("models", "rollout", "m", "v2", "--create", "--redis", redis_url, "--json").output)
+    def test_purge_old_epochs_keeps_the_current_one(self, redis_url: str,
+                                                    redis_standalone: Any) -> None:
+        old = last_json(cli("models", "rollout", "m", "v1", "--create", "--redis", redis_url,
+                            "--json").output)
+        new = last_json(cli("models", "rollout", "m", "v2", "--create", "--redis", redis_url,
+                            "--json").output)
         client = redis.Redis(host=redis_standalone.host, port=redis_standalone.port)
         keys = {}
         for epoch in (old["epoch"], new["epoch"]):
@@ -83,7 +86,8 @@ class TestPurgeCli:
         assert client.exists(*keys[old["epoch"]]) == 0
         assert client.exists(*keys[new["epoch"]]) == 25
 
-    def test_purge_a_tenant_with_a_glob_in_its_id(self, redis_url: str, redis_standalone: Any) -> None:
+    def test_purge_a_tenant_with_a_glob_in_its_id(self, redis_url: str,
+                                                  redis_standalone: Any) -> None:
         client = redis.Redis(host=redis_standalone.host, port=redis_standalone.port)
         for tenant in ("*", "a"):
             for i in range(5):

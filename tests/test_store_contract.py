@@ -21,8 +21,7 @@ from cachesvc.store import (
     storage_key,
 )
 from keying import Scope
-from tests.store_helpers import digest_of, key_for, make_entry
-from tests.store_helpers import KEYS
+from tests.store_helpers import KEYS, digest_of, key_for, make_entry
 from tests.support.clock import FakeClock
 
 
@@ -116,7 +115,8 @@ class TestStoreContract:
             await harness.store.set(k("a"), b"x", ttl=0)
 
     async def test_an_encoded_entry_round_trips(self, harness: Harness) -> None:
-        entry = make_entry(stream=[{"choices": [{"delta": {"content": "hé"}, "finish_reason": "stop"}]}],
+        entry = make_entry(stream=[{"choices": [{"delta": {"content": "hé"},
+                                                 "finish_reason": "stop"}]}],
                            response=None)
         await harness.store.set(key_for(entry), encode_entry(entry, keys=KEYS), ttl=entry.ttl)
         raw = await harness.store.get(key_for(entry))

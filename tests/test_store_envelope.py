@@ -16,21 +16,20 @@ from hypothesis import strategies as st
 from cachesvc.store import (
     CorruptEntryError,
     EntryDecodeError,
-    ForeignEntryError,
-    InvalidEntryError,
-    UnsupportedVersionError,
     EntryKeys,
+    ForeignEntryError,
     ForgedEntryError,
+    InvalidEntryError,
     OversizeEntryError,
     StoreConfigError,
     UnknownKeyError,
+    UnsupportedVersionError,
     decode_entry,
     encode_entry,
 )
 from cachesvc.store.envelope import FORMAT_VERSION, HEADER_SIZE, MAGIC
 from keying import Scope
-from tests.store_helpers import make_entry
-from tests.store_helpers import KEYS
+from tests.store_helpers import KEYS, make_entry
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text()
 json_values = st.recursive(
@@ -111,7 +110,8 @@ class TestEnvelopeRoundTrip:
 
     def test_material_that_does_not_compress_is_stored_as_is(self) -> None:
         material = random.Random(1).randbytes(2048)
-        payload = msgpack.unpackb(encode_entry(replace(make_entry(), material=material), keys=KEYS)[HEADER_SIZE:],
+        payload = msgpack.unpackb(encode_entry(replace(make_entry(), material=material),
+                                               keys=KEYS)[HEADER_SIZE:],
                                   raw=False)
         assert payload["k"] == material and "kz" not in payload
         assert decode_entry(encode_entry(replace(make_entry(), material=material), keys=KEYS),
@@ -139,7 +139,7 @@ class TestEnvelopeRefusesBadBytes:
     @pytest.mark.parametrize("cut", [1, 3, 5, HEADER_SIZE, HEADER_SIZE + 1, -1])
     def test_a_truncated_envelope_is_refused(self, cut: int) -> None:
         raw = encode_entry(make_entry(), keys=KEYS)
-        with pytest.raises((CorruptEntryError, ForgedEntryError), match="truncated|MAC"):
+        with pytest.raises((CorruptEntryError, ForgedEntryError), match=r"truncated|MAC"):
             decode_entry(raw[:cut], keys=KEYS)
 
     @pytest.mark.parametrize("raw", [b"", b"hello", b'{"choices": []}', b"\x00" * 40])
@@ -185,7 +185,7 @@ class TestEntryValidation:
 
     @pytest.mark.parametrize("material", [b"", "text", bytearray(b"x")])
     def test_material_must_be_non_empty_bytes(self, material: object) -> None:
-        with pytest.raises(InvalidEntryError, match="^material:"):
+        with pytest.raises(InvalidEntryError, match=r"^material:"):
             replace(make_entry(), material=material)
 
 

@@ -15,7 +15,8 @@ from invalidation import PurgeSelector
 from keying import Scope
 
 ids = st.text(min_size=1, max_size=120) | st.sampled_from(
-    ["*", ":", "{", "}", "{a}", "a:b", "[", "]", "?", "\\", "/", "t/x", "%3A", "~ab", "日本", "x" * 400]
+    ["*", ":", "{", "}", "{a}", "a:b", "[", "]", "?", "\\", "/", "t/x", "%3A", "~ab", "日本",
+     "x" * 400]
 )
 scopes = st.one_of(
     st.just(Scope.public()),
@@ -47,7 +48,8 @@ class TestStorageKeyLayout:
         assert (ka == kb) == ((a, ma, ea) == (b, mb, eb))
 
     @given(victim=ids, other=scopes, model=ids)
-    def test_a_tenant_purge_pattern_matches_only_that_tenants_keys(self, victim, other, model) -> None:  # type: ignore[no-untyped-def]
+    def test_a_tenant_purge_pattern_matches_only_that_tenants_keys(
+        self, victim, other, model) -> None:  # type: ignore[no-untyped-def]
         selector = PurgeSelector(tenant=victim)
         key = storage_key(scope=other, model=model, epoch=1, digest=DIGEST)
         parts = parse_storage_key(key)
@@ -58,7 +60,8 @@ class TestStorageKeyLayout:
         assert key_matches(parts, selector) == belongs
 
     @given(model=ids, other=ids, epoch=st.integers(0, 20), cutoff=st.integers(0, 20))
-    def test_a_model_purge_matches_only_that_models_older_epochs(self, model, other, epoch, cutoff) -> None:  # type: ignore[no-untyped-def]
+    def test_a_model_purge_matches_only_that_models_older_epochs(
+        self, model, other, epoch, cutoff) -> None:  # type: ignore[no-untyped-def]
         selector = PurgeSelector(model=model, before_epoch=cutoff)
         key = storage_key(scope=Scope.for_tenant("t"), model=other, epoch=epoch, digest=DIGEST)
         parts = parse_storage_key(key)

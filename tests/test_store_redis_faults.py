@@ -20,7 +20,8 @@ def k(i: int) -> str:
 
 
 class TestStandaloneFaults:
-    async def test_a_hung_server_fails_within_the_socket_timeout(self, redis_standalone: Any) -> None:
+    async def test_a_hung_server_fails_within_the_socket_timeout(
+        self, redis_standalone: Any) -> None:
         store = open_store(redis_standalone.url, socket_timeout=0.2, retries=0)
         await store.set(k(1), b"v", ttl=60)
         redis_standalone.pause()

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-
 import structlog
+from fastapi import APIRouter, Query
 
 from cachesvc.api.deps import AdminDep, Services, ServicesDep
 from cachesvc.api.schemas import (

@@ -34,7 +34,8 @@ from keying import Scope, detect_kind
 
 router = APIRouter(prefix="/v1/cache", tags=["cache"])
 
-_STALE = {409: {"description": "The token's model epoch has passed (a rollout happened)."}}
+_STALE: dict[int | str, dict[str, Any]] = {
+    409: {"description": "The token's model epoch has passed (a rollout happened)."}}
 
 
 def _kind(request: dict[str, Any], kind: Any) -> str:

@@ -3,8 +3,10 @@ lifespan); tests swap any of these with ``app.dependency_overrides``."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,6 +21,10 @@ from cachesvc.single_flight import SingleFlight
 from cachesvc.tenants import Tenant, TenantDirectory
 from cachesvc.upstream import Upstream
 
+if TYPE_CHECKING:
+    from cachesvc.models import ModelVersions
+    from cachesvc.store.base import ResponseStore
+
 
 @dataclass
 class Services:
@@ -28,23 +34,21 @@ class Services:
     upstream: Upstream
     flights: SingleFlight
     signer: FillTokenSigner
-    versions: Any
-    store: Any
+    versions: ModelVersions
+    store: ResponseStore
     #: Background work started by requests (old-epoch purges), kept referenced until done.
-    background: set[Any] = field(default_factory=set)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
     #: Hot entries' answers, encoded once (the hit routes' bodies).
     bodies: EncodedBodies = field(default_factory=EncodedBodies)
 
-    def spawn(self, coro: Any, *, name: str) -> None:
-        import asyncio
-
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
 
 async def get_services(request: Request) -> Services:
-    services = getattr(request.app.state, "services", None)
+    services: Services | None = getattr(request.app.state, "services", None)
     if services is None:  # pragma: no cover - only before lifespan ran
         raise RuntimeError("the app's lifespan has not run; start it with uvicorn or TestClient")
     return services

@@ -10,10 +10,10 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from cachesvc.api.responses import OrjsonResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from cachesvc.api.responses import OrjsonResponse
 from cachesvc.body_limit import BodyRefused, refusal
 from cachesvc.errors import ServiceError, UpstreamError
 

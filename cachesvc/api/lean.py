@@ -106,5 +106,5 @@ class CacheApp(FastAPI):
         for cls in type(exc).__mro__:
             handler = self.exception_handlers.get(cls)
             if handler is not None:
-                return await handler(request, exc)  # type: ignore[no-any-return]
+                return await handler(request, exc)  # type: ignore[misc,no-any-return]  # async handlers only
         raise exc

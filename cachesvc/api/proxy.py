@@ -17,11 +17,10 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
-
 from cachesvc import access_log, metrics
 from cachesvc.api.deps import Services, hot_path_caller, read_json_body
 from cachesvc.api.lean import lean
+from cachesvc.api.responses import EncodedJsonResponse, OrjsonResponse
 from cachesvc.api.schemas import ERROR_RESPONSES, proxy_openapi
 from cachesvc.cache_control import parse_cache_control
 from cachesvc.errors import OnlyIfCachedMissError, UpstreamError

@@ -74,7 +74,7 @@ _HEADERS = {
 
 
 #: OpenAPI security of the routes that take a tenant key (their dependency is not declared).
-BEARER_SECURITY = [{"HTTPBearer": []}]
+BEARER_SECURITY: list[dict[str, list[str]]] = [{"HTTPBearer": []}]
 
 
 def proxy_openapi(kind: str) -> dict[str, Any]:
@@ -89,7 +89,8 @@ def proxy_openapi(kind: str) -> dict[str, Any]:
             "200": {"description": "The answer; `X-Cache` says where it came from.",
                     "headers": _HEADERS,
                     "content": {"application/json": {"schema": _RESPONSE},
-                                "text/event-stream": {"schema": {"description": "SSE: `data: <chunk JSON>` events, then `data: [DONE]`."}}}},
+                                "text/event-stream": {"schema": {"description": (
+                                    "SSE: `data: <chunk JSON>` events, then `data: [DONE]`.")}}}},
             "502": {"description": "The upstream failed (its error passes through).",
                     "content": {"application/json": {"schema": {"type": "object"}}}},
             "504": {"description": "only-if-cached and not cached, or upstream timeout.",

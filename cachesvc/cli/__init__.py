@@ -8,11 +8,15 @@ client: every command imports only what it uses. ``--help`` lists them all (and 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import click
 import typer
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    # Typer ships its own copy of Click (it does not depend on the click package); its commands
+    # and contexts are that copy's classes.
+    from typer._click import Command, Context
 
 #: Command name -> (module, attribute, whether it logs): the attribute is a Typer sub-app, or
 #: ``register(app)`` adding the command. ``main`` configures structlog for commands that log.
@@ -27,7 +31,7 @@ _COMMANDS: dict[str, tuple[str, str, bool]] = {
 }
 
 
-def _load(name: str) -> click.Command:
+def _load(name: str) -> Command:
     module, attr, _ = _COMMANDS[name]
     found: Any = getattr(importlib.import_module(module), attr)
     if isinstance(found, typer.Typer):
@@ -37,16 +41,16 @@ def _load(name: str) -> click.Command:
         return group
     holder = typer.Typer(rich_markup_mode=None)
     found(holder)
-    command = typer.main.get_group(holder).get_command(click.Context(click.Group()), name)
+    command = typer.main.get_group(holder).get_command(typer.Context(TyperGroup()), name)
     assert command is not None, f"{module}.register added no {name!r} command"
     return command
 
 
 class _LazyGroup(TyperGroup):
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: Context) -> list[str]:
         return sorted(_COMMANDS)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
         return _load(cmd_name) if cmd_name in _COMMANDS else None
 
 

@@ -55,9 +55,9 @@ def _message(resp: Any) -> str:
     """The service's error message and fix, or the start of the body."""
     try:
         err = resp.json()["error"]
-        return err["message"] + (f" ({err['fix']})" if err.get("fix") else "")
+        return str(err["message"]) + (f" ({err['fix']})" if err.get("fix") else "")
     except Exception:  # noqa: BLE001 - not our error shape: show what came
-        return resp.text[:200].replace("\n", " ") or resp.reason_phrase
+        return str(resp.text[:200].replace("\n", " ") or resp.reason_phrase)
 
 
 def admin_api(url: str, admin_key: str | None, config: Path | str | None) -> AdminApi:
@@ -73,4 +73,4 @@ def admin_api(url: str, admin_key: str | None, config: Path | str | None) -> Adm
     if not key:
         fail("--url needs the service's admin key: pass --admin-key, set CACHESVC_ADMIN_KEY, or "
              "give --config with [admin] api_key (make serve prints the key it generated)")
-    return AdminApi(url, key)  # type: ignore[arg-type]
+    return AdminApi(url, key)

@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover - loaded by the commands that need it
     from audit import Oracle, ScanResult
     from cachesvc.settings import Settings
 
-app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks and INT8 KV drift, write reports.",
+app = typer.Typer(help="Audit the cache: scan entries, measure timing leaks and INT8 KV drift, "
+                       "write reports.",
                   no_args_is_help=True, rich_markup_mode=None)
 
 ConfigOpt = Annotated[
@@ -215,7 +216,8 @@ def timing(
     detect: Annotated[float | None, typer.Option(
         help="Size the run: the KS distance between hit and miss times to detect with 90% "
              "power (0.3 needs about 230 trials at alpha 1e-4).")] = None,
-    model: Annotated[str | None, typer.Option(help="Model id; default: first of /v1/models.")] = None,
+    model: Annotated[str | None,
+                     typer.Option(help="Model id; default: first of /v1/models.")] = None,
     endpoint: Annotated[str, typer.Option(help="chat or completion.")] = "chat",
     prompt_words: Annotated[int, typer.Option(
         min=10, help="Words per random prompt; longer prompts show a prefix cache more.")] = 300,
@@ -257,8 +259,14 @@ def timing(
         if journal is not None:
             journal.save_result("timing", partial.as_dict())
 
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     # A time limit (`timeout`, a scheduler) stops with SIGTERM: treat it as Ctrl-C, so the
     # results so far are saved as interrupted.
@@ -304,10 +312,12 @@ def drift(
     pool_mb: Annotated[int, typer.Option("--pool-mb", help="INT8 KV pool budget in MiB.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "cpu",
     per_layer: Annotated[bool, typer.Option(help="Attribute the error to layers.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    as_json: Annotated[bool,
+                       typer.Option("--json", help="Print the report as one JSON object.")] = False,
     config: ConfigOpt = None,
     findings: FindingsOpt = None,
-    save: Annotated[bool, typer.Option(help="Store the result and any finding for reports.")] = True,
+    save: Annotated[bool,
+                    typer.Option(help="Store the result and any finding for reports.")] = True,
 ) -> None:
     """Measure how far INT8 KV drifts from full precision on a fixed, seeded corpus of long greedy
     generations (teacher-forced KLD, top-1 agreement, first divergence, by position bucket and
@@ -329,7 +339,8 @@ def drift(
         journal = _journal(_settings(config), findings)
         recorder = Recorder(journal)
     try:
-        report = run_drift_audit(engine, corpus(engine, prompts=prompts, seed=seed), max_tokens=max_tokens,
+        report = run_drift_audit(engine, corpus(engine, prompts=prompts, seed=seed),
+                                 max_tokens=max_tokens,
                                  recorder=recorder, journal=journal, per_layer=per_layer)
     finally:
         engine.close()
@@ -339,12 +350,16 @@ def drift(
         typer.echo(json.dumps(report.as_dict()))
     else:
         for name, f in {"all": report.overall, **report.buckets}.items():
-            typer.echo(f"{name:8s} tokens {f.tokens:6d}  KLD mean {f.kld_mean:.3g}  p99 {f.kld_p99:.3g}  "
+            typer.echo(f"{name:8s} tokens {f.tokens:6d}  KLD mean {f.kld_mean:.3g}  p99 "
+                       f"{f.kld_p99:.3g}  "
                        f"top-1 {f.top1_agreement:.4f}")
-        typer.echo(f"first greedy divergence: {report.first_divergence} (median {report.first_divergence_median})")
+        typer.echo(f"first greedy divergence: {report.first_divergence} (median "
+                   f"{report.first_divergence_median})")
         for e in report.layers:
-            typer.echo(f"layer {e.layer:3d}: K error {e.k_rel_error:.4f}, V error {e.v_rel_error:.4f}")
-        typer.echo("verdict: " + ("; ".join(report.exceeded) if report.exceeded else "within thresholds"))
+            typer.echo(f"layer {e.layer:3d}: K error {e.k_rel_error:.4f}, V error "
+                       f"{e.v_rel_error:.4f}")
+        verdict = "; ".join(report.exceeded) if report.exceeded else "within thresholds"
+        typer.echo("verdict: " + verdict)
     raise typer.Exit(code=1 if report.exceeded else 0)
 
 

@@ -30,16 +30,24 @@ def serve(
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
     max_running: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for room.")] = 64,
-    max_batch_tokens: Annotated[int, typer.Option(help="Tokens per scheduler step (decodes, then prefill "
+    max_batch_tokens: Annotated[int,
+                                typer.Option(help="Tokens per scheduler step (decodes, then "
+                                                  "prefill "
                                                   "chunks).")] = 512,
-    high_watermark: Annotated[float, typer.Option(help="Admission stops at this share of the pool.")] = 0.8,
-    queue_timeout_s: Annotated[float, typer.Option(help="Longest wait for admission before a 503.")] = 30.0,
+    high_watermark: Annotated[float,
+                              typer.Option(help="Admission stops at this share of the "
+                                                "pool.")] = 0.8,
+    queue_timeout_s: Annotated[float,
+                               typer.Option(help="Longest wait for admission before a "
+                                                 "503.")] = 30.0,
     max_tokens_limit: Annotated[int, typer.Option(help="Per-request cap on max_tokens.")] = 4096,
     kv_dtype: Annotated[str, typer.Option(help="KV pool storage: full or int8.")] = "full",
     model_epoch: Annotated[int, typer.Option(help="Model epoch in the block hashes.")] = 1,
-    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="KEY=TENANT; repeat.")] = None,
+    api_key: Annotated[list[str] | None,
+                       typer.Option("--api-key", help="KEY=TENANT; repeat.")] = None,
     no_isolate_tenants: Annotated[bool, typer.Option(
-        "--no-isolate-tenants", help="Let tenants share prefix blocks (timing-audit demo only).")] = False,
+        "--no-isolate-tenants",
+        help="Let tenants share prefix blocks (timing-audit demo only).")] = False,
 ) -> None:
     """Serve /v1/chat/completions and /v1/completions from the reference engine."""
     import uvicorn
@@ -50,9 +58,12 @@ def serve(
 
     keys = _parse_keys(api_key or [])
     try:
-        engine = Engine.from_name(model, device=device, pool_bytes=pool_mb * 2**20, block_size=block_size,
-                                  max_running=max_running, max_queue=max_queue, model_epoch=model_epoch,
-                                  isolate_tenants=not no_isolate_tenants, max_batch_tokens=max_batch_tokens,
+        engine = Engine.from_name(model, device=device, pool_bytes=pool_mb * 2**20,
+                                  block_size=block_size,
+                                  max_running=max_running, max_queue=max_queue,
+                                  model_epoch=model_epoch,
+                                  isolate_tenants=not no_isolate_tenants,
+                                  max_batch_tokens=max_batch_tokens,
                                   high_watermark=high_watermark, queue_timeout_s=queue_timeout_s,
                                   max_tokens_limit=max_tokens_limit, kv_dtype=kv_dtype)
     except (PrefixCacheError, ValueError) as exc:

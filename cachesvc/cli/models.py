@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from urllib.parse import quote
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import orjson
 import typer

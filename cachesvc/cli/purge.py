@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import quote
 from typing import Annotated
+from urllib.parse import quote
 
 import orjson
 import typer
@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
         url: UrlOpt = None,
         admin_key: AdminKeyOpt = None,
         batch: Annotated[int, typer.Option(min=1, max=100_000, help="Keys per SCAN step.")] = 500,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the final count as JSON.")] = False,
+        as_json: Annotated[bool,
+                           typer.Option("--json", help="Print the final count as JSON.")] = False,
     ) -> None:
         """Delete entries on every node, in batches, with progress. An interrupted purge
         resumes where it stopped when run again with the same options."""

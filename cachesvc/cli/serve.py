@@ -95,11 +95,10 @@ def register(app: typer.Typer) -> None:
         if workers == 1:
             from cachesvc.app import create_app
 
-            uvicorn.run(create_app(settings, on_ready=hint and (lambda: typer.echo(hint))),
-                        **common)  # type: ignore[arg-type]
+            on_ready = (lambda: typer.echo(hint)) if hint else None
+            uvicorn.run(create_app(settings, on_ready=on_ready), **common)
             return
         if hint:
             typer.echo(hint)
         os.environ[_SETTINGS_ENV] = settings.model_dump_json(by_alias=True)
-        uvicorn.run("cachesvc.cli.serve:app_factory", factory=True, workers=workers,
-                    **common)  # type: ignore[arg-type]
+        uvicorn.run("cachesvc.cli.serve:app_factory", factory=True, workers=workers, **common)

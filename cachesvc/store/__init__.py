@@ -113,7 +113,7 @@ def open_store(
     if target.cluster:
         return RedisStore(client, max_entry_bytes=lim.max_entry_bytes)
     return RedisStore(client, max_entry_bytes=lim.max_entry_bytes,
-                      getter=PipelinedGet.for_client(client,  # type: ignore[arg-type]
+                      getter=PipelinedGet.for_client(client,
                                                      connect_timeout=lim.connect_timeout))
 
 

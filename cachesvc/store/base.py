@@ -22,7 +22,6 @@ cluster instead of filling one node.
 from __future__ import annotations
 
 import functools
-
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -126,7 +125,7 @@ def key_matches(parts: StorageKeyParts, selector: PurgeSelector) -> bool:
         return False
     if selector.model is not None and parts.model != escape_component(selector.model):
         return False
-    if selector.before_epoch is not None and parts.epoch >= selector.before_epoch:
+    if selector.before_epoch is not None and parts.epoch >= selector.before_epoch:  # noqa: SIM103
         return False
     return True
 

@@ -16,7 +16,7 @@ from cachesvc.store.base import (
     parse_storage_key,
 )
 from cachesvc.store.errors import StoreConfigError
-from invalidation.purge import PurgeSelector, Purger
+from invalidation.purge import Purger, PurgeSelector
 
 SHARD = "embedded"
 #: Bytes charged per entry on top of key and value (dict slot, tuple, bookkeeping).

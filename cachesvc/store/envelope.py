@@ -95,7 +95,8 @@ class Entry:
         if not _finite(self.created_at):
             raise InvalidEntryError(f"created_at: {self.created_at!r} is not a finite number")
         if self.ttl is not None and (not _finite(self.ttl) or self.ttl <= 0):
-            raise InvalidEntryError(f"ttl: {self.ttl!r} must be a positive number of seconds or None")
+            raise InvalidEntryError(f"ttl: {self.ttl!r} must be a positive number of seconds or "
+                                    "None")
         if not isinstance(self.digest, bytes) or len(self.digest) != DIGEST_SIZE:
             raise InvalidEntryError(f"digest: must be {DIGEST_SIZE} bytes (KeyResult.digest)")
         if (
@@ -119,7 +120,8 @@ class Entry:
             raise InvalidEntryError("adapter: must be a string or None")
         if self.material is not None and (not isinstance(self.material, bytes)
                                           or not self.material):
-            raise InvalidEntryError("material: must be non-empty bytes (KeyResult.material) or None")
+            raise InvalidEntryError("material: must be non-empty bytes (KeyResult.material) or "
+                                    "None")
         problem = answer_problem(response=self.response, stream=self.stream)
         if problem is not None:
             raise InvalidEntryError(f"{describe(problem)}; store only a complete answer in the "

@@ -42,7 +42,7 @@ class EntryKeys:
     __slots__ = ("current_id", "_macs", "_secrets")
 
     def __init__(self, current: bytes, previous: Sequence[bytes] = ()) -> None:
-        self._macs: dict[bytes, hashlib._Hash] = {}
+        self._macs: dict[bytes, hashlib.blake2b] = {}
         self._secrets: dict[bytes, bytes] = {}
         for secret in (current, *previous):
             check_secret(secret)
@@ -62,7 +62,8 @@ class EntryKeys:
         """The MAC of ``header + payload`` under the current key."""
         return self._mac(self._macs[self.current_id], header, payload)
 
-    def verify(self, kid: bytes, tag: bytes, header: bytes, payload: bytes) -> None:
+    def verify(self, kid: bytes, tag: bytes, header: bytes | memoryview,
+               payload: bytes | memoryview) -> None:
         """Raise unless ``tag`` is the MAC of ``header + payload`` under key ``kid``."""
         h = self._macs.get(kid)
         if h is None:
@@ -78,7 +79,8 @@ class EntryKeys:
         return self._secrets.get(kid)
 
     @staticmethod
-    def _mac(base: hashlib._Hash, header: bytes, payload: bytes) -> bytes:
+    def _mac(base: hashlib.blake2b, header: bytes | memoryview, payload: bytes | memoryview
+             ) -> bytes:
         h = base.copy()
         h.update(header)
         h.update(payload)

@@ -109,7 +109,7 @@ class PipelinedGet:
     def __init__(self, *, host: str = "localhost", port: int = 6379, path: str | None = None,
                  db: int = 0, username: str | None = None, password: str | None = None,
                  timeout: float = 0.25, connect_timeout: float = 0.5) -> None:
-        self._where = dict(path=path) if path else dict(host=host, port=port)
+        self._where: dict[str, Any] = dict(path=path) if path else dict(host=host, port=port)
         self._hello = []
         if password is not None:
             self._hello.append(_command(b"AUTH", *([username.encode()] if username else []),
@@ -156,7 +156,8 @@ class PipelinedGet:
     async def _connected(self) -> _Replies:
         # Concurrent callers share one connection attempt.
         pending = self._connecting
-        if pending is None or pending.done() or pending.get_loop() is not asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        if pending is None or pending.done() or pending.get_loop() is not loop:
             pending = self._connecting = asyncio.ensure_future(self._connect())
         return await asyncio.shield(pending)
 

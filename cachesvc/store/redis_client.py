@@ -128,9 +128,9 @@ def redis_client(target: RedisTarget, *, flavour: Literal["async", "sync"],
                                      **cluster, **common)  # type: ignore[arg-type]
         from redis.cluster import ClusterNode
 
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                            **cluster, **common)  # type: ignore[arg-type]
+        nodes = [ClusterNode(h, p) for h, p in target.nodes]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=nodes, **cluster, **common)  # type: ignore[arg-type]
     assert target.url is not None
     if flavour == "async":
         return aioredis.Redis.from_url(target.url, **common)  # type: ignore[arg-type]
-    return redis.Redis.from_url(target.url, **common)  # type: ignore[arg-type]
+    return redis.Redis.from_url(target.url, **common)

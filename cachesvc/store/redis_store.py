@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -25,7 +25,7 @@ from cachesvc.store.base import (
 )
 from cachesvc.store.errors import StoreUnavailableError
 from cachesvc.store.pipelined_get import PipelinedGet
-from invalidation.purge import PurgeSelector, Purger, RedisCheckpoints
+from invalidation.purge import Purger, PurgeSelector, RedisCheckpoints
 
 STANDALONE_SHARD = "standalone"
 #: redis-py raises these when the server is unreachable, slow or the cluster is reconfiguring.
@@ -70,7 +70,8 @@ class RedisStore:
         if self._getter is not None:
             return await self._getter.get(key)
         try:
-            return await self.client.get(key)
+            # bytes: the client is made without decode_responses
+            return cast("bytes | None", await self.client.get(key))
         except BACKEND_ERRORS as exc:
             raise _unavailable(exc) from exc
 
@@ -148,6 +149,7 @@ class RedisStore:
             await self.client.initialize()
         except BACKEND_ERRORS as exc:
             raise _unavailable(exc) from exc
+        assert isinstance(self.client, RedisCluster)
         return sorted(n.name for n in self.client.get_primaries())
 
     async def purge_scan(
@@ -181,6 +183,7 @@ class RedisStore:
     # -- helpers ------------------------------------------------------------------------------
 
     def _node(self, shard: str) -> ClusterNode | None:
+        assert isinstance(self.client, RedisCluster), "shards other than the one are a cluster's"
         return self.client.get_node(node_name=shard)
 
     async def _scan(

@@ -32,7 +32,8 @@ class Stack:
         return httpx.get(self.upstream.removesuffix("/v1") + "/calls").json()["calls"]
 
     def rollout(self, model: str, version: str) -> None:
-        httpx.post(f"{self.service}/admin/models/{model}/rollout", json={"version": version, "create": True},
+        httpx.post(f"{self.service}/admin/models/{model}/rollout",
+                   json={"version": version, "create": True},
                    headers={"Authorization": f"Bearer {self.admin}"}).raise_for_status()
 
 

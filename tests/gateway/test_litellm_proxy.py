@@ -19,8 +19,8 @@ pytest.importorskip("litellm")
 pytest.importorskip("websockets")  # the proxy server's dependencies, not LiteLLM's
 pytest.importorskip("apscheduler")
 
-from tests.support.redis_servers import free_port  # noqa: E402
-from tests.gateway.harness import Stack  # noqa: E402
+from tests.gateway.harness import Stack
+from tests.support.redis_servers import free_port
 
 MASTER_KEY = "sk-proxy-master-0123456789abcdef"
 CONFIG = """\
