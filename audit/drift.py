@@ -55,5 +55,6 @@ def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens
         recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
     if journal is not None:
         journal.save_result("drift", {**report.as_dict(), "at": time.time(),
-                                      "int8_disabled": engine.kv_dtype != "int8"})
+                                      "int8_disabled": engine.kv_dtype != "int8",
+                                      "int8_full_layers": sorted(engine.int8_full_layers)})
     return report
