@@ -282,6 +282,8 @@ class Engine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         #: Re-runs a sample of finished INT8 generations in full precision, in the background.
         self.drift_sampler: DriftSampler | None = None
+        if drift_sampling is not None:
+            drift_sampling.check(block_size)
         if kv_dtype == "int8" and drift_sampling is not None and drift_sampling.rate > 0:
             self.drift_sampler = DriftSampler(self, drift_sampling)
         plan = pool_plan(block_bytes=self.pool.block_bytes, pool_bytes=pool_bytes, block_size=block_size,
