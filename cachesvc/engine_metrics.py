@@ -125,8 +125,8 @@ def _sampler_metrics(st: Any) -> Iterator[Any]:
          "kld_mean"),
         ("engine_kv_drift_sample_kld_p99", "Drift sampler, running: p99 KLD of INT8 against full precision.",
          "kld_p99"),
-        ("engine_kv_drift_sample_top1_agreement", "Drift sampler, running: share of positions where INT8 keeps "
-         "the full-precision top token.", "top1_agreement"),
+        ("engine_kv_drift_sample_top1_agreement", ("Drift sampler, running: share of positions where INT8 keeps "
+                                                   "the full-precision top token."), "top1_agreement"),
     ):
         family = GaugeMetricFamily(name, doc, labels=["positions"])
         for bucket, f in st.figures.items():

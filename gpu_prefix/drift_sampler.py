@@ -36,7 +36,16 @@ import structlog
 import torch
 
 from gpu_prefix.attention import StepLayout, packed_forward, seq_slice
-from gpu_prefix.drift import BUCKETS, DriftReport, Figures, LayerErrorSum, check, enforce, kld_top1, thresholds_for
+from gpu_prefix.drift import (
+    BUCKETS,
+    DriftReport,
+    Figures,
+    LayerErrorSum,
+    check,
+    enforce,
+    kld_top1,
+    thresholds_for,
+)
 from gpu_prefix.errors import InvalidParamsError
 from gpu_prefix.kvquant import QuantizedKV
 
@@ -250,7 +259,7 @@ class DriftSampler:
                 self._replaying = True
             try:
                 self._replay(sample)
-            except Exception:  # noqa: BLE001 - a failed replay must not stop sampling
+            except Exception:  # a failed replay must not stop sampling
                 log.exception("drift_sampler.replay_failed", tokens=len(sample.tokens))
                 with self._cond:
                     self._dropped += 1

@@ -100,7 +100,7 @@ class TestDriftGuard:
             fp.close()
         int8_engine.store.check_valid()
 
-    @pytest.mark.parametrize("fault", [dict(zero_k=frozenset({0})), dict(zero_v=frozenset({1}))])
+    @pytest.mark.parametrize("fault", [{"zero_k": frozenset({0})}, {"zero_v": frozenset({1})}])
     def test_a_fault_in_one_layer_is_attributed_and_int8_turned_off_for_that_layer_only(self, int8_engine, fault):
         plant(int8_engine, **fault)
         bad = next(iter(fault.values()))

@@ -132,8 +132,8 @@ class TestDriftSamplerBudget:
         assert 15 <= len(picks(7)) <= 45
 
     def test_a_bad_setting_is_refused_by_name(self, make_engine):
-        for kw, name in ((dict(rate=1.5), "drift_sample_rate"), (dict(tokens_per_minute=0), "tokens_per_minute"),
-                         (dict(chunk_tokens=3), "chunk_tokens")):
+        for kw, name in (({"rate": 1.5}, "drift_sample_rate"), ({"tokens_per_minute": 0}, "tokens_per_minute"),
+                         ({"chunk_tokens": 3}, "chunk_tokens")):
             with pytest.raises(InvalidParamsError, match=name):
                 make_engine(kv_dtype="int8", drift_sampling=sampling(**kw))
 
