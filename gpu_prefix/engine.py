@@ -257,6 +257,7 @@ class Engine:
         self._salt_secret = salt_secret or os.urandom(32)
         self._rng = rng or random.Random()
         self._model_lock = threading.Lock()
+        self._int8_lock = threading.Lock()
         self.shape = KVShape.from_config(self.model.config, loaded.dtype)
         self.device = loaded.device
         if max_tokens_limit < 1:
@@ -532,6 +533,12 @@ class Engine:
         full-precision layers, is in their hashes, so none could match a request of the new
         storage anyway). The pool keeps its byte budget, so it holds fewer blocks. Returns the
         blocks dropped."""
+        # NOTE: the audit's thread and the sampler's may both trip; one switch at a time, each
+        # from the storage the other left.
+        with self._int8_lock:
+            return self._disable_int8(reason, layers)
+
+    def _disable_int8(self, reason: str, layers: Iterable[int] | None) -> int:
         old = self.store
         quant = old.pool.quant
         if self.kv_dtype != "int8" or quant is None:
