@@ -1,12 +1,13 @@
 """The INT8 KV drift audit as findings: runs the engine's drift guard (``gpu_prefix.drift``) and,
 when drift is over the model's thresholds (so the guard turned INT8 off), records a ``drift``
 finding with the evidence; the report is kept as the journal's ``drift`` result for
-``cachesvc audit report``."""
+``cachesvc audit report``. The engine's background drift sampler (``gpu_prefix.drift_sampler``)
+records its trips the same way (:func:`trip_recorder`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from audit.finding import EntryRef, Finding
@@ -23,16 +24,30 @@ def drift_finding(report: DriftReport, *, epoch: int | None, at: float) -> Findi
         "first_divergence_median": report.first_divergence_median,
         "exceeded": list(report.exceeded), "prompts": report.prompts,
         "max_tokens": report.max_tokens,
+        "via": report.source, "int8_off": report.action or "model",
     }
     if report.layers:
         worst = max(report.layers, key=lambda e: max(e.k_rel_error, e.v_rel_error))
         evidence.update(worst_layer=worst.layer, worst_layer_k_rel_error=worst.k_rel_error,
                         worst_layer_v_rel_error=worst.v_rel_error)
+    where = "for layers " + report.action.removeprefix("layers:") if report.action.startswith(
+        "layers:") else ""
+    via = " (background sampler)" if report.source == "sampler" else ""
     return Finding(kind="drift", source="drift", entry=EntryRef(model=report.model, epoch=epoch),
                    evidence=evidence,
                    at=at,
-                   summary="INT8 KV drift over thresholds, INT8 turned off: "
-                           f"{'; '.join(report.exceeded)}")
+                   summary=f"INT8 KV drift over thresholds{via}, INT8 turned "
+                           f"off{' ' + where if where else ''}: "
+                   f"{'; '.join(report.exceeded)}")
+
+
+def trip_recorder(recorder: Recorder, engine: Any) -> Callable[[DriftReport], None]:
+    """What the engine's drift sampler calls on a trip: record it as a ``drift`` finding."""
+
+    def on_trip(report: DriftReport) -> None:
+        recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
+
+    return on_trip
 
 
 def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens: int,
@@ -46,5 +61,6 @@ def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens
         recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
     if journal is not None:
         journal.save_result("drift", {**report.as_dict(), "at": time.time(),
-                                      "int8_disabled": engine.kv_dtype != "int8"})
+                                      "int8_disabled": engine.kv_dtype != "int8",
+                                      "int8_full_layers": sorted(engine.int8_full_layers)})
     return report

@@ -170,7 +170,9 @@ def _drift_rows(drift: Mapping[str, Any]) -> list[tuple[str, ...]]:
 
 
 def _drift_summary(drift: Mapping[str, Any]) -> str:
-    verdict = ("over its thresholds, INT8 turned off: " + "; ".join(drift["exceeded"])
+    action = str(drift.get("action") or "model")
+    where = f" for layers {action.removeprefix('layers:')}" if action.startswith("layers:") else ""
+    verdict = (f"over its thresholds, INT8 turned off{where}: " + "; ".join(drift["exceeded"])
                if drift.get("exceeded") else "within its thresholds")
     return (f"Model {drift.get('model')}, {drift.get('prompts')} prompts x "
             f"{drift.get('max_tokens')} greedy tokens; "

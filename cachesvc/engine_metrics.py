@@ -60,6 +60,9 @@ class EngineCollector(Collector):
                                int(engine.kv_dtype == "int8")),
             "engine_kv_int8_disabled": ("1 once the drift guard turned this engine's INT8 KV off.",
                                         int(engine.int8_disabled_reason is not None)),
+            "engine_kv_int8_full_layers": ("Layers the drift guard keeps in full precision in an "
+                                           "INT8 pool.",
+                                           len(engine.int8_full_layers)),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
@@ -79,6 +82,9 @@ class EngineCollector(Collector):
                 for bucket, f in figures.items():
                     family.add_metric([bucket], getattr(f, attr))
                 yield family
+        sampler = engine.drift_sampler
+        if sampler is not None:
+            yield from _sampler_metrics(sampler.stats())
         blocks = GaugeMetricFamily("engine_kv_blocks",
                                    "KV pool blocks by state: free; cached (indexed, "
                                    "evictable); pinned (indexed, used by a request); private (a "
@@ -117,6 +123,48 @@ class EngineCollector(Collector):
                          s.step_time)
         yield _histogram("engine_ttft_seconds",
                          "Time from a request's arrival to its first token.", s.ttft)
+
+
+def _sampler_metrics(st: Any) -> Iterator[Any]:
+    """The drift sampler's counters and its running figures (``gpu_prefix.drift_sampler``)."""
+    for name, doc, value in (
+        ("engine_kv_drift_sampled",
+         "Finished INT8 requests re-run in full precision by the drift sampler.",
+         st.sampled),
+        ("engine_kv_drift_sample_trips",
+         "Times the drift sampler's running figures crossed the thresholds.",
+         st.trips),
+        ("engine_kv_drift_sample_tokens",
+         "Tokens the drift sampler replayed (each run in INT8 and in full).",
+         st.replay_tokens),
+    ):
+        yield CounterMetricFamily(name, doc, value=value)
+    skipped = CounterMetricFamily("engine_kv_drift_sample_skipped",
+                                  "Requests the drift sampler chose but did "
+                                  "not re-run: over its token budget, or its queue full.",
+                                  labels=["reason"])
+    skipped.add_metric(["budget"], st.skipped_budget)
+    skipped.add_metric(["queue"], st.skipped_queue)
+    yield skipped
+    yield GaugeMetricFamily("engine_kv_drift_sample_queued",
+                            "Sampled requests waiting for their re-run.",
+                            value=st.queued)
+    for name, doc, attr in (
+        ("engine_kv_drift_sample_kld_mean",
+         "Drift sampler, running: mean KLD of INT8 against full precision.",
+         "kld_mean"),
+        ("engine_kv_drift_sample_kld_p99",
+         "Drift sampler, running: p99 KLD of INT8 against full precision.",
+         "kld_p99"),
+        ("engine_kv_drift_sample_top1_agreement",
+         ("Drift sampler, running: share of positions where INT8 keeps "
+                                                   "the full-precision top token."),
+                                                   "top1_agreement"),
+    ):
+        family = GaugeMetricFamily(name, doc, labels=["positions"])
+        for bucket, f in st.figures.items():
+            family.add_metric([bucket], getattr(f, attr))
+        yield family
 
 
 _default: EngineCollector | None = None

@@ -86,6 +86,17 @@ class EngineSettings(_Section):
     #: KV pool storage: "full" (the model's dtype) or "int8" (about half the bytes of fp16 K/V;
     #: `cachesvc audit drift` measures what it costs and turns it off past its thresholds).
     kv_dtype: Literal["full", "int8"] = "full"
+    #: INT8 only: the share of finished requests re-run in full precision in the background to
+    #: watch drift (0: off), and what that may spend (docs/int8.md, "Background sampling").
+    drift_sample_rate: float = Field(default=0.0, ge=0, le=1)
+    drift_sample_tokens_per_minute: int = Field(default=20_000, ge=1)
+    drift_sample_queue: int = Field(default=8, ge=1)
+    drift_sample_seed: int = 0
+    #: INT8 only: run the drift audit (`cachesvc audit drift`'s corpus) at start and then every
+    #: this many hours (0: never; it generates prompts x max_tokens greedy tokens twice).
+    drift_audit_every_h: float = Field(default=0.0, ge=0)
+    drift_audit_prompts: int = Field(default=2, ge=1, le=8)
+    drift_audit_max_tokens: int = Field(default=1024, ge=16)
 
 
 class RedisSettings(_Section):

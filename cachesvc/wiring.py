@@ -17,10 +17,12 @@ from cachesvc.settings import Settings
 if TYPE_CHECKING:
     # Types only: each part's module is imported when that part is built (see the docstring).
     from audit.protocols import Oracle
+    from audit.recorder import Recorder
     from cachesvc.models import ModelVersions
     from cachesvc.store import EntryKeys
     from cachesvc.store.base import ResponseStore
     from cachesvc.upstream import Upstream
+    from gpu_prefix.drift_sampler import DriftSamplerConfig
     from gpu_prefix.engine import Engine
 
 log = structlog.get_logger()
@@ -76,7 +78,57 @@ def load_engine(settings: Settings) -> Engine:
                             max_running=e.max_running,
                             max_batch_tokens=e.max_batch_tokens, max_queue=e.max_queue,
                             queue_timeout_s=e.queue_timeout_s, high_watermark=e.high_watermark,
-                            max_tokens_limit=e.max_tokens_limit, kv_dtype=e.kv_dtype)
+                            max_tokens_limit=e.max_tokens_limit, kv_dtype=e.kv_dtype,
+                            drift_sampling=drift_sampling(settings))
+
+
+def drift_sampling(settings: Settings) -> DriftSamplerConfig:
+    from gpu_prefix.drift_sampler import DriftSamplerConfig
+
+    e = settings.engine
+    return DriftSamplerConfig(rate=e.drift_sample_rate,
+                              tokens_per_minute=e.drift_sample_tokens_per_minute,
+                              max_queue=e.drift_sample_queue, seed=e.drift_sample_seed)
+
+
+def watch_drift(settings: Settings, engine: Engine | None, recorder: Recorder | None,
+                stack: contextlib.AsyncExitStack) -> None:
+    """An INT8 engine's drift watch: the background sampler's trips become findings, and the
+    periodic drift audit (``[engine] drift_audit_every_h``) runs at start and then on its
+    interval."""
+    if engine is None or engine.kv_dtype != "int8":
+        return
+    import asyncio
+
+    from audit.drift import run_drift_audit, trip_recorder
+    from gpu_prefix.drift import corpus
+
+    if recorder is not None and engine.drift_sampler is not None:
+        engine.drift_sampler.on_trip = trip_recorder(recorder, engine)
+    every_h = settings.engine.drift_audit_every_h
+    if every_h <= 0:
+        return
+    e = settings.engine
+
+    async def periodic() -> None:
+        while engine.kv_dtype == "int8":
+            try:
+                await asyncio.to_thread(run_drift_audit, engine,
+                                        corpus(engine, prompts=e.drift_audit_prompts),
+                                        max_tokens=e.drift_audit_max_tokens, recorder=recorder,
+                                        journal=recorder.journal if recorder is not None else None)
+            except Exception as exc:  # noqa: BLE001 - a failed audit must not stop serving
+                log.warning("drift_audit_failed", error=str(exc)[:200])
+            await asyncio.sleep(every_h * 3600)
+
+    task = asyncio.get_running_loop().create_task(periodic())
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
 
 
 async def attach_engine(engine: Engine, versions: ModelVersions, version: str) -> None:
@@ -123,6 +175,7 @@ async def open_observers(settings: Settings, upstream: Upstream, versions: Model
     NOTE: it runs even with both sample rates at 0, because entries the service refuses are
     always handed to it, so each refusal is a durable finding."""
     if not settings.audit.enabled:
+        watch_drift(settings, getattr(upstream, "engine", None), None, stack)
         return []
     import asyncio
 
@@ -150,4 +203,5 @@ async def open_observers(settings: Settings, upstream: Upstream, versions: Model
     # NOTE: stop() drains the queue and may wait on registry reads that run on this loop, so
     # it runs in a thread, not on the loop itself.
     stack.push_async_callback(asyncio.to_thread, auditor.stop, timeout=5.0)
+    watch_drift(settings, engine, auditor.recorder, stack)
     return [ShadowObserver(auditor)]

@@ -87,11 +87,15 @@ def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes
 
 
 def int8_block_bytes(*, layers: int, kv_heads: int, head_dim: int, block_size: int,
-                     scale_bytes: int) -> int:
+                     scale_bytes: int,
+                     full_layers: int = 0) -> int:
     """Bytes of one INT8 pool block (``gpu_prefix.kvquant``): K and V codes (one byte each), the
-    block's per-channel K scales and its tokens' V scales, over every layer and KV head."""
+    block's per-channel K scales and its tokens' V scales, over every layer and KV head; of the
+    ``layers``, ``full_layers`` (the drift guard turned INT8 off for them) hold K and V in the
+    model's dtype (``scale_bytes`` each) instead."""
     per_head = 2 * block_size * head_dim + head_dim * scale_bytes + block_size * scale_bytes
-    return layers * kv_heads * per_head
+    full_per_head = 2 * block_size * head_dim * scale_bytes
+    return (layers - full_layers) * kv_heads * per_head + full_layers * kv_heads * full_per_head
 
 
 def block_bytes_for(*, layers: int, kv_heads: int, head_dim: int, block_size: int, kv_dtype: str,

@@ -12,8 +12,11 @@ wrong after hundreds of tokens while the first ones (and perplexity) look fine. 
 relative error of the dequantized K and V against the full-precision K/V of the same tokens says
 which layers the drift comes from.
 
-The guard (:func:`check`, ``Engine.disable_int8``): a report above its model's thresholds turns
-INT8 off; see :data:`DEFAULT_THRESHOLDS` for the defaults and their reasoning.
+The guard (:func:`check`, :func:`enforce`, ``Engine.disable_int8``): a report above its
+model's thresholds turns INT8 off, for just the layers the per-layer errors single out
+(:func:`attribute`) or else for the whole model; see :data:`DEFAULT_THRESHOLDS` for the defaults
+and their reasoning. ``gpu_prefix.drift_sampler`` feeds the same guard from finished requests, in
+the background.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import random
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -119,6 +122,11 @@ class DriftReport:
     exceeded: list[str] = field(default_factory=list)
     #: Wall seconds of the greedy generations: ``reference`` (full precision) and ``int8``.
     generate_seconds: dict[str, float] = field(default_factory=dict)
+    #: ``"audit"`` (the corpus, :func:`measure`) or ``"sampler"`` (finished requests re-run in
+    #: the background, ``gpu_prefix.drift_sampler``; no greedy generations, so no divergence).
+    source: str = "audit"
+    #: What the guard did: ``""`` (nothing), ``"model"`` (INT8 off), ``"layers:0,3"``.
+    action: str = ""
 
     @property
     def first_divergence_median(self) -> float:
@@ -132,6 +140,7 @@ class DriftReport:
             "buckets": {name: asdict(f) for name, f in self.buckets.items()},
             "layers": [asdict(e) for e in self.layers], "thresholds": asdict(self.thresholds),
             "exceeded": list(self.exceeded), "generate_seconds": dict(self.generate_seconds),
+            "source": self.source, "action": self.action,
         }
 
 
@@ -160,7 +169,7 @@ def _first_divergence(a: Sequence[int], b: Sequence[int], n: int) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b), n))
 
 
-def _kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position: ``KL(P_ref || P_q)`` (in float64, a few rows at a time: a 1,000-token run
     over a 49k vocabulary is 200 MB per copy) and whether the top tokens agree."""
     klds = []
@@ -171,35 +180,79 @@ def _kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 128
     return torch.cat(klds), ref_logits.argmax(dim=-1) == q_logits.argmax(dim=-1)
 
 
+class LayerErrorSum:
+    """Each layer's quantization error summed over sequences: quantize full-precision K/V in
+    scratch storage like ``quant`` (its rules, a planted fault too), read it back, compare."""
+
+    def __init__(self, quant: QuantizedKV) -> None:
+        self.quant = quant
+        self.num = torch.zeros((quant.num_layers, 2), dtype=torch.float64)
+        self.den = torch.zeros_like(self.num)
+
+    def add(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One sequence: its K and V per layer (``[H, N, D]`` each), positions ``0..N``."""
+        n = kv[0][0].shape[1]
+        # NOTE: every layer INT8 here, whatever the pool keeps in full precision now: the error
+        # says what INT8 would cost in each layer, the attribution the guard needs.
+        scratch = self.quant.like(-(-n // self.quant.block_size), full_layers=frozenset())
+        slots = torch.arange(n, device=kv[0][0].device)
+        for i, (k, v) in enumerate(kv):
+            scratch.write(i, slots, k, v)
+            k2, v2 = scratch.read(i, slots)
+            self.num[i, 0] += float((k - k2).double().norm() ** 2)
+            self.num[i, 1] += float((v - v2).double().norm() ** 2)
+            self.den[i, 0] += float(k.double().norm() ** 2)
+            self.den[i, 1] += float(v.double().norm() ** 2)
+
+    def result(self) -> list[LayerError]:
+        rel = (self.num / self.den.clamp_min(1e-30)).sqrt()
+        return [LayerError(layer=i, k_rel_error=float(rel[i, 0]), v_rel_error=float(rel[i, 1]))
+                for i in range(len(rel))]
+
+
 def layer_errors(engine: Engine, sequences: Sequence[Sequence[int]], quant: QuantizedKV) -> list[LayerError]:
     """Each layer's K/V quantized by ``quant``'s scale rules against full precision, over the
     full-precision K/V of ``sequences`` (one plain forward each)."""
-    model = engine.model
-    bs = quant.block_size
-    num = torch.zeros((engine.shape.num_layers, 2), dtype=torch.float64)
-    den = torch.zeros_like(num)
+    errors = LayerErrorSum(quant)
     for tokens in sequences:
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([list(tokens)], device=engine.device), use_cache=True)
+            out = engine.model(input_ids=torch.tensor([list(tokens)], device=engine.device), use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
-        n = len(tokens)
-        blocks = -(-n // bs)
-        scratch = QuantizedKV(num_layers=engine.shape.num_layers, kv_heads=engine.shape.kv_heads,
-                              head_dim=engine.shape.head_dim, num_blocks=blocks, block_size=bs,
-                              dtype=engine.shape.dtype, device=engine.device)
-        # the scratch pool borrows the live pool's scales
-        scratch.k_scale_for, scratch.v_scale_for = quant.k_scale_for, quant.v_scale_for  # type: ignore[method-assign]
-        slots = torch.arange(n, device=engine.device)
-        for i, layer in enumerate(cache.layers):
-            k, v = layer.keys[0], layer.values[0]
-            scratch.write(i, slots, k, v)
-            k2, v2 = scratch.read(i, slots)
-            num[i, 0] += float((k - k2).double().norm() ** 2)
-            num[i, 1] += float((v - v2).double().norm() ** 2)
-            den[i, 0] += float(k.double().norm() ** 2)
-            den[i, 1] += float(v.double().norm() ** 2)
-    rel = (num / den.clamp_min(1e-30)).sqrt()
-    return [LayerError(layer=i, k_rel_error=float(rel[i, 0]), v_rel_error=float(rel[i, 1])) for i in range(len(rel))]
+        errors.add([(layer.keys[0], layer.values[0]) for layer in cache.layers])
+    return errors.result()
+
+
+#: A layer is singled out when its K or V error is over both of these: an absolute floor
+#: (healthy INT8 measures 0.3-1.3% on SmolLM2 and random-tiny) and this many times the lower
+#: median of all layers' errors (a broken layer stands out by one to two orders of magnitude).
+LAYER_ERROR_FLOOR = 0.05
+LAYER_ERROR_OUTLIER = 10.0
+
+
+def attribute(layers: Sequence[LayerError]) -> frozenset[int]:
+    """The layers a drift can be pinned on (empty: none stands out, so the model as a whole)."""
+    if not layers:
+        return frozenset()
+    worst = [max(e.k_rel_error, e.v_rel_error) for e in layers]
+    bar = max(LAYER_ERROR_FLOOR, LAYER_ERROR_OUTLIER * statistics.median_low(worst))
+    return frozenset(e.layer for e, w in zip(layers, worst, strict=True) if w > bar)
+
+
+def enforce(engine: Engine, report: DriftReport, *, per_layer: bool = True) -> DriftReport:
+    """The guard's action for ``report``: nothing within the thresholds; over them, INT8 off
+    for the layers :func:`attribute` singles out (``per_layer``), else for the whole model.
+    Returns the report with ``action`` saying which."""
+    if not report.exceeded or engine.kv_dtype != "int8":
+        return report
+    reason = "; ".join(report.exceeded)
+    bad = attribute(report.layers) if per_layer else frozenset()
+    if bad and not bad >= frozenset(range(engine.shape.num_layers)):
+        engine.disable_int8(reason, layers=bad)
+        if engine.kv_dtype == "int8":
+            return replace(report, action="layers:" + ",".join(map(str, sorted(bad))))
+    else:
+        engine.disable_int8(reason)
+    return replace(report, action="model")
 
 
 def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int]], *, max_tokens: int,
@@ -223,7 +276,7 @@ def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int
         seconds["reference"] += t1 - t0
         seconds["int8"] += time.perf_counter() - t1
         firsts.append(_first_divergence(ref, got, max_tokens))
-        kld, agree = _kld_top1(reference.teacher_forced_logits(prompt, ref), quantized.teacher_forced_logits(prompt, ref))
+        kld, agree = kld_top1(reference.teacher_forced_logits(prompt, ref), quantized.teacher_forced_logits(prompt, ref))
         klds.append(kld)
         agrees.append(agree)
         continuations.append(list(prompt) + ref)
@@ -231,7 +284,7 @@ def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int
     for name, a, b in BUCKETS:
         buckets[name] = Figures.of(torch.cat([k[a:b] for k in klds]), torch.cat([g[a:b] for g in agrees]))
     overall = Figures.of(torch.cat(klds), torch.cat(agrees))
-    t = thresholds or thresholds_for(quantized.model_id)
+    t = thresholds or thresholds_for(quantized.model_id, quantized.drift_thresholds)
     return DriftReport(
         model=quantized.model_id, kv_dtype="int8", prompts=len(prompts), max_tokens=max_tokens, overall=overall,
         buckets=buckets, first_divergence=firsts,
@@ -257,13 +310,13 @@ def reference_engine(engine: Engine, *, max_tokens: int, longest_prompt: int) ->
 def guard(engine: Engine, prompts: Sequence[Sequence[int]], *, max_tokens: int,
           thresholds: DriftThresholds | None = None, per_layer: bool = True) -> DriftReport:
     """Measure ``engine``'s INT8 drift against full precision on ``prompts`` and, above its
-    thresholds, turn its INT8 off (``Engine.disable_int8``). The report says what was over."""
+    thresholds, turn its INT8 off (:func:`enforce`: for the layers it can be pinned on, else for
+    the model). The report says what was over and what was done."""
     ref = reference_engine(engine, max_tokens=max_tokens, longest_prompt=max(map(len, prompts)))
     try:
         report = measure(ref, engine, prompts, max_tokens=max_tokens, thresholds=thresholds, per_layer=per_layer)
     finally:
         ref.close()
+    report = enforce(engine, report, per_layer=per_layer)
     engine.last_drift = report
-    if report.exceeded:
-        engine.disable_int8("; ".join(report.exceeded))
     return report

@@ -15,7 +15,7 @@ import os
 import queue
 import random
 import threading
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,8 @@ import torch
 
 from gpu_prefix.attention import install
 from gpu_prefix.capacity import pool_plan
+from gpu_prefix.drift import DriftThresholds
+from gpu_prefix.drift_sampler import DriftSampler, DriftSamplerConfig
 from gpu_prefix.errors import InvalidParamsError
 from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, scope_salt
 from gpu_prefix.models import LoadedModel, load_model
@@ -124,6 +126,7 @@ class _Generation(Seq):
         self.prompt_tokens = len(prompt)
         self.generator = generator
         self.eos_ids = engine.eos_ids
+        self.sampler = engine.drift_sampler
         self.detok = Detokenizer(engine.tokenizer)
         self.out = _Outbox()
         self.generated: list[int] = []
@@ -182,6 +185,9 @@ class _Generation(Seq):
         )
         self.out.events.put(FinalEvent(result=result, text=self.text[self.emitted :]))
         self.out.events.put(_DONE)
+        if self.sampler is not None and self.generated:
+            # NOTE: after the caller has its answer; offering is a coin toss and a queue append.
+            self.sampler.offer(self.tokens[: self.prompt_tokens], self.generated, model=self.model)
 
     def on_failed(self, exc: BaseException) -> None:
         self.out.failed(exc)
@@ -238,6 +244,8 @@ class Engine:
         rng: random.Random | None = None,
         model_id: str | None = None,
         kv_dtype: str = "full",
+        drift_sampling: DriftSamplerConfig | None = None,
+        drift_thresholds: Mapping[str, DriftThresholds] | None = None,
     ) -> None:
         self.model = loaded.model
         install(self.model)
@@ -249,6 +257,7 @@ class Engine:
         self._salt_secret = salt_secret or os.urandom(32)
         self._rng = rng or random.Random()
         self._model_lock = threading.Lock()
+        self._int8_lock = threading.Lock()
         self.shape = KVShape.from_config(self.model.config, loaded.dtype)
         self.device = loaded.device
         if max_tokens_limit < 1:
@@ -258,8 +267,11 @@ class Engine:
         self.pool = KVPool(self.shape, budget_bytes=pool_bytes, block_size=block_size, device=self.device,
                            kv_dtype=kv_dtype)
         self.kv_dtype = kv_dtype
-        self.int8_disabled_reason: str | None = None  # set by the drift guard
+        self.int8_disabled_reason: str | None = None  # set by the drift guard (whole model)
+        self.int8_layers_disabled_reason: str | None = None  # ... and for some layers
         self.last_drift: Any = None  # the last ``gpu_prefix.drift.DriftReport`` measured on this engine
+        #: Drift thresholds per model id (over ``drift.DEFAULT_THRESHOLDS``).
+        self.drift_thresholds = dict(drift_thresholds or {})
         self.store = PrefixStore(self.pool)
         self.scheduler = Scheduler(self.store, SchedulerConfig(
             max_running=max_running, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
@@ -269,6 +281,12 @@ class Engine:
         self.vocab_size = int(config.vocab_size)
         eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        #: Re-runs a sample of finished INT8 generations in full precision, in the background.
+        self.drift_sampler: DriftSampler | None = None
+        if drift_sampling is not None:
+            drift_sampling.check(block_size)
+        if kv_dtype == "int8" and drift_sampling is not None and drift_sampling.rate > 0:
+            self.drift_sampler = DriftSampler(self, drift_sampling)
         plan = pool_plan(block_bytes=self.pool.block_bytes, pool_bytes=pool_bytes, block_size=block_size,
                          high_watermark=high_watermark)
         log.info("engine.pool", model=self.model_id, device=str(self.device), kv_dtype=kv_dtype, **plan.as_log())
@@ -430,7 +448,7 @@ class Engine:
         # NOTE: weights and epoch are read together under the lock on_rollout swaps them under:
         # old weights' KV hashed under a new epoch would be served as the new model's.
         with self._model_lock:
-            model, epoch, kv_dtype = self.model, self.model_epoch, self.kv_dtype
+            model, epoch, kv_dtype = self.model, self.model_epoch, self.pool.kv_key
         # NOTE: no salt, no cache: a salt of its own would only fill the pool with blocks that
         # no request can ever match, evicting other tenants' (the auditor's scoring did this).
         if not params.use_prefix_cache or params.scope_salt is None:
@@ -447,7 +465,7 @@ class Engine:
                 public = len(p)
         epoch = self.model_epoch if epoch is None else epoch
         return BlockKeys(model_epoch=epoch, adapter=params.adapter, salt=salt, public_tokens=public,
-                         kv_dtype=self.kv_dtype if kv_dtype is None else kv_dtype)
+                         kv_dtype=self.pool.kv_key if kv_dtype is None else kv_dtype)
 
     def _check_prompt(
         self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids", allow_empty: bool = False
@@ -509,35 +527,71 @@ class Engine:
         log.info("engine.rollout", epoch=new_epoch, blocks_freed=freed)
         return freed
 
-    def disable_int8(self, reason: str) -> int:
-        """Turn INT8 KV off (the drift guard): new requests use full precision at once; running
-        ones are preempted and recomputed in full precision; every INT8 block goes (the KV dtype
-        is in their hashes, so none could match a full-precision request anyway). The pool keeps
-        its byte budget, so it holds fewer blocks. Returns the INT8 blocks dropped."""
-        if self.kv_dtype != "int8":
-            return 0
-        old = self.store
-        dropped = old.pool.num_used
+    def disable_int8(self, reason: str, *, layers: Iterable[int] | None = None) -> int:
+        """Turn INT8 KV off (the drift guard), for the whole model, or with ``layers`` for just
+        those layers (kept in full precision from now on; the others stay INT8; once every layer
+        is, it is the whole model). New requests use the new storage at once; running ones are
+        preempted and recomputed in it; every INT8 block goes (the KV dtype, with the set of
+        full-precision layers, is in their hashes, so none could match a request of the new
+        storage anyway). The pool keeps its byte budget, so it holds fewer blocks. Returns the
+        blocks dropped."""
+        # NOTE: the audit's thread and the sampler's may both trip; one switch at a time, each
+        # from the storage the other left.
+        with self._int8_lock:
+            return self._disable_int8(reason, layers)
 
-        def full_store() -> PrefixStore:
+    def _disable_int8(self, reason: str, layers: Iterable[int] | None) -> int:
+        old = self.store
+        quant = old.pool.quant
+        if self.kv_dtype != "int8" or quant is None:
+            return 0
+        full = quant.full_layers | frozenset(int(x) for x in (layers or ()))
+        whole = layers is None or full >= frozenset(range(self.shape.num_layers))
+        if not whole and full == quant.full_layers:
+            return 0
+        dropped = old.pool.num_used
+        rules = (quant.k_scale_for, quant.v_scale_for)
+
+        def new_store() -> PrefixStore:
             # let the INT8 storage go before allocating (the old pool is never used again)
             old.pool.tensor = old.pool.quant = None  # type: ignore[assignment]
-            self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes, block_size=old.block_size,
-                               device=self.device)
+            if whole:
+                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes, block_size=old.block_size,
+                                   device=self.device)
+            else:
+                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes, block_size=old.block_size,
+                                   device=self.device, kv_dtype="int8", full_layers=full)
+                assert self.pool.quant is not None
+                # NOTE: the layers left INT8 keep being quantized as before (the same scale rules).
+                self.pool.quant.k_scale_for, self.pool.quant.v_scale_for = rules  # type: ignore[method-assign]
             self.store = PrefixStore(self.pool)
             return self.store
 
         with self._model_lock:
-            self.kv_dtype = "full"
-            self.scheduler.replace_store(full_store)
-        self.int8_disabled_reason = reason
+            if whole:
+                self.kv_dtype = "full"
+            self.scheduler.replace_store(new_store)
+        if whole:
+            self.int8_disabled_reason = reason
+            if self.drift_sampler is not None:
+                self.drift_sampler.drop_queued()
+        else:
+            self.int8_layers_disabled_reason = reason
         log.warning("engine.int8_disabled", model=self.model_id, reason=reason, blocks_dropped=dropped,
-                    pool_blocks=self.pool.num_blocks)
+                    pool_blocks=self.pool.num_blocks, layers="all" if whole else sorted(full))
         return dropped
 
+    @property
+    def int8_full_layers(self) -> frozenset[int]:
+        """Layers of an INT8 engine kept in full precision by the drift guard."""
+        quant = self.pool.quant
+        return quant.full_layers if quant is not None else frozenset()
+
     def close(self) -> None:
-        """Stop the scheduler's thread; requests in flight fail. (It also stops by itself when
-        idle, and at interpreter exit.)"""
+        """Stop the scheduler's thread (requests in flight fail) and the drift sampler's. (The
+        scheduler also stops by itself when idle, and at interpreter exit.)"""
+        if self.drift_sampler is not None:
+            self.drift_sampler.close()
         self.scheduler.shutdown()
 
     def stats(self) -> EngineStats:

@@ -23,6 +23,10 @@ Scales are stored in the model's dtype. Symmetric rounding to ``[-127, 127]``, `
   and the block's earlier codes are requantized to it. Each requantization adds at most half of
   the new step and the steps at least double, so the total error stays under the final step:
   ``|k - k̂| < s_final < 2 amax_c / 127`` (without growth it is ``<= amax_c / 254`` as above).
+
+Layers the drift guard turned INT8 off for (``full_layers``) are stored in the model's dtype in
+``full`` (``[F, 2, H, S, D]``), the others in ``codes`` and the scales (their rows in layer
+order): one pool, one block table, each layer in its own storage.
 """
 
 from __future__ import annotations
@@ -42,22 +46,58 @@ def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x * _safe_inv(scale)).clamp_(-QMAX, QMAX).to(torch.int8)
 
 
+def storage_key(full_layers: frozenset[int]) -> str:
+    """The KV dtype an INT8 pool's block hashes carry: ``"int8"``, or with the layers kept in full
+    precision named (``"int8+full:0,3"``), so blocks stored with different per-layer dtypes never
+    match each other."""
+    return "int8" if not full_layers else "int8+full:" + ",".join(map(str, sorted(full_layers)))
+
+
 class QuantizedKV:
     """The INT8 pool's storage and its two operations: ``write`` (from ``PoolCache.update``)
     and ``read`` (from ``pool_attention``)."""
 
     def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, full_layers: frozenset[int] = frozenset()) -> None:
         slots = num_blocks * block_size
+        if not full_layers <= set(range(num_layers)):
+            raise ValueError(f"full_layers {sorted(full_layers)} are not all layers of a {num_layers}-layer model")
+        self.num_layers = num_layers
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        self.codes = torch.zeros((num_layers, 2, kv_heads, slots, head_dim), dtype=torch.int8, device=device)
-        self.k_scale = torch.zeros((num_layers, kv_heads, num_blocks, head_dim), dtype=dtype, device=device)
-        self.v_scale = torch.zeros((num_layers, kv_heads, slots), dtype=dtype, device=device)
+        self.full_layers = frozenset(full_layers)
+        #: Each layer's row in ``codes``/scales (INT8 layers) or in ``full`` (full-precision ones).
+        self._row: dict[int, int] = {}
+        for kind in (False, True):
+            for i, layer in enumerate(x for x in range(num_layers) if (x in self.full_layers) == kind):
+                self._row[layer] = i
+        q = num_layers - len(self.full_layers)
+        self.codes = torch.zeros((q, 2, kv_heads, slots, head_dim), dtype=torch.int8, device=device)
+        self.k_scale = torch.zeros((q, kv_heads, num_blocks, head_dim), dtype=dtype, device=device)
+        self.v_scale = torch.zeros((q, kv_heads, slots), dtype=dtype, device=device)
+        self.full = torch.zeros((len(self.full_layers), 2, kv_heads, slots, head_dim), dtype=dtype, device=device)
+
+    @property
+    def key(self) -> str:
+        """What block hashes carry as the KV dtype (:func:`storage_key`)."""
+        return storage_key(self.full_layers)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.k_scale, self.v_scale))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.k_scale, self.v_scale, self.full))
+
+    def like(self, num_blocks: int, *, full_layers: frozenset[int] | None = None) -> QuantizedKV:
+        """An empty storage of ``num_blocks`` blocks that quantizes as this one does: its scale
+        rules (a fault planted in them too) and, unless given, its full-precision layers. The
+        drift measures quantize in such scratch storage."""
+        other = QuantizedKV(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                            num_blocks=num_blocks,
+                            block_size=self.block_size, dtype=self.dtype, device=self.codes.device,
+                            full_layers=self.full_layers if full_layers is None else full_layers)
+        other.k_scale_for, other.v_scale_for = self.k_scale_for, self.v_scale_for  # type: ignore[method-assign]
+        return other
 
     # The two scale rules, as methods so a fault can be planted per layer (the guard's tests).
     def k_scale_for(self, layer: int, amax: torch.Tensor) -> torch.Tensor:
@@ -70,6 +110,11 @@ class QuantizedKV:
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Quantize ``key``/``value`` (``[H, T, D]``) into pool ``slots`` (``[T]``)."""
+        row = self._row[layer]
+        if layer in self.full_layers:
+            self.full[row, 0].index_copy_(1, slots, key.to(self.dtype))
+            self.full[row, 1].index_copy_(1, slots, value.to(self.dtype))
+            return
         bs = self.block_size
         blocks = slots // bs
         uniq, inv = torch.unique(blocks, return_inverse=True)
@@ -79,12 +124,12 @@ class QuantizedKV:
         # in order from its first): whatever scale and codes it held belong to a former owner.
         fresh = torch.zeros(len(uniq), dtype=torch.bool, device=key.device)
         fresh[inv[slots % bs == 0]] = True
-        old = self.k_scale[layer][:, uniq, :]
+        old = self.k_scale[row][:, uniq, :]
         old = torch.where(fresh[None, :, None], torch.zeros_like(old), old)
         need = self.k_scale_for(layer, k_amax)
         grow = need > old
         new = torch.where(grow, torch.maximum(need, torch.where(fresh[None, :, None], need, 2 * old)), old)
-        codes_k = self.codes[layer, 0]
+        codes_k = self.codes[row, 0]
         regrow = (~fresh) & grow.any(dim=2).any(dim=0)
         if bool(regrow.any()):
             # Requantize the earlier codes of blocks whose scale grew to the new scale.
@@ -93,17 +138,20 @@ class QuantizedKV:
             ratio = (old[:, rb, :] * _safe_inv(new[:, rb, :])).repeat_interleave(bs, dim=1)
             requant = torch.round(codes_k.index_select(1, rslots).to(self.dtype) * ratio).clamp_(-QMAX, QMAX)
             codes_k.index_copy_(1, rslots, requant.to(torch.int8))
-        self.k_scale[layer][:, uniq, :] = new
+        self.k_scale[row][:, uniq, :] = new
         codes_k.index_copy_(1, slots, _codes(key.to(self.dtype), new[:, inv, :]))
         v = value.to(self.dtype)
         v_s = self.v_scale_for(layer, v.abs().amax(dim=-1))
-        self.v_scale[layer].index_copy_(1, slots, v_s)
-        self.codes[layer, 1].index_copy_(1, slots, _codes(v, v_s[..., None]))
+        self.v_scale[row].index_copy_(1, slots, v_s)
+        self.codes[row, 1].index_copy_(1, slots, _codes(v, v_s[..., None]))
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized K and V of pool ``slots`` (``[H, N, D]`` each), in a temporary."""
-        k = self.codes[layer, 0].index_select(1, slots).to(self.dtype)
-        k *= self.k_scale[layer].index_select(1, slots // self.block_size)
-        v = self.codes[layer, 1].index_select(1, slots).to(self.dtype)
-        v *= self.v_scale[layer].index_select(1, slots)[..., None]
+        row = self._row[layer]
+        if layer in self.full_layers:
+            return self.full[row, 0].index_select(1, slots), self.full[row, 1].index_select(1, slots)
+        k = self.codes[row, 0].index_select(1, slots).to(self.dtype)
+        k *= self.k_scale[row].index_select(1, slots // self.block_size)
+        v = self.codes[row, 1].index_select(1, slots).to(self.dtype)
+        v *= self.v_scale[row].index_select(1, slots)[..., None]
         return k, v

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gpu_prefix.capacity import block_bytes_for
+from gpu_prefix.capacity import int8_block_bytes
 from gpu_prefix.errors import InvalidParamsError, PoolExhaustedError
 from gpu_prefix.kvquant import QuantizedKV
 
@@ -83,6 +83,7 @@ class KVPool:
         block_size: int = 16,
         device: str | torch.device = "cpu",
         kv_dtype: str = "full",
+        full_layers: frozenset[int] = frozenset(),
     ) -> None:
         if block_size < 1:
             raise InvalidParamsError("block_size", f"must be at least 1, got {block_size}",
@@ -93,12 +94,16 @@ class KVPool:
         self.shape = shape
         self.block_size = block_size
         self.kv_dtype = kv_dtype
+        if full_layers and kv_dtype != "int8":
+            raise InvalidParamsError("full_layers",
+                                     "names layers kept in full precision in an INT8 pool",
+                                     "use it with kv_dtype int8")
         if kv_dtype == "int8":
             scale_bytes = torch.empty((), dtype=shape.dtype).element_size()
-            self.block_bytes = block_bytes_for(layers=shape.num_layers, kv_heads=shape.kv_heads,
-                                               head_dim=shape.head_dim, block_size=block_size,
-                                               kv_dtype="int8",
-                                               scale_bytes=scale_bytes)
+            self.block_bytes = int8_block_bytes(layers=shape.num_layers, kv_heads=shape.kv_heads,
+                                                head_dim=shape.head_dim, block_size=block_size,
+                                                scale_bytes=scale_bytes,
+                                                full_layers=len(full_layers))
         else:
             self.block_bytes = shape.bytes_per_token() * block_size
         self.num_blocks = int(budget_bytes) // self.block_bytes
@@ -119,7 +124,7 @@ class KVPool:
                                      head_dim=shape.head_dim,
                                      num_blocks=self.num_blocks, block_size=block_size,
                                      dtype=shape.dtype,
-                                     device=self.device)
+                                     device=self.device, full_layers=frozenset(full_layers))
             self.tensor = self.quant.codes
         else:
             self.tensor = torch.zeros(
@@ -133,6 +138,12 @@ class KVPool:
         self._heap: list[int] = list(range(self.num_blocks))
         self._is_free = bytearray(b"\x01") * self.num_blocks
         self._num_free = self.num_blocks
+
+    @property
+    def kv_key(self) -> str:
+        """The KV dtype its blocks' hashes carry: ``"full"``, ``"int8"``, or INT8 with the layers
+        kept in full precision named (``kvquant.storage_key``)."""
+        return self.quant.key if self.quant is not None else "full"
 
     @property
     def capacity_bytes(self) -> int:

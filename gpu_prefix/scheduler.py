@@ -287,10 +287,11 @@ class Scheduler:
             )
 
     def replace_store(self, make_store: Callable[[], PrefixStore]) -> None:
-        """Move to a new store (the engine turning INT8 off): between steps, every running
-        request is preempted (recomputed later, as after any preemption, with block keys of the
-        new pool's KV dtype), and the old store is let go before ``make_store`` allocates the new
-        one. Requests that can never fit the new store fail with a clear error."""
+        """Move to a new store (the engine turning INT8 off, for the model or some layers):
+        between steps, every running request is preempted (recomputed later, as after any
+        preemption, with block keys of the new pool's KV dtype), and the old store is let go
+        before ``make_store`` allocates the new one. Requests that can never fit the new store
+        fail with a clear error."""
         with self.paused(), self._cond:
             for seq in list(self._running):
                 self._preempt(seq)
@@ -306,6 +307,18 @@ class Scheduler:
                         "retry with a lower max_tokens"))
             self._cond.notify_all()
 
+    def idle(self) -> bool:
+        """No request runs or waits."""
+        with self._cond:
+            return not (self._running or self._waiting)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for no request to run or wait (background work that
+        should not compete with serving waits here); True when idle."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._running or self._waiting),
+                                       timeout=timeout)
+
     # -- admission and preemption (under the lock) ----------------------------------------------
 
     def _fits(self, seq: Seq) -> bool:
@@ -320,7 +333,7 @@ class Scheduler:
     def _admit(self, seq: Seq) -> None:
         if seq.admit_no == 0:
             self._admitted += 1  # a preempted request's return is not a new admission
-        kv_dtype = self.store.pool.kv_dtype
+        kv_dtype = self.store.pool.kv_key
         if seq.keys is not None and seq.keys.kv_dtype != kv_dtype:
             # NOTE: the KV dtype in a block's hash names how the pool stores it; a request keyed
             # before the engine turned INT8 off must not index full-precision K/V as INT8.

@@ -1,6 +1,6 @@
 """The drift measure and its guard: a clean INT8 run on random-tiny stays under the thresholds;
 a planted bad quantization (coarsened or zeroed scales in some layers) is caught, attributed to
-its layers, and INT8 is turned off."""
+its layers, and INT8 is turned off for those layers (or the model when no layer stands out)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from gpu_prefix.drift import (
     BUCKETS,
     DEFAULT_THRESHOLDS,
     DriftThresholds,
+    LayerError,
+    attribute,
     corpus,
     guard,
     measure,
@@ -77,20 +79,15 @@ class TestDriftMeasure:
 
 
 class TestDriftGuard:
-    @pytest.mark.parametrize("fault", [dict(coarsen=frozenset({0, 1})), dict(zero_k=frozenset({0})),
-                                       dict(zero_v=frozenset({1}))])
-    def test_a_planted_bad_quantization_is_caught_attributed_and_int8_turned_off(
-        self, int8_engine, make_engine, fault):
-        plant(int8_engine, **fault)
+    def test_a_fault_in_every_layer_is_caught_and_int8_turned_off_for_the_whole_model(
+        self, int8_engine, make_engine):
+        plant(int8_engine, coarsen=frozenset({0, 1}))
         salt = int8_engine.scope_salt_for("t")
         prompts = corpus(int8_engine, prompts=2, seed=0)
         int8_engine.generate(prompts[0], GenerationParams(max_tokens=20, scope_salt=salt))
         assert int8_engine.stats().cached_blocks > 0  # INT8 blocks in the index
         report = guard(int8_engine, prompts, max_tokens=TOKENS)
-        assert report.exceeded, report.as_dict()
-        bad = next(iter(fault.values()))
-        worst = max(report.layers, key=lambda e: max(e.k_rel_error, e.v_rel_error))
-        assert worst.layer in bad
+        assert report.exceeded and report.action == "model", report.as_dict()
         # INT8 is off: a full-precision pool, no INT8 block left, answers as full precision gives
         assert int8_engine.kv_dtype == "full" and int8_engine.pool.quant is None
         assert int8_engine.int8_disabled_reason
@@ -105,6 +102,47 @@ class TestDriftGuard:
         finally:
             fp.close()
         int8_engine.store.check_valid()
+
+    @pytest.mark.parametrize("fault", [{"zero_k": frozenset({0})}, {"zero_v": frozenset({1})}])
+    def test_a_fault_in_one_layer_is_attributed_and_int8_turned_off_for_that_layer_only(
+        self, int8_engine, fault):
+        plant(int8_engine, **fault)
+        bad = next(iter(fault.values()))
+        salt = int8_engine.scope_salt_for("t")
+        prompts = corpus(int8_engine, prompts=2, seed=0)
+        params = GenerationParams(max_tokens=20, scope_salt=salt)
+        int8_engine.generate(prompts[0], params)
+        int8_blocks = set(int8_engine.store.cached_hashes())
+        assert int8_blocks
+        report = guard(int8_engine, prompts, max_tokens=TOKENS)
+        assert report.exceeded, report.as_dict()
+        assert attribute(report.layers) == bad
+        assert report.action == "layers:" + ",".join(map(str, sorted(bad)))
+        # that layer is stored in full precision, the others stay INT8 (with the same rules)
+        assert int8_engine.kv_dtype == "int8" and int8_engine.int8_full_layers == bad
+        assert int8_engine.int8_layers_disabled_reason and int8_engine.int8_disabled_reason is None
+        assert int8_engine.pool.kv_key == "int8+full:" + ",".join(map(str, sorted(bad)))
+        # the old blocks are gone, and the same prompt now hashes to other blocks
+        assert int8_engine.stats().cached_blocks == 0
+        int8_engine.generate(prompts[0], params)
+        assert int8_blocks.isdisjoint(int8_engine.store.cached_hashes())
+        assert int8_engine.generate(prompts[0], params).cached_tokens > 0
+        # measured again, the mixed storage is within the thresholds and nothing more is turned off
+        again = guard(int8_engine, prompts, max_tokens=TOKENS)
+        assert again.exceeded == [] and again.action == "" and int8_engine.int8_full_layers == bad
+        int8_engine.store.check_valid()
+
+    def test_a_layer_stands_out_only_over_the_floor_and_the_others_by_an_order_of_magnitude(self):
+        def errs(*values):
+            return [LayerError(layer=i, k_rel_error=v,
+                               v_rel_error=v / 2) for i, v in enumerate(values)]
+
+        assert attribute(errs(0.004, 0.9)) == {1}
+        assert attribute(errs(0.004, 0.03)) == frozenset()  # 7x, and under the 5% floor
+        assert attribute(errs(0.3, 0.4, 0.5)) == frozenset(
+            )  # all bad alike: the model, not a layer
+        assert attribute(errs(0.01, 0.01, 0.9, 0.8)) == {2, 3}
+        assert attribute([]) == frozenset()
 
     def test_thresholds_are_looked_up_per_model_with_a_default(self):
         own = DriftThresholds(kld_mean=0.5, kld_p99=1.0, top1_agreement=0.5)

@@ -128,6 +128,47 @@ class TestInt8Pool:
         assert pool.quant is not None and pool.quant.nbytes == pool.capacity_bytes <= 100_000
         pool.check_valid()
 
+    def test_a_pool_with_some_layers_in_full_precision_sizes_and_keys_its_blocks_by_them(self):
+        shape = KVShape(num_layers=3, kv_heads=H, head_dim=D, dtype=torch.float16)
+        pool = KVPool(shape, budget_bytes=100_000, block_size=BS, kv_dtype="int8",
+                      full_layers=frozenset({1}))
+        int8_layer = block_bytes_for(layers=1, kv_heads=H, head_dim=D, block_size=BS,
+                                     kv_dtype="int8",
+                                     scale_bytes=2)
+        full_layer = block_bytes_for(layers=1, kv_heads=H, head_dim=D, block_size=BS,
+                                     kv_dtype="float16")
+        assert pool.block_bytes == 2 * int8_layer + full_layer
+        assert pool.quant is not None and pool.quant.nbytes == pool.capacity_bytes <= 100_000
+        assert pool.kv_key == "int8+full:1"
+        assert KVPool(shape, budget_bytes=100_000, block_size=BS, kv_dtype="int8").kv_key == "int8"
+        pool.check_valid()
+
+    def test_a_full_precision_layer_reads_back_exactly_and_an_int8_layer_within_its_bound(self):
+        q = QuantizedKV(num_layers=2, kv_heads=H, head_dim=D, num_blocks=2, block_size=BS,
+                        dtype=torch.float32,
+                        device=torch.device("cpu"), full_layers=frozenset({0}))
+        k, v = kv(torch.Generator().manual_seed(3), 2 * BS)
+        slots = torch.arange(2 * BS)
+        for layer in (0, 1):
+            q.write(layer, slots, k, v)
+        k0, v0 = q.read(0, slots)
+        assert torch.equal(k0, k) and torch.equal(v0, v)
+        k1, _ = q.read(1, slots)
+        assert not torch.equal(k1, k) and bool(((k1 - k).abs() <= k.abs().amax() / 254 + EPS).all())
+
+    def test_block_hashes_of_different_full_precision_layer_sets_never_match(self):
+        tokens = list(range(3 * BS))
+        hashes = [{h for h, _, _ in block_hashes(tokens,
+                                                 BlockKeys(model_epoch=1, salt=b"a", kv_dtype=key),
+                                                 block_size=BS)}
+                  for key in ("full", "int8", "int8+full:0", "int8+full:0,1")]
+        assert all(a.isdisjoint(b) for i, a in enumerate(hashes) for b in hashes[i + 1 :])
+
+    def test_full_precision_layers_only_in_an_int8_pool(self):
+        with pytest.raises(Exception, match="full_layers"):
+            KVPool(KVShape(num_layers=2, kv_heads=H, head_dim=D), budget_bytes=1 << 16,
+                   full_layers=frozenset({0}))
+
     def test_an_unknown_kv_dtype_is_refused_by_name(self):
         with pytest.raises(Exception, match="kv_dtype"):
             KVPool(KVShape(num_layers=1, kv_heads=H, head_dim=D), budget_bytes=1 << 16,

@@ -42,6 +42,11 @@ def serve(
                                                  "503.")] = 30.0,
     max_tokens_limit: Annotated[int, typer.Option(help="Per-request cap on max_tokens.")] = 4096,
     kv_dtype: Annotated[str, typer.Option(help="KV pool storage: full or int8.")] = "full",
+    drift_sample_rate: Annotated[float,
+                                 typer.Option(help="INT8: share of finished requests re-run in "
+                                                   "full "
+                                                     "precision in the background to watch drift "
+                                                     "(docs/int8.md).")] = 0.0,
     model_epoch: Annotated[int, typer.Option(help="Model epoch in the block hashes.")] = 1,
     api_key: Annotated[list[str] | None,
                        typer.Option("--api-key", help="KEY=TENANT; repeat.")] = None,
@@ -53,6 +58,7 @@ def serve(
     import uvicorn
 
     from cachesvc.engine_app import create_engine_app
+    from gpu_prefix.drift_sampler import DriftSamplerConfig
     from gpu_prefix.engine import Engine
     from gpu_prefix.errors import PrefixCacheError
 
@@ -65,7 +71,8 @@ def serve(
                                   isolate_tenants=not no_isolate_tenants,
                                   max_batch_tokens=max_batch_tokens,
                                   high_watermark=high_watermark, queue_timeout_s=queue_timeout_s,
-                                  max_tokens_limit=max_tokens_limit, kv_dtype=kv_dtype)
+                                  max_tokens_limit=max_tokens_limit, kv_dtype=kv_dtype,
+                                  drift_sampling=DriftSamplerConfig(rate=drift_sample_rate))
     except (PrefixCacheError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     fastapi_app = create_engine_app(engine, api_keys=keys or None)
