@@ -96,7 +96,16 @@ def material_digest(material: bytes, secret: bytes = DEFAULT_MATERIAL_SECRET) ->
     over long input, where it is more than ten times cheaper (bench/keying.py's large request
     shows it). The key is derived from ``secret`` (any length) in BLAKE3's KDF mode.
     """
-    return MaterialDigest(blake3.blake3(material, key=_material_key(secret)).digest())
+    hasher = _keyed_hasher(secret).copy()
+    hasher.update(material)
+    return MaterialDigest(hasher.digest())
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed_hasher(secret: bytes) -> blake3.blake3:
+    # NOTE: a keyed hasher set up once and copied per digest: cheaper than parsing the key
+    # into a fresh hasher on every call. The original is never updated.
+    return blake3.blake3(key=_material_key(secret))
 
 
 def hash_block_tokens(
