@@ -504,3 +504,63 @@ class TestKeyDigests:
         big = chat(temperature=0, x="a" * (8 * 1024 * 1024 + 1))
         k = build_key(big, KeyParams(scope=ACME, limits=KeyLimits(max_bytes=16 * 1024 * 1024)))
         assert rebuild_key(k.material).digest == k.digest
+
+
+class TestFramingInAFreshThread:
+    """Each thread keeps its own packer; a new thread builds one (the service's worker threads)."""
+
+    def in_thread(self, fn: Any) -> Any:
+        import threading
+
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    def test_a_fresh_thread_frames_bytes_as_bin_and_each_value_alone(self) -> None:
+        from keying.framing import frame_presorted
+
+        def two() -> tuple[bytes, bytes]:
+            return frame_presorted([b"x", "y"]), frame_presorted(b"z")
+
+        first, second = self.in_thread(two)
+        assert first == msgpack.packb([b"x", "y"], use_bin_type=True)
+        assert second == msgpack.packb(b"z", use_bin_type=True)
+
+    def test_a_value_that_cannot_be_packed_leaves_the_thread_s_packer_usable(self) -> None:
+        from keying.framing import frame_presorted
+
+        def bad_then_good() -> bytes:
+            with pytest.raises(TypeError):
+                frame_presorted([b"x", object()])
+            return frame_presorted(b"z")
+
+        assert self.in_thread(bad_then_good) == msgpack.packb(b"z", use_bin_type=True)
+        with pytest.raises(TypeError):
+            frame_presorted([b"x", object()])
+        assert frame_presorted(b"z") == msgpack.packb(b"z", use_bin_type=True)
+
+
+class TestFramingValues:
+    def test_map_values_are_kept(self) -> None:
+        assert frame({"a": 1, "b": [b"x"]}) == msgpack.packb({"a": 1, "b": [b"x"]},
+                                                             use_bin_type=True)
+
+    def test_a_str_or_int_subclass_frames_as_its_plain_value(self) -> None:
+        import enum
+
+        class Tag(str):
+            pass
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        assert frame([Tag("a"), Level.HIGH]) == frame(["a", 3])
+
+    def test_a_block_hash_is_the_digest_of_its_framed_inputs(self) -> None:
+        from keying import hash_block_tokens, xxh3_128
+
+        extra = (1, "", b"salt", "full")
+        assert hash_block_tokens(xxh3_128, None, (1, 2), extra) == xxh3_128(
+            msgpack.packb(["block/v1", None, [1, 2], [1, "", b"salt", "full"]], use_bin_type=True))

@@ -89,7 +89,7 @@ class TestEntryFieldsAreCheckedByName:
         assert (e.created_at, e.ttl, e.adapter) == (int(T0), 1, "lora-1")
 
     def test_an_incomplete_answer_is_refused_with_the_fix(self) -> None:
-        with pytest.raises(InvalidEntryError, match="store only a complete answer"):
+        with pytest.raises(InvalidEntryError, match="; store only a complete answer in the OpenAI response shape$"):
             make_entry(response={"choices": [{"index": 0, "message": {"content": "x"}}]})
 
 
@@ -148,7 +148,7 @@ class TestMismatch:
 class TestDecodeRefusals:
     @pytest.mark.parametrize("raw", ["LLMC", None, 7, [1, 2]])
     def test_what_is_not_bytes_is_foreign(self, raw: object) -> None:
-        with pytest.raises(ForeignEntryError, match="expected bytes, got"):
+        with pytest.raises(ForeignEntryError, match="^expected bytes, got "):
             decode_entry(raw, keys=KEYS)  # type: ignore[arg-type]
 
     @pytest.mark.parametrize("wrap", [bytearray, memoryview])
@@ -159,24 +159,24 @@ class TestDecodeRefusals:
     def test_bytes_exactly_at_max_bytes_are_read(self) -> None:
         raw = encode_entry(make_entry(), keys=KEYS)
         assert decode_entry(raw, keys=KEYS, max_bytes=len(raw)) == make_entry()
-        with pytest.raises(OversizeEntryError, match=f"entry of {len(raw)} bytes exceeds"):
+        with pytest.raises(OversizeEntryError, match=f"^entry of {len(raw)} bytes exceeds max_entry_bytes={len(raw) - 1}$"):
             decode_entry(raw, keys=KEYS, max_bytes=len(raw) - 1)
 
     @pytest.mark.parametrize("raw", [b"L", b"LL", b"LLM"])
     def test_a_start_of_the_magic_is_a_truncated_envelope(self, raw: bytes) -> None:
-        with pytest.raises(CorruptEntryError, match=f"truncated envelope: {len(raw)} bytes"):
+        with pytest.raises(CorruptEntryError, match=f"^truncated envelope: {len(raw)} bytes$"):
             decode_entry(raw, keys=KEYS)
 
     @pytest.mark.parametrize("raw", [b"", b"X", b"LX", b"llmc\x02"])
     def test_other_short_bytes_are_foreign(self, raw: bytes) -> None:
-        with pytest.raises(ForeignEntryError, match="LLMC envelope magic"):
+        with pytest.raises(ForeignEntryError, match="^bytes do not start with the LLMC envelope magic$"):
             decode_entry(raw, keys=KEYS)
 
     def test_the_magic_alone_or_a_partial_header_is_truncated(self) -> None:
-        with pytest.raises(CorruptEntryError, match="truncated envelope: 4 bytes"):
+        with pytest.raises(CorruptEntryError, match=f"^truncated envelope: 4 bytes, header needs {HEADER_SIZE}$"):
             decode_entry(MAGIC, keys=KEYS)
         raw = encode_entry(make_entry(), keys=KEYS)
-        with pytest.raises(CorruptEntryError, match=f"header needs {HEADER_SIZE}"):
+        with pytest.raises(CorruptEntryError, match=f"^truncated envelope: {HEADER_SIZE - 1} bytes, header needs {HEADER_SIZE}$"):
             decode_entry(raw[:HEADER_SIZE - 1], keys=KEYS)
 
     def test_a_header_with_an_empty_payload_is_forged_not_parsed(self) -> None:
@@ -185,24 +185,24 @@ class TestDecodeRefusals:
             decode_entry(raw[:HEADER_SIZE], keys=KEYS)
 
     def test_a_signed_payload_that_is_not_a_map_is_corrupt(self) -> None:
-        with pytest.raises(CorruptEntryError, match="payload is not a map"):
+        with pytest.raises(CorruptEntryError, match="^payload is not a map$"):
             decode_entry(signed(msgpack.packb([1, 2])), keys=KEYS)
 
     def test_a_signed_payload_that_is_not_msgpack_is_corrupt(self) -> None:
-        with pytest.raises(CorruptEntryError, match="payload is not valid msgpack"):
+        with pytest.raises(CorruptEntryError, match="^payload is not valid msgpack: "):
             decode_entry(signed(b"\xc1"), keys=KEYS)
 
     @pytest.mark.parametrize("drop", ["s", "m", "v", "e", "c", "t", "d", "md", "a", "r", "st"])
     def test_a_signed_payload_missing_a_field_is_corrupt(self, drop: str) -> None:
         payload = payload_of(encode_entry(make_entry(), keys=KEYS))
         del payload[drop]
-        with pytest.raises(CorruptEntryError, match="does not have the entry schema"):
+        with pytest.raises(CorruptEntryError, match="^payload does not have the entry schema: "):
             decode_entry(signed(msgpack.packb(payload, use_bin_type=True)), keys=KEYS)
 
     def test_a_signed_payload_with_a_bad_scope_is_corrupt(self) -> None:
         payload = payload_of(encode_entry(make_entry(), keys=KEYS))
         payload["s"] = ["tenant", "", None]
-        with pytest.raises(CorruptEntryError, match="does not have the entry schema"):
+        with pytest.raises(CorruptEntryError, match="^payload does not have the entry schema: "):
             decode_entry(signed(msgpack.packb(payload, use_bin_type=True)), keys=KEYS)
 
     def test_the_decoded_entry_names_the_key_it_was_signed_under(self) -> None:
@@ -226,7 +226,7 @@ class TestStoredMaterial:
         bomb = zlib.compress(b"\0" * (MAX_MATERIAL_BYTES + 1), 1)  # 64 MiB from ~300 KB
         payload = payload_of(encode_entry(make_entry(), keys=KEYS)) | {"kz": bomb}
         raw = signed(msgpack.packb(payload, use_bin_type=True))
-        with pytest.raises(CorruptEntryError, match=f"truncated or over {MAX_MATERIAL_BYTES}"):
+        with pytest.raises(CorruptEntryError, match=f"^key material is truncated or over {MAX_MATERIAL_BYTES} bytes$"):
             decode_entry(raw, keys=KEYS)
         assert decode_entry(raw, keys=KEYS, material=False).material is None
 
@@ -237,21 +237,21 @@ class TestStoredMaterial:
         at = signed(msgpack.packb(payload | {"kz": zlib.compress(b"a" * 4096)}))
         assert decode_entry(at, keys=KEYS).material == b"a" * 4096
         over = signed(msgpack.packb(payload | {"kz": zlib.compress(b"a" * 4097)}))
-        with pytest.raises(CorruptEntryError, match="truncated or over 4096 bytes"):
+        with pytest.raises(CorruptEntryError, match="^key material is truncated or over 4096 bytes$"):
             decode_entry(over, keys=KEYS)
 
     def test_compressed_material_cut_short_is_truncated(self) -> None:
         payload = payload_of(encode_entry(make_entry(), keys=KEYS))
         cut = signed(msgpack.packb(payload | {"kz": zlib.compress(b"a" * 4096)[:-4]}))
-        with pytest.raises(CorruptEntryError, match="truncated or over"):
+        with pytest.raises(CorruptEntryError, match="^key material is truncated or over "):
             decode_entry(cut, keys=KEYS)
 
     def test_bad_compressed_material_is_corrupt_with_the_codec_s_reason(self) -> None:
         payload = payload_of(encode_entry(make_entry(), keys=KEYS)) | {"kz": b"not zlib"}
-        with pytest.raises(CorruptEntryError, match="key material does not decompress"):
+        with pytest.raises(CorruptEntryError, match="^key material does not decompress: "):
             decode_entry(signed(msgpack.packb(payload, use_bin_type=True)), keys=KEYS)
         payload["kz"] = "text"
-        with pytest.raises(CorruptEntryError, match="kz is not bytes"):
+        with pytest.raises(CorruptEntryError, match="^payload does not have the entry schema: kz is not bytes$"):
             decode_entry(signed(msgpack.packb(payload, use_bin_type=True)), keys=KEYS)
 
 
@@ -262,7 +262,7 @@ class TestEntryKeys:
 
     @pytest.mark.parametrize("n", [MIN_SECRET_BYTES - 1, MAX_SECRET_BYTES + 1])
     def test_a_secret_outside_the_range_is_refused_with_the_range(self, n: int) -> None:
-        with pytest.raises(StoreConfigError, match=f"cache.secret: {n} bytes; a service secret "
+        with pytest.raises(StoreConfigError, match=f"^cache.secret: {n} bytes; a service secret "
                                                    f"must be {MIN_SECRET_BYTES} to "
                                                    f"{MAX_SECRET_BYTES} bytes"):
             EntryKeys(b"s" * n)
@@ -282,7 +282,7 @@ class TestEntryKeys:
         for header, payload in [(b"head", b"bodY"), (b"heaD", b"body"), (b"", b"headbody")]:
             if header + payload == b"headbody":
                 continue  # the MAC is over the concatenation
-            with pytest.raises(ForgedEntryError, match="does not verify"):
+            with pytest.raises(ForgedEntryError, match="^entry MAC does not verify: the bytes were not written by a service holding the secret$"):
                 keys.verify(keys.current_id, tag, header, payload)
 
     def test_the_same_secret_listed_twice_changes_nothing(self) -> None:
@@ -300,5 +300,5 @@ class TestEntryKeys:
         assert rotated.sign(b"h", b"p") == EntryKeys(new).sign(b"h", b"p") != tag
 
     def test_an_unknown_key_id_is_refused_naming_it(self) -> None:
-        with pytest.raises(UnknownKeyError, match="signed under key id 00000000"):
+        with pytest.raises(UnknownKeyError, match=r"^entry is signed under key id 00000000, which is neither \[cache\] secret nor one of \[cache\] previous_secrets$"):
             KEYS.verify(b"\0" * 4, b"\0" * 32, b"h", b"p")
