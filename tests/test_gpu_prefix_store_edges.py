@@ -335,7 +335,7 @@ class TestBlockHashing:
             tokens, keys, block_size=BS)
 
     def test_a_block_size_below_one_is_refused_by_name(self):
-        with pytest.raises(InvalidParamsError, match="must be at least 1, got 0") as err:
+        with pytest.raises(InvalidParamsError, match="^block_size: must be at least 1, got 0; use 16$") as err:
             extend_chain([], [1], BlockKeys(model_epoch=1), block_size=0, upto=0)
         assert err.value.field == "block_size"
 
@@ -345,6 +345,15 @@ class TestBlockHashing:
         assert err.value.field == "upto"
         assert extend_chain([], [1, 2, 3, 4], BlockKeys(model_epoch=1), block_size=BS, upto=2)
 
+    def test_scope_salt_is_the_keyed_digest_of_the_framed_tenant(self):
+        import hashlib
+
+        from keying import frame
+
+        secret = bytes(range(70))
+        assert scope_salt("t1", secret=secret) == hashlib.blake2b(
+            frame(["scope-salt/v1", "t1"]), digest_size=16, key=secret[:64]).digest()
+
     def test_scope_salt_is_sixteen_bytes_keyed_by_at_most_64_bytes_of_secret(self):
         salt = scope_salt("t1")
         assert isinstance(salt, bytes) and len(salt) == 16
@@ -352,7 +361,8 @@ class TestBlockHashing:
 
     def test_an_empty_or_non_string_tenant_is_refused_by_name(self):
         for tenant in ("", None, 5):
-            with pytest.raises(InvalidParamsError, match="non-empty tenant id") as err:
+            with pytest.raises(InvalidParamsError, match=(
+                    "^tenant: a scope salt needs a non-empty tenant id; pass the authenticated tenant$")) as err:
                 scope_salt(tenant)  # type: ignore[arg-type]
             assert err.value.field == "tenant"
 

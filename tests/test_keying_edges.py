@@ -159,6 +159,7 @@ class TestMaterialThatIsNotOurs:
         k = build_key(chat(temperature=0), KeyParams(scope=scope, epoch=4, adapter="lora-1"))
         parts = decode_material(k.material)
         assert (parts.scope, parts.epoch, parts.adapter, parts.kind) == (scope, 4, "lora-1", "chat")
+        assert (k.scope, k.epoch, k.adapter) == (scope, 4, "lora-1")
         assert rebuild_key(k.material).digest == k.digest
 
 

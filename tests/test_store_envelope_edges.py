@@ -54,6 +54,11 @@ def payload_of(raw: bytes) -> dict[str, Any]:
 
 
 class TestEntryFieldsAreCheckedByName:
+    def test_a_scope_that_is_not_a_scope_is_refused_with_how_to_build_one(self) -> None:
+        with pytest.raises(InvalidEntryError, match=(
+                r"^scope: must be a keying\.Scope; build it with Scope\.for_tenant$")):
+            replace(make_entry(), scope="tenant:acme")
+
     @pytest.mark.parametrize(("changes", "field"), [
         ({"scope": ["tenant", "acme", None]}, "scope"),
         ({"model": 5}, "model"),
@@ -153,8 +158,11 @@ class TestDecodeRefusals:
 
     @pytest.mark.parametrize("wrap", [bytearray, memoryview])
     def test_a_bytearray_or_a_memoryview_reads_like_bytes(self, wrap: Any) -> None:
-        raw = encode_entry(make_entry(), keys=KEYS)
-        assert decode_entry(wrap(raw), keys=KEYS) == make_entry()
+        entry = replace(make_entry(), material=b"m" * 3000)
+        raw = encode_entry(entry, keys=KEYS)
+        read = decode_entry(wrap(raw), keys=KEYS)
+        assert read == entry and read.material == b"m" * 3000
+        assert read.key_id == KEYS.current_id
 
     def test_bytes_exactly_at_max_bytes_are_read(self) -> None:
         raw = encode_entry(make_entry(), keys=KEYS)
@@ -287,6 +295,7 @@ class TestEntryKeys:
 
     def test_the_same_secret_listed_twice_changes_nothing(self) -> None:
         keys = EntryKeys(b"s" * 32, previous=[b"s" * 32, b"t" * 32])
+        keys.verify(key_id(b"t" * 32), EntryKeys(b"t" * 32).sign(b"h", b"p"), b"h", b"p")
         assert keys.secret_for(key_id(b"s" * 32)) == b"s" * 32
         assert keys.secret_for(key_id(b"t" * 32)) == b"t" * 32
         assert keys.secret_for(b"\0" * KEY_ID_SIZE) is None
@@ -298,6 +307,30 @@ class TestEntryKeys:
         rotated.verify(key_id(old), tag, b"h", b"p")
         assert rotated.current_id == key_id(new)
         assert rotated.sign(b"h", b"p") == EntryKeys(new).sign(b"h", b"p") != tag
+
+    def test_two_secrets_sharing_a_key_id_are_refused(self) -> None:
+        # found by a birthday search over 4-byte key ids (about 2**16 tries)
+        a, b = b"collide-secret-0000075649", b"collide-secret-0000172028"
+        assert key_id(a) == key_id(b)
+        with pytest.raises(StoreConfigError, match=(
+                "^cache.previous_secrets: two secrets share a key id; generate a new secret$")):
+            EntryKeys(a, previous=[b])
+
+    def test_the_mac_key_is_derived_from_the_secret_under_its_own_name(self) -> None:
+        import hashlib
+
+        secret = b"s" * 32
+        mac_key = hashlib.blake2b(secret, digest_size=64, person=b"llmc-entry-mac").digest()
+        expected = hashlib.blake2b(b"hp", key=mac_key, digest_size=MAC_SIZE).digest()
+        assert EntryKeys(secret).sign(b"h", b"p") == expected
+        assert key_id(secret) == hashlib.blake2b(secret, digest_size=KEY_ID_SIZE,
+                                                 person=b"llmc-entry-kid").digest()
+
+    def test_the_secret_error_says_how_to_make_one(self) -> None:
+        with pytest.raises(StoreConfigError) as err:
+            EntryKeys(b"s")
+        assert str(err.value).endswith(
+            "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
 
     def test_an_unknown_key_id_is_refused_naming_it(self) -> None:
         with pytest.raises(UnknownKeyError, match=r"^entry is signed under key id 00000000, which is neither \[cache\] secret nor one of \[cache\] previous_secrets$"):
