@@ -81,6 +81,10 @@ class TestScopeRules:
 
 
 class TestEscaping:
+    @pytest.fixture(autouse=True)
+    def _fresh_cache(self) -> None:
+        escape_component.cache_clear()  # each case computes its escape, not a cached one
+
     def test_a_safe_component_is_kept_as_is_up_to_the_bound(self) -> None:
         assert escape_component("a" * MAX_COMPONENT) == "a" * MAX_COMPONENT
 
@@ -223,9 +227,24 @@ class TestCacheability:
         assert self.verdict(temperature=0, n=2) == (
             False, "nondeterministic: n=2 > 1 and no seed", False)
 
-    def test_best_of_over_one_without_a_seed_bypasses(self) -> None:
-        c = assess(canonicalize({"model": "m", "prompt": "p", "temperature": 0, "best_of": 3}))
-        assert (c.cacheable, c.reason) == (False, "nondeterministic: best_of=3 > 1 and no seed")
+    @pytest.mark.parametrize("best_of", [2, 3])
+    def test_best_of_over_one_without_a_seed_bypasses(self, best_of: int) -> None:
+        c = assess(canonicalize({"model": "m", "prompt": "p", "temperature": 0,
+                                 "best_of": best_of}))
+        assert (c.cacheable, c.reason) == (
+            False, f"nondeterministic: best_of={best_of} > 1 and no seed")
+
+    def test_a_generic_request_at_or_below_zero_temperature_without_a_seed_is_greedy(
+            self) -> None:
+        for temperature in (0, -1):
+            c = assess(canonicalize({"model": "m", "input": "x", "temperature": temperature}))
+            assert (c.cacheable, c.reason, c.reproducible) == (
+                True, "deterministic: temperature=0", True)
+
+    def test_a_generic_request_without_a_temperature_is_sampled(self) -> None:
+        c = assess(canonicalize({"model": "m", "input": "x"}))
+        assert (c.cacheable, c.reason) == (
+            False, "nondeterministic: temperature=1 > 0 and no seed")
 
     @pytest.mark.parametrize(("fields", "rule"), [
         ({"web_search_options": {}}, "web_search_options"),
