@@ -285,5 +285,7 @@ def _from_payload(obj: Any, with_material: bool, kid: bytes) -> Entry:
             else _inflate(obj["kz"]) if "kz" in obj else obj.get("k"),
             key_id=kid,
         )
+    except CorruptEntryError:
+        raise  # the key material's own reason (_inflate), not a schema problem
     except (KeyError, TypeError, ValueError, InvalidEntryError, InvalidRequestError) as exc:
         raise CorruptEntryError(f"payload does not have the entry schema: {exc}") from exc

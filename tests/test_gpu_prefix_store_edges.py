@@ -1,0 +1,374 @@
+"""Edges of the prefix store and block hashing that the main suite does not reach: a block that
+another request indexed first, a colliding hash at adopt and at match, the statistics' exact
+figures, eviction order at the margins, epochs dropped under pins, ``check_valid()`` itself,
+and each refusal of the hashing parameters.
+
+Written from a mutation run (``make mutation``, README).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_prefix.errors import InvalidParamsError
+from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, extend_chain, scope_salt
+from gpu_prefix.pool import KVPool, KVShape
+from gpu_prefix.store import PrefixStore
+from keying import BlockHash, hash_block_tokens, xxh3_128
+
+SHAPE = KVShape(num_layers=1, kv_heads=1, head_dim=1)
+BS = 2
+
+
+def make_store(blocks: int = 8) -> PrefixStore:
+    pool = KVPool(SHAPE, budget_bytes=blocks * SHAPE.bytes_per_token() * BS, block_size=BS)
+    return PrefixStore(pool)
+
+
+def chain_of(tokens, *, epoch=1, salt=b"a"):
+    return block_hashes(tokens, BlockKeys(model_epoch=epoch, salt=salt), block_size=BS)
+
+
+def fill(store: PrefixStore, lease, chain) -> list[bool]:
+    adopted = []
+    for item in chain[len(lease.table):]:
+        assert store.allocate(lease) is not None
+        adopted.append(store.adopt(lease, item))
+    return adopted
+
+
+def store_prompt(store: PrefixStore, tokens, **kw):
+    chain = chain_of(tokens, **kw)
+    lease = store.open()
+    store.match(lease, chain)
+    fill(store, lease, chain)
+    store.release(lease)
+    return chain
+
+
+class TestTwoRequestsFillingTheSameBlock:
+    def test_the_second_keeps_its_block_private_and_shares_nothing(self):
+        store = make_store()
+        chain = chain_of([1, 2, 3, 4])
+        first, second = store.open(), store.open()
+        assert store.match(first, chain).num_tokens == 0
+        assert store.match(second, chain).num_tokens == 0
+        assert fill(store, first, chain) == [True, True]
+        assert fill(store, second, chain[:1]) == [False]
+        assert second.indexing is False
+        assert second.private == second.table and len(second.private) == 1
+        assert store.block_id_of(chain[0][0]) == first.table[0] != second.table[0]
+        s = store.stats()
+        assert (s.collisions_total, s.inserted_blocks_total, s.private_blocks) == (0, 2, 1)
+        store.check_valid()
+        # its chain broke: later blocks stay private too
+        assert store.allocate(second) is not None
+        assert store.adopt(second, chain[1]) is False
+        store.release(second)
+        store.release(first)
+        store.check_valid()
+        assert store.stats().used_blocks == 2
+
+    def test_a_colliding_hash_at_adopt_is_counted_and_not_indexed(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2])
+        forged = (chain[0][0], (7, 7), chain[0][2])  # same hash, other tokens
+        lease = store.open()
+        assert store.allocate(lease) is not None
+        assert store.adopt(lease, forged) is False
+        assert store.stats().collisions_total == 1
+        store.release(lease)
+        store.check_valid()
+
+    @pytest.mark.parametrize("field", ["tokens", "extra"])
+    def test_a_colliding_hash_at_match_ends_the_match_and_is_counted(self, field):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4])
+        h, tokens, extra = chain[0]
+        forged = (h, (9, 9), extra) if field == "tokens" else (h, tokens, (2, "", b"a", "full"))
+        lease = store.open()
+        result = store.match(lease, [forged, chain[1]])
+        assert (result.block_ids, result.num_tokens) == ((), 0)
+        assert store.stats().collisions_total == 1
+        store.release(lease)
+
+    def test_a_block_under_another_parent_does_not_match(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4])
+        # the second block's hash and tokens, presented as a root block
+        lease = store.open()
+        assert store.match(lease, [chain[1]]).num_tokens == 0
+        assert store.stats().collisions_total == 1
+        store.release(lease)
+
+
+class TestMatching:
+    def test_a_match_pins_each_block_and_counts_hit_and_query_tokens(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4])
+        before = store.stats()
+        lease = store.open()
+        result = store.match(lease, chain_of([1, 2, 3, 4, 5, 6]))
+        assert result.num_tokens == 4 and len(result.block_ids) == 2
+        assert list(result.block_ids) == lease.table
+        assert store.pinned_hashes() == {chain[0][0], chain[1][0]}
+        s = store.stats()
+        assert (s.hit_tokens_total - before.hit_tokens_total,
+                s.query_tokens_total - before.query_tokens_total) == (4, 6)
+        assert (s.pinned_blocks, s.cached_blocks) == (2, 0)
+        store.release(lease)
+        assert store.pinned_hashes() == set()
+        assert store.stats().cached_blocks == 2
+
+    def test_a_lease_holding_a_private_block_does_not_match(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2])
+        lease = store.open()
+        store.allocate(lease)
+        assert store.match(lease, chain).num_tokens == 0
+        store.release(lease)
+
+    def test_a_lease_that_shares_nothing_neither_matches_nor_indexes(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2])
+        lease = store.open(indexing=False)
+        assert store.match(lease, chain).num_tokens == 0
+        store.allocate(lease)
+        assert store.adopt(lease, chain[0]) is False
+        store.release(lease)
+        store.check_valid()
+
+    def test_a_second_match_continues_the_chain_it_holds(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4])
+        lease = store.open()
+        assert store.match(lease, chain[:1]).num_tokens == 2
+        assert store.match(lease, chain).block_ids == (store.block_id_of(chain[1][0]),)
+        with pytest.raises(RuntimeError, match=r"continue the chain"):
+            store.match(lease, chain_of([5, 6, 7, 8]))
+        store.release(lease)
+
+    def test_adopt_without_a_private_block_is_a_bug_of_the_caller(self):
+        store = make_store()
+        lease = store.open()
+        with pytest.raises(RuntimeError, match=r"needs a private block"):
+            store.adopt(lease, chain_of([1, 2])[0])
+        store.release(lease)
+
+
+class TestLeases:
+    def test_a_lease_released_twice_is_refused(self):
+        store = make_store()
+        lease = store.open()
+        store.release(lease)
+        with pytest.raises(RuntimeError, match=f"lease {lease.lease_id} released twice"):
+            store.release(lease)
+
+    @pytest.mark.parametrize("call", ["match", "allocate", "adopt"])
+    def test_a_released_lease_cannot_be_used(self, call):
+        store = make_store()
+        lease = store.open()
+        store.release(lease)
+        args = {"match": (chain_of([1, 2]),), "allocate": (), "adopt": (chain_of([1, 2])[0],)}
+        with pytest.raises(RuntimeError, match=r"is not active"):
+            getattr(store, call)(lease, *args[call])
+
+    def test_allocation_places_a_lease_s_blocks_next_to_each_other(self):
+        store = make_store()
+        lease = store.open()
+        ids = [store.allocate(lease) for _ in range(3)]
+        assert ids == [ids[0], ids[0] + 1, ids[0] + 2]
+        assert store.held_blocks() == 3
+        store.release(lease)
+        assert store.held_blocks() == 0
+
+
+class TestStatistics:
+    def test_the_figures_add_up_to_the_pool(self):
+        store = make_store(blocks=4)
+        store_prompt(store, [1, 2, 3, 4])
+        lease = store.open()
+        store.allocate(lease)
+        s = store.stats()
+        assert (s.num_blocks, s.block_size, s.used_blocks, s.free_blocks) == (4, BS, 3, 1)
+        assert (s.private_blocks, s.cached_blocks, s.held_blocks, s.leases) == (1, 2, 1, 1)
+        assert s.usage == 0.75
+        assert s.used_bytes == 3 * store.pool.block_bytes
+        assert s.capacity_bytes == store.pool.capacity_bytes
+        store.release(lease)
+
+
+class TestEviction:
+    def test_eviction_takes_leaves_least_recently_used_first_and_counts(self):
+        store = make_store(blocks=8)
+        a = store_prompt(store, [1, 2, 3, 4])
+        b = store_prompt(store, [5, 6])
+        lease = store.open()
+        store.match(lease, a)  # a is now more recent than b
+        store.release(lease)
+        assert store.evict(1) == 1
+        assert b[0][0] not in store.cached_hashes()
+        assert store.evict(1) == 1  # a's leaf, then its root
+        assert store.cached_hashes() == {a[0][0]}
+        assert store.evict(5) == 1
+        assert store.stats().evicted_blocks_total == 3
+        store.check_valid()
+
+    def test_a_full_pool_evicts_a_cached_leaf_to_allocate(self):
+        store = make_store(blocks=2)
+        chain = store_prompt(store, [1, 2, 3, 4])
+        lease = store.open()
+        assert store.allocate(lease) is not None
+        assert store.cached_hashes() == {chain[0][0]}
+        assert store.allocate(lease) is not None
+        assert store.cached_hashes() == set()
+        assert store.allocate(lease) is None  # every block is held now
+        store.release(lease)
+        store.check_valid()
+
+    def test_many_stale_heap_entries_are_compacted(self):
+        store = make_store(blocks=2)
+        chain = store_prompt(store, [1, 2])
+        for _ in range(4 * 2 + 70):  # each pin and release pushes the leaf again
+            lease = store.open()
+            store.match(lease, chain)
+            store.release(lease)
+        other = store.open()
+        store.allocate(other)
+        store.allocate(other)  # evicts the leaf: the heap is compacted on removal
+        assert len(store._heap) <= 4 * store.pool.num_blocks + 64
+        store.release(other)
+        store.check_valid()
+
+
+class TestEpochs:
+    def test_a_dropped_epoch_frees_unpinned_blocks_now_and_pinned_ones_at_release(self):
+        store = make_store()
+        cached = store_prompt(store, [1, 2, 3, 4], epoch=1)
+        pinned = chain_of([5, 6, 7, 8], epoch=1)
+        lease = store.open()
+        fill(store, lease, pinned)
+        keep = store_prompt(store, [1, 2], epoch=2)
+        assert store.drop_epoch(1) == 2
+        assert store.cached_hashes() == {keep[0][0]}
+        assert store.pinned_hashes() == {pinned[0][0], pinned[1][0]}
+        store.check_valid()
+        store.release(lease)
+        assert store.stats().used_blocks == 1
+        assert store.match(store.open(), cached).num_tokens == 0
+        store.check_valid()
+
+    def test_a_dropped_epoch_refuses_later_adoption(self):
+        store = make_store()
+        store.drop_epoch(3)
+        lease = store.open()
+        store.allocate(lease)
+        assert store.adopt(lease, chain_of([1, 2], epoch=3)[0]) is False
+        assert store.stats().collisions_total == 0
+        store.release(lease)
+
+    def test_drop_epochs_except_keeps_only_the_one_named(self):
+        store = make_store()
+        store_prompt(store, [1, 2], epoch=1)
+        store_prompt(store, [3, 4], epoch=2)
+        keep = store_prompt(store, [5, 6], epoch=3)
+        assert store.drop_epochs_except(3) == 2
+        assert store.cached_hashes() == {keep[0][0]}
+
+
+class TestCheckValid:
+    def test_it_detects_a_refcount_that_drifted(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2])
+        store._index[chain[0][0]].refs = 1
+        with pytest.raises(AssertionError, match=r"^refcount 1 != pins 0$"):
+            store.check_valid()
+
+    def test_it_detects_a_private_count_that_drifted(self):
+        store = make_store()
+        lease = store.open()
+        store.allocate(lease)
+        store._private = 0
+        with pytest.raises(AssertionError, match=r"^private block count drifted$"):
+            store.check_valid()
+
+    def test_it_detects_a_block_missing_from_the_lru_heap(self):
+        store = make_store()
+        store_prompt(store, [1, 2])
+        store._heap.clear()
+        with pytest.raises(AssertionError,
+                           match=r"^an evictable leaf is missing from the LRU heap$"):
+            store.check_valid()
+
+    def test_it_detects_a_child_count_that_drifted(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2, 3, 4])
+        store._index[chain[0][0]].children = 0
+        with pytest.raises(AssertionError, match=r"^child count drifted$"):
+            store.check_valid()
+
+    def test_it_detects_a_pinned_count_that_drifted(self):
+        store = make_store()
+        store_prompt(store, [1, 2])
+        store._pinned = 1
+        with pytest.raises(AssertionError, match=r"^pinned block count drifted$"):
+            store.check_valid()
+
+
+class TestBlockHashing:
+    def test_each_block_chains_its_parent_tokens_and_extra_keys(self):
+        chain = chain_of([1, 2, 3, 4])
+        keys = BlockKeys(model_epoch=1, salt=b"a")
+        first = hash_block_tokens(xxh3_128, None, (1, 2), keys.extra_keys(0, BS))
+        second = hash_block_tokens(xxh3_128, first, (3, 4), keys.extra_keys(1, BS))
+        assert chain == [(first, (1, 2), (1, "", b"a", "full")),
+                         (second, (3, 4), (1, "", b"a", "full"))]
+
+    def test_public_salt_covers_whole_blocks_inside_the_public_prefix(self):
+        keys = BlockKeys(model_epoch=1, salt=b"a", public_tokens=4)
+        assert [keys.extra_keys(i, BS)[2] for i in range(3)] == [PUBLIC_SALT, PUBLIC_SALT, b"a"]
+
+    def test_extending_a_chain_gives_the_chain_hashed_at_once(self):
+        keys = BlockKeys(model_epoch=1)
+        tokens = [1, 2, 3, 4, 5, 6]
+        chain = extend_chain([], tokens, keys, block_size=BS, upto=1)
+        assert extend_chain(chain, tokens, keys, block_size=BS, upto=3) == block_hashes(
+            tokens, keys, block_size=BS)
+
+    def test_a_block_size_below_one_is_refused_by_name(self):
+        with pytest.raises(InvalidParamsError,
+                           match=r"^block_size: must be at least 1, got 0; use 16$") as err:
+            extend_chain([], [1], BlockKeys(model_epoch=1), block_size=0, upto=0)
+        assert err.value.field == "block_size"
+
+    def test_more_blocks_than_tokens_is_refused_by_name(self):
+        with pytest.raises(InvalidParamsError, match=r"2 blocks need 4 tokens, got 3") as err:
+            extend_chain([], [1, 2, 3], BlockKeys(model_epoch=1), block_size=BS, upto=2)
+        assert err.value.field == "upto"
+        assert extend_chain([], [1, 2, 3, 4], BlockKeys(model_epoch=1), block_size=BS, upto=2)
+
+    def test_scope_salt_is_the_keyed_digest_of_the_framed_tenant(self):
+        import hashlib
+
+        from keying import frame
+
+        secret = bytes(range(70))
+        assert scope_salt("t1", secret=secret) == hashlib.blake2b(
+            frame(["scope-salt/v1", "t1"]), digest_size=16, key=secret[:64]).digest()
+
+    def test_scope_salt_is_sixteen_bytes_keyed_by_at_most_64_bytes_of_secret(self):
+        salt = scope_salt("t1")
+        assert isinstance(salt, bytes) and len(salt) == 16
+        assert scope_salt("t1", secret=b"s" * 64) == scope_salt("t1", secret=b"s" * 64 + b"x")
+
+    def test_an_empty_or_non_string_tenant_is_refused_by_name(self):
+        for tenant in ("", None, 5):
+            with pytest.raises(InvalidParamsError, match=(
+                    r"^tenant: a scope salt needs a non-empty tenant id; pass the authenticated "
+                    r"tenant$")) as err:
+                scope_salt(tenant)  # type: ignore[arg-type]
+            assert err.value.field == "tenant"
+
+    def test_block_hashes_are_block_hash_values(self):
+        assert isinstance(chain_of([1, 2])[0][0], bytes)
+        assert BlockHash is not None

@@ -1,0 +1,595 @@
+"""Edges of the key builder that the main suites do not reach: each scope rule and the field it
+names, escaping at its length bound, framing's map order, material that is not ours, and each
+reason a request is or is not cacheable.
+
+Written from a mutation run (``make mutation``, README): each test pins a behaviour that a
+single changed operator or constant in ``keying/`` would otherwise change unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgpack
+import pytest
+
+from keying import (
+    InvalidMaterialError,
+    InvalidRequestError,
+    KeyParams,
+    Scope,
+    build_key,
+    canonicalize,
+    decode_material,
+    escape_component,
+    frame,
+    rebuild_key,
+)
+from keying.cacheability import assess, live_data
+from keying.escape import MAX_COMPONENT
+from keying.material import MATERIAL_VERSION, encode_material
+
+ACME = Scope.for_tenant("acme")
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    body.update(fields)
+    return body
+
+
+class TestScopeRules:
+    @pytest.mark.parametrize(("kwargs", "field", "problem", "fix"), [
+        ({"kind": "public", "tenant": "t"}, "scope", "a public scope names no tenant or user",
+         "drop --tenant/--user"),
+        ({"kind": "public", "user": "u"}, "scope", "a public scope names no tenant or user",
+         "drop --tenant/--user"),
+        ({"kind": "group", "tenant": "t"}, "scope", "unknown scope kind 'group'",
+         "use tenant, user or public"),
+        ({"kind": "tenant"}, "scope.tenant", "a tenant or user scope needs a tenant id",
+         "give a tenant id"),
+        ({"kind": "tenant", "tenant": ""}, "scope.tenant",
+         "a tenant or user scope needs a tenant id", "give a tenant id"),
+        ({"kind": "tenant", "tenant": 7}, "scope.tenant",
+         "a tenant or user scope needs a tenant id", "give a tenant id"),
+        ({"kind": "user", "tenant": "t"}, "scope.user", "a user scope needs a user id",
+         "send the request's `user` field or use scope tenant"),
+        ({"kind": "user", "tenant": "t", "user": ""}, "scope.user", "a user scope needs a user id",
+         "send the request's `user` field or use scope tenant"),
+        ({"kind": "user", "tenant": "t", "user": 3}, "scope.user", "a user scope needs a user id",
+         "send the request's `user` field or use scope tenant"),
+        ({"kind": "tenant", "tenant": "t", "user": "u"}, "scope.user",
+         "a tenant scope names no user", "use scope user to key per user"),
+    ])
+    def test_an_impossible_scope_is_refused_naming_its_field_and_the_fix(
+            self, kwargs: dict[str, Any], field: str, problem: str, fix: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            Scope(**kwargs)
+        assert (err.value.field, err.value.problem, err.value.fix) == (field, problem, fix)
+
+    def test_each_kind_has_its_label_and_material(self) -> None:
+        assert Scope.public().label == "public"
+        assert Scope.public().as_material() == ["public", None, None]
+        assert ACME.label == "tenant:acme"
+        assert Scope.for_user("acme", "bob").label == "user:acme/bob"
+        assert Scope.for_user("acme", "bob").as_material() == ["user", "acme", "bob"]
+
+    @pytest.mark.parametrize("scope", [Scope.public(), ACME, Scope.for_user("acme", "bob")])
+    def test_material_reads_back_to_the_same_scope(self, scope: Scope) -> None:
+        assert Scope.from_material(scope.as_material()) == scope
+
+
+class TestEscaping:
+    @pytest.fixture(autouse=True)
+    def _fresh_cache(self) -> None:
+        escape_component.cache_clear()  # each case computes its escape, not a cached one
+
+    def test_a_safe_component_is_kept_as_is_up_to_the_bound(self) -> None:
+        assert escape_component("a" * MAX_COMPONENT) == "a" * MAX_COMPONENT
+
+    def test_a_safe_component_over_the_bound_becomes_a_digest(self) -> None:
+        value = "a" * (MAX_COMPONENT + 1)
+        expected = "~" + hashlib.blake2b(value.encode(), digest_size=20).hexdigest()
+        assert escape_component(value) == expected
+
+    def test_an_escaped_component_that_fits_is_kept_readable(self) -> None:
+        # 32 colons escape to 96 characters: exactly the bound, so no digest
+        assert escape_component(":" * 32) == "%3A" * 32
+        assert escape_component(":" * 33).startswith("~")
+
+    def test_multibyte_characters_escape_byte_by_byte_in_upper_hex(self) -> None:
+        assert escape_component("é*") == "%C3%A9%2A"
+
+
+class TestFraming:
+    def test_map_keys_of_mixed_types_order_by_type_name_then_value(self) -> None:
+        assert frame({"b": 1, 2: 0, "a": 1, 1: 0}) == msgpack.packb(
+            {1: 0, 2: 0, "a": 1, "b": 1}, use_bin_type=True)
+
+    def test_nested_maps_in_lists_are_sorted_too(self) -> None:
+        assert frame([{"b": 1, "a": 2}]) == frame([{"a": 2, "b": 1}])
+        assert frame(({"b": 1, "a": 2},)) == msgpack.packb([{"a": 2, "b": 1}])
+
+
+class TestMaterialThatIsNotOurs:
+    def material(self) -> bytes:
+        return build_key(chat(temperature=0), KeyParams(scope=ACME)).material
+
+    def parts(self) -> list[Any]:
+        return msgpack.unpackb(self.material(), raw=False, strict_map_key=False,
+                               ext_hook=lambda c, d: msgpack.ExtType(c, d))
+
+    def repack(self, parts: list[Any]) -> bytes:
+        return msgpack.packb(parts, use_bin_type=True)
+
+    @pytest.mark.parametrize(("index", "value", "words"), [
+        (2, ["model", ""], "model: not a non-empty string"),
+        (2, ["model", 5], "model: not a non-empty string"),
+        (3, ["epoch", -1], "epoch: not a non-negative integer"),
+        (3, ["epoch", "1"], "epoch: not a non-negative integer"),
+        (4, ["adapter", 3], "adapter: not a string or nil"),
+        (5, ["kind", "embedding"], "kind: 'embedding' is not chat"),
+        (6, ["request", [1]], "request: not a map of fields"),
+        (1, ["scope", ["tenant", None, None]], "scope:"),
+        (1, ["scope", ["tenant"]], "scope:"),
+    ])
+    def test_a_bad_part_is_refused_by_name(self, index: int, value: list[Any], words: str) -> None:
+        parts = self.parts()
+        parts[index] = value
+        with pytest.raises(InvalidMaterialError, match=words):
+            decode_material(self.repack(parts))
+
+    @pytest.mark.parametrize("mutate", [
+        lambda p: p[:6],
+        lambda p: ["llmcache-key/v1", *p[1:]],
+        lambda p: [p[0], ["model", "acme"], *p[2:]],
+        lambda p: [p[0], ["scope", ACME.as_material(), 1], *p[2:]],
+        lambda p: [p[0], "scope", *p[2:]],
+    ])
+    def test_another_layout_is_refused_whole(self, mutate: Any) -> None:
+        with pytest.raises(InvalidMaterialError, match=f"not {MATERIAL_VERSION} material"):
+            decode_material(self.repack(mutate(self.parts())))
+
+    def test_an_unknown_extension_type_is_refused_by_code(self) -> None:
+        parts = self.parts()
+        parts[6] = ["request", {"x": msgpack.ExtType(9, b"[]")}]
+        with pytest.raises(InvalidMaterialError, match="unknown msgpack extension code 9"):
+            decode_material(self.repack(parts))
+
+    def test_bytes_that_are_not_msgpack_are_refused(self) -> None:
+        with pytest.raises(InvalidMaterialError, match="not msgpack"):
+            decode_material(b"\xc1")
+
+    def test_material_whose_request_no_longer_keys_is_refused(self) -> None:
+        parts = self.parts()
+        parts[6] = ["request", {"temperature": "hot"}]
+        with pytest.raises(InvalidMaterialError, match="does not key again"):
+            rebuild_key(self.repack(parts))
+
+    def test_a_user_scope_and_an_adapter_read_back(self) -> None:
+        scope = Scope.for_user("acme", "bob")
+        k = build_key(chat(temperature=0), KeyParams(scope=scope, epoch=4, adapter="lora-1"))
+        parts = decode_material(k.material)
+        assert (parts.scope, parts.epoch, parts.adapter, parts.kind) == (scope, 4, "lora-1", "chat")
+        assert (k.scope, k.epoch, k.adapter) == (scope, 4, "lora-1")
+        assert rebuild_key(k.material).digest == k.digest
+
+
+class TestMaterialParameters:
+    @pytest.mark.parametrize("epoch", [-1, True, 1.0, "1"])
+    def test_an_epoch_that_is_not_a_non_negative_int_is_refused(self, epoch: Any) -> None:
+        with pytest.raises(InvalidRequestError, match="is not a non-negative integer") as err:
+            encode_material(scope=ACME, model="m", epoch=epoch, adapter=None,
+                            request=canonicalize(chat()))
+        assert err.value.field == "epoch"
+
+    def test_an_adapter_that_is_not_a_string_is_refused(self) -> None:
+        with pytest.raises(InvalidRequestError, match="must be a string or absent") as err:
+            encode_material(scope=ACME, model="m", epoch=0, adapter=5,  # type: ignore[arg-type]
+                            request=canonicalize(chat()))
+        assert err.value.field == "adapter"
+
+    def test_explain_reports_the_key_in_json_ready_form(self) -> None:
+        k = build_key(chat(temperature=0, stream=True), KeyParams(scope=ACME, epoch=2))
+        e = k.explain()
+        assert e["digest"] == k.digest.hex()
+        assert e["material_digest"] == k.material_digest.hex()
+        assert (e["cacheable"], e["scope"], e["model"], e["epoch"], e["kind"]) == (
+            True, "tenant:acme", "m", 2, "chat")
+        assert e["reason"] == "deterministic: temperature=0"
+        assert "stream" in e["unkeyed"] and "stream" in e["unkeyed_policy"]
+        assert e["material_bytes"] == len(k.material)
+        assert e["material_version"] == MATERIAL_VERSION
+        assert k.model == "m"
+
+
+class TestCacheability:
+    def verdict(self, **fields: Any) -> tuple[bool, str, bool]:
+        c = assess(canonicalize(chat(**fields)))
+        return c.cacheable, c.reason, c.reproducible
+
+    def test_greedy_is_cacheable_and_reproducible(self) -> None:
+        assert self.verdict(temperature=0) == (True, "deterministic: temperature=0", True)
+
+    def test_a_seed_makes_sampling_reproducible(self) -> None:
+        assert self.verdict(temperature=0.7, seed=5) == (True, "seeded: seed=5", True)
+        assert self.verdict(temperature=0, seed=5) == (True, "seeded: seed=5", True)
+
+    def test_sampling_without_a_seed_bypasses_unless_opted_in(self) -> None:
+        assert self.verdict(temperature=0.5) == (
+            False, "nondeterministic: temperature=0.5 > 0 and no seed", False)
+        opted = assess(canonicalize(chat(temperature=0.5)), allow_nondeterministic=True)
+        assert (opted.cacheable, opted.reproducible) == (True, False)
+        assert opted.reason == "opted in: nondeterministic: temperature=0.5 > 0 and no seed"
+
+    def test_several_greedy_choices_without_a_seed_bypass(self) -> None:
+        assert self.verdict(temperature=0, n=2) == (
+            False, "nondeterministic: n=2 > 1 and no seed", False)
+
+    @pytest.mark.parametrize("best_of", [2, 3])
+    def test_best_of_over_one_without_a_seed_bypasses(self, best_of: int) -> None:
+        c = assess(canonicalize({"model": "m", "prompt": "p", "temperature": 0,
+                                 "best_of": best_of}))
+        assert (c.cacheable, c.reason) == (
+            False, f"nondeterministic: best_of={best_of} > 1 and no seed")
+
+    def test_a_generic_request_at_or_below_zero_temperature_without_a_seed_is_greedy(
+            self) -> None:
+        for temperature in (0, -1):
+            c = assess(canonicalize({"model": "m", "input": "x", "temperature": temperature}))
+            assert (c.cacheable, c.reason, c.reproducible) == (
+                True, "deterministic: temperature=0", True)
+
+    def test_a_generic_request_without_a_temperature_is_sampled(self) -> None:
+        c = assess(canonicalize({"model": "m", "input": "x"}))
+        assert (c.cacheable, c.reason) == (
+            False, "nondeterministic: temperature=1 > 0 and no seed")
+
+    @pytest.mark.parametrize(("fields", "rule"), [
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"search_parameters": {"mode": "on"}}, "search_parameters"),
+        ({"plugins": [{"id": "web"}]}, "plugins"),
+        ({"model": "m:online"}, "an :online model"),
+    ])
+    def test_live_data_always_bypasses_with_its_rule_named(self, fields: dict, rule: str) -> None:
+        request = canonicalize(chat(temperature=0, **fields))
+        assert live_data(request) == rule
+        c = assess(request, allow_nondeterministic=True)
+        assert not c.cacheable
+        assert c.reason == f"live data: {rule} makes the answer depend on when it is asked"
+
+    def test_an_empty_plugin_list_is_not_live_data(self) -> None:
+        assert live_data(canonicalize(chat(temperature=0, plugins=[]))) is None
+
+
+C: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+P: dict[str, Any] = {"model": "m", "prompt": "p"}
+
+
+def msg(**m: Any) -> dict[str, Any]:
+    return {**C, "messages": [m]}
+
+
+class TestEveryRefusalNamesFieldProblemAndFix:
+    """The 4xx a gateway sees: the field's path, what is wrong with it, and what to send."""
+
+    @pytest.mark.parametrize(("body", "kind", "expected"), [
+        ([1], None, ("request", "expected a JSON object, got array",
+                     "send the request body as an object")),
+        ({"messages": []}, None, ("model", "missing or not a non-empty string",
+                                  'set "model" to the model id')),
+        ({"model": "m"}, "chat", ("messages", "missing", 'send "messages"')),
+        ({"model": "m"}, "completion", ("prompt", "missing", 'send "prompt"')),
+        ({**C, "messages": "x"}, None, (
+            "messages", "expected an array, got string",
+            "send messages as an array of {role, content} objects")),
+        ({**C, "messages": []}, None, ("messages", "no messages", "send at least one message")),
+        ({**C, "messages": [5]}, None, ("messages[0]", "expected an object, got integer",
+                                        "send each message as {role, content}")),
+        (msg(content="x", role=""), None, (
+            "messages[0].role", "missing or non-string role",
+            "set role to system, developer, user, assistant or tool")),
+        (msg(role="user", content=5), None, (
+            "messages[0].content", "expected a string, an array of parts or null, got integer",
+            "send content as a string or parts")),
+        (msg(role="user", content=[5]), None, (
+            "messages[0].content[0]", "expected a content part object, got integer",
+            'send {"type": "text", "text": ...} or another part type')),
+        (msg(role="user", content=[{"type": 5}]), None, (
+            "messages[0].content[0].type", "a content part needs a string type",
+            'set "type" to text, image_url, input_audio or file')),
+        (msg(role="user", content=[{"type": "text", "text": 5}]), None, (
+            "messages[0].content[0].text", "a text part needs a string text",
+            "send the text as a string")),
+        (msg(role="user", content=[{"type": "image_url", "image_url": {}}]), None, (
+            "messages[0].content[0].image_url", "an image part needs a url",
+            'send {"image_url": {"url": ...}}')),
+        ({**P, "prompt": []}, None, (
+            "prompt", "expected a string or a non-empty array, got array",
+            "send a string, strings, token ids or arrays of token ids")),
+        ({**P, "prompt": [1, -1]}, None, ("prompt[1]", "-1 is not a token id",
+                                          "send non-negative integer token ids")),
+        ({**P, "prompt": [1.5]}, None, ("prompt[0]", "1.5 is not a token id",
+                                        "send non-negative integer token ids")),
+        ({**P, "prompt": [["a"]]}, None, ("prompt", "nested prompts must be arrays of token ids",
+                                          "send [[id, ...], ...]")),
+        ({**P, "prompt": ["a", 1]}, None, ("prompt", "mixed prompt array",
+                                           "send only strings or only token ids")),
+        ({**C, "temperature": 3}, None, ("temperature", "3 is out of range",
+                                         "use a value in [0, 2]")),
+        ({**C, "top_p": 1.5}, None, ("top_p", "1.5 is out of range", "use a value in [0, 1]")),
+        ({**P, "top_p": -0.1}, None, ("top_p", "-0.1 is out of range", "use a value in [0, 1]")),
+        ({**C, "top_p": "x"}, None, ("top_p", "expected a number, got string", "send a number")),
+        ({**C, "n": 0}, None, ("n", "0 is out of range", "use an integer [1, 128]")),
+        ({**C, "n": 1.5}, None, ("n", "expected an integer, got 1.5", "send an integer")),
+        ({**C, "max_tokens": -1}, None, ("max_tokens", "-1 is out of range",
+                                         "use an integer >= 1")),
+        ({**P, "best_of": 0}, None, ("best_of", "0 is out of range", "use an integer [1, 20]")),
+        ({**C, "seed": True}, None, ("seed", "expected a number, got boolean", "send a number")),
+        ({**C, "logprobs": 1}, None, ("logprobs", "expected a boolean, got integer",
+                                      "send true or false")),
+        ({**C, "stop": 5}, None, ("stop", "expected a string or an array, got integer",
+                                  "send a string or an array of strings")),
+        ({**C, "stop": ["a", 5]}, None, ("stop[1]", "expected a string, got integer",
+                                         "send stop sequences as strings")),
+        ({**C, "logit_bias": []}, None, ("logit_bias", "expected an object, got array",
+                                         "map token ids to biases")),
+        ({**C, "logit_bias": {"a": 1}}, None, (
+            "logit_bias.a", "logit_bias keys are token ids",
+            'write each id in ASCII decimal digits, e.g. "50256"')),
+        ({**C, "tools": {}}, None, ("tools", "expected an array, got object",
+                                    "send tools as an array")),
+        ({**C, "tools": [5]}, None, ("tools[0]", "expected an object, got integer",
+                                     "send each tool as an object")),
+        ({**C, "response_format": "json"}, None, (
+            "response_format", "expected an object, got string",
+            'send {"type": "text"}, json_object or json_schema')),
+        ({**C, "reasoning_effort": 5}, None, ("reasoning_effort", "expected a string, got integer",
+                                              "send a string")),
+        ({**C, "x": float("nan")}, None, ("x", "nan is not a finite number",
+                                          "send a finite number")),
+        ({**C, "x": {"y": [float("inf")]}}, None, ("x.y[0]", "inf is not a finite number",
+                                                   "send a finite number")),
+        ({**C, "x": 2**64}, None, ("x", "integer out of range", "use a 64-bit integer")),
+        ({**C, "x": {1: 2}}, None, ("x", "object keys must be strings", "use string keys")),
+        ({**C, "x": "\ud800"}, None, ("x", "text is not valid Unicode (a lone surrogate)",
+                                      "send valid UTF-8 text")),
+        ({**C, "x": {"y": "\ud800"}}, None, ("x.y", "text is not valid Unicode (a lone surrogate)",
+                                             "send valid UTF-8 text")),
+        ({**C, "x": object()}, None, ("x", "unsupported type object", "send JSON values only")),
+        ({**C, "x": [None, True, 1.0, {}, ()]}, None, None),
+    ])
+    def test_the_refusal_reads(self, body: Any, kind: Any,
+                               expected: tuple[str, str, str] | None) -> None:
+        if expected is None:
+            canonicalize(body, kind)
+            return
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize(body, kind)
+        assert (err.value.field, err.value.problem, err.value.fix) == expected
+        assert str(err.value) == f"{expected[0]}: {expected[1]}; {expected[2]}"
+
+    def test_a_request_over_the_key_limit_names_its_largest_field(self) -> None:
+        from keying import KeyLimits, RequestTooLargeError
+
+        with pytest.raises(RequestTooLargeError) as err:
+            canonicalize({**C, "x": "a" * 5000, "y": "b" * 10}, None, KeyLimits(max_bytes=1000))
+        assert err.value.field == "x"
+        assert err.value.problem.startswith("request is ")
+        assert err.value.problem.endswith(" bytes canonically, over the 1000-byte key limit")
+        assert err.value.fix == "send a smaller request or raise the limit"
+
+
+def keyed(body: dict[str, Any], name: str) -> Any:
+    return canonicalize(body).fields[name]
+
+
+def same_key(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    p = KeyParams(scope=ACME)
+    return build_key(a, p).digest == build_key(b, p).digest
+
+
+class TestPromptShapes:
+    def test_two_token_rows_are_two_prompts_not_the_first(self) -> None:
+        assert not same_key({**P, "prompt": [[1], [2]]}, {**P, "prompt": [1]})
+        assert not same_key({**P, "prompt": [[1], [2]]}, {**P, "prompt": [[1]]})
+        assert not same_key({**P, "prompt": [[1], [2]]}, {**P, "prompt": [1, 2]})
+
+    def test_one_token_row_is_the_same_prompt_as_its_ids(self) -> None:
+        assert same_key({**P, "prompt": [[1, 2]]}, {**P, "prompt": [1, 2]})
+
+    def test_one_string_in_a_list_is_the_string_but_two_are_not_joined(self) -> None:
+        assert same_key({**P, "prompt": ["ab"]}, {**P, "prompt": "ab"})
+        assert not same_key({**P, "prompt": ["a", "b"]}, {**P, "prompt": "ab"})
+        assert not same_key({**P, "prompt": ["a", "b"]}, {**P, "prompt": ["a"]})
+
+    def test_integral_float_token_ids_are_the_ids(self) -> None:
+        assert same_key({**P, "prompt": [1.0, 2.0]}, {**P, "prompt": [1, 2]})
+
+
+class TestMessageShapes:
+    def test_null_content_of_an_assistant_message_with_tool_calls_keys(self) -> None:
+        call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+        body = {**C, "messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": None, "tool_calls": call}]}
+        other = {**C, "messages": [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "", "tool_calls": call}]}
+        assert not same_key(body, other)
+        assert canonicalize(body).fields["messages"] is not None
+
+    def test_a_name_next_to_string_content_is_keyed(self) -> None:
+        named = msg(role="user", content="hi", name="bob")
+        assert not same_key(named, C)
+        assert not same_key(named, msg(role="user", content="hi", name="eve"))
+
+    def test_empty_or_null_tool_calls_and_name_are_absent(self) -> None:
+        assert same_key(msg(role="user", content="hi", tool_calls=[]), C)
+        assert same_key(msg(role="user", content="hi", name=None), C)
+
+    def test_one_text_part_is_the_string_but_a_part_with_more_is_not(self) -> None:
+        assert same_key(msg(role="user", content=[{"type": "text", "text": "hi"}]), C)
+        assert not same_key(
+            msg(role="user", content=[{"type": "text", "text": "hi", "cache": "x"}]), C)
+        assert not same_key(msg(role="user", content=[{"type": "text", "text": "h"},
+                                                      {"type": "text", "text": "i"}]), C)
+
+    def test_an_image_given_as_a_url_string_is_the_url_object_with_detail_auto(self) -> None:
+        short = msg(role="user", content=[{"type": "image_url", "image_url": "u"}])
+        full = msg(role="user", content=[{"type": "image_url",
+                                          "image_url": {"url": "u", "detail": "auto"}}])
+        assert same_key(short, full)
+        assert not same_key(short, msg(role="user", content=[
+            {"type": "image_url", "image_url": {"url": "u", "detail": "high"}}]))
+
+    def test_a_message_with_extra_keys_still_keys_its_role_and_content(self) -> None:
+        a = msg(role="user", content="hi", x=1)
+        assert not same_key(a, msg(role="user", content="ho", x=1))
+        assert not same_key(a, msg(role="system", content="hi", x=1))
+
+    def test_a_two_key_message_that_is_not_role_and_content_is_checked(self) -> None:
+        with pytest.raises(InvalidRequestError, match="missing or non-string role"):
+            canonicalize(msg(content="hi", name="x"))
+
+
+class TestNumbersInNestedValues:
+    def test_a_nan_that_is_a_nested_value_s_only_float_is_refused(self) -> None:
+        with pytest.raises(InvalidRequestError, match="nan is not a finite number"):
+            canonicalize({**C, "metadata_x": {"a": [1, "s", float("nan")]}})
+
+    def test_integral_floats_fold_to_ints_inside_unknown_fields(self) -> None:
+        assert same_key({**C, "x": {"a": [1.0, -0.0]}}, {**C, "x": {"a": [1, 0]}})
+        assert not same_key({**C, "x": {"a": [1.5]}}, {**C, "x": {"a": [1]}})
+
+    def test_floats_beyond_exact_integers_stay_floats(self) -> None:
+        big = 2.0 ** 60
+        assert not same_key({**C, "x": big}, {**C, "x": 2 ** 60})
+
+
+class TestRangeLimits:
+    @pytest.mark.parametrize(("body", "field", "value"), [
+        (C, "top_p", 0), (C, "top_p", 1), (P, "top_p", 0), (P, "top_p", 1),
+        (C, "temperature", 2), (C, "n", 128), (P, "best_of", 1), (P, "best_of", 20),
+        (C, "frequency_penalty", -2), (C, "presence_penalty", 2), (C, "top_logprobs", 20),
+        (P, "logprobs", 5), (P, "max_tokens", 0), (C, "max_tokens", 1),
+    ])
+    def test_a_value_at_the_end_of_its_range_is_accepted(self, body: dict, field: str,
+                                                         value: Any) -> None:
+        assert keyed({**body, field: value}, field) == value
+
+    @pytest.mark.parametrize(("body", "field", "value"), [
+        (C, "n", 129), (P, "best_of", 21), (C, "frequency_penalty", -2.5),
+        (C, "presence_penalty", 2.5), (C, "top_logprobs", 21), (P, "logprobs", 6),
+        (P, "max_tokens", -1), (C, "max_tokens", 0), (C, "temperature", -0.1),
+    ])
+    def test_a_value_past_the_end_of_its_range_is_refused_by_name(self, body: dict, field: str,
+                                                                  value: Any) -> None:
+        with pytest.raises(InvalidRequestError, match="is out of range") as err:
+            canonicalize({**body, field: value})
+        assert err.value.field == field
+
+
+class TestToolChoiceAndHostedTools:
+    def test_tool_choice_is_none_without_tools_and_auto_with_them(self) -> None:
+        tool = {"type": "function", "function": {"name": "f"}}
+        assert keyed(C, "tool_choice") == "none"
+        assert keyed({**C, "tools": []}, "tool_choice") == "none"
+        assert keyed({**C, "tools": [tool]}, "tool_choice") == "auto"
+
+    @pytest.mark.parametrize(("tools", "hosted"), [
+        (None, False), ([], False), ([{"type": "function"}], False), ([{"type": "custom"}], False),
+        ([{"type": "web_search"}], True), ([{"type": "function"}, {"type": "file_search"}], True),
+        ([{}], True),
+    ])
+    def test_a_tool_the_provider_runs_is_hosted(self, tools: Any, hosted: bool) -> None:
+        body = {**C, "temperature": 0} if tools is None else {**C, "temperature": 0, "tools": tools}
+        request = canonicalize(body)
+        assert request.hosted_tool is hosted
+        assert (live_data(request) == "a hosted tool") is hosted
+
+
+class TestKeyDigests:
+    def test_the_material_digest_is_the_keyed_digest_of_this_request_s_material(self) -> None:
+        from keying import material_digest
+
+        a = build_key(chat(temperature=0), KeyParams(scope=ACME, secret=b"s1"))
+        b = build_key(chat(temperature=0, seed=1), KeyParams(scope=ACME, secret=b"s1"))
+        assert a.material_digest == material_digest(a.material, b"s1")
+        assert a.material_digest != b.material_digest
+        other = build_key(chat(temperature=0), KeyParams(scope=ACME, secret=b"s2"))
+        assert (other.digest, other.material) == (a.digest, a.material)
+        assert other.material_digest != a.material_digest
+
+    def test_the_key_limit_in_the_params_is_the_one_applied(self) -> None:
+        from keying import KeyLimits, RequestTooLargeError
+
+        with pytest.raises(RequestTooLargeError, match="over the 100-byte key limit"):
+            build_key(chat(x="a" * 200), KeyParams(scope=ACME, limits=KeyLimits(max_bytes=100)))
+
+    def test_material_over_the_default_limit_rebuilds_when_it_was_built_under_a_raised_one(
+            self) -> None:
+        from keying import KeyLimits
+
+        big = chat(temperature=0, x="a" * (8 * 1024 * 1024 + 1))
+        k = build_key(big, KeyParams(scope=ACME, limits=KeyLimits(max_bytes=16 * 1024 * 1024)))
+        assert rebuild_key(k.material).digest == k.digest
+
+
+class TestFramingInAFreshThread:
+    """Each thread keeps its own packer; a new thread builds one (the service's worker threads)."""
+
+    def in_thread(self, fn: Any) -> Any:
+        import threading
+
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    def test_a_fresh_thread_frames_bytes_as_bin_and_each_value_alone(self) -> None:
+        from keying.framing import frame_presorted
+
+        def two() -> tuple[bytes, bytes]:
+            return frame_presorted([b"x", "y"]), frame_presorted(b"z")
+
+        first, second = self.in_thread(two)
+        assert first == msgpack.packb([b"x", "y"], use_bin_type=True)
+        assert second == msgpack.packb(b"z", use_bin_type=True)
+
+    def test_a_value_that_cannot_be_packed_leaves_the_thread_s_packer_usable(self) -> None:
+        from keying.framing import frame_presorted
+
+        def bad_then_good() -> bytes:
+            with pytest.raises(TypeError):
+                frame_presorted([b"x", object()])
+            return frame_presorted(b"z")
+
+        assert self.in_thread(bad_then_good) == msgpack.packb(b"z", use_bin_type=True)
+        with pytest.raises(TypeError):
+            frame_presorted([b"x", object()])
+        assert frame_presorted(b"z") == msgpack.packb(b"z", use_bin_type=True)
+
+
+class TestFramingValues:
+    def test_map_values_are_kept(self) -> None:
+        assert frame({"a": 1, "b": [b"x"]}) == msgpack.packb({"a": 1, "b": [b"x"]},
+                                                             use_bin_type=True)
+
+    def test_a_str_or_int_subclass_frames_as_its_plain_value(self) -> None:
+        import enum
+
+        class Tag(str):
+            pass
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        assert frame([Tag("a"), Level.HIGH]) == frame(["a", 3])
+
+    def test_a_block_hash_is_the_digest_of_its_framed_inputs(self) -> None:
+        from keying import hash_block_tokens, xxh3_128
+
+        extra = (1, "", b"salt", "full")
+        assert hash_block_tokens(xxh3_128, None, (1, 2), extra) == xxh3_128(
+            msgpack.packb(["block/v1", None, [1, 2], [1, "", b"salt", "full"]], use_bin_type=True))
