@@ -93,20 +93,23 @@ def _token_str(engine: Engine, token_id: int) -> str:
     return text
 
 
-def _chat_logprob_items(engine: Engine, ids: list[int], lps: list[float], tops: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+def _chat_logprob_items(engine: Engine, ids: list[int], lps: list[float],
+                        tops: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     items = []
     for tid, lp, top in zip(ids, lps, tops, strict=True):
         s = _token_str(engine, tid)
         items.append({
             "token": s, "logprob": lp, "bytes": list(s.encode("utf-8")),
             "top_logprobs": [
-                {"token": (t := _token_str(engine, i)), "logprob": v, "bytes": list(t.encode("utf-8"))} for i, v in top
+                {"token": (t := _token_str(engine, i)), "logprob": v,
+                 "bytes": list(t.encode("utf-8"))} for i, v in top
             ],
         })
     return items
 
 
-def _completion_logprobs(engine: Engine, ids: list[int], lps: list[float], tops: list[tuple[Any, ...]], offset: int) -> dict[str, Any]:
+def _completion_logprobs(engine: Engine, ids: list[int], lps: list[float],
+                         tops: list[tuple[Any, ...]], offset: int) -> dict[str, Any]:
     tokens = [_token_str(engine, t) for t in ids]
     offsets = []
     pos = offset
@@ -133,7 +136,8 @@ def _run_error(exc: BaseException) -> EngineRequestError:
     raise exc
 
 
-async def complete(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> dict[str, Any]:
+async def complete(engine: Engine, body: dict[str, Any], kind: Kind, *,
+                   tenant: str) -> dict[str, Any]:
     """Serve one non-streaming request (:func:`complete_blocking` in a thread of its own);
     returns an OpenAI response object."""
     result: dict[str, Any] = await _in_thread(
@@ -141,7 +145,8 @@ async def complete(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: 
     return result
 
 
-def complete_blocking(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> dict[str, Any]:
+def complete_blocking(engine: Engine, body: dict[str, Any], kind: Kind, *,
+                      tenant: str) -> dict[str, Any]:
     """One non-streaming request in the calling thread: :func:`complete` runs it in a thread of
     its own; the auditor's worker calls it directly, so its CPU time counts the model's work."""
     prompt_ids, params, _ = parse_request(engine, body, kind, tenant=tenant)
@@ -152,7 +157,8 @@ def complete_blocking(engine: Engine, body: dict[str, Any], kind: Kind, *, tenan
     return _response(engine, kind, params, r)
 
 
-def _response(engine: Engine, kind: Kind, params: GenerationParams, r: GenerationResult) -> dict[str, Any]:
+def _response(engine: Engine, kind: Kind, params: GenerationParams,
+              r: GenerationResult) -> dict[str, Any]:
     created = int(time.time())
     if kind == "chat":
         choice: dict[str, Any] = {
@@ -163,7 +169,8 @@ def _response(engine: Engine, kind: Kind, params: GenerationParams, r: Generatio
         }
         if params.logprobs:
             choice["logprobs"] = {
-                "content": _chat_logprob_items(engine, list(r.token_ids), list(r.logprobs), list(r.top_logprobs)),
+                "content": _chat_logprob_items(engine, list(r.token_ids), list(r.logprobs),
+                                               list(r.top_logprobs)),
                 "refusal": None,
             }
         obj = "chat.completion"
@@ -172,7 +179,8 @@ def _response(engine: Engine, kind: Kind, params: GenerationParams, r: Generatio
         choice = {
             "index": 0,
             "text": r.text,
-            "logprobs": _completion_logprobs(engine, list(r.token_ids), list(r.logprobs), list(r.top_logprobs), 0)
+            "logprobs": _completion_logprobs(engine, list(r.token_ids), list(r.logprobs),
+                                             list(r.top_logprobs), 0)
             if params.logprobs else None,
             "finish_reason": r.finish_reason,
         }
@@ -192,7 +200,8 @@ def _response(engine: Engine, kind: Kind, params: GenerationParams, r: Generatio
 _DONE = object()
 
 
-async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: str) -> AsyncGenerator[dict[str, Any], None]:
+async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *,
+                 tenant: str) -> AsyncGenerator[dict[str, Any], None]:
     """Serve one request as OpenAI chunk objects: a role chunk (chat), content deltas, a final
     chunk with ``finish_reason``, and a usage chunk when ``stream_options.include_usage``.
 
@@ -232,19 +241,23 @@ async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: st
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": rid, "object": obj, "created": created, "model": engine.model_id,
-                "system_fingerprint": _fingerprint(engine), "choices": choices, **usage_field, **extra}
+                "system_fingerprint": _fingerprint(engine), "choices": choices, **usage_field,
+                **extra}
 
     def delta(text: str, ev: TokenEvent | None, finish: str | None) -> dict[str, Any]:
         if kind == "chat":
-            c: dict[str, Any] = {"index": 0, "delta": {"content": text} if text or finish is None else {},
+            c: dict[str, Any] = {"index": 0,
+                                 "delta": {"content": text} if text or finish is None else {},
                                  "logprobs": None, "finish_reason": finish}
             if params.logprobs and ev is not None:
-                c["logprobs"] = {"content": _chat_logprob_items(engine, [ev.token_id], [ev.logprob], [ev.top_logprobs]),
+                c["logprobs"] = {"content": _chat_logprob_items(engine, [ev.token_id],
+                                                                [ev.logprob], [ev.top_logprobs]),
                                  "refusal": None}
         else:
             c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             if params.logprobs and ev is not None:
-                c["logprobs"] = _completion_logprobs(engine, [ev.token_id], [ev.logprob], [ev.top_logprobs], 0)
+                c["logprobs"] = _completion_logprobs(engine, [ev.token_id], [ev.logprob],
+                                                     [ev.top_logprobs], 0)
         return c
 
     started = False
@@ -272,6 +285,7 @@ async def stream(engine: Engine, body: dict[str, Any], kind: Kind, *, tenant: st
                 yield chunk([delta("", None, r.finish_reason)])
                 if opts["include_usage"]:
                     yield {"id": rid, "object": obj, "created": created, "model": engine.model_id,
-                           "system_fingerprint": _fingerprint(engine), "choices": [], "usage": _usage(r)}
+                           "system_fingerprint": _fingerprint(engine), "choices": [],
+                           "usage": _usage(r)}
     finally:
         cancelled.set()

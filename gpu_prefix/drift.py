@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from gpu_prefix.engine import Engine
 
 #: Position buckets over completion tokens: ``(name, first, end)``.
-BUCKETS: tuple[tuple[str, int, int | None], ...] = (("0-128", 0, 128), ("128-512", 128, 512), ("512+", 512, None))
+BUCKETS: tuple[tuple[str, int, int | None], ...] = (("0-128", 0, 128), ("128-512", 128, 512),
+                                                    ("512+", 512, None))
 
 #: The fixed corpus: requests that make a chat model write at length. A corpus is a seeded
 #: choice of these (``corpus``), so a run can be repeated exactly.
@@ -77,7 +78,8 @@ DEFAULT_THRESHOLDS: Mapping[str, DriftThresholds] = {
 }
 
 
-def thresholds_for(model_id: str, overrides: Mapping[str, DriftThresholds] | None = None) -> DriftThresholds:
+def thresholds_for(model_id: str,
+                   overrides: Mapping[str, DriftThresholds] | None = None) -> DriftThresholds:
     table = {**DEFAULT_THRESHOLDS, **(overrides or {})}
     return table.get(model_id, table["default"])
 
@@ -95,7 +97,8 @@ class Figures:
     def of(cls, kld: torch.Tensor, agree: torch.Tensor) -> Figures:
         if kld.numel() == 0:
             return cls(tokens=0, kld_mean=0.0, kld_p99=0.0, top1_agreement=1.0)
-        return cls(tokens=int(kld.numel()), kld_mean=float(kld.mean()), kld_p99=float(torch.quantile(kld, 0.99)),
+        return cls(tokens=int(kld.numel()), kld_mean=float(kld.mean()),
+                   kld_p99=float(torch.quantile(kld, 0.99)),
                    top1_agreement=float(agree.float().mean()))
 
 
@@ -134,8 +137,9 @@ class DriftReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "kv_dtype": self.kv_dtype, "prompts": self.prompts, "max_tokens": self.max_tokens,
-            **asdict(self.overall), "first_divergence": list(self.first_divergence),
+            "model": self.model, "kv_dtype": self.kv_dtype, "prompts": self.prompts,
+            "max_tokens": self.max_tokens, **asdict(self.overall),
+            "first_divergence": list(self.first_divergence),
             "first_divergence_median": self.first_divergence_median,
             "buckets": {name: asdict(f) for name, f in self.buckets.items()},
             "layers": [asdict(e) for e in self.layers], "thresholds": asdict(self.thresholds),
@@ -166,10 +170,12 @@ def check(figures: Mapping[str, Figures], t: DriftThresholds) -> list[str]:
 
 
 def _first_divergence(a: Sequence[int], b: Sequence[int], n: int) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b), n))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b), n))
 
 
-def kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def kld_top1(ref_logits: torch.Tensor, q_logits: torch.Tensor,
+             chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position: ``KL(P_ref || P_q)`` (in float64, a few rows at a time: a 1,000-token run
     over a 49k vocabulary is 200 MB per copy) and whether the top tokens agree."""
     klds = []
@@ -210,13 +216,15 @@ class LayerErrorSum:
                 for i in range(len(rel))]
 
 
-def layer_errors(engine: Engine, sequences: Sequence[Sequence[int]], quant: QuantizedKV) -> list[LayerError]:
+def layer_errors(engine: Engine, sequences: Sequence[Sequence[int]],
+                 quant: QuantizedKV) -> list[LayerError]:
     """Each layer's K/V quantized by ``quant``'s scale rules against full precision, over the
     full-precision K/V of ``sequences`` (one plain forward each)."""
     errors = LayerErrorSum(quant)
     for tokens in sequences:
         with torch.inference_mode():
-            out = engine.model(input_ids=torch.tensor([list(tokens)], device=engine.device), use_cache=True)
+            out = engine.model(input_ids=torch.tensor([list(tokens)], device=engine.device),
+                               use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         errors.add([(layer.keys[0], layer.values[0]) for layer in cache.layers])
     return errors.result()
@@ -255,8 +263,9 @@ def enforce(engine: Engine, report: DriftReport, *, per_layer: bool = True) -> D
     return replace(report, action="model")
 
 
-def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int]], *, max_tokens: int,
-            thresholds: DriftThresholds | None = None, per_layer: bool = True) -> DriftReport:
+def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int]], *,
+            max_tokens: int, thresholds: DriftThresholds | None = None,
+            per_layer: bool = True) -> DriftReport:
     """Drift of ``quantized`` (an INT8 engine) against ``reference`` (full precision, same
     weights) on ``prompts``, ``max_tokens`` greedy tokens each (end-of-sequence suppressed, so
     every generation is that long)."""
@@ -276,18 +285,20 @@ def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int
         seconds["reference"] += t1 - t0
         seconds["int8"] += time.perf_counter() - t1
         firsts.append(_first_divergence(ref, got, max_tokens))
-        kld, agree = kld_top1(reference.teacher_forced_logits(prompt, ref), quantized.teacher_forced_logits(prompt, ref))
+        kld, agree = kld_top1(reference.teacher_forced_logits(prompt, ref),
+                              quantized.teacher_forced_logits(prompt, ref))
         klds.append(kld)
         agrees.append(agree)
         continuations.append(list(prompt) + ref)
     buckets = {}
     for name, a, b in BUCKETS:
-        buckets[name] = Figures.of(torch.cat([k[a:b] for k in klds]), torch.cat([g[a:b] for g in agrees]))
+        buckets[name] = Figures.of(torch.cat([k[a:b] for k in klds]),
+                                   torch.cat([g[a:b] for g in agrees]))
     overall = Figures.of(torch.cat(klds), torch.cat(agrees))
     t = thresholds or thresholds_for(quantized.model_id, quantized.drift_thresholds)
     return DriftReport(
-        model=quantized.model_id, kv_dtype="int8", prompts=len(prompts), max_tokens=max_tokens, overall=overall,
-        buckets=buckets, first_divergence=firsts,
+        model=quantized.model_id, kv_dtype="int8", prompts=len(prompts), max_tokens=max_tokens,
+        overall=overall, buckets=buckets, first_divergence=firsts,
         layers=layer_errors(quantized, continuations, quant) if per_layer else [],
         thresholds=t, exceeded=check({"all": overall, **buckets}, t), generate_seconds=seconds,
     )
@@ -302,9 +313,11 @@ def reference_engine(engine: Engine, *, max_tokens: int, longest_prompt: int) ->
     bs = engine.pool.block_size
     blocks = -(-(longest_prompt + max_tokens) // bs) + 2
     block_bytes = engine.shape.bytes_per_token() * bs
-    return _Engine(LoadedModel(name=engine.model_id, model=engine.model, tokenizer=engine.tokenizer),
+    return _Engine(LoadedModel(name=engine.model_id, model=engine.model,
+                               tokenizer=engine.tokenizer),
                    pool_bytes=int(blocks / 0.8 + 1) * block_bytes, block_size=bs, max_running=1,
-                   max_batch_tokens=max(512, bs + 1), max_tokens_limit=max_tokens, model_id=engine.model_id)
+                   max_batch_tokens=max(512, bs + 1), max_tokens_limit=max_tokens,
+                   model_id=engine.model_id)
 
 
 def guard(engine: Engine, prompts: Sequence[Sequence[int]], *, max_tokens: int,
@@ -314,7 +327,8 @@ def guard(engine: Engine, prompts: Sequence[Sequence[int]], *, max_tokens: int,
     the model). The report says what was over and what was done."""
     ref = reference_engine(engine, max_tokens=max_tokens, longest_prompt=max(map(len, prompts)))
     try:
-        report = measure(ref, engine, prompts, max_tokens=max_tokens, thresholds=thresholds, per_layer=per_layer)
+        report = measure(ref, engine, prompts, max_tokens=max_tokens, thresholds=thresholds,
+                         per_layer=per_layer)
     finally:
         ref.close()
     report = enforce(engine, report, per_layer=per_layer)

@@ -119,8 +119,8 @@ class _Outbox:
 class _Generation(Seq):
     """A generation request: samples a token from each step's last logits, detokenizes, stops."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params: GenerationParams, keys: BlockKeys | None,
-                 model: Any, generator: torch.Generator | None) -> None:
+    def __init__(self, engine: Engine, prompt: list[int], params: GenerationParams,
+                 keys: BlockKeys | None, model: Any, generator: torch.Generator | None) -> None:
         super().__init__(prompt, keys=keys, model=model, max_total=len(prompt) + params.max_tokens)
         self.params = params
         self.prompt_tokens = len(prompt)
@@ -160,13 +160,13 @@ class _Generation(Seq):
             self.text = self.text[:cut]
             self.finish = "stop"
             self.cut = True
-            self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted :], logprob=c.logprob,
-                                           top_logprobs=c.top))
+            self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted :],
+                                           logprob=c.logprob, top_logprobs=c.top))
             self.emitted = len(self.text)
             return True
         safe = safe_len(self.text, p.stop)
-        self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted : safe], logprob=c.logprob,
-                                       top_logprobs=c.top))
+        self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted : safe],
+                                       logprob=c.logprob, top_logprobs=c.top))
         self.emitted = max(self.emitted, safe)
         return len(self.generated) >= p.max_tokens
 
@@ -180,8 +180,8 @@ class _Generation(Seq):
                     self.text = self.text[:cut]
         result = GenerationResult(
             token_ids=tuple(self.generated), text=self.text, logprobs=tuple(self.logprobs),
-            top_logprobs=tuple(self.tops), finish_reason=self.finish, prompt_tokens=self.prompt_tokens,
-            cached_tokens=self.cached_tokens or 0,
+            top_logprobs=tuple(self.tops), finish_reason=self.finish,
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens or 0,
         )
         self.out.events.put(FinalEvent(result=result, text=self.text[self.emitted :]))
         self.out.events.put(_DONE)
@@ -196,7 +196,8 @@ class _Generation(Seq):
 class _Logits(Seq):
     """A prefill-only request: the logits of positions ``from_pos..`` of its tokens."""
 
-    def __init__(self, tokens: list[int], from_pos: int, keys: BlockKeys | None, model: Any) -> None:
+    def __init__(self, tokens: list[int], from_pos: int, keys: BlockKeys | None,
+                 model: Any) -> None:
         super().__init__(tokens, keys=keys, model=model, max_total=len(tokens))
         self.next_pos = from_pos  # the first position whose logits it has not received yet
         self.rows: list[torch.Tensor] = []
@@ -261,15 +262,17 @@ class Engine:
         self.shape = KVShape.from_config(self.model.config, loaded.dtype)
         self.device = loaded.device
         if max_tokens_limit < 1:
-            raise InvalidParamsError("max_tokens_limit", f"must be at least 1, got {max_tokens_limit}", "use 4096")
+            raise InvalidParamsError("max_tokens_limit",
+                                     f"must be at least 1, got {max_tokens_limit}", "use 4096")
         self.max_tokens_limit = max_tokens_limit
         self.pool_bytes = pool_bytes
-        self.pool = KVPool(self.shape, budget_bytes=pool_bytes, block_size=block_size, device=self.device,
-                           kv_dtype=kv_dtype)
+        self.pool = KVPool(self.shape, budget_bytes=pool_bytes, block_size=block_size,
+                           device=self.device, kv_dtype=kv_dtype)
         self.kv_dtype = kv_dtype
         self.int8_disabled_reason: str | None = None  # set by the drift guard (whole model)
         self.int8_layers_disabled_reason: str | None = None  # ... and for some layers
-        self.last_drift: Any = None  # the last ``gpu_prefix.drift.DriftReport`` measured on this engine
+        # the last ``gpu_prefix.drift.DriftReport`` measured on this engine
+        self.last_drift: Any = None
         #: Drift thresholds per model id (over ``drift.DEFAULT_THRESHOLDS``).
         self.drift_thresholds = dict(drift_thresholds or {})
         self.store = PrefixStore(self.pool)
@@ -287,12 +290,14 @@ class Engine:
             drift_sampling.check(block_size)
         if kv_dtype == "int8" and drift_sampling is not None and drift_sampling.rate > 0:
             self.drift_sampler = DriftSampler(self, drift_sampling)
-        plan = pool_plan(block_bytes=self.pool.block_bytes, pool_bytes=pool_bytes, block_size=block_size,
-                         high_watermark=high_watermark)
-        log.info("engine.pool", model=self.model_id, device=str(self.device), kv_dtype=kv_dtype, **plan.as_log())
+        plan = pool_plan(block_bytes=self.pool.block_bytes, pool_bytes=pool_bytes,
+                         block_size=block_size, high_watermark=high_watermark)
+        log.info("engine.pool", model=self.model_id, device=str(self.device), kv_dtype=kv_dtype,
+                 **plan.as_log())
 
     @classmethod
-    def from_name(cls, name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any) -> Engine:
+    def from_name(cls, name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  **kwargs: Any) -> Engine:
         return cls(load_model(name, device=device, dtype=dtype), **kwargs)
 
     # -- tenants and prompts -------------------------------------------------------------------
@@ -308,27 +313,33 @@ class Engine:
         clean: list[dict[str, str]] = []
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping):
-                raise InvalidParamsError(f"messages[{i}]", "must be an object", "send {role, content}")
+                raise InvalidParamsError(f"messages[{i}]", "must be an object",
+                                         "send {role, content}")
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant", "developer"):
                 raise InvalidParamsError(
-                    f"messages[{i}].role", f"unsupported role {role!r}", "use system, user or assistant"
+                    f"messages[{i}].role", f"unsupported role {role!r}",
+                    "use system, user or assistant"
                 )
             if isinstance(content, list):
                 parts = []
                 for j, part in enumerate(content):
-                    if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    if not (isinstance(part, Mapping) and part.get("type") == "text"
+                            and isinstance(part.get("text"), str)):
                         raise InvalidParamsError(
-                            f"messages[{i}].content[{j}]", "only text parts are supported", "send {type: text, text}"
+                            f"messages[{i}].content[{j}]", "only text parts are supported",
+                            "send {type: text, text}"
                         )
                     parts.append(part["text"])
                 content = "".join(parts)
             if not isinstance(content, str):
-                raise InvalidParamsError(f"messages[{i}].content", "must be a string", "send the message text")
+                raise InvalidParamsError(f"messages[{i}].content", "must be a string",
+                                         "send the message text")
             clean.append({"role": "system" if role == "developer" else role, "content": content})
         if not clean:
             raise InvalidParamsError("messages", "must not be empty", "send at least one message")
-        ids = self.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = self.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
         return [int(t) for t in ids]
 
     def encode(self, text: str) -> list[int]:
@@ -340,7 +351,8 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams | None = None) -> GenerationResult:
+    def generate(self, prompt_ids: Sequence[int],
+                 params: GenerationParams | None = None) -> GenerationResult:
         """Generate a completion for ``prompt_ids``."""
         for event in self.generate_stream(prompt_ids, params):
             if isinstance(event, FinalEvent):
@@ -406,14 +418,16 @@ class Engine:
         """The next-token logits before each of ``completion_ids`` (``[len(completion), vocab]``,
         float32), the completion fed in as if generated: what ``score`` and the drift audit read."""
         prompt = self._check_prompt(prompt_ids, extra=0)
-        completion = self._check_prompt(completion_ids, extra=len(prompt), field_name="completion_ids", allow_empty=True)
+        completion = self._check_prompt(completion_ids, extra=len(prompt),
+                                        field_name="completion_ids", allow_empty=True)
         if not completion:
             return torch.empty((0, self.vocab_size))
         # The last completion token never runs: its log-probability comes from the one before.
         return self._logits(prompt + completion[:-1], len(prompt) - 1, scope_salt, use_prefix_cache)
 
     def next_token_logits(
-        self, prompt_ids: Sequence[int], *, scope_salt: bytes | None = None, use_prefix_cache: bool = True
+        self, prompt_ids: Sequence[int], *, scope_salt: bytes | None = None,
+        use_prefix_cache: bool = True
     ) -> tuple[torch.Tensor, int]:
         """The last prompt position's logits, through the same reuse path as ``generate``, and
         how many prompt tokens came from cached blocks (for benches and exactness checks)."""
@@ -421,10 +435,12 @@ class Engine:
         seq = self._logits_seq(prompt, len(prompt) - 1, scope_salt, use_prefix_cache)
         return self._wait(seq)[-1], seq.cached_tokens or 0
 
-    def _logits(self, tokens: list[int], from_pos: int, salt: bytes | None, use_cache: bool) -> torch.Tensor:
+    def _logits(self, tokens: list[int], from_pos: int, salt: bytes | None,
+                use_cache: bool) -> torch.Tensor:
         return self._wait(self._logits_seq(tokens, from_pos, salt, use_cache))
 
-    def _logits_seq(self, tokens: list[int], from_pos: int, salt: bytes | None, use_cache: bool) -> _Logits:
+    def _logits_seq(self, tokens: list[int], from_pos: int, salt: bytes | None,
+                    use_cache: bool) -> _Logits:
         params = GenerationParams(max_tokens=1, scope_salt=salt, use_prefix_cache=use_cache)
         model, keys = self._model_and_keys(tokens, params)
         seq = _Logits(tokens, from_pos, keys, model)
@@ -444,7 +460,8 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _model_and_keys(self, prompt: Sequence[int], params: GenerationParams) -> tuple[Any, BlockKeys | None]:
+    def _model_and_keys(self, prompt: Sequence[int],
+                        params: GenerationParams) -> tuple[Any, BlockKeys | None]:
         # NOTE: weights and epoch are read together under the lock on_rollout swaps them under:
         # old weights' KV hashed under a new epoch would be served as the new model's.
         with self._model_lock:
@@ -468,41 +485,54 @@ class Engine:
                          kv_dtype=self.pool.kv_key if kv_dtype is None else kv_dtype)
 
     def _check_prompt(
-        self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids", allow_empty: bool = False
+        self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids",
+        allow_empty: bool = False
     ) -> list[int]:
         try:
             out = list(map(int, ids))
         except (TypeError, ValueError):
-            raise InvalidParamsError(field_name, "must be a list of integer token ids", "send token ids") from None
+            raise InvalidParamsError(field_name, "must be a list of integer token ids",
+                                     "send token ids") from None
         if not out and not allow_empty:
             raise InvalidParamsError(field_name, "must not be empty", "send at least one token")
         if out and (min(out) < 0 or max(out) >= self.vocab_size):
             bad = [t for t in out if not 0 <= t < self.vocab_size]
-            raise InvalidParamsError(field_name, f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})", "send valid ids")
+            raise InvalidParamsError(field_name,
+                                     f"token id {bad[0]} outside the vocabulary [0, "
+                                     f"{self.vocab_size})", "send valid ids")
         if len(out) + extra > self.max_context:
             raise InvalidParamsError(
                 field_name,
-                f"{len(out)} tokens + {extra} more exceed the model's context of {self.max_context}",
+                f"{len(out)} tokens + {extra} more exceed the model's context of "
+                f"{self.max_context}",
                 "shorten the prompt or lower max_tokens",
             )
         return out
 
     def _check_params(self, p: GenerationParams) -> None:
         if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-            raise InvalidParamsError("max_tokens", f"must be a positive integer, got {p.max_tokens!r}", "use e.g. 16")
+            raise InvalidParamsError("max_tokens",
+                                     f"must be a positive integer, got {p.max_tokens!r}",
+                                     "use e.g. 16")
         if not 0 <= p.min_tokens <= p.max_tokens:
-            raise InvalidParamsError("min_tokens", f"must be in [0, max_tokens], got {p.min_tokens}", "use 0")
+            raise InvalidParamsError("min_tokens",
+                                     f"must be in [0, max_tokens], got {p.min_tokens}", "use 0")
         if p.max_tokens > self.max_tokens_limit:
-            raise InvalidParamsError("max_tokens", f"{p.max_tokens} is over this engine's per-request budget of "
-                                     f"{self.max_tokens_limit} tokens", f"ask for at most {self.max_tokens_limit}")
+            raise InvalidParamsError("max_tokens",
+                                     f"{p.max_tokens} is over this engine's per-request budget of "
+                                     f"{self.max_tokens_limit} tokens",
+                                     f"ask for at most {self.max_tokens_limit}")
         if not 0.0 <= p.temperature <= 2.0:
-            raise InvalidParamsError("temperature", f"must be in [0, 2], got {p.temperature}", "use 0 for greedy")
+            raise InvalidParamsError("temperature", f"must be in [0, 2], got {p.temperature}",
+                                     "use 0 for greedy")
         if not 0.0 < p.top_p <= 1.0:
             raise InvalidParamsError("top_p", f"must be in (0, 1], got {p.top_p}", "use 1.0")
         if not 0 <= p.top_logprobs <= 20:
-            raise InvalidParamsError("top_logprobs", f"must be in [0, 20], got {p.top_logprobs}", "use at most 20")
+            raise InvalidParamsError("top_logprobs", f"must be in [0, 20], got {p.top_logprobs}",
+                                     "use at most 20")
         if any(not isinstance(s, str) or not s for s in p.stop) or len(p.stop) > 4:
-            raise InvalidParamsError("stop", "must be up to 4 non-empty strings", "send e.g. ['\\n\\n']")
+            raise InvalidParamsError("stop", "must be up to 4 non-empty strings",
+                                     "send e.g. ['\\n\\n']")
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -511,12 +541,14 @@ class Engine:
         in flight finish on the weights they started with; their pinned blocks go when they end.
         Returns the blocks freed now."""
         if new_epoch == self.model_epoch:
-            raise InvalidParamsError("new_epoch", f"epoch {new_epoch} is current", "give every rollout a fresh epoch")
+            raise InvalidParamsError("new_epoch", f"epoch {new_epoch} is current",
+                                     "give every rollout a fresh epoch")
         if model is not None:
             shape = KVShape.from_config(model.config, next(model.parameters()).dtype)
             if shape != self.shape:
                 raise InvalidParamsError(
-                    "model", f"KV geometry {shape} differs from the pool's {self.shape}", "start a new engine"
+                    "model", f"KV geometry {shape} differs from the pool's {self.shape}",
+                    "start a new engine",
                 )
             model.eval()
         with self._model_lock:
@@ -556,10 +588,11 @@ class Engine:
             # let the INT8 storage go before allocating (the old pool is never used again)
             old.pool.tensor = old.pool.quant = None  # type: ignore[assignment]
             if whole:
-                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes, block_size=old.block_size,
-                                   device=self.device)
+                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes,
+                                   block_size=old.block_size, device=self.device)
             else:
-                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes, block_size=old.block_size,
+                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes,
+                                   block_size=old.block_size,
                                    device=self.device, kv_dtype="int8", full_layers=full)
                 assert self.pool.quant is not None
                 # NOTE: the layers left INT8 keep being quantized as before (the same scale rules).
@@ -577,8 +610,9 @@ class Engine:
                 self.drift_sampler.drop_queued()
         else:
             self.int8_layers_disabled_reason = reason
-        log.warning("engine.int8_disabled", model=self.model_id, reason=reason, blocks_dropped=dropped,
-                    pool_blocks=self.pool.num_blocks, layers="all" if whole else sorted(full))
+        log.warning("engine.int8_disabled", model=self.model_id, reason=reason,
+                    blocks_dropped=dropped, pool_blocks=self.pool.num_blocks,
+                    layers="all" if whole else sorted(full))
         return dropped
 
     @property

@@ -57,11 +57,13 @@ class QuantizedKV:
     """The INT8 pool's storage and its two operations: ``write`` (from ``PoolCache.update``)
     and ``read`` (from ``pool_attention``)."""
 
-    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, full_layers: frozenset[int] = frozenset()) -> None:
+    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device,
+                 full_layers: frozenset[int] = frozenset()) -> None:
         slots = num_blocks * block_size
         if not full_layers <= set(range(num_layers)):
-            raise ValueError(f"full_layers {sorted(full_layers)} are not all layers of a {num_layers}-layer model")
+            raise ValueError(f"full_layers {sorted(full_layers)} are not all layers of a "
+                             f"{num_layers}-layer model")
         self.num_layers = num_layers
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.num_blocks = num_blocks
@@ -71,13 +73,15 @@ class QuantizedKV:
         #: Each layer's row in ``codes``/scales (INT8 layers) or in ``full`` (full-precision ones).
         self._row: dict[int, int] = {}
         for kind in (False, True):
-            for i, layer in enumerate(x for x in range(num_layers) if (x in self.full_layers) == kind):
+            for i, layer in enumerate(x for x in range(num_layers)
+                                      if (x in self.full_layers) == kind):
                 self._row[layer] = i
         q = num_layers - len(self.full_layers)
         self.codes = torch.zeros((q, 2, kv_heads, slots, head_dim), dtype=torch.int8, device=device)
         self.k_scale = torch.zeros((q, kv_heads, num_blocks, head_dim), dtype=dtype, device=device)
         self.v_scale = torch.zeros((q, kv_heads, slots), dtype=dtype, device=device)
-        self.full = torch.zeros((len(self.full_layers), 2, kv_heads, slots, head_dim), dtype=dtype, device=device)
+        self.full = torch.zeros((len(self.full_layers), 2, kv_heads, slots, head_dim), dtype=dtype,
+                                device=device)
 
     @property
     def key(self) -> str:
@@ -86,14 +90,15 @@ class QuantizedKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.k_scale, self.v_scale, self.full))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.k_scale, self.v_scale,
+                                                          self.full))
 
     def like(self, num_blocks: int, *, full_layers: frozenset[int] | None = None) -> QuantizedKV:
         """An empty storage of ``num_blocks`` blocks that quantizes as this one does: its scale
         rules (a fault planted in them too) and, unless given, its full-precision layers. The
         drift measures quantize in such scratch storage."""
-        other = QuantizedKV(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                            num_blocks=num_blocks,
+        other = QuantizedKV(num_layers=self.num_layers, kv_heads=self.kv_heads,
+                            head_dim=self.head_dim, num_blocks=num_blocks,
                             block_size=self.block_size, dtype=self.dtype, device=self.codes.device,
                             full_layers=self.full_layers if full_layers is None else full_layers)
         other.k_scale_for, other.v_scale_for = self.k_scale_for, self.v_scale_for  # type: ignore[method-assign]
@@ -108,7 +113,8 @@ class QuantizedKV:
         """The per-token V scale covering ``amax`` (``[H, T]``)."""
         return amax / QMAX
 
-    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> None:
         """Quantize ``key``/``value`` (``[H, T, D]``) into pool ``slots`` (``[T]``)."""
         row = self._row[layer]
         if layer in self.full_layers:
@@ -118,8 +124,10 @@ class QuantizedKV:
         bs = self.block_size
         blocks = slots // bs
         uniq, inv = torch.unique(blocks, return_inverse=True)
-        k_amax = torch.zeros((key.shape[0], len(uniq), key.shape[2]), dtype=self.dtype, device=key.device)
-        k_amax.scatter_reduce_(1, inv[None, :, None].expand_as(key), key.abs().to(self.dtype), "amax")
+        k_amax = torch.zeros((key.shape[0], len(uniq), key.shape[2]), dtype=self.dtype,
+                             device=key.device)
+        k_amax.scatter_reduce_(1, inv[None, :, None].expand_as(key), key.abs().to(self.dtype),
+                               "amax")
         # A block is fresh when this write holds its first slot (a block's positions are written
         # in order from its first): whatever scale and codes it held belong to a former owner.
         fresh = torch.zeros(len(uniq), dtype=torch.bool, device=key.device)
@@ -128,15 +136,19 @@ class QuantizedKV:
         old = torch.where(fresh[None, :, None], torch.zeros_like(old), old)
         need = self.k_scale_for(layer, k_amax)
         grow = need > old
-        new = torch.where(grow, torch.maximum(need, torch.where(fresh[None, :, None], need, 2 * old)), old)
+        new = torch.where(grow,
+                          torch.maximum(need, torch.where(fresh[None, :, None], need, 2 * old)),
+                          old)
         codes_k = self.codes[row, 0]
         regrow = (~fresh) & grow.any(dim=2).any(dim=0)
         if bool(regrow.any()):
             # Requantize the earlier codes of blocks whose scale grew to the new scale.
             rb = torch.nonzero(regrow).flatten()
-            rslots = (uniq[rb][:, None] * bs + torch.arange(bs, device=slots.device)[None, :]).flatten()
+            rslots = (uniq[rb][:, None] * bs
+                      + torch.arange(bs, device=slots.device)[None, :]).flatten()
             ratio = (old[:, rb, :] * _safe_inv(new[:, rb, :])).repeat_interleave(bs, dim=1)
-            requant = torch.round(codes_k.index_select(1, rslots).to(self.dtype) * ratio).clamp_(-QMAX, QMAX)
+            requant = torch.round(codes_k.index_select(1, rslots).to(self.dtype)
+                                  * ratio).clamp_(-QMAX, QMAX)
             codes_k.index_copy_(1, rslots, requant.to(torch.int8))
         self.k_scale[row][:, uniq, :] = new
         codes_k.index_copy_(1, slots, _codes(key.to(self.dtype), new[:, inv, :]))
@@ -149,7 +161,8 @@ class QuantizedKV:
         """Dequantized K and V of pool ``slots`` (``[H, N, D]`` each), in a temporary."""
         row = self._row[layer]
         if layer in self.full_layers:
-            return self.full[row, 0].index_select(1, slots), self.full[row, 1].index_select(1, slots)
+            return (self.full[row, 0].index_select(1, slots),
+                    self.full[row, 1].index_select(1, slots))
         k = self.codes[row, 0].index_select(1, slots).to(self.dtype)
         k *= self.k_scale[row].index_select(1, slots // self.block_size)
         v = self.codes[row, 1].index_select(1, slots).to(self.dtype)

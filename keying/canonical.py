@@ -583,7 +583,8 @@ def _defaults(specs: dict[str, _Spec]) -> dict[str, Any]:
 # Canonical defaults in key order, computed once; every value is immutable (scalars, ExtType).
 _CHAT_DEFAULTS = _defaults(CHAT_FIELDS)
 _COMPLETION_DEFAULTS = _defaults(COMPLETION_FIELDS)
-_DEFAULTS_OF: dict[str, dict[str, Any]] = {"chat": _CHAT_DEFAULTS, "completion": _COMPLETION_DEFAULTS}
+_DEFAULTS_OF: dict[str, dict[str, Any]] = {"chat": _CHAT_DEFAULTS,
+                                           "completion": _COMPLETION_DEFAULTS}
 _NO_DEFAULT = object()
 
 
