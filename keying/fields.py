@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, NamedTuple
 Kind = Literal["chat", "completion"]
 KINDS: Final[tuple[Kind, ...]] = ("chat", "completion")
 
-#: How a keyed value is validated and folded; ``keying.canonical`` maps each to its normaliser.
+#: How a keyed value is validated and folded; ``keying.normalisers`` maps each to its normaliser.
 ValueType = Literal[
     "number", "integer", "boolean", "string", "json",
     "messages", "prompt", "stop", "logit_bias", "tools", "response_format",

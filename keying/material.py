@@ -11,13 +11,13 @@ import orjson
 
 from keying.cacheability import Cacheability, assess
 from keying.canonical import (
-    JSON_EXT,
     UNKEYED_FIELDS,
     CanonicalRequest,
     KeyLimits,
     RequestKind,
     canonicalize,
 )
+from keying.canonical_json import JSON_EXT
 from keying.errors import InvalidMaterialError, InvalidRequestError, KeyingError
 from keying.framing import (
     DEFAULT_MATERIAL_SECRET,
