@@ -27,6 +27,8 @@ from pathlib import Path
 #: The correctness core: the files ``[tool.mutmut] only_mutate`` names, in run order.
 MODULES = [
     "keying/canonical.py",
+    "keying/canonical_json.py",
+    "keying/normalisers.py",
     "keying/material.py",
     "keying/framing.py",
     "keying/escape.py",
