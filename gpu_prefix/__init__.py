@@ -12,9 +12,9 @@ from typing import Any
 _HOME = {
     "PoolCache": "attention", "StepLayout": "attention",
     "PoolPlan": "capacity", "pool_plan": "capacity",
-    "Engine": "engine", "EngineStats": "engine", "FinalEvent": "engine",
-    "GenerationParams": "engine",
-    "GenerationResult": "engine", "TokenEvent": "engine",
+    "Engine": "engine", "EngineStats": "engine",
+    "GenerationParams": "params",
+    "FinalEvent": "results", "GenerationResult": "results", "TokenEvent": "results",
     "AdmissionRefusedError": "errors", "InvalidParamsError": "errors", "ModelLoadError": "errors",
     "PoolExhaustedError": "errors", "PrefixCacheError": "errors",
     "PUBLIC_SALT": "hashing", "BlockKeys": "hashing", "block_hashes": "hashing",

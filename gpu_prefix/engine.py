@@ -12,7 +12,6 @@ both. Callers' threads only submit and wait for events; one thread runs the mode
 from __future__ import annotations
 
 import os
-import queue
 import random
 import threading
 from collections.abc import Generator, Iterable, Mapping, Sequence
@@ -28,64 +27,28 @@ from gpu_prefix.drift import DriftThresholds
 from gpu_prefix.drift_sampler import DriftSampler, DriftSamplerConfig
 from gpu_prefix.errors import InvalidParamsError
 from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, scope_salt
+from gpu_prefix.kv_switch import disable_int8
 from gpu_prefix.models import LoadedModel, load_model
+from gpu_prefix.params import GenerationParams, check_messages, check_params, check_prompt
 from gpu_prefix.pool import KVPool, KVShape
-from gpu_prefix.sampling import choose
-from gpu_prefix.scheduler import Scheduler, SchedulerConfig, SchedulerStats, Seq
+from gpu_prefix.results import FinalEvent, FinishReason, GenerationResult, TokenEvent
+from gpu_prefix.scheduler import Scheduler, SchedulerConfig, SchedulerStats
+from gpu_prefix.sequences import _DONE, _Generation, _Logits
 from gpu_prefix.store import PrefixStore, StoreStats
-from gpu_prefix.text import Detokenizer, find_stop, safe_len
+
+# NOTE: the request and result types live in params and results; importers of this module keep
+# finding them here.
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "FinalEvent",
+    "FinishReason",
+    "GenerationParams",
+    "GenerationResult",
+    "TokenEvent",
+]
 
 log = structlog.get_logger()
-
-FinishReason = str  # "stop" | "length"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GenerationParams:
-    """What to generate. ``scope_salt`` comes from ``Engine.scope_salt_for(tenant)``, computed
-    server-side from the authenticated tenant; ``None`` keeps the request out of the prefix
-    cache altogether (it shares nothing, and stores no blocks nobody could match), so
-    forgetting to pass one fails closed."""
-
-    max_tokens: int = 16
-    min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens (benchmarks)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
-    scope_salt: bytes | None = None
-    adapter: str = ""
-    use_prefix_cache: bool = True
-    queue_timeout_s: float | None = None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GenerationResult:
-    token_ids: tuple[int, ...]
-    text: str
-    logprobs: tuple[float, ...]
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]
-    finish_reason: FinishReason
-    prompt_tokens: int
-    cached_tokens: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TokenEvent:
-    """One generated token, with the text it makes safe to show (stop sequences held back)."""
-
-    token_id: int
-    text: str
-    logprob: float
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class FinalEvent:
-    result: GenerationResult
-    text: str = ""  # text released only at the end (a held-back tail)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,126 +64,6 @@ class EngineStats:
             if name in part.__dataclass_fields__:
                 return getattr(part, name)
         raise AttributeError(f"EngineStats has no field {name!r}")
-
-
-_DONE = object()
-
-
-class _Outbox:
-    """Events from the scheduler's thread to the caller's."""
-
-    def __init__(self) -> None:
-        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def failed(self, exc: BaseException) -> None:
-        self.events.put(exc)
-
-
-class _Generation(Seq):
-    """A generation request: samples a token from each step's last logits, detokenizes, stops."""
-
-    def __init__(self, engine: Engine, prompt: list[int], params: GenerationParams,
-                 keys: BlockKeys | None, model: Any, generator: torch.Generator | None) -> None:
-        super().__init__(prompt, keys=keys, model=model, max_total=len(prompt) + params.max_tokens)
-        self.params = params
-        self.prompt_tokens = len(prompt)
-        self.generator = generator
-        self.eos_ids = engine.eos_ids
-        self.sampler = engine.drift_sampler
-        self.detok = Detokenizer(engine.tokenizer)
-        self.out = _Outbox()
-        self.generated: list[int] = []
-        self.logprobs: list[float] = []
-        self.tops: list[tuple[tuple[int, float], ...]] = []
-        self.emitted = 0
-        self.text = ""
-        self.finish: FinishReason = "length"
-        self.cut = False  # ended by a stop sequence: the text is final
-
-    def on_logits(self, positions: list[int], rows: torch.Tensor) -> bool:
-        p = self.params
-        logits = rows[-1]
-        if len(self.generated) < p.min_tokens and self.eos_ids:
-            logits = logits.clone()
-            logits[list(self.eos_ids)] = float("-inf")
-        c = choose(logits, temperature=p.temperature, top_p=p.top_p,
-                   top_logprobs=p.top_logprobs if p.logprobs else 0, generator=self.generator)
-        if c.token_id in self.eos_ids:
-            self.finish = "stop"
-            return True
-        self.generated.append(c.token_id)
-        self.tokens.append(c.token_id)
-        self.logprobs.append(c.logprob)
-        self.tops.append(c.top)
-        before = len(self.text)
-        self.text += self.detok.add(c.token_id)
-        longest = max((len(s) for s in p.stop), default=0)
-        cut = find_stop(self.text, p.stop, max(0, before - longest + 1)) if p.stop else None
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.finish = "stop"
-            self.cut = True
-            self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted :],
-                                           logprob=c.logprob, top_logprobs=c.top))
-            self.emitted = len(self.text)
-            return True
-        safe = safe_len(self.text, p.stop)
-        self.out.events.put(TokenEvent(token_id=c.token_id, text=self.text[self.emitted : safe],
-                                       logprob=c.logprob, top_logprobs=c.top))
-        self.emitted = max(self.emitted, safe)
-        return len(self.generated) >= p.max_tokens
-
-    def on_finished(self) -> None:
-        if not self.cut:
-            tail = self.detok.flush()
-            if tail:
-                self.text += tail
-                cut = find_stop(self.text, self.params.stop)
-                if cut is not None:
-                    self.text = self.text[:cut]
-        result = GenerationResult(
-            token_ids=tuple(self.generated), text=self.text, logprobs=tuple(self.logprobs),
-            top_logprobs=tuple(self.tops), finish_reason=self.finish,
-            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens or 0,
-        )
-        self.out.events.put(FinalEvent(result=result, text=self.text[self.emitted :]))
-        self.out.events.put(_DONE)
-        if self.sampler is not None and self.generated:
-            # NOTE: after the caller has its answer; offering is a coin toss and a queue append.
-            self.sampler.offer(self.tokens[: self.prompt_tokens], self.generated, model=self.model)
-
-    def on_failed(self, exc: BaseException) -> None:
-        self.out.failed(exc)
-
-
-class _Logits(Seq):
-    """A prefill-only request: the logits of positions ``from_pos..`` of its tokens."""
-
-    def __init__(self, tokens: list[int], from_pos: int, keys: BlockKeys | None,
-                 model: Any) -> None:
-        super().__init__(tokens, keys=keys, model=model, max_total=len(tokens))
-        self.next_pos = from_pos  # the first position whose logits it has not received yet
-        self.rows: list[torch.Tensor] = []
-        self.out = _Outbox()
-
-    def first_logit_pos(self) -> int:
-        return self.next_pos
-
-    def logit_positions(self, a: int, b: int) -> list[int]:
-        # NOTE: from next_pos, not from the first position asked for: a preempted request
-        # recomputes positions whose logits it already holds, and must not take them twice.
-        return list(range(max(a, self.next_pos), b))
-
-    def on_logits(self, positions: list[int], rows: torch.Tensor) -> bool:
-        self.rows.append(rows.float().clone())
-        self.next_pos = positions[-1] + 1
-        return self.next_pos == len(self.tokens)
-
-    def on_finished(self) -> None:
-        self.out.events.put(torch.cat(self.rows, dim=0))
-
-    def on_failed(self, exc: BaseException) -> None:
-        self.out.failed(exc)
 
 
 class Engine:
@@ -310,34 +153,7 @@ class Engine:
 
     def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Prompt token ids for chat ``messages`` through the tokenizer's chat template."""
-        clean: list[dict[str, str]] = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping):
-                raise InvalidParamsError(f"messages[{i}]", "must be an object",
-                                         "send {role, content}")
-            role, content = m.get("role"), m.get("content")
-            if role not in ("system", "user", "assistant", "developer"):
-                raise InvalidParamsError(
-                    f"messages[{i}].role", f"unsupported role {role!r}",
-                    "use system, user or assistant"
-                )
-            if isinstance(content, list):
-                parts = []
-                for j, part in enumerate(content):
-                    if not (isinstance(part, Mapping) and part.get("type") == "text"
-                            and isinstance(part.get("text"), str)):
-                        raise InvalidParamsError(
-                            f"messages[{i}].content[{j}]", "only text parts are supported",
-                            "send {type: text, text}"
-                        )
-                    parts.append(part["text"])
-                content = "".join(parts)
-            if not isinstance(content, str):
-                raise InvalidParamsError(f"messages[{i}].content", "must be a string",
-                                         "send the message text")
-            clean.append({"role": "system" if role == "developer" else role, "content": content})
-        if not clean:
-            raise InvalidParamsError("messages", "must not be empty", "send at least one message")
+        clean = check_messages(messages)
         ids = self.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
                                                  return_dict=False)
         return [int(t) for t in ids]
@@ -365,7 +181,7 @@ class Engine:
         """Yield a ``TokenEvent`` per generated token, then one ``FinalEvent``. Closing the
         iterator early stops the request and releases its blocks."""
         params = params or GenerationParams()
-        self._check_params(params)
+        check_params(params, max_tokens_limit=self.max_tokens_limit)
         prompt = self._check_prompt(prompt_ids, extra=params.max_tokens)
         generator = None
         if params.temperature > 0.0:
@@ -488,51 +304,8 @@ class Engine:
         self, ids: Sequence[int], *, extra: int, field_name: str = "prompt_ids",
         allow_empty: bool = False
     ) -> list[int]:
-        try:
-            out = list(map(int, ids))
-        except (TypeError, ValueError):
-            raise InvalidParamsError(field_name, "must be a list of integer token ids",
-                                     "send token ids") from None
-        if not out and not allow_empty:
-            raise InvalidParamsError(field_name, "must not be empty", "send at least one token")
-        if out and (min(out) < 0 or max(out) >= self.vocab_size):
-            bad = [t for t in out if not 0 <= t < self.vocab_size]
-            raise InvalidParamsError(field_name,
-                                     f"token id {bad[0]} outside the vocabulary [0, "
-                                     f"{self.vocab_size})", "send valid ids")
-        if len(out) + extra > self.max_context:
-            raise InvalidParamsError(
-                field_name,
-                f"{len(out)} tokens + {extra} more exceed the model's context of "
-                f"{self.max_context}",
-                "shorten the prompt or lower max_tokens",
-            )
-        return out
-
-    def _check_params(self, p: GenerationParams) -> None:
-        if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-            raise InvalidParamsError("max_tokens",
-                                     f"must be a positive integer, got {p.max_tokens!r}",
-                                     "use e.g. 16")
-        if not 0 <= p.min_tokens <= p.max_tokens:
-            raise InvalidParamsError("min_tokens",
-                                     f"must be in [0, max_tokens], got {p.min_tokens}", "use 0")
-        if p.max_tokens > self.max_tokens_limit:
-            raise InvalidParamsError("max_tokens",
-                                     f"{p.max_tokens} is over this engine's per-request budget of "
-                                     f"{self.max_tokens_limit} tokens",
-                                     f"ask for at most {self.max_tokens_limit}")
-        if not 0.0 <= p.temperature <= 2.0:
-            raise InvalidParamsError("temperature", f"must be in [0, 2], got {p.temperature}",
-                                     "use 0 for greedy")
-        if not 0.0 < p.top_p <= 1.0:
-            raise InvalidParamsError("top_p", f"must be in (0, 1], got {p.top_p}", "use 1.0")
-        if not 0 <= p.top_logprobs <= 20:
-            raise InvalidParamsError("top_logprobs", f"must be in [0, 20], got {p.top_logprobs}",
-                                     "use at most 20")
-        if any(not isinstance(s, str) or not s for s in p.stop) or len(p.stop) > 4:
-            raise InvalidParamsError("stop", "must be up to 4 non-empty strings",
-                                     "send e.g. ['\\n\\n']")
+        return check_prompt(ids, vocab_size=self.vocab_size, max_context=self.max_context,
+                            extra=extra, field_name=field_name, allow_empty=allow_empty)
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -570,50 +343,7 @@ class Engine:
         # NOTE: the audit's thread and the sampler's may both trip; one switch at a time, each
         # from the storage the other left.
         with self._int8_lock:
-            return self._disable_int8(reason, layers)
-
-    def _disable_int8(self, reason: str, layers: Iterable[int] | None) -> int:
-        old = self.store
-        quant = old.pool.quant
-        if self.kv_dtype != "int8" or quant is None:
-            return 0
-        full = quant.full_layers | frozenset(int(x) for x in (layers or ()))
-        whole = layers is None or full >= frozenset(range(self.shape.num_layers))
-        if not whole and full == quant.full_layers:
-            return 0
-        dropped = old.pool.num_used
-        rules = (quant.k_scale_for, quant.v_scale_for)
-
-        def new_store() -> PrefixStore:
-            # let the INT8 storage go before allocating (the old pool is never used again)
-            old.pool.tensor = old.pool.quant = None  # type: ignore[assignment]
-            if whole:
-                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes,
-                                   block_size=old.block_size, device=self.device)
-            else:
-                self.pool = KVPool(self.shape, budget_bytes=self.pool_bytes,
-                                   block_size=old.block_size,
-                                   device=self.device, kv_dtype="int8", full_layers=full)
-                assert self.pool.quant is not None
-                # NOTE: the layers left INT8 keep being quantized as before (the same scale rules).
-                self.pool.quant.k_scale_for, self.pool.quant.v_scale_for = rules  # type: ignore[method-assign]
-            self.store = PrefixStore(self.pool)
-            return self.store
-
-        with self._model_lock:
-            if whole:
-                self.kv_dtype = "full"
-            self.scheduler.replace_store(new_store)
-        if whole:
-            self.int8_disabled_reason = reason
-            if self.drift_sampler is not None:
-                self.drift_sampler.drop_queued()
-        else:
-            self.int8_layers_disabled_reason = reason
-        log.warning("engine.int8_disabled", model=self.model_id, reason=reason,
-                    blocks_dropped=dropped, pool_blocks=self.pool.num_blocks,
-                    layers="all" if whole else sorted(full))
-        return dropped
+            return disable_int8(self, reason, layers)
 
     @property
     def int8_full_layers(self) -> frozenset[int]:
