@@ -341,8 +341,15 @@ class TestBlockHashing:
             extend_chain([], [1], BlockKeys(model_epoch=1), block_size=0, upto=0)
         assert err.value.field == "block_size"
 
+    def test_a_block_of_one_token_is_a_valid_block_size(self):
+        keys = BlockKeys(model_epoch=1)
+        chain = extend_chain([], [7, 8], keys, block_size=1, upto=2)
+        assert [tokens for _, tokens, _ in chain] == [(7,), (8,)]
+        assert block_hashes([7, 8], keys, block_size=1) == chain
+
     def test_more_blocks_than_tokens_is_refused_by_name(self):
-        with pytest.raises(InvalidParamsError, match=r"2 blocks need 4 tokens, got 3") as err:
+        with pytest.raises(InvalidParamsError, match=(
+                r"^upto: 2 blocks need 4 tokens, got 3; hash only whole blocks$")) as err:
             extend_chain([], [1, 2, 3], BlockKeys(model_epoch=1), block_size=BS, upto=2)
         assert err.value.field == "upto"
         assert extend_chain([], [1, 2, 3, 4], BlockKeys(model_epoch=1), block_size=BS, upto=2)
