@@ -26,7 +26,7 @@ from keying import (
     frame,
     rebuild_key,
 )
-from keying.cacheability import assess, live_data
+from keying.cacheability import Cacheability, assess, live_data
 from keying.escape import MAX_COMPONENT
 from keying.material import MATERIAL_VERSION, encode_material
 
@@ -241,6 +241,19 @@ class TestCacheability:
             assert (c.cacheable, c.reason, c.reproducible) == (
                 True, "deterministic: temperature=0", True)
 
+    @pytest.mark.parametrize("temperature", [False, True, "0", None, [0]])
+    @pytest.mark.parametrize("seed", [None, 5])
+    def test_a_generic_request_whose_temperature_is_not_a_number_bypasses_seeded_or_not(
+            self, temperature: Any, seed: int | None) -> None:
+        body = {"model": "m", "input": "x", "temperature": temperature}
+        if seed is not None:
+            body["seed"] = seed
+        request = canonicalize(body)
+        assert assess(request) == Cacheability(
+            cacheable=False, reason="nondeterministic: temperature is not a number")
+        assert assess(request, allow_nondeterministic=True) == Cacheability(
+            cacheable=True, reason="opted in: nondeterministic: temperature is not a number")
+
     def test_a_generic_request_without_a_temperature_is_sampled(self) -> None:
         c = assess(canonicalize({"model": "m", "input": "x"}))
         assert (c.cacheable, c.reason) == (
@@ -255,9 +268,9 @@ class TestCacheability:
     def test_live_data_always_bypasses_with_its_rule_named(self, fields: dict, rule: str) -> None:
         request = canonicalize(chat(temperature=0, **fields))
         assert live_data(request) == rule
-        c = assess(request, allow_nondeterministic=True)
-        assert not c.cacheable
-        assert c.reason == f"live data: {rule} makes the answer depend on when it is asked"
+        assert assess(request, allow_nondeterministic=True) == Cacheability(
+            cacheable=False,
+            reason=f"live data: {rule} makes the answer depend on when it is asked")
 
     def test_an_empty_plugin_list_is_not_live_data(self) -> None:
         assert live_data(canonicalize(chat(temperature=0, plugins=[]))) is None
