@@ -214,6 +214,18 @@ class TestEviction:
         assert store.stats().evicted_blocks_total == 3
         store.check_valid()
 
+    def test_a_block_with_two_children_stays_until_both_are_evicted(self):
+        store = make_store(blocks=8)
+        a = store_prompt(store, [1, 2, 3, 4])
+        b = store_prompt(store, [1, 2, 5, 6])
+        assert a[0] == b[0]
+        store.check_valid()
+        assert store.evict(1) == 1  # a's leaf, the least recently used
+        assert store.cached_hashes() == {b[0][0], b[1][0]}
+        assert store.evict(1) == 1  # b's leaf: the shared root had another child until now
+        assert store.cached_hashes() == {b[0][0]}
+        store.check_valid()
+
     def test_a_full_pool_evicts_a_cached_leaf_to_allocate(self):
         store = make_store(blocks=2)
         chain = store_prompt(store, [1, 2, 3, 4])
@@ -298,6 +310,15 @@ class TestCheckValid:
         store._heap.clear()
         with pytest.raises(AssertionError,
                            match=r"^an evictable leaf is missing from the LRU heap$"):
+            store.check_valid()
+
+    def test_it_detects_a_lease_table_shorter_than_its_pins(self):
+        store = make_store()
+        chain = store_prompt(store, [1, 2])
+        lease = store.open()
+        store.match(lease, chain)
+        lease.table.clear()
+        with pytest.raises(AssertionError, match=r"^a lease's table lost its pinned blocks$"):
             store.check_valid()
 
     def test_it_detects_a_child_count_that_drifted(self):
