@@ -9,6 +9,7 @@ single changed operator or constant in ``keying/`` would otherwise change unnoti
 from __future__ import annotations
 
 import hashlib
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -508,6 +509,11 @@ class TestToolChoiceAndHostedTools:
         assert keyed(C, "tool_choice") == "none"
         assert keyed({**C, "tools": []}, "tool_choice") == "none"
         assert keyed({**C, "tools": [tool]}, "tool_choice") == "auto"
+
+    def test_a_tool_given_as_a_read_only_mapping_keys_like_the_same_dict(self) -> None:
+        tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+        assert keyed({**C, "tools": [MappingProxyType(tool)]}, "tools") == keyed(
+            {**C, "tools": [tool]}, "tools")
 
     @pytest.mark.parametrize(("tools", "hosted"), [
         (None, False), ([], False), ([{"type": "function"}], False), ([{"type": "custom"}], False),
