@@ -9,6 +9,7 @@ single changed operator or constant in ``keying/`` would otherwise change unnoti
 from __future__ import annotations
 
 import hashlib
+import re
 from types import MappingProxyType
 from typing import Any
 
@@ -130,7 +131,7 @@ class TestMaterialThatIsNotOurs:
         (3, ["epoch", -1], "epoch: not a non-negative integer"),
         (3, ["epoch", "1"], "epoch: not a non-negative integer"),
         (4, ["adapter", 3], "adapter: not a string or nil"),
-        (5, ["kind", "embedding"], "kind: 'embedding' is not chat"),
+        (5, ["kind", "embedding"], "kind: 'embedding' is not chat, completion or generic"),
         (6, ["request", [1]], "request: not a map of fields"),
         (1, ["scope", ["tenant", None, None]], "scope:"),
         (1, ["scope", ["tenant"]], "scope:"),
@@ -138,8 +139,19 @@ class TestMaterialThatIsNotOurs:
     def test_a_bad_part_is_refused_by_name(self, index: int, value: list[Any], words: str) -> None:
         parts = self.parts()
         parts[index] = value
-        with pytest.raises(InvalidMaterialError, match=words):
+        with pytest.raises(InvalidMaterialError, match="^" + re.escape(words)):
             decode_material(self.repack(parts))
+
+    def test_a_request_map_with_a_key_that_is_not_a_string_is_not_ours(self) -> None:
+        parts = self.parts()
+        parts[6] = ["request", {1: "x"}]
+        with pytest.raises(InvalidMaterialError, match=r"^not msgpack: "):
+            decode_material(self.repack(parts))
+
+    def test_generic_material_reads_back_as_generic(self) -> None:
+        k = build_key({"model": "m", "input": "x", "temperature": 0}, KeyParams(scope=ACME))
+        assert decode_material(k.material).kind == "generic"
+        assert rebuild_key(k.material).digest == k.digest
 
     @pytest.mark.parametrize("mutate", [
         lambda p: p[:6],
@@ -184,9 +196,11 @@ class TestMaterialParameters:
             encode_material(scope=ACME, model="m", epoch=epoch, adapter=None,
                             request=canonicalize(chat()))
         assert err.value.field == "epoch"
+        assert err.value.fix == "pass the model's epoch from the registry"
 
     def test_an_adapter_that_is_not_a_string_is_refused(self) -> None:
-        with pytest.raises(InvalidRequestError, match="must be a string or absent") as err:
+        with pytest.raises(InvalidRequestError, match=(
+                r"^adapter: must be a string or absent; pass an adapter id$")) as err:
             encode_material(scope=ACME, model="m", epoch=0, adapter=5,  # type: ignore[arg-type]
                             request=canonicalize(chat()))
         assert err.value.field == "adapter"
@@ -196,8 +210,10 @@ class TestMaterialParameters:
         e = k.explain()
         assert e["digest"] == k.digest.hex()
         assert e["material_digest"] == k.material_digest.hex()
-        assert (e["cacheable"], e["scope"], e["model"], e["epoch"], e["kind"]) == (
-            True, "tenant:acme", "m", 2, "chat")
+        assert (e["cacheable"], e["scope"], e["model"], e["epoch"], e["kind"], e["adapter"]) == (
+            True, "tenant:acme", "m", 2, "chat", None)
+        with_adapter = build_key(chat(temperature=0), KeyParams(scope=ACME, adapter="lora-1"))
+        assert with_adapter.explain()["adapter"] == "lora-1"
         assert e["reason"] == "deterministic: temperature=0"
         assert "stream" in e["unkeyed"] and "stream" in e["unkeyed_policy"]
         assert e["material_bytes"] == len(k.material)
