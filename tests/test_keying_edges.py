@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from enum import IntEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -148,6 +149,28 @@ class TestMaterialThatIsNotOurs:
         with pytest.raises(InvalidMaterialError, match=r"^not msgpack: "):
             decode_material(self.repack(parts))
 
+    def test_material_that_is_not_what_its_request_keys_to_is_refused(self) -> None:
+        parts = self.parts()
+        fields = dict(parts[6][1])
+        del fields["top_p"]  # keys again with the default put back: other bytes
+        parts[6] = ["request", fields]
+        with pytest.raises(InvalidMaterialError,
+                           match=r"^keying its request again gives other material$"):
+            rebuild_key(self.repack(parts))
+
+    def test_material_rebuilds_under_the_secret_it_was_keyed_with(self) -> None:
+        secret = b"s" * 32
+        k = build_key(chat(temperature=0), KeyParams(scope=ACME, secret=secret))
+        assert rebuild_key(k.material, secret=secret).material_digest == k.material_digest
+        assert rebuild_key(k.material).material_digest != k.material_digest
+
+    def test_the_json_parts_of_material_read_back_as_values(self) -> None:
+        tools = [{"type": "function", "function": {"name": "f", "strict": False}}]
+        k = build_key(chat(temperature=0, tools=tools), KeyParams(scope=ACME))
+        fields = decode_material(k.material).fields
+        assert fields["tools"] == tools
+        assert fields["messages"] == [{"content": "hi", "role": "user"}]
+
     def test_generic_material_reads_back_as_generic(self) -> None:
         k = build_key({"model": "m", "input": "x", "temperature": 0}, KeyParams(scope=ACME))
         assert decode_material(k.material).kind == "generic"
@@ -198,6 +221,15 @@ class TestMaterialParameters:
         assert err.value.field == "epoch"
         assert err.value.fix == "pass the model's epoch from the registry"
 
+    def test_an_epoch_of_an_int_subclass_frames_as_the_int(self) -> None:
+        class Epoch(IntEnum):
+            THREE = 3
+
+        request = canonicalize(chat())
+        assert encode_material(scope=ACME, model="m", epoch=Epoch.THREE, adapter=None,
+                               request=request) == encode_material(
+            scope=ACME, model="m", epoch=3, adapter=None, request=request)
+
     def test_an_adapter_that_is_not_a_string_is_refused(self) -> None:
         with pytest.raises(InvalidRequestError, match=(
                 r"^adapter: must be a string or absent; pass an adapter id$")) as err:
@@ -212,6 +244,7 @@ class TestMaterialParameters:
         assert e["material_digest"] == k.material_digest.hex()
         assert (e["cacheable"], e["scope"], e["model"], e["epoch"], e["kind"], e["adapter"]) == (
             True, "tenant:acme", "m", 2, "chat", None)
+        assert e["keyed"] == k.canonical.fields
         with_adapter = build_key(chat(temperature=0), KeyParams(scope=ACME, adapter="lora-1"))
         assert with_adapter.explain()["adapter"] == "lora-1"
         assert e["reason"] == "deterministic: temperature=0"
