@@ -30,6 +30,7 @@ from keying import (
     rebuild_key,
 )
 from keying.cacheability import Cacheability, assess, live_data
+from keying.canonical import canon_number
 from keying.escape import MAX_COMPONENT
 from keying.material import MATERIAL_VERSION, encode_material
 
@@ -513,6 +514,64 @@ class TestMessageShapes:
     def test_a_two_key_message_that_is_not_role_and_content_is_checked(self) -> None:
         with pytest.raises(InvalidRequestError, match="missing or non-string role"):
             canonicalize(msg(content="hi", name="x"))
+
+
+class TestKeyedValues:
+    def test_a_token_id_prompt_keys_as_its_json_and_a_string_prompt_as_the_string(self) -> None:
+        assert canonicalize({**P, "prompt": [1, 2]}).keyed["prompt"] == msgpack.ExtType(
+            1, b"[1,2]")
+        assert canonicalize({**P, "prompt": ["p"]}).keyed["prompt"] == "p"
+
+    def test_a_nested_float_at_minus_two_to_the_53_folds_to_the_int(self) -> None:
+        v = canonicalize({"model": "m", "input": "x", "extra": [-(2.0**53), 2.0**53]})
+        assert v.keyed["extra"] == msgpack.ExtType(
+            1, b"[-9007199254740992,9007199254740992]")
+
+    def test_a_float_subclass_at_two_to_the_53_folds_to_the_int(self) -> None:
+        class F(float):
+            pass
+
+        assert canon_number(F(2.0**53), "x") == 2**53
+        assert type(canon_number(F(2.0**53), "x")) is int
+
+    def test_lists_nested_200_deep_around_a_str_subclass_key_like_the_plain_string(self) -> None:
+        class S(str):
+            pass
+
+        def nest(leaf: Any) -> Any:
+            for _ in range(200):
+                leaf = [leaf]
+            return leaf
+
+        assert canonicalize({"model": "m", "input": "x", "extra": nest(S("a"))}).keyed == (
+            canonicalize({"model": "m", "input": "x", "extra": nest("a")}).keyed)
+
+    def test_the_body_keeps_default_fields_unless_asked_for_the_minimal_one(self) -> None:
+        request = canonicalize({**C, "temperature": 0})
+        assert request.body()["top_p"] == 1
+        assert "top_p" not in request.body(minimal=True)
+
+    def test_a_logit_bias_key_that_is_not_a_string_is_refused_by_field(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^logit_bias: object keys must be strings; use string keys$"):
+            canonicalize({**C, "logit_bias": {50256: 1}})
+
+    def test_a_body_key_that_is_not_a_string_is_refused_with_the_fix(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^request: object keys must be strings; use string keys$"):
+            canonicalize({**C, 5: "x"})
+
+    @pytest.mark.parametrize(("field", "value", "message"), [
+        ("n", 1.5, "n: expected an integer, got 1.5; send an integer"),
+        ("n", 129, "n: 129 is out of range; use an integer [1, 128]"),
+        ("max_tokens", 0, "max_tokens: 0 is out of range; use an integer >= 1"),
+    ])
+    def test_an_integer_field_s_refusal_names_the_field_and_its_range(
+            self, field: str, value: Any, message: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, field: value})
+        assert str(err.value) == message
+        assert err.value.field == field
 
 
 class TestNumbersInNestedValues:
