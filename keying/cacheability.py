@@ -106,7 +106,9 @@ def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -
     f = request.keyed
     seed = f.get("seed")
     if seed is None:
-        if f.get("temperature") == 0 and f.get("n", 1) == 1 and f.get("best_of", 1) == 1:
+        t = f.get("temperature")
+        # NOTE: False == 0 in Python; a boolean temperature is not a number (_nondeterminism).
+        if t == 0 and t is not False and f.get("n", 1) == 1 and f.get("best_of", 1) == 1:
             return _GREEDY  # the common case, decided without building a reason
     elif type(f.get("temperature", 1)) in (int, float):
         return _seeded(seed)  # the other common case (what _nondeterminism decides for it)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from typing import Any
 
 import orjson
@@ -75,13 +76,21 @@ class TestSigning:
                 g.ttl_seconds) == ("t", ["tenant", "t", None], b"\x01" * 16, b"\x02" * 32, "m",
                                    7, True, 60)
 
+    def test_a_token_is_its_payload_and_mac_in_unpadded_url_safe_base64(self) -> None:
+        s = FillTokenSigner(SECRET, clock=Clock(0.0))
+        token = s.sign(**FIELDS)
+        assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", token)
+        assert token == forge(["ft1", "t", ["tenant", "t", None], "01" * 16, "02" * 32, "m", 7,
+                               True, 300.0, 60])
+
 
 class TestRefusals:
     def test_the_error_names_the_field_and_the_fix(self) -> None:
         with pytest.raises(UnprocessableError, match=r"^fill_token is not a fill token$") as err:
             FillTokenSigner(SECRET).verify("nodot")
         assert err.value.field == "fill_token"
-        assert "call /v1/cache/lookup again" in err.value.fix
+        assert err.value.fix == ("call /v1/cache/lookup again and store with the fill_token it "
+                                 "returns")
 
     def test_bad_base64_is_not_a_fill_token(self) -> None:
         with pytest.raises(UnprocessableError, match=r"^fill_token is not a fill token$"):

@@ -9,6 +9,9 @@ single changed operator or constant in ``keying/`` would otherwise change unnoti
 from __future__ import annotations
 
 import hashlib
+import re
+from enum import IntEnum
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -26,7 +29,8 @@ from keying import (
     frame,
     rebuild_key,
 )
-from keying.cacheability import assess, live_data
+from keying.cacheability import Cacheability, assess, live_data
+from keying.canonical import canon_number
 from keying.escape import MAX_COMPONENT
 from keying.material import MATERIAL_VERSION, encode_material
 
@@ -129,7 +133,7 @@ class TestMaterialThatIsNotOurs:
         (3, ["epoch", -1], "epoch: not a non-negative integer"),
         (3, ["epoch", "1"], "epoch: not a non-negative integer"),
         (4, ["adapter", 3], "adapter: not a string or nil"),
-        (5, ["kind", "embedding"], "kind: 'embedding' is not chat"),
+        (5, ["kind", "embedding"], "kind: 'embedding' is not chat, completion or generic"),
         (6, ["request", [1]], "request: not a map of fields"),
         (1, ["scope", ["tenant", None, None]], "scope:"),
         (1, ["scope", ["tenant"]], "scope:"),
@@ -137,8 +141,41 @@ class TestMaterialThatIsNotOurs:
     def test_a_bad_part_is_refused_by_name(self, index: int, value: list[Any], words: str) -> None:
         parts = self.parts()
         parts[index] = value
-        with pytest.raises(InvalidMaterialError, match=words):
+        with pytest.raises(InvalidMaterialError, match="^" + re.escape(words)):
             decode_material(self.repack(parts))
+
+    def test_a_request_map_with_a_key_that_is_not_a_string_is_not_ours(self) -> None:
+        parts = self.parts()
+        parts[6] = ["request", {1: "x"}]
+        with pytest.raises(InvalidMaterialError, match=r"^not msgpack: "):
+            decode_material(self.repack(parts))
+
+    def test_material_that_is_not_what_its_request_keys_to_is_refused(self) -> None:
+        parts = self.parts()
+        fields = dict(parts[6][1])
+        del fields["top_p"]  # keys again with the default put back: other bytes
+        parts[6] = ["request", fields]
+        with pytest.raises(InvalidMaterialError,
+                           match=r"^keying its request again gives other material$"):
+            rebuild_key(self.repack(parts))
+
+    def test_material_rebuilds_under_the_secret_it_was_keyed_with(self) -> None:
+        secret = b"s" * 32
+        k = build_key(chat(temperature=0), KeyParams(scope=ACME, secret=secret))
+        assert rebuild_key(k.material, secret=secret).material_digest == k.material_digest
+        assert rebuild_key(k.material).material_digest != k.material_digest
+
+    def test_the_json_parts_of_material_read_back_as_values(self) -> None:
+        tools = [{"type": "function", "function": {"name": "f", "strict": False}}]
+        k = build_key(chat(temperature=0, tools=tools), KeyParams(scope=ACME))
+        fields = decode_material(k.material).fields
+        assert fields["tools"] == tools
+        assert fields["messages"] == [{"content": "hi", "role": "user"}]
+
+    def test_generic_material_reads_back_as_generic(self) -> None:
+        k = build_key({"model": "m", "input": "x", "temperature": 0}, KeyParams(scope=ACME))
+        assert decode_material(k.material).kind == "generic"
+        assert rebuild_key(k.material).digest == k.digest
 
     @pytest.mark.parametrize("mutate", [
         lambda p: p[:6],
@@ -183,9 +220,20 @@ class TestMaterialParameters:
             encode_material(scope=ACME, model="m", epoch=epoch, adapter=None,
                             request=canonicalize(chat()))
         assert err.value.field == "epoch"
+        assert err.value.fix == "pass the model's epoch from the registry"
+
+    def test_an_epoch_of_an_int_subclass_frames_as_the_int(self) -> None:
+        class Epoch(IntEnum):
+            THREE = 3
+
+        request = canonicalize(chat())
+        assert encode_material(scope=ACME, model="m", epoch=Epoch.THREE, adapter=None,
+                               request=request) == encode_material(
+            scope=ACME, model="m", epoch=3, adapter=None, request=request)
 
     def test_an_adapter_that_is_not_a_string_is_refused(self) -> None:
-        with pytest.raises(InvalidRequestError, match="must be a string or absent") as err:
+        with pytest.raises(InvalidRequestError, match=(
+                r"^adapter: must be a string or absent; pass an adapter id$")) as err:
             encode_material(scope=ACME, model="m", epoch=0, adapter=5,  # type: ignore[arg-type]
                             request=canonicalize(chat()))
         assert err.value.field == "adapter"
@@ -195,8 +243,11 @@ class TestMaterialParameters:
         e = k.explain()
         assert e["digest"] == k.digest.hex()
         assert e["material_digest"] == k.material_digest.hex()
-        assert (e["cacheable"], e["scope"], e["model"], e["epoch"], e["kind"]) == (
-            True, "tenant:acme", "m", 2, "chat")
+        assert (e["cacheable"], e["scope"], e["model"], e["epoch"], e["kind"], e["adapter"]) == (
+            True, "tenant:acme", "m", 2, "chat", None)
+        assert e["keyed"] == k.canonical.fields
+        with_adapter = build_key(chat(temperature=0), KeyParams(scope=ACME, adapter="lora-1"))
+        assert with_adapter.explain()["adapter"] == "lora-1"
         assert e["reason"] == "deterministic: temperature=0"
         assert "stream" in e["unkeyed"] and "stream" in e["unkeyed_policy"]
         assert e["material_bytes"] == len(k.material)
@@ -241,6 +292,19 @@ class TestCacheability:
             assert (c.cacheable, c.reason, c.reproducible) == (
                 True, "deterministic: temperature=0", True)
 
+    @pytest.mark.parametrize("temperature", [False, True, "0", None, [0]])
+    @pytest.mark.parametrize("seed", [None, 5])
+    def test_a_generic_request_whose_temperature_is_not_a_number_bypasses_seeded_or_not(
+            self, temperature: Any, seed: int | None) -> None:
+        body = {"model": "m", "input": "x", "temperature": temperature}
+        if seed is not None:
+            body["seed"] = seed
+        request = canonicalize(body)
+        assert assess(request) == Cacheability(
+            cacheable=False, reason="nondeterministic: temperature is not a number")
+        assert assess(request, allow_nondeterministic=True) == Cacheability(
+            cacheable=True, reason="opted in: nondeterministic: temperature is not a number")
+
     def test_a_generic_request_without_a_temperature_is_sampled(self) -> None:
         c = assess(canonicalize({"model": "m", "input": "x"}))
         assert (c.cacheable, c.reason) == (
@@ -255,9 +319,9 @@ class TestCacheability:
     def test_live_data_always_bypasses_with_its_rule_named(self, fields: dict, rule: str) -> None:
         request = canonicalize(chat(temperature=0, **fields))
         assert live_data(request) == rule
-        c = assess(request, allow_nondeterministic=True)
-        assert not c.cacheable
-        assert c.reason == f"live data: {rule} makes the answer depend on when it is asked"
+        assert assess(request, allow_nondeterministic=True) == Cacheability(
+            cacheable=False,
+            reason=f"live data: {rule} makes the answer depend on when it is asked")
 
     def test_an_empty_plugin_list_is_not_live_data(self) -> None:
         assert live_data(canonicalize(chat(temperature=0, plugins=[]))) is None
@@ -452,6 +516,63 @@ class TestMessageShapes:
             canonicalize(msg(content="hi", name="x"))
 
 
+class TestKeyedValues:
+    def test_a_token_id_prompt_keys_as_its_json_and_a_string_prompt_as_the_string(self) -> None:
+        assert canonicalize({**P, "prompt": [1, 2]}).keyed["prompt"] == msgpack.ExtType(
+            1, b"[1,2]")
+        assert canonicalize({**P, "prompt": ["p"]}).keyed["prompt"] == "p"
+
+    def test_a_nested_float_at_minus_two_to_the_53_folds_to_the_int(self) -> None:
+        v = canonicalize({"model": "m", "input": "x", "extra": [-(2.0**53), 2.0**53]})
+        assert v.keyed["extra"] == msgpack.ExtType(
+            1, b"[-9007199254740992,9007199254740992]")
+
+    def test_a_float_subclass_at_two_to_the_53_folds_to_the_int(self) -> None:
+        class F(float):
+            pass
+
+        assert canon_number(F(2.0**53), "x") == 2**53
+        assert type(canon_number(F(2.0**53), "x")) is int
+
+    def test_lists_nested_200_deep_around_a_read_only_map_key_like_the_plain_map(self) -> None:
+        # a mapping that is not a dict takes the checked path, which counts the depth itself
+        def nest(leaf: Any) -> Any:
+            for _ in range(200):
+                leaf = [leaf]
+            return leaf
+
+        body = {"model": "m", "input": "x"}
+        assert canonicalize({**body, "extra": nest(MappingProxyType({"a": "b"}))}).keyed == (
+            canonicalize({**body, "extra": nest({"a": "b"})}).keyed)
+
+    def test_the_body_keeps_default_fields_unless_asked_for_the_minimal_one(self) -> None:
+        request = canonicalize({**C, "temperature": 0})
+        assert request.body()["top_p"] == 1
+        assert "top_p" not in request.body(minimal=True)
+
+    def test_a_logit_bias_key_that_is_not_a_string_is_refused_by_field(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^logit_bias: object keys must be strings; use string keys$"):
+            canonicalize({**C, "logit_bias": {50256: 1}})
+
+    def test_a_body_key_that_is_not_a_string_is_refused_with_the_fix(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^request: object keys must be strings; use string keys$"):
+            canonicalize({**C, 5: "x"})
+
+    @pytest.mark.parametrize(("field", "value", "message"), [
+        ("n", 1.5, "n: expected an integer, got 1.5; send an integer"),
+        ("n", 129, "n: 129 is out of range; use an integer [1, 128]"),
+        ("max_tokens", 0, "max_tokens: 0 is out of range; use an integer >= 1"),
+    ])
+    def test_an_integer_field_s_refusal_names_the_field_and_its_range(
+            self, field: str, value: Any, message: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, field: value})
+        assert str(err.value) == message
+        assert err.value.field == field
+
+
 class TestNumbersInNestedValues:
     def test_a_nan_that_is_a_nested_value_s_only_float_is_refused(self) -> None:
         with pytest.raises(InvalidRequestError, match="nan is not a finite number"):
@@ -495,6 +616,11 @@ class TestToolChoiceAndHostedTools:
         assert keyed(C, "tool_choice") == "none"
         assert keyed({**C, "tools": []}, "tool_choice") == "none"
         assert keyed({**C, "tools": [tool]}, "tool_choice") == "auto"
+
+    def test_a_tool_given_as_a_read_only_mapping_keys_like_the_same_dict(self) -> None:
+        tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+        assert keyed({**C, "tools": [MappingProxyType(tool)]}, "tools") == keyed(
+            {**C, "tools": [tool]}, "tools")
 
     @pytest.mark.parametrize(("tools", "hosted"), [
         (None, False), ([], False), ([{"type": "function"}], False), ([{"type": "custom"}], False),

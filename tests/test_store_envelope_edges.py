@@ -25,6 +25,7 @@ from cachesvc.store import (
     OversizeEntryError,
     StoreConfigError,
     UnknownKeyError,
+    UnsupportedVersionError,
     decode_entry,
     encode_entry,
     envelope,
@@ -80,6 +81,27 @@ class TestEntryFieldsAreCheckedByName:
     def test_a_bad_field_is_refused_naming_it(self, changes: dict[str, Any], field: str) -> None:
         with pytest.raises(InvalidEntryError, match=f"^{field}:"):
             replace(make_entry(), **changes)
+
+    @pytest.mark.parametrize(("changes", "message"), [
+        ({"model": ""}, "model: '' is not a non-empty string"),
+        ({"model_version": None}, "model_version: None is not a non-empty string"),
+        ({"epoch": -1}, "epoch: -1 is not a non-negative integer; use the registry's epoch"),
+        ({"created_at": "x"}, "created_at: 'x' is not a finite number"),
+        ({"ttl": 0}, "ttl: 0 must be a positive number of seconds or None"),
+        ({"digest": b""}, "digest: must be 16 bytes (KeyResult.digest)"),
+        ({"material_digest": b""}, "material_digest: must be 32 bytes (KeyResult.material_digest)"),
+        ({"response": None}, "response/stream: exactly one must be set (a JSON response or a "
+                             "recorded stream)"),
+        ({"response": []}, "response: must be a dict (the JSON response body)"),
+        ({"response": None, "stream": [1]}, "stream: must be a list of chunk dicts"),
+        ({"adapter": b"lora"}, "adapter: must be a string or None"),
+        ({"material": b""}, "material: must be non-empty bytes (KeyResult.material) or None"),
+    ])
+    def test_each_refusal_says_what_the_field_must_be(self, changes: dict[str, Any],
+                                                      message: str) -> None:
+        with pytest.raises(InvalidEntryError) as err:
+            replace(make_entry(), **changes)
+        assert str(err.value) == message
 
     def test_a_response_must_be_a_dict_and_a_stream_a_list_of_dicts(self) -> None:
         with pytest.raises(InvalidEntryError, match=r"^response: must be a dict"):
@@ -154,7 +176,7 @@ class TestMismatch:
 class TestDecodeRefusals:
     @pytest.mark.parametrize("raw", ["LLMC", None, 7, [1, 2]])
     def test_what_is_not_bytes_is_foreign(self, raw: object) -> None:
-        with pytest.raises(ForeignEntryError, match=r"^expected bytes, got "):
+        with pytest.raises(ForeignEntryError, match=f"^expected bytes, got {type(raw).__name__}$"):
             decode_entry(raw, keys=KEYS)  # type: ignore[arg-type]
 
     @pytest.mark.parametrize("wrap", [bytearray, memoryview])
@@ -193,6 +215,15 @@ class TestDecodeRefusals:
                            match=f"^truncated envelope: {HEADER_SIZE - 1} bytes, header needs "
                                  f"{HEADER_SIZE}$"):
             decode_entry(raw[:HEADER_SIZE - 1], keys=KEYS)
+
+    def test_the_magic_and_another_version_byte_is_another_version_not_truncated(self) -> None:
+        with pytest.raises(UnsupportedVersionError,
+                           match=f"^envelope format version {FORMAT_VERSION + 1}; this release "
+                                 f"reads version {FORMAT_VERSION}$"):
+            decode_entry(MAGIC + bytes((FORMAT_VERSION + 1,)), keys=KEYS)
+        with pytest.raises(CorruptEntryError,
+                           match=f"^truncated envelope: 5 bytes, header needs {HEADER_SIZE}$"):
+            decode_entry(MAGIC + bytes((FORMAT_VERSION,)), keys=KEYS)
 
     def test_a_header_with_an_empty_payload_is_forged_not_parsed(self) -> None:
         raw = encode_entry(make_entry(), keys=KEYS)
