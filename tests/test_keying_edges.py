@@ -719,3 +719,54 @@ class TestFramingValues:
         extra = (1, "", b"salt", "full")
         assert hash_block_tokens(xxh3_128, None, (1, 2), extra) == xxh3_128(
             msgpack.packb(["block/v1", None, [1, 2], [1, "", b"salt", "full"]], use_bin_type=True))
+
+
+class TestTheRequestAsAWhole:
+    """Written from the full mutation run of ``keying/canonical.py`` after the module split."""
+
+    def test_a_read_only_mapping_body_keys_like_the_same_dict(self) -> None:
+        body = chat(temperature=0)
+        assert canonicalize(MappingProxyType(body)).encoded == canonicalize(body).encoded
+
+    def test_a_request_exactly_at_the_byte_limit_is_keyed_and_one_byte_over_is_refused(
+            self) -> None:
+        from keying import KeyLimits, RequestTooLargeError
+
+        size = len(canonicalize(chat()).encoded)
+        assert canonicalize(chat(), limits=KeyLimits(max_bytes=size)).encoded
+        with pytest.raises(RequestTooLargeError):
+            canonicalize(chat(), limits=KeyLimits(max_bytes=size - 1))
+
+    def test_the_model_is_not_a_keyed_field_of_any_kind(self) -> None:
+        for body in (chat(), {"model": "m", "prompt": "hi"}, {"model": "m", "input": "hi"}):
+            request = canonicalize(body)
+            assert request.model == "m"
+            assert "model" not in request.keyed
+
+    def test_the_minimal_body_keeps_an_explicit_none_tool_choice_beside_tools(self) -> None:
+        tool = {"type": "function", "function": {"name": "f"}}
+        body = canonicalize(chat(tools=[tool], tool_choice="none")).body(minimal=True)
+        assert body["tool_choice"] == "none" and body["tools"][0]["type"] == "function"
+        # without tools, "none" is the derived default and is left out
+        assert "tool_choice" not in canonicalize(chat()).body(minimal=True)
+
+    def test_a_generic_request_s_minimal_body_is_its_whole_body(self) -> None:
+        request = canonicalize({"model": "m", "input": "hi", "dimensions": 8})
+        assert request.kind == "generic"
+        assert request.body(minimal=True) == request.body() == {
+            "model": "m", "input": "hi", "dimensions": 8}
+
+    @pytest.mark.parametrize("tools", ["", {}, 0, "web_search", {"type": "function"}])
+    def test_a_generic_request_s_tools_that_are_not_a_list_count_as_hosted(
+            self, tools: Any) -> None:
+        # fail closed: a shape we cannot read as client-run tools is a tool the provider runs
+        assert canonicalize({"model": "m", "input": "x", "tools": tools}).hosted_tool is True
+
+    @pytest.mark.parametrize(("tool", "hosted"), [
+        (MappingProxyType({"type": "function"}), False),
+        (MappingProxyType({"type": "web_search"}), True),
+        ("function", True), (["function"], True),
+    ])
+    def test_a_generic_request_s_tool_is_hosted_unless_it_is_a_client_run_object(
+            self, tool: Any, hosted: bool) -> None:
+        assert canonicalize({"model": "m", "input": "x", "tools": [tool]}).hosted_tool is hosted
