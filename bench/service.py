@@ -28,7 +28,7 @@ the floor's throughput with p99 <= 1.3x; two workers >= 1.7x one worker's throug
 
     .venv/bin/python bench/service.py [--clients 32] [--seconds 5] [--rounds 3]
                                       [--servers uvicorn,granian] [--generator auto|wrk|python]
-                                      [--no-workers2] [--json]
+                                      [--audit-sample-rate 0.01] [--no-workers2] [--json]
 
 ``--json`` prints one JSON object on the last line (``proxy_throughput_ratio``,
 ``proxy_p99_ratio``, ``lookup_throughput_ratio``, ``lookup_p99_ratio``, ``workers2_scaling``,
@@ -80,6 +80,7 @@ BODY = (b'{"model":"echo-1","messages":[{"role":"system","content":"You are ters
 SERVERS = ("uvicorn", "granian")
 _REDIS_ENV = "BENCH_SERVICE_REDIS_URL"
 _STATE_ENV = "BENCH_SERVICE_STATE_DIR"
+_AUDIT_ENV = "BENCH_SERVICE_AUDIT_SAMPLE_RATE"
 
 
 # -- the apps (factories: every server imports them by name, in each worker) ------------------
@@ -95,7 +96,8 @@ def service_app() -> Any:
     settings = load_settings(None, state_dir=os.environ[_STATE_ENV],
                              redis={"url": os.environ[_REDIS_ENV], "timeout_ms": 1000},
                              tenants=[{"id": "bench", "api_keys": [KEY]}],
-                             audit={"sample_rate": 0.01, "fill_sample_rate": 0.01,
+                             audit={"sample_rate": float(os.environ.get(_AUDIT_ENV, 0.01)),
+                                    "fill_sample_rate": float(os.environ.get(_AUDIT_ENV, 0.01)),
                                     "oracle": "none"},
                              cache={"secret": SECRET.decode()},
                              logging={"level": "WARNING"})
@@ -390,6 +392,8 @@ def main() -> None:
     ap.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
                     help="the load generator: wrk (C; apt-get install wrk) or this script's "
                     "asyncio client; auto: wrk where it is on PATH")
+    ap.add_argument("--audit-sample-rate", type=float, default=0.01,
+                    help="the service's [audit] sample_rate and fill_sample_rate (the goal's 1%%)")
     ap.add_argument("--no-workers2", action="store_true",
                     help="skip the --workers 2 targets")
     ap.add_argument("--json", action="store_true",
@@ -407,6 +411,7 @@ def main() -> None:
     redis_server = start_private_redis("service")
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
     env = {**os.environ, _REDIS_ENV: redis_server.url, _STATE_ENV: str(tmp),
+           _AUDIT_ENV: str(args.audit_sample_rate),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     # (app, server, workers) -> port
     plan = [(app, srv, 1) for srv in servers
@@ -555,7 +560,8 @@ def _run(args: argparse.Namespace, servers: list[str], redis_server: Any,
               f"{row['redis_cpu_us_per_hit']:5.0f} {row['server_cores']:7.2f} "
               f"{row['bench_cores']:5.2f} {row['other_cores']:5.2f}  {split}")
     out: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds,
-                           "rounds": args.rounds, "entry_bytes": len(raw), "cpu_count": ncpu,
+                           "audit_sample_rate": args.audit_sample_rate, "rounds": args.rounds,
+                           "entry_bytes": len(raw), "cpu_count": ncpu,
                            "generator": args.generator, "server": servers[0], "servers": {}}
     print()
     for srv in servers:
