@@ -11,38 +11,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from gpu_prefix.errors import InvalidParamsError
 from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, extend_chain, scope_salt
 from gpu_prefix.pool import KVPool, KVShape
-from gpu_prefix.store import PrefixStore
 from keying import xxh3_128
-
-SHAPE = KVShape(num_layers=1, kv_heads=1, head_dim=1)
-BS = 2
-
-
-def make_store(blocks: int = 8) -> PrefixStore:
-    pool = KVPool(SHAPE, budget_bytes=blocks * SHAPE.bytes_per_token() * BS, block_size=BS)
-    return PrefixStore(pool)
-
-
-def chain_of(tokens, *, epoch=1, salt=b"a", hash_fn=xxh3_128, public_tokens=0):
-    keys = BlockKeys(model_epoch=epoch, salt=salt, public_tokens=public_tokens)
-    return block_hashes(tokens, keys, block_size=BS, hash_fn=hash_fn)
-
-
-def fill(store: PrefixStore, lease, chain):
-    """Compute the rest of ``chain`` for ``lease``: a private block each, then index it."""
-    for item in chain[len(lease.table):]:
-        assert store.allocate(lease) is not None
-        store.adopt(lease, item)
-
-
-def store_prompt(store: PrefixStore, tokens, **kw):
-    """Open, match, fill, release: leaves the prompt's blocks cached."""
-    chain = chain_of(tokens, **kw)
-    lease = store.open()
-    store.match(lease, chain)
-    fill(store, lease, chain)
-    store.release(lease)
-    return chain
+from tests.support.prefix_store import BS, SHAPE, chain_of, fill, make_store, store_prompt
 
 
 class TestBlockHashing:

@@ -12,38 +12,8 @@ import pytest
 
 from gpu_prefix.errors import InvalidParamsError
 from gpu_prefix.hashing import PUBLIC_SALT, BlockKeys, block_hashes, extend_chain, scope_salt
-from gpu_prefix.pool import KVPool, KVShape
-from gpu_prefix.store import PrefixStore
 from keying import BlockHash, hash_block_tokens, xxh3_128
-
-SHAPE = KVShape(num_layers=1, kv_heads=1, head_dim=1)
-BS = 2
-
-
-def make_store(blocks: int = 8) -> PrefixStore:
-    pool = KVPool(SHAPE, budget_bytes=blocks * SHAPE.bytes_per_token() * BS, block_size=BS)
-    return PrefixStore(pool)
-
-
-def chain_of(tokens, *, epoch=1, salt=b"a"):
-    return block_hashes(tokens, BlockKeys(model_epoch=epoch, salt=salt), block_size=BS)
-
-
-def fill(store: PrefixStore, lease, chain) -> list[bool]:
-    adopted = []
-    for item in chain[len(lease.table):]:
-        assert store.allocate(lease) is not None
-        adopted.append(store.adopt(lease, item))
-    return adopted
-
-
-def store_prompt(store: PrefixStore, tokens, **kw):
-    chain = chain_of(tokens, **kw)
-    lease = store.open()
-    store.match(lease, chain)
-    fill(store, lease, chain)
-    store.release(lease)
-    return chain
+from tests.support.prefix_store import BS, chain_of, fill, make_store, store_prompt
 
 
 class TestTwoRequestsFillingTheSameBlock:
