@@ -8,6 +8,8 @@ single changed operator or constant in ``keying/`` would otherwise change unnoti
 
 from __future__ import annotations
 
+import datetime
+import fractions
 import hashlib
 import re
 from enum import IntEnum
@@ -21,6 +23,7 @@ from keying import (
     InvalidMaterialError,
     InvalidRequestError,
     KeyParams,
+    RequestTooLargeError,
     Scope,
     build_key,
     canonicalize,
@@ -30,7 +33,7 @@ from keying import (
     rebuild_key,
 )
 from keying.cacheability import Cacheability, assess, live_data
-from keying.canonical import canon_number
+from keying.canonical import canon_number, canon_value
 from keying.escape import MAX_COMPONENT
 from keying.material import MATERIAL_VERSION, encode_material
 
@@ -770,3 +773,135 @@ class TestTheRequestAsAWhole:
     def test_a_generic_request_s_tool_is_hosted_unless_it_is_a_client_run_object(
             self, tool: Any, hosted: bool) -> None:
         assert canonicalize({"model": "m", "input": "x", "tools": [tool]}).hosted_tool is hosted
+
+
+def nest_lists(leaf: Any, levels: int) -> Any:
+    for _ in range(levels):
+        leaf = [leaf]
+    return leaf
+
+
+def nest_maps(leaf: Any, levels: int) -> Any:
+    for _ in range(levels):
+        leaf = {"a": leaf}
+    return leaf
+
+
+class TestCanonicalJsonValues:
+    """canon_value and canon_json on their own: the depth limit on each path, the exact refusal
+    texts, and numbers that reach the checked path (subclasses) folding as plain ones do."""
+
+    def test_lists_nested_past_the_limit_are_refused_like_maps(self) -> None:
+        canonicalize({**C, "x": nest_lists(1.0, 254)})  # the limit itself is accepted
+        with pytest.raises(RequestTooLargeError) as err:
+            canonicalize({**C, "x": nest_lists(1.0, 255)})
+        assert err.value.field == "x" + "[0]" * 254
+        assert err.value.problem == "nested deeper than 254 levels"
+        assert err.value.fix == "flatten the value"
+        assert str(err.value) == f"{err.value.field}: nested deeper than 254 levels; " \
+            "flatten the value"
+
+    @pytest.mark.parametrize("nest", [nest_lists, nest_maps])
+    def test_the_checked_path_accepts_exactly_254_containers(self, nest: Any) -> None:
+        # a read-only map is not a dict, so the value takes the checked path, which counts the
+        # depth itself
+        leaf = MappingProxyType({"k": 1})
+        canonicalize({**C, "x": nest(leaf, 253)})
+        with pytest.raises(RequestTooLargeError, match=r"nested deeper than 254 levels"):
+            canonicalize({**C, "x": nest(leaf, 254)})
+
+    def test_the_checked_path_s_depth_refusal_names_the_field_and_the_fix(self) -> None:
+        with pytest.raises(RequestTooLargeError) as err:
+            canonicalize({**C, "x": nest_maps(MappingProxyType({}), 254)})
+        assert str(err.value) == "x" + ".a" * 254 + ": nested deeper than 254 levels; " \
+            "flatten the value"
+
+    def test_a_lone_surrogate_deep_in_a_value_is_refused_as_text_not_as_depth(self) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, "x": nest_lists("\ud800", 100)})
+        assert not isinstance(err.value, RequestTooLargeError)
+        assert str(err.value) == "x" + "[0]" * 100 + (
+            ": text is not valid Unicode (a lone surrogate); send valid UTF-8 text")
+
+    def test_an_empty_object_beside_a_folded_number_stays_an_empty_object(self) -> None:
+        assert canon_value([{}, 1.0], "x") == [{}, 1]
+        assert canon_value({"a": {}, "b": None}, "x") == {"a": {}, "b": None}
+        assert canonicalize({**C, "x": {"a": {}, "b": 1.0}}).keyed["x"] == msgpack.ExtType(
+            1, b'{"a":{},"b":1}')
+
+    def test_an_object_with_only_non_string_keys_is_refused_by_canon_value(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^x: object keys must be strings; use string keys$"):
+            canon_value({1: 2}, "x")
+
+    def test_a_value_that_is_not_json_is_refused_even_where_orjson_could_write_it(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^x: unsupported type date; send JSON values only$"):
+            canon_value(datetime.date(2020, 1, 1), "x")
+
+    def test_a_float_at_two_to_the_53_folds_to_the_int(self) -> None:
+        for v in (2.0**53, -(2.0**53)):
+            assert canon_number(v, "x") == int(v)
+            assert type(canon_number(v, "x")) is int
+        assert type(canon_number(2.0**53 + 2, "x")) is float
+
+    def test_an_int_subclass_folds_to_the_plain_int_across_the_whole_range(self) -> None:
+        class I(int):  # noqa: E742
+            pass
+
+        for v in (-(2**63), 0, 7, 2**64 - 1):
+            assert canon_number(I(v), "x") == v
+            assert type(canon_number(I(v), "x")) is int
+        for v in (-(2**63) - 1, 2**64):
+            with pytest.raises(InvalidRequestError,
+                               match=r"^x: integer out of range; use a 64-bit integer$"):
+                canon_number(I(v), "x")
+
+    def test_a_float_subclass_that_is_not_integral_stays_a_plain_float(self) -> None:
+        class F(float):
+            pass
+
+        assert canon_number(F(1.5), "x") == 1.5
+        assert type(canon_number(F(1.5), "x")) is float
+        assert canon_number(F(2.0**60), "x") == 2.0**60
+        assert type(canon_number(F(2.0**60), "x")) is float
+
+    @pytest.mark.parametrize(("body", "message"), [
+        ({**C, "reasoning_effort": 1.5},
+         "reasoning_effort: expected a string, got number; send a string"),
+        ({**C, "messages": [None]},
+         "messages[0]: expected an object, got null; send each message as {role, content}"),
+    ])
+    def test_a_refusal_names_a_float_number_and_none_null(self, body: Any, message: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize(body)
+        assert str(err.value) == message
+
+    def test_a_fraction_inside_an_object_is_refused_not_kept(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^x\.a: unsupported type Fraction; send JSON values only$"):
+            canon_value({"a": fractions.Fraction(1, 2)}, "x")
+
+
+SURROGATES: Any = {"a": "\ud800", "b": [1.0, {"c": "\udfff"}, ["\ud800", 2**64 - 1]],
+                   "d": None, "e": True}
+
+
+class TestTextIsCheckedWhereTheFieldIsFramed:
+    """canon_value folds a value in one fast walk that does not encode every string: a lone
+    surrogate comes back as it was and is refused where the field is framed, by its path."""
+
+    def test_a_lone_surrogate_comes_back_from_canon_value_unchanged(self) -> None:
+        assert canon_value(SURROGATES, "x") == {
+            "a": "\ud800", "b": [1, {"c": "\udfff"}, ["\ud800", 2**64 - 1]],
+            "d": None, "e": True}
+
+    @pytest.mark.parametrize("nest", [nest_lists, nest_maps])
+    def test_a_lone_surrogate_254_containers_deep_comes_back_unchanged(self, nest: Any) -> None:
+        assert canon_value(nest(["\ud800", 1.0], 253), "x") == nest(["\ud800", 1], 253)
+
+    def test_the_framed_field_refuses_the_lone_surrogate_by_its_path(self) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, "x": SURROGATES})
+        assert str(err.value) == (
+            "x.a: text is not valid Unicode (a lone surrogate); send valid UTF-8 text")
