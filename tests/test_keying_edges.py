@@ -12,6 +12,7 @@ import datetime
 import fractions
 import hashlib
 import re
+import sys
 from enum import IntEnum
 from types import MappingProxyType
 from typing import Any
@@ -787,6 +788,17 @@ def nest_maps(leaf: Any, levels: int) -> Any:
     return leaf
 
 
+@pytest.fixture
+def deep_stack() -> Any:
+    # NOTE: 255 nested containers take two frames a level on the checked path; under mutmut
+    # every call goes through a trampoline too, which alone would pass Python's default limit.
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, 5000))
+    yield
+    sys.setrecursionlimit(before)
+
+
+@pytest.mark.usefixtures("deep_stack")
 class TestCanonicalJsonValues:
     """canon_value and canon_json on their own: the depth limit on each path, the exact refusal
     texts, and numbers that reach the checked path (subclasses) folding as plain ones do."""
@@ -887,6 +899,7 @@ SURROGATES: Any = {"a": "\ud800", "b": [1.0, {"c": "\udfff"}, ["\ud800", 2**64 -
                    "d": None, "e": True}
 
 
+@pytest.mark.usefixtures("deep_stack")
 class TestTextIsCheckedWhereTheFieldIsFramed:
     """canon_value folds a value in one fast walk that does not encode every string: a lone
     surrogate comes back as it was and is refused where the field is framed, by its path."""
