@@ -36,7 +36,9 @@ from keying import (
 from keying.cacheability import Cacheability, assess, live_data
 from keying.canonical import canon_number, canon_value
 from keying.escape import MAX_COMPONENT
+from keying.fields import Keyed
 from keying.material import MATERIAL_VERSION, encode_material
+from keying.normalisers import _defaults, _int_in, _messages, _number_in, _Spec, _spec, _stop
 
 ACME = Scope.for_tenant("acme")
 
@@ -918,3 +920,160 @@ class TestTextIsCheckedWhereTheFieldIsFramed:
             canonicalize({**C, "x": SURROGATES})
         assert str(err.value) == (
             "x.a: text is not valid Unicode (a lone surrogate); send valid UTF-8 text")
+
+
+def refusal(norm: Any, v: Any, path: str = "f") -> str:
+    with pytest.raises(InvalidRequestError) as err:
+        norm(v, path)
+    assert err.value.field == path
+    return str(err.value)
+
+
+class TestFieldNormalisersFromTheTable:
+    """The normalisers built from keying.fields (a bounded number, a bounded or open integer, a
+    nullable one, the other types) and the canonical defaults built from them: each bound is
+    inclusive, and each refusal names the field, the value and the accepted range."""
+
+    def test_a_bounded_number_accepts_its_ends_and_names_the_range_past_them(self) -> None:
+        norm = _number_in(0, 2)
+        assert (norm(0, "f"), norm(2, "f"), norm(2.0, "f"), norm(1.5, "f")) == (0, 2, 2, 1.5)
+        assert refusal(norm, 2.5) == "f: 2.5 is out of range; use a value in [0, 2]"
+        assert refusal(norm, -1) == "f: -1 is out of range; use a value in [0, 2]"
+        assert refusal(norm, "x") == "f: expected a number, got string; send a number"
+
+    def test_a_bounded_integer_accepts_its_ends_and_names_the_range_past_them(self) -> None:
+        norm = _int_in(1, 3)
+        assert (norm(1, "f"), norm(3, "f"), norm(2.0, "f")) == (1, 3, 2)
+        assert type(norm(2.0, "f")) is int
+        assert refusal(norm, 0) == "f: 0 is out of range; use an integer [1, 3]"
+        assert refusal(norm, 4) == "f: 4 is out of range; use an integer [1, 3]"
+        assert refusal(norm, 1.5) == "f: expected an integer, got 1.5; send an integer"
+        assert refusal(norm, None) == "f: expected a number, got null; send a number"
+        assert refusal(norm, "2") == "f: expected a number, got string; send a number"
+
+    def test_an_open_integer_has_only_a_lower_bound(self) -> None:
+        norm = _int_in(1, None)
+        assert norm(1, "f") == 1
+        assert norm(2**63, "f") == 2**63
+        assert refusal(norm, 0) == "f: 0 is out of range; use an integer >= 1"
+
+    def test_a_nullable_integer_keeps_null_and_still_checks_numbers(self) -> None:
+        norm = _int_in(0, 5, nullable=True)
+        assert norm(None, "f") is None
+        assert norm(5, "f") == 5
+        assert norm(0, "f") == 0
+        assert refusal(norm, 6) == "f: 6 is out of range; use an integer [0, 5]"
+
+    def test_each_keyed_type_gets_its_default_and_normaliser(self) -> None:
+        number = _spec(Keyed(type="number", default=1, lo=0, hi=2))
+        assert number.default == 1
+        assert number.norm(2, "f") == 2
+        assert refusal(number.norm, 3) == "f: 3 is out of range; use a value in [0, 2]"
+        integer = _spec(Keyed(type="integer", default=4, lo=1, hi=5))
+        assert integer.default == 4
+        assert integer.norm(5, "f") == 5
+        assert refusal(integer.norm, 6) == "f: 6 is out of range; use an integer [1, 5]"
+        assert refusal(integer.norm, None) == "f: expected a number, got null; send a number"
+        nullable = _spec(Keyed(type="integer", lo=1, nullable=True))
+        assert nullable.default is None
+        assert nullable.norm(None, "f") is None
+        assert nullable.norm(10**12, "f") == 10**12
+        assert refusal(nullable.norm, 0) == "f: 0 is out of range; use an integer >= 1"
+        boolean = _spec(Keyed(type="boolean", default=False))
+        assert boolean.default is False
+        assert boolean.norm(True, "f") is True
+        assert refusal(boolean.norm, 1) == "f: expected a boolean, got integer; send true or false"
+
+    @pytest.mark.parametrize(("k", "message"), [
+        (Keyed(type="number", lo=0), "a number field needs both bounds"),
+        (Keyed(type="number", hi=1), "a number field needs both bounds"),
+        (Keyed(type="integer", hi=1), "an integer field needs a lower bound"),
+    ])
+    def test_a_field_table_entry_without_its_bounds_is_a_programming_error(
+            self, k: Keyed, message: str) -> None:
+        with pytest.raises(AssertionError) as err:
+            _spec(k)
+        assert str(err.value) == message
+
+    def test_the_defaults_are_each_field_s_normalised_default_in_key_order(self) -> None:
+        specs = {
+            "b": _Spec(2.0, _number_in(0, 2)),
+            "a": _Spec(None, _messages),  # required: its null default is refused
+            "c": _Spec(None, _int_in(1, None, nullable=True)),
+            "d": _Spec(None, _stop),
+        }
+        out = _defaults(specs)
+        assert list(out) == ["a", "b", "c", "d"]
+        assert out == {"a": None, "b": 2, "c": None, "d": msgpack.ExtType(1, b"[]")}
+        assert type(out["b"]) is int
+
+
+class TestNormaliserRefusalsAndEdges:
+    @pytest.mark.parametrize("key", ["-9223372036854775808", "18446744073709551615", "0"])
+    def test_a_logit_bias_id_at_either_end_of_the_64_bit_range_is_accepted(self,
+                                                                            key: str) -> None:
+        keyed_bias = canonicalize({**C, "logit_bias": {key: 1}}).keyed["logit_bias"]
+        assert keyed_bias == msgpack.ExtType(1, b'{"%s":1}' % key.encode())
+
+    @pytest.mark.parametrize("key", ["-9223372036854775809", "18446744073709551616"])
+    def test_a_logit_bias_id_past_the_64_bit_range_is_refused(self, key: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, "logit_bias": {key: 1}})
+        assert str(err.value) == (f'logit_bias.{key}: logit_bias keys are token ids; '
+                                  'write each id in ASCII decimal digits, e.g. "50256"')
+
+    def test_a_logit_bias_accepts_minus_and_plus_100_and_names_the_range_past_them(
+            self) -> None:
+        assert canonicalize({**C, "logit_bias": {"1": -100, "2": 100}}).keyed["logit_bias"] == (
+            msgpack.ExtType(1, b'{"1":-100,"2":100}'))
+        for bias in (-101, 100.5):
+            with pytest.raises(InvalidRequestError) as err:
+                canonicalize({**C, "logit_bias": {"7": bias}})
+            assert str(err.value) == f"logit_bias.7: {bias} is out of range; " \
+                "use a value in [-100, 100]"
+
+    @pytest.mark.parametrize("role", [5, ["user"], {"r": 1}])
+    def test_a_message_whose_role_is_not_a_string_is_refused(self, role: Any) -> None:
+        for extra in ({}, {"name": "n"}):
+            with pytest.raises(InvalidRequestError) as err:
+                canonicalize({**C, "messages": [{"role": role, "content": "x", **extra}]})
+            assert str(err.value) == ("messages[0].role: missing or non-string role; "
+                                      "set role to system, developer, user, assistant or tool")
+
+    def test_a_read_only_message_keys_like_the_plain_one(self) -> None:
+        m = {"role": "user", "content": "hi", "name": "n"}
+        assert canonicalize({**C, "messages": [MappingProxyType(m)]}).keyed == (
+            canonicalize({**C, "messages": [m]}).keyed)
+
+    @pytest.mark.parametrize(("body", "message"), [
+        ({**C, "messages": [{"role": "user", "content": "x", "x": float("nan")}]},
+         "messages[0].x: nan is not a finite number; send a finite number"),
+        ({**C, "messages": [{"role": "user", "content": "a\ud800", "name": "n"}]},
+         "messages[0].content: text is not valid Unicode (a lone surrogate); "
+         "send valid UTF-8 text"),
+        ({**P, "prompt": ["a", "b\ud800"]},
+         "prompt[1]: text is not valid Unicode (a lone surrogate); send valid UTF-8 text"),
+        ({**P, "prompt": [1, float("nan")]},
+         "prompt[1]: nan is not a finite number; send a finite number"),
+        ({**P, "prompt": [[1, 2], [3, -1]]},
+         "prompt[1][1]: -1 is not a token id; send non-negative integer token ids"),
+        ({**C, "response_format": {"type": "json_object", "x": float("inf")}},
+         "response_format.x: inf is not a finite number; send a finite number"),
+        ({**C, "stop": "a\ud800"},
+         "stop[0]: text is not valid Unicode (a lone surrogate); send valid UTF-8 text"),
+        ({**C, "stop": ["b", "a\ud800"]},
+         "stop[0]: text is not valid Unicode (a lone surrogate); send valid UTF-8 text"),
+        ({**C, "tools": [{"type": "function", "function": {"name": "f", "x": float("nan")}}]},
+         "tools[0].function.x: nan is not a finite number; send a finite number"),
+    ])
+    def test_a_refusal_deep_in_a_field_names_its_path(self, body: Any, message: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize(body)
+        assert str(err.value) == message
+
+    def test_a_read_only_function_without_strict_keys_like_strict_false(self) -> None:
+        def tool(fn: Any) -> dict[str, Any]:
+            return {**C, "tools": [{"type": "function", "function": fn}]}
+
+        assert canonicalize(tool(MappingProxyType({"name": "f"}))).keyed == (
+            canonicalize(tool({"name": "f", "strict": False})).keyed)
