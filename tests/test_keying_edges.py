@@ -8,8 +8,11 @@ single changed operator or constant in ``keying/`` would otherwise change unnoti
 
 from __future__ import annotations
 
+import datetime
+import fractions
 import hashlib
 import re
+import sys
 from enum import IntEnum
 from types import MappingProxyType
 from typing import Any
@@ -21,6 +24,7 @@ from keying import (
     InvalidMaterialError,
     InvalidRequestError,
     KeyParams,
+    RequestTooLargeError,
     Scope,
     build_key,
     canonicalize,
@@ -30,9 +34,11 @@ from keying import (
     rebuild_key,
 )
 from keying.cacheability import Cacheability, assess, live_data
-from keying.canonical import canon_number
+from keying.canonical import canon_number, canon_value
 from keying.escape import MAX_COMPONENT
+from keying.fields import Keyed
 from keying.material import MATERIAL_VERSION, encode_material
+from keying.normalisers import _defaults, _int_in, _messages, _number_in, _Spec, _spec, _stop
 
 ACME = Scope.for_tenant("acme")
 
@@ -770,3 +776,304 @@ class TestTheRequestAsAWhole:
     def test_a_generic_request_s_tool_is_hosted_unless_it_is_a_client_run_object(
             self, tool: Any, hosted: bool) -> None:
         assert canonicalize({"model": "m", "input": "x", "tools": [tool]}).hosted_tool is hosted
+
+
+def nest_lists(leaf: Any, levels: int) -> Any:
+    for _ in range(levels):
+        leaf = [leaf]
+    return leaf
+
+
+def nest_maps(leaf: Any, levels: int) -> Any:
+    for _ in range(levels):
+        leaf = {"a": leaf}
+    return leaf
+
+
+@pytest.fixture
+def deep_stack() -> Any:
+    # NOTE: 255 nested containers take two frames a level on the checked path; under mutmut
+    # every call goes through a trampoline too, which alone would pass Python's default limit.
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, 5000))
+    yield
+    sys.setrecursionlimit(before)
+
+
+@pytest.mark.usefixtures("deep_stack")
+class TestCanonicalJsonValues:
+    """canon_value and canon_json on their own: the depth limit on each path, the exact refusal
+    texts, and numbers that reach the checked path (subclasses) folding as plain ones do."""
+
+    def test_lists_nested_past_the_limit_are_refused_like_maps(self) -> None:
+        canonicalize({**C, "x": nest_lists(1.0, 254)})  # the limit itself is accepted
+        with pytest.raises(RequestTooLargeError) as err:
+            canonicalize({**C, "x": nest_lists(1.0, 255)})
+        assert err.value.field == "x" + "[0]" * 254
+        assert err.value.problem == "nested deeper than 254 levels"
+        assert err.value.fix == "flatten the value"
+        assert str(err.value) == f"{err.value.field}: nested deeper than 254 levels; " \
+            "flatten the value"
+
+    @pytest.mark.parametrize("nest", [nest_lists, nest_maps])
+    def test_the_checked_path_accepts_exactly_254_containers(self, nest: Any) -> None:
+        # a read-only map is not a dict, so the value takes the checked path, which counts the
+        # depth itself
+        leaf = MappingProxyType({"k": 1})
+        canonicalize({**C, "x": nest(leaf, 253)})
+        with pytest.raises(RequestTooLargeError, match=r"nested deeper than 254 levels"):
+            canonicalize({**C, "x": nest(leaf, 254)})
+
+    def test_the_checked_path_s_depth_refusal_names_the_field_and_the_fix(self) -> None:
+        with pytest.raises(RequestTooLargeError) as err:
+            canonicalize({**C, "x": nest_maps(MappingProxyType({}), 254)})
+        assert str(err.value) == "x" + ".a" * 254 + ": nested deeper than 254 levels; " \
+            "flatten the value"
+
+    def test_a_lone_surrogate_deep_in_a_value_is_refused_as_text_not_as_depth(self) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, "x": nest_lists("\ud800", 100)})
+        assert not isinstance(err.value, RequestTooLargeError)
+        assert str(err.value) == "x" + "[0]" * 100 + (
+            ": text is not valid Unicode (a lone surrogate); send valid UTF-8 text")
+
+    def test_an_empty_object_beside_a_folded_number_stays_an_empty_object(self) -> None:
+        assert canon_value([{}, 1.0], "x") == [{}, 1]
+        assert canon_value({"a": {}, "b": None}, "x") == {"a": {}, "b": None}
+        assert canonicalize({**C, "x": {"a": {}, "b": 1.0}}).keyed["x"] == msgpack.ExtType(
+            1, b'{"a":{},"b":1}')
+
+    def test_an_object_with_only_non_string_keys_is_refused_by_canon_value(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^x: object keys must be strings; use string keys$"):
+            canon_value({1: 2}, "x")
+
+    def test_a_value_that_is_not_json_is_refused_even_where_orjson_could_write_it(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^x: unsupported type date; send JSON values only$"):
+            canon_value(datetime.date(2020, 1, 1), "x")
+
+    def test_a_float_at_two_to_the_53_folds_to_the_int(self) -> None:
+        for v in (2.0**53, -(2.0**53)):
+            assert canon_number(v, "x") == int(v)
+            assert type(canon_number(v, "x")) is int
+        assert type(canon_number(2.0**53 + 2, "x")) is float
+
+    def test_an_int_subclass_folds_to_the_plain_int_across_the_whole_range(self) -> None:
+        class I(int):  # noqa: E742
+            pass
+
+        for v in (-(2**63), 0, 7, 2**64 - 1):
+            assert canon_number(I(v), "x") == v
+            assert type(canon_number(I(v), "x")) is int
+        for v in (-(2**63) - 1, 2**64):
+            with pytest.raises(InvalidRequestError,
+                               match=r"^x: integer out of range; use a 64-bit integer$"):
+                canon_number(I(v), "x")
+
+    def test_a_float_subclass_that_is_not_integral_stays_a_plain_float(self) -> None:
+        class F(float):
+            pass
+
+        assert canon_number(F(1.5), "x") == 1.5
+        assert type(canon_number(F(1.5), "x")) is float
+        assert canon_number(F(2.0**60), "x") == 2.0**60
+        assert type(canon_number(F(2.0**60), "x")) is float
+
+    @pytest.mark.parametrize(("body", "message"), [
+        ({**C, "reasoning_effort": 1.5},
+         "reasoning_effort: expected a string, got number; send a string"),
+        ({**C, "messages": [None]},
+         "messages[0]: expected an object, got null; send each message as {role, content}"),
+    ])
+    def test_a_refusal_names_a_float_number_and_none_null(self, body: Any, message: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize(body)
+        assert str(err.value) == message
+
+    def test_a_fraction_inside_an_object_is_refused_not_kept(self) -> None:
+        with pytest.raises(InvalidRequestError,
+                           match=r"^x\.a: unsupported type Fraction; send JSON values only$"):
+            canon_value({"a": fractions.Fraction(1, 2)}, "x")
+
+
+SURROGATES: Any = {"a": "\ud800", "b": [1.0, {"c": "\udfff"}, ["\ud800", 2**64 - 1]],
+                   "d": None, "e": True}
+
+
+@pytest.mark.usefixtures("deep_stack")
+class TestTextIsCheckedWhereTheFieldIsFramed:
+    """canon_value folds a value in one fast walk that does not encode every string: a lone
+    surrogate comes back as it was and is refused where the field is framed, by its path."""
+
+    def test_a_lone_surrogate_comes_back_from_canon_value_unchanged(self) -> None:
+        assert canon_value(SURROGATES, "x") == {
+            "a": "\ud800", "b": [1, {"c": "\udfff"}, ["\ud800", 2**64 - 1]],
+            "d": None, "e": True}
+
+    @pytest.mark.parametrize("nest", [nest_lists, nest_maps])
+    def test_a_lone_surrogate_254_containers_deep_comes_back_unchanged(self, nest: Any) -> None:
+        assert canon_value(nest(["\ud800", 1.0], 253), "x") == nest(["\ud800", 1], 253)
+
+    def test_the_framed_field_refuses_the_lone_surrogate_by_its_path(self) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, "x": SURROGATES})
+        assert str(err.value) == (
+            "x.a: text is not valid Unicode (a lone surrogate); send valid UTF-8 text")
+
+
+def refusal(norm: Any, v: Any, path: str = "f") -> str:
+    with pytest.raises(InvalidRequestError) as err:
+        norm(v, path)
+    assert err.value.field == path
+    return str(err.value)
+
+
+class TestFieldNormalisersFromTheTable:
+    """The normalisers built from keying.fields (a bounded number, a bounded or open integer, a
+    nullable one, the other types) and the canonical defaults built from them: each bound is
+    inclusive, and each refusal names the field, the value and the accepted range."""
+
+    def test_a_bounded_number_accepts_its_ends_and_names_the_range_past_them(self) -> None:
+        norm = _number_in(0, 2)
+        assert (norm(0, "f"), norm(2, "f"), norm(2.0, "f"), norm(1.5, "f")) == (0, 2, 2, 1.5)
+        assert refusal(norm, 2.5) == "f: 2.5 is out of range; use a value in [0, 2]"
+        assert refusal(norm, -1) == "f: -1 is out of range; use a value in [0, 2]"
+        assert refusal(norm, "x") == "f: expected a number, got string; send a number"
+
+    def test_a_bounded_integer_accepts_its_ends_and_names_the_range_past_them(self) -> None:
+        norm = _int_in(1, 3)
+        assert (norm(1, "f"), norm(3, "f"), norm(2.0, "f")) == (1, 3, 2)
+        assert type(norm(2.0, "f")) is int
+        assert refusal(norm, 0) == "f: 0 is out of range; use an integer [1, 3]"
+        assert refusal(norm, 4) == "f: 4 is out of range; use an integer [1, 3]"
+        assert refusal(norm, 1.5) == "f: expected an integer, got 1.5; send an integer"
+        assert refusal(norm, None) == "f: expected a number, got null; send a number"
+        assert refusal(norm, "2") == "f: expected a number, got string; send a number"
+
+    def test_an_open_integer_has_only_a_lower_bound(self) -> None:
+        norm = _int_in(1, None)
+        assert norm(1, "f") == 1
+        assert norm(2**63, "f") == 2**63
+        assert refusal(norm, 0) == "f: 0 is out of range; use an integer >= 1"
+
+    def test_a_nullable_integer_keeps_null_and_still_checks_numbers(self) -> None:
+        norm = _int_in(0, 5, nullable=True)
+        assert norm(None, "f") is None
+        assert norm(5, "f") == 5
+        assert norm(0, "f") == 0
+        assert refusal(norm, 6) == "f: 6 is out of range; use an integer [0, 5]"
+
+    def test_each_keyed_type_gets_its_default_and_normaliser(self) -> None:
+        number = _spec(Keyed(type="number", default=1, lo=0, hi=2))
+        assert number.default == 1
+        assert number.norm(2, "f") == 2
+        assert refusal(number.norm, 3) == "f: 3 is out of range; use a value in [0, 2]"
+        integer = _spec(Keyed(type="integer", default=4, lo=1, hi=5))
+        assert integer.default == 4
+        assert integer.norm(5, "f") == 5
+        assert refusal(integer.norm, 6) == "f: 6 is out of range; use an integer [1, 5]"
+        assert refusal(integer.norm, None) == "f: expected a number, got null; send a number"
+        nullable = _spec(Keyed(type="integer", lo=1, nullable=True))
+        assert nullable.default is None
+        assert nullable.norm(None, "f") is None
+        assert nullable.norm(10**12, "f") == 10**12
+        assert refusal(nullable.norm, 0) == "f: 0 is out of range; use an integer >= 1"
+        boolean = _spec(Keyed(type="boolean", default=False))
+        assert boolean.default is False
+        assert boolean.norm(True, "f") is True
+        assert refusal(boolean.norm, 1) == "f: expected a boolean, got integer; send true or false"
+
+    @pytest.mark.parametrize(("k", "message"), [
+        (Keyed(type="number", lo=0), "a number field needs both bounds"),
+        (Keyed(type="number", hi=1), "a number field needs both bounds"),
+        (Keyed(type="integer", hi=1), "an integer field needs a lower bound"),
+    ])
+    def test_a_field_table_entry_without_its_bounds_is_a_programming_error(
+            self, k: Keyed, message: str) -> None:
+        with pytest.raises(AssertionError) as err:
+            _spec(k)
+        assert str(err.value) == message
+
+    def test_the_defaults_are_each_field_s_normalised_default_in_key_order(self) -> None:
+        specs = {
+            "b": _Spec(2.0, _number_in(0, 2)),
+            "a": _Spec(None, _messages),  # required: its null default is refused
+            "c": _Spec(None, _int_in(1, None, nullable=True)),
+            "d": _Spec(None, _stop),
+        }
+        out = _defaults(specs)
+        assert list(out) == ["a", "b", "c", "d"]
+        assert out == {"a": None, "b": 2, "c": None, "d": msgpack.ExtType(1, b"[]")}
+        assert type(out["b"]) is int
+
+
+class TestNormaliserRefusalsAndEdges:
+    @pytest.mark.parametrize("key", ["-9223372036854775808", "18446744073709551615", "0"])
+    def test_a_logit_bias_id_at_either_end_of_the_64_bit_range_is_accepted(self,
+                                                                            key: str) -> None:
+        keyed_bias = canonicalize({**C, "logit_bias": {key: 1}}).keyed["logit_bias"]
+        assert keyed_bias == msgpack.ExtType(1, b'{"%s":1}' % key.encode())
+
+    @pytest.mark.parametrize("key", ["-9223372036854775809", "18446744073709551616"])
+    def test_a_logit_bias_id_past_the_64_bit_range_is_refused(self, key: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize({**C, "logit_bias": {key: 1}})
+        assert str(err.value) == (f'logit_bias.{key}: logit_bias keys are token ids; '
+                                  'write each id in ASCII decimal digits, e.g. "50256"')
+
+    def test_a_logit_bias_accepts_minus_and_plus_100_and_names_the_range_past_them(
+            self) -> None:
+        assert canonicalize({**C, "logit_bias": {"1": -100, "2": 100}}).keyed["logit_bias"] == (
+            msgpack.ExtType(1, b'{"1":-100,"2":100}'))
+        for bias in (-101, 100.5):
+            with pytest.raises(InvalidRequestError) as err:
+                canonicalize({**C, "logit_bias": {"7": bias}})
+            assert str(err.value) == f"logit_bias.7: {bias} is out of range; " \
+                "use a value in [-100, 100]"
+
+    @pytest.mark.parametrize("role", [5, ["user"], {"r": 1}])
+    def test_a_message_whose_role_is_not_a_string_is_refused(self, role: Any) -> None:
+        for extra in ({}, {"name": "n"}):
+            with pytest.raises(InvalidRequestError) as err:
+                canonicalize({**C, "messages": [{"role": role, "content": "x", **extra}]})
+            assert str(err.value) == ("messages[0].role: missing or non-string role; "
+                                      "set role to system, developer, user, assistant or tool")
+
+    def test_a_read_only_message_keys_like_the_plain_one(self) -> None:
+        m = {"role": "user", "content": "hi", "name": "n"}
+        assert canonicalize({**C, "messages": [MappingProxyType(m)]}).keyed == (
+            canonicalize({**C, "messages": [m]}).keyed)
+
+    @pytest.mark.parametrize(("body", "message"), [
+        ({**C, "messages": [{"role": "user", "content": "x", "x": float("nan")}]},
+         "messages[0].x: nan is not a finite number; send a finite number"),
+        ({**C, "messages": [{"role": "user", "content": "a\ud800", "name": "n"}]},
+         "messages[0].content: text is not valid Unicode (a lone surrogate); "
+         "send valid UTF-8 text"),
+        ({**P, "prompt": ["a", "b\ud800"]},
+         "prompt[1]: text is not valid Unicode (a lone surrogate); send valid UTF-8 text"),
+        ({**P, "prompt": [1, float("nan")]},
+         "prompt[1]: nan is not a finite number; send a finite number"),
+        ({**P, "prompt": [[1, 2], [3, -1]]},
+         "prompt[1][1]: -1 is not a token id; send non-negative integer token ids"),
+        ({**C, "response_format": {"type": "json_object", "x": float("inf")}},
+         "response_format.x: inf is not a finite number; send a finite number"),
+        ({**C, "stop": "a\ud800"},
+         "stop[0]: text is not valid Unicode (a lone surrogate); send valid UTF-8 text"),
+        ({**C, "stop": ["b", "a\ud800"]},
+         "stop[0]: text is not valid Unicode (a lone surrogate); send valid UTF-8 text"),
+        ({**C, "tools": [{"type": "function", "function": {"name": "f", "x": float("nan")}}]},
+         "tools[0].function.x: nan is not a finite number; send a finite number"),
+    ])
+    def test_a_refusal_deep_in_a_field_names_its_path(self, body: Any, message: str) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            canonicalize(body)
+        assert str(err.value) == message
+
+    def test_a_read_only_function_without_strict_keys_like_strict_false(self) -> None:
+        def tool(fn: Any) -> dict[str, Any]:
+            return {**C, "tools": [{"type": "function", "function": fn}]}
+
+        assert canonicalize(tool(MappingProxyType({"name": "f"}))).keyed == (
+            canonicalize(tool({"name": "f", "strict": False})).keyed)
