@@ -17,7 +17,7 @@ import structlog
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from cachesvc import metrics
+from cachesvc import heap, metrics
 from cachesvc.access_log import AccessLog
 from cachesvc.api import admin, cache, health, proxy
 from cachesvc.api import errors as api_errors
@@ -102,7 +102,12 @@ def create_app(
                      upstream=type(services.upstream).__name__)
             if on_ready is not None:
                 on_ready()
-            yield
+            frozen = heap.freeze()
+            log.debug("heap_frozen", objects=frozen)
+            try:
+                yield
+            finally:
+                heap.thaw()
             for task in list(services.background):
                 task.cancel()
             app.state.services = None

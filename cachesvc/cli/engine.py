@@ -78,4 +78,9 @@ def serve(
     fastapi_app = create_engine_app(engine, api_keys=keys or None)
     typer.echo(f"engine: {model} on {engine.device}, pool {engine.pool.num_blocks} blocks "
                f"({engine.pool.capacity_bytes / 2**20:.1f} MiB), http://{host}:{port}", err=True)
+    # The model and torch are loaded: freeze them out of the collector's full passes
+    # (cachesvc/heap.py), which would otherwise hold the GIL for a walk of millions of objects.
+    from cachesvc import heap
+
+    heap.freeze()
     uvicorn.run(fastapi_app, host=host, port=port, log_level="warning")
