@@ -92,6 +92,7 @@ _AUDIT_ENV = "BENCH_SERVICE_AUDIT_SAMPLE_RATE"
 
 def service_app() -> Any:
     from cachesvc.app import create_app
+    from cachesvc.logs import configure_logging
     from cachesvc.settings import load_settings
     from tests.support.echo_upstream import EchoUpstream
 
@@ -103,8 +104,10 @@ def service_app() -> Any:
                              audit={"sample_rate": float(os.environ.get(_AUDIT_ENV, 0.01)),
                                     "fill_sample_rate": float(os.environ.get(_AUDIT_ENV, 0.01)),
                                     "oracle": "none"},
-                             cache={"secret": SECRET.decode()},
-                             logging={"level": "WARNING"})
+                             cache={"secret": SECRET.decode()})
+    # As `cachesvc serve` does: JSON lines on stderr at the default level, so the access log
+    # costs what it costs in service (the bench sends each server's output to a file).
+    configure_logging(settings.logging.level, json=settings.logging.json_logs)
     return create_app(settings, upstream=EchoUpstream())
 
 
@@ -429,18 +432,27 @@ def main() -> None:
     ports: dict[tuple[str, str, int], int] = {}
     pids: dict[int, int] = {}
     procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
     try:
         for app, srv, workers in plan:
             port = ports[(app, srv, workers)] = free_port()
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--x-serve", srv, app, str(port), str(workers)],
-                env=env))
+            logs.append(tmp / f"{app}-{srv}-{workers}.log")
+            with logs[-1].open("wb") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, __file__, "--x-serve", srv, app, str(port), str(workers)],
+                    env=env, stdout=out, stderr=subprocess.STDOUT))
             pids[port] = procs[-1].pid
-        for port in ports.values():
-            wait_port(port)
+        for port, proc in zip(ports.values(), procs, strict=True):
+            wait_port(port, proc)
         for port in ports.values():
             wait_settled(pids[port])
         _run(args, servers, redis_server, ports, pids)
+    except BaseException:
+        for log in logs:  # the servers' own words (their output goes to files)
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            if tail:
+                print(f"--- {log.name} (last lines)", *tail, sep="\n", file=sys.stderr)
+        raise
     finally:
         for p in reversed(procs):  # the servers; Redis after them
             p.send_signal(signal.SIGTERM)
