@@ -100,10 +100,11 @@ def create_app(
             log.info("cachesvc_ready", tenants=len(settings.tenants),
                      store=type(services.store).__name__,
                      upstream=type(services.upstream).__name__)
-            if on_ready is not None:
-                on_ready()
+            # Before on_ready: a caller told the service is ready must not wait on the collect.
             frozen = heap.freeze()
             log.debug("heap_frozen", objects=frozen)
+            if on_ready is not None:
+                on_ready()
             try:
                 yield
             finally:
