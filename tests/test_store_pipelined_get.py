@@ -58,6 +58,35 @@ class TestPipelinedGet:
         await getter.close()
         await r.aclose()
 
+    async def test_a_watchdog_that_moves_on_keeps_the_timeout_for_later_gets(
+            self, redis_standalone: Any) -> None:
+        """GETs answered in time for three timeouts in a row never fail (the watchdog moves to
+        the next GET's deadline), and a GET left unanswered after them still fails within its
+        timeout."""
+        r = Redis.from_url(redis_standalone.url)
+        await r.set("pg:steady", b"v")
+        getter = _getter(redis_standalone.url, timeout=0.2)
+        try:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 0.6
+            n = 0
+            while loop.time() < until:
+                assert await asyncio.gather(*(getter.get("pg:steady") for _ in range(5))) \
+                    == [b"v"] * 5
+                n += 5
+                await asyncio.sleep(0.01)
+            assert n > 50
+            redis_standalone.pause()
+            start = time.monotonic()
+            with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+                # wait_for only so that a lost watchdog fails here rather than hanging
+                await asyncio.wait_for(getter.get("pg:steady"), 2.0)
+            assert 0.1 < time.monotonic() - start < 0.6
+        finally:
+            redis_standalone.resume()
+            await getter.close()
+            await r.aclose()
+
     async def test_the_url_db_is_the_one_read(self, redis_standalone: Any) -> None:
         url = redis_standalone.url.rsplit("/", 1)[0]
         r3 = Redis.from_url(url + "/3")

@@ -16,12 +16,18 @@ are left to redis-py (:meth:`PipelinedGet.for_client` returns None for them).
 NOTE: a caller that gives up (its timeout cancels it) closes the connection. Every reply behind a
 late one is later still, so the other GETs in flight fail at once (misses) instead of each
 waiting out its own timeout, and the next GET opens a fresh connection.
+
+The timeout is kept by one watchdog timer per connection, not a timer per GET: replies come in
+order, so the GET waiting longest is always the first one due. The watchdog is set for the oldest
+GET's deadline when none is pending; when it fires it fails the connection if that GET is still
+unanswered, else it moves on to the deadline of the oldest GET still waiting, if any.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from typing import Any
 
 import hiredis
@@ -31,15 +37,19 @@ from cachesvc.store.errors import StoreUnavailableError
 
 
 class _Replies(asyncio.Protocol):
-    """One connection: commands written in order, replies handed to waiters in order."""
+    """One connection: commands written in order, replies handed to waiters in order, each
+    waiter due ``timeout`` seconds after its command was sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.reader = hiredis.Reader()
-        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.timeout = timeout
+        # (waiter, deadline), oldest first
+        self.waiters: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.outbox: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.closed = False
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -57,7 +67,7 @@ class _Replies(asyncio.Protocol):
             if not self.waiters:
                 self.fail("redis sent a reply nobody asked for")
                 return
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft()[0]
             if not waiter.done():  # its caller may have given up
                 waiter.set_result(reply)
 
@@ -65,10 +75,14 @@ class _Replies(asyncio.Protocol):
         self.fail(f"redis closed the connection{f': {exc}' if exc else ''}")
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        waiter = self.loop.create_future()
-        self.waiters.append(waiter)
+        loop = self.loop
+        waiter = loop.create_future()
+        deadline = loop.time() + self.timeout
+        self.waiters.append((waiter, deadline))
+        if self.watchdog is None:
+            self.watchdog = loop.call_at(deadline, self.watch)
         if not self.outbox:
-            self.loop.call_soon(self.flush)
+            loop.call_soon(self.flush)
         self.outbox.append(command)
         return waiter
 
@@ -80,18 +94,28 @@ class _Replies(asyncio.Protocol):
             self.transport.write(b"".join(self.outbox))  # type: ignore[union-attr]
         self.outbox.clear()
 
-    def expire(self, waiter: asyncio.Future[Any], after: float) -> None:
-        if not waiter.done():
-            self.fail(f"TimeoutError: redis did not answer a GET within {after} s; the "
+    def watch(self) -> None:
+        """The watchdog: fail the connection if its oldest GET is past due (see the module)."""
+        self.watchdog = None
+        if not self.waiters or self.closed:
+            return
+        deadline = self.waiters[0][1]
+        if self.loop.time() >= deadline:
+            self.fail(f"TimeoutError: redis did not answer a GET within {self.timeout} s; the "
                       "replies behind it are late too")
+        else:
+            self.watchdog = self.loop.call_at(deadline, self.watch)
 
     def fail(self, why: str) -> None:
         """Close the connection; every caller still waiting gets ``StoreUnavailableError``."""
         self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.transport is not None:
             self.transport.abort()
         while self.waiters:
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft()[0]
             if not waiter.done():
                 waiter.set_exception(StoreUnavailableError(why))
 
@@ -141,14 +165,11 @@ class PipelinedGet:
             conn = await self._connected()
         k = key.encode()
         waiter = conn.send(b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(k), k))
-        late = conn.loop.call_later(self._timeout, conn.expire, waiter, self._timeout)
         try:
             reply = await waiter
         except asyncio.CancelledError:
             conn.fail("a GET was given up: the replies behind it are late too")
             raise
-        finally:
-            late.cancel()
         if isinstance(reply, hiredis.ReplyError):
             raise StoreUnavailableError(f"redis refused GET: {reply}")
         return reply  # type: ignore[no-any-return]
@@ -166,10 +187,11 @@ class PipelinedGet:
         conn: _Replies | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
+                replies = functools.partial(_Replies, self._timeout)
                 if "path" in self._where:
-                    _, conn = await loop.create_unix_connection(_Replies, self._where["path"])
+                    _, conn = await loop.create_unix_connection(replies, self._where["path"])
                 else:
-                    _, conn = await loop.create_connection(_Replies, self._where["host"],
+                    _, conn = await loop.create_connection(replies, self._where["host"],
                                                            self._where["port"])
                 for command in self._hello:
                     reply = await conn.send(command)
