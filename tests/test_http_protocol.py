@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 
 from cachesvc.http_protocol import TimedHttpProtocol, _OneWritePerAnswer
-from tests.support.redis_servers import free_port
+from tests.service_helpers import serving
 
 HEAD_TIMEOUT = 0.5
 BODY_TIMEOUT = 5.0
@@ -63,12 +61,6 @@ class _CountingProtocol(TimedHttpProtocol):
 
 
 async def _app(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
     more = True
     while more:
         more = (await receive()).get("more_body", False)
@@ -90,24 +82,12 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
-    port = free_port()
-
     def protocol(*args: Any, **kwargs: Any) -> TimedHttpProtocol:
         return _CountingProtocol(*args, header_timeout_s=HEAD_TIMEOUT,
                                  body_timeout_s=BODY_TIMEOUT, **kwargs)
 
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, log_level="warning",
-                            loop="asyncio", lifespan="on", http=protocol)  # type: ignore[arg-type]
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield port
-    srv.should_exit = True
-    thread.join(timeout=15)
+    with serving(_app, http=protocol, lifespan="off") as srv:
+        yield srv.port
 
 
 def _get(path: str) -> bytes:
