@@ -14,6 +14,7 @@ ever handed out twice.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -156,9 +157,10 @@ class ModelVersions:
 async def open_versions(store: ResponseStore, *, refresh_s: float, strict: bool
                         ) -> ModelVersions:
     """The registry beside the store: in Redis when the store is Redis, else in process."""
-    from cachesvc.store.redis_store import RedisStore
-
-    if isinstance(store, RedisStore):
+    # NOTE: a RedisStore exists only once its module is loaded; importing it here would load
+    # redis-py into a service on the embedded store.
+    redis_store = sys.modules.get("cachesvc.store.redis_store")
+    if redis_store is not None and isinstance(store, redis_store.RedisStore):
         from invalidation import RedisRegistry
 
         registry: ModelRegistry = RedisRegistry(store.client)

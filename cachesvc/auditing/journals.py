@@ -21,12 +21,14 @@ def open_journal(*, redis_url: str | None, findings_path: str | Path,
                  redis_nodes: Sequence[str] = (), redis_prefix: str = "llmc:audit") -> Journal:
     """A Redis-stream journal in the deployment the store uses (standalone or Cluster, with
     its credentials), a file journal beside the embedded store."""
-    from cachesvc.store.redis_client import redis_client, redis_target
+    from cachesvc.store.targets import redis_target
 
     target = redis_target(redis_url, redis_nodes)
     if target is None:
         return FileJournal(findings_path)
     from redis.exceptions import RedisClusterException, RedisError
+
+    from cachesvc.store.redis_client import redis_client
 
     try:
         # NOTE: a cluster client connects here, to read the slot map.

@@ -37,6 +37,7 @@ from cachesvc.store.errors import (
     UnsupportedVersionError,
 )
 from cachesvc.store.mac import EntryKeys
+from cachesvc.store.targets import redis_target
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,16 +94,15 @@ def open_store(
     """Open the store named by ``url`` (or the cluster named by ``nodes``) with ``limits``
     (fields of :class:`StoreLimits`)."""
     lim = _limits(limits)
-    if not url and not nodes:
+    target = redis_target(url, nodes)
+    if target is None:
         return EmbeddedStore(
             max_bytes=lim.max_bytes, max_entry_bytes=lim.max_entry_bytes, clock=lim.clock
         )
     from cachesvc.store.pipelined_get import PipelinedGet
-    from cachesvc.store.redis_client import redis_client, redis_target
+    from cachesvc.store.redis_client import redis_client
     from cachesvc.store.redis_store import RedisStore
 
-    target = redis_target(url, nodes)
-    assert target is not None
     client = redis_client(target, flavour="async", socket_timeout=lim.socket_timeout,
                           connect_timeout=lim.connect_timeout, retries=lim.retries,
                           # NOTE: a plain (non-blocking) pool: past max_connections a call
