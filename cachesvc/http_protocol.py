@@ -90,7 +90,6 @@ class TimedHttpProtocol(HttpToolsProtocol):
             self._arm(self.header_timeout_s)  # the next request is bounded the same way
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -101,11 +100,13 @@ class _OneWritePerAnswer:
     """A connection's transport, holding the first write after ``hold_next`` is set until the
     next write, so that an answer's head and body leave in one ``send`` (see the module)."""
 
-    __slots__ = ("transport", "loop", "held", "hold_next")
+    __slots__ = ("transport", "loop", "held", "hold_next", "is_closing")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self.loop = loop
+        # Bound once: uvicorn and the protocol ask it on every answer (__getattr__ is slower).
+        self.is_closing = transport.is_closing
         self.held: bytes | None = None
         self.hold_next = False
 
@@ -144,7 +145,7 @@ class _OneWritePerAnswer:
         self.transport.abort()
 
     def __getattr__(self, name: str) -> Any:
-        # Everything else (is_closing, get_extra_info, pause_reading, ...) is the transport's.
+        # Everything else (get_extra_info, pause_reading, ...) is the transport's.
         return getattr(self.transport, name)
 
 
