@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from cachesvc.store import StoreUnavailableError
+from cachesvc.store.errors import StoreTimeoutError
 from cachesvc.store.pipelined_get import PipelinedGet
 
 pytestmark = pytest.mark.redis
@@ -120,3 +121,49 @@ class TestPipelinedGet:
     def test_tls_connections_are_left_to_redis_py(self) -> None:
         client = Redis.from_url("rediss://localhost:6390/0")
         assert PipelinedGet.for_client(client, connect_timeout=0.5) is None
+
+
+class TestGuardedPipelinedGet:
+    """The guard keeps no timer of its own for a GET the store bounds itself, and that GET
+    still fails in time, as a timeout, when Redis stops answering."""
+
+    async def test_the_guard_leaves_the_get_to_the_watchdog_and_it_fails_in_time(
+            self, redis_standalone: Any) -> None:
+        from cachesvc.breaker import CircuitBreaker
+        from cachesvc.guarded_store import GuardedStore
+        from cachesvc.store import open_store
+
+        store = open_store(redis_standalone.url, socket_timeout=0.2, connect_timeout=0.5)
+        try:
+            assert GuardedStore(store, timeout_s=0.2, breaker=CircuitBreaker()).self_bounded \
+                == {"get"}
+            # A store whose own deadline is longer than the guard's keeps the guard's timer.
+            assert GuardedStore(store, timeout_s=0.1, breaker=CircuitBreaker()).self_bounded \
+                == frozenset()
+            guard = GuardedStore(store, timeout_s=0.2, breaker=CircuitBreaker())
+            await store.set("pg:guarded", b"v")
+            assert await guard.call("get", lambda: store.get("pg:guarded")) == b"v"
+            redis_standalone.pause()
+            try:
+                start = time.monotonic()
+                failed = await asyncio.wait_for(
+                    guard.call("get", lambda: store.get("pg:guarded")), 2.0)
+                assert guard.failed(failed)
+                assert 0.1 < time.monotonic() - start < 0.6
+            finally:
+                redis_standalone.resume()
+        finally:
+            await store.close()
+
+    async def test_a_late_reply_is_a_timeout_error(self, redis_standalone: Any) -> None:
+        """A TimeoutError, so the guard counts it as one (its metric label is "timeout")."""
+        getter = _getter(redis_standalone.url, timeout=0.2)
+        await getter.get("pg:any")  # connected
+        redis_standalone.pause()
+        try:
+            with pytest.raises(StoreTimeoutError) as raised:
+                await asyncio.wait_for(getter.get("pg:any"), 2.0)
+            assert isinstance(raised.value, TimeoutError)
+        finally:
+            redis_standalone.resume()
+            await getter.close()

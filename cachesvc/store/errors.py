@@ -66,3 +66,7 @@ class StoreUnavailableError(StoreError, ConnectionError):
 
     The service turns it into a miss (lookups) or a dropped write (fills); never a hit.
     """
+
+
+class StoreTimeoutError(StoreUnavailableError, TimeoutError):
+    """Raised when the store kept its own deadline and the backend did not answer by it."""

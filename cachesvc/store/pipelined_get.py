@@ -33,7 +33,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
-from cachesvc.store.errors import StoreUnavailableError
+from cachesvc.store.errors import StoreTimeoutError, StoreUnavailableError
 
 
 class _Replies(asyncio.Protocol):
@@ -102,12 +102,14 @@ class _Replies(asyncio.Protocol):
         deadline = self.waiters[0][1]
         if self.loop.time() >= deadline:
             self.fail(f"TimeoutError: redis did not answer a GET within {self.timeout} s; the "
-                      "replies behind it are late too")
+                      "replies behind it are late too", timeout=True)
         else:
             self.watchdog = self.loop.call_at(deadline, self.watch)
 
-    def fail(self, why: str) -> None:
-        """Close the connection; every caller still waiting gets ``StoreUnavailableError``."""
+    def fail(self, why: str, *, timeout: bool = False) -> None:
+        """Close the connection; every caller still waiting gets ``StoreUnavailableError``
+        (``StoreTimeoutError`` when ``timeout``)."""
+        error = StoreTimeoutError if timeout else StoreUnavailableError
         self.closed = True
         if self.watchdog is not None:
             self.watchdog.cancel()
@@ -117,7 +119,7 @@ class _Replies(asyncio.Protocol):
         while self.waiters:
             waiter = self.waiters.popleft()[0]
             if not waiter.done():
-                waiter.set_exception(StoreUnavailableError(why))
+                waiter.set_exception(error(why))
 
 
 def _command(*parts: bytes) -> bytes:
@@ -144,6 +146,11 @@ class PipelinedGet:
         self._connect_timeout = connect_timeout
         self._conn: _Replies | None = None
         self._connecting: asyncio.Future[_Replies] | None = None
+
+    @property
+    def timeout(self) -> float:
+        """How long a GET may wait for its reply (the watchdog's deadline)."""
+        return self._timeout
 
     @classmethod
     def for_client(cls, client: Any, *, connect_timeout: float) -> PipelinedGet | None:

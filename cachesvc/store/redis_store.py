@@ -64,6 +64,12 @@ class RedisStore:
         #: The hit path's GETs, when given (a standalone Redis); otherwise redis-py's.
         self._getter = getter
 
+    def own_timeout_s(self, op: str) -> float | None:
+        """The deadline this store keeps itself for ``op``, if any: the pipelined GET's
+        watchdog (a GET on a fresh connection also waits for it to connect, within the
+        client's connect timeout)."""
+        return self._getter.timeout if op == "get" and self._getter is not None else None
+
     # -- the contract -------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
