@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib.util
 import json
 import os
@@ -129,6 +128,8 @@ def floor_app() -> Any:
 def bare_floor_app() -> Any:
     from redis.asyncio import Redis
 
+    from cachesvc import heap
+
     client = Redis.from_url(os.environ[_REDIS_ENV])
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -136,9 +137,7 @@ def bare_floor_app() -> Any:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    # As the service does (cachesvc/heap.py): no full GC pass walks start-up.
-                    gc.collect()
-                    gc.freeze()
+                    heap.freeze()  # as the service does: no full GC pass walks start-up
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from cachesvc.store.redis_client import redis_client
+from cachesvc.store.targets import RedisTarget
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
@@ -141,8 +142,10 @@ class RedisServer:
         NOTE: one attempt per command. redis-py's default retries a failed connection ten
         times with backoff, which turns a ping of a dead or paused server into seconds of
         waiting (a restart then returns late, and fault tests lose their recovery window)."""
-        return redis.Redis(host=HOST, port=self.port, socket_timeout=timeout,
-                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        client = redis_client(RedisTarget(url=self.url), flavour="sync", socket_timeout=timeout,
+                              connect_timeout=timeout, retries=0)
+        assert isinstance(client, redis.Redis)
+        return client
 
     def ping(self, timeout: float = 0.5) -> bool:
         try:
