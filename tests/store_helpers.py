@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import msgpack
+
 from cachesvc.store import Entry, EntryKeys, storage_key
+from cachesvc.store.envelope import FORMAT_VERSION, HEADER_SIZE, MAGIC
 from keying import Scope
 
 #: The service secret of the test settings (tests/service_helpers.py) and the entry keys it
@@ -56,3 +59,15 @@ def key_for(entry: Entry) -> str:
     return storage_key(
         scope=entry.scope, model=entry.model, epoch=entry.epoch, digest=entry.digest
     )
+
+
+def signed(payload: bytes) -> bytes:
+    """An envelope around ``payload`` with a valid MAC: a writer's bug, not damage or forgery."""
+    header = MAGIC + bytes((FORMAT_VERSION,)) + KEYS.current_id
+    return header + KEYS.sign(header, payload) + payload
+
+
+def payload_of(raw: bytes) -> dict[str, Any]:
+    """The msgpack payload of a stored envelope, decoded without any check."""
+    return msgpack.unpackb(raw[HEADER_SIZE:], raw=False)  # type: ignore[no-any-return]
+

@@ -27,9 +27,9 @@ from cachesvc.store import (
     decode_entry,
     encode_entry,
 )
-from cachesvc.store.envelope import FORMAT_VERSION, HEADER_SIZE, MAGIC
+from cachesvc.store.envelope import HEADER_SIZE, MAGIC
 from keying import Scope
-from tests.store_helpers import KEYS, make_entry
+from tests.store_helpers import KEYS, make_entry, payload_of, signed
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text()
 json_values = st.recursive(
@@ -60,11 +60,6 @@ streams = st.builds(
     + [{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}],
     st.lists(extras, max_size=4), st.lists(st.text(), max_size=4))
 
-
-def signed(payload: bytes) -> bytes:
-    """An envelope around ``payload`` with a valid MAC: a writer's bug, not damage or forgery."""
-    header = MAGIC + bytes((FORMAT_VERSION,)) + KEYS.current_id
-    return header + KEYS.sign(header, payload) + payload
 
 
 class TestEnvelopeRoundTrip:
@@ -207,25 +202,22 @@ class TestEntryMismatch:
         assert e.mismatch(**expected) == reason
 
 
-def _payload_of(entry_raw: bytes) -> dict:  # type: ignore[type-arg]
-    return msgpack.unpackb(entry_raw[HEADER_SIZE:], raw=False)
-
 
 class TestEntryMac:
     """Write access to the store without the secret cannot make an entry verify."""
 
     def test_a_rewritten_answer_with_the_old_mac_is_forged(self) -> None:
         raw = encode_entry(make_entry(), keys=KEYS)
-        payload = _payload_of(raw)
+        payload = payload_of(raw)
         payload["r"]["choices"][0]["message"]["content"] = "a planted answer"
         with pytest.raises(ForgedEntryError):
             decode_entry(raw[:HEADER_SIZE] + msgpack.packb(payload, use_bin_type=True),
                          keys=KEYS)
 
     def test_one_entrys_metadata_over_anothers_answer_is_forged(self) -> None:
-        x = _payload_of(encode_entry(make_entry(name="x"), keys=KEYS))
+        x = payload_of(encode_entry(make_entry(name="x"), keys=KEYS))
         y_raw = encode_entry(make_entry(name="y"), keys=KEYS)
-        swapped = {**x, "r": _payload_of(y_raw)["r"]}
+        swapped = {**x, "r": payload_of(y_raw)["r"]}
         for header in (y_raw[:HEADER_SIZE], encode_entry(make_entry(name="x"),
                                                          keys=KEYS)[:HEADER_SIZE]):
             with pytest.raises(ForgedEntryError):
@@ -287,7 +279,7 @@ class TestAnswerShapeIsCheckedOnWriteAndRead:
     @pytest.mark.parametrize("case", sorted(BAD_ANSWERS))
     def test_the_same_answer_behind_a_valid_mac_is_refused_on_read(self, case: str) -> None:
         response, stream, field = BAD_ANSWERS[case]
-        payload = _payload_of(encode_entry(make_entry(), keys=KEYS))
+        payload = payload_of(encode_entry(make_entry(), keys=KEYS))
         payload.update(r=response, st=stream)
         with pytest.raises(CorruptEntryError, match=field):
             decode_entry(signed(msgpack.packb(payload, use_bin_type=True)), keys=KEYS)

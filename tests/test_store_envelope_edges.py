@@ -40,18 +40,11 @@ from cachesvc.store.envelope import (
 )
 from cachesvc.store.mac import KEY_ID_SIZE, MAC_SIZE, MAX_SECRET_BYTES, MIN_SECRET_BYTES, key_id
 from keying import Scope
-from tests.store_helpers import KEYS, TEST_SECRET, make_entry
+from tests.store_helpers import KEYS, TEST_SECRET, make_entry, payload_of, signed
 
 T0 = 1_700_000_000.0
 
 
-def signed(payload: bytes) -> bytes:
-    header = MAGIC + bytes((FORMAT_VERSION,)) + KEYS.current_id
-    return header + KEYS.sign(header, payload) + payload
-
-
-def payload_of(raw: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(raw[HEADER_SIZE:], raw=False)
 
 
 class TestEntryFieldsAreCheckedByName:
