@@ -172,16 +172,15 @@ async def _scan(settings: Settings, journal: Journal, *, batch: int, quiet: bool
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cachesvc.auditing import material_secret, run_scan
-    from cachesvc.store import open_store
-    from cachesvc.store.redis_store import RedisStore
+    from cachesvc.cli.redis_target import open_redis_store_at
     from invalidation import RedisRegistry
 
     secret = material_secret(settings)
     if secret is None:
         fail("the scan verifies every entry's MAC, which needs the service secret: set "
              "[cache] secret (or run where the service's <state_dir>/secret is)")
-    store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
-    assert isinstance(store, RedisStore)  # the caller checked that [redis] names one
+    # The caller checked that [redis] names one; a scan is no request: admin timeouts.
+    store = open_redis_store_at(settings.redis.url, list(settings.redis.nodes))
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
