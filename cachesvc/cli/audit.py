@@ -28,7 +28,7 @@ from audit.finding import new_run_id
 from audit.report import REPORT_FORMATS, build_report, power_sentence, render
 from audit.timing import detectable_distance, summarize, trials_for
 from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
-from cachesvc.cli.errors import fail
+from cachesvc.cli.errors import fail, load_settings_or_fail
 
 if TYPE_CHECKING:  # pragma: no cover - loaded by the commands that need it
     from audit import Oracle, ScanResult
@@ -46,15 +46,6 @@ FindingsOpt = Annotated[
     typer.Option("--findings", help="Findings file (overrides [audit] findings_path; "
                                     "ignored when [redis] url is set)."),
 ]
-
-
-def _settings(config: str | None) -> Settings:
-    from cachesvc.settings import ConfigError, load_settings
-
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        fail(str(exc))
 
 
 def _journal(settings: Settings, findings: str | None) -> Journal:
@@ -102,7 +93,7 @@ def scan(
                    f"{out['findings']} findings{_counts(out['findings_by_kind'])}, "
                    f"{out['unreadable']} unreadable, {out['reclaimable']} reclaimable (old epochs)")
         raise typer.Exit(code=1 if out["findings"] else 0)
-    settings = _settings(config)
+    settings = load_settings_or_fail(config)
     if not settings.redis.store_url:
         fail("the embedded store lives inside the service process, so this process cannot "
              "open it: pass --url http://HOST:PORT (and the admin key) to have the service "
@@ -249,7 +240,7 @@ def timing(
         fail(str(exc))
     typer.echo(f"timing: {n} trials per level at {', '.join(lv.name for lv in levels)}; "
                f"{power_sentence(detectable_distance(n, alpha))}", err=True)
-    journal = _journal(_settings(config), findings) if save else None
+    journal = _journal(load_settings_or_fail(config), findings) if save else None
     run_id = new_run_id()
     latest: list[Any] = []
 
@@ -335,7 +326,7 @@ def drift(
         fail(str(exc))
     journal = recorder = None
     if save:
-        journal = _journal(_settings(config), findings)
+        journal = _journal(load_settings_or_fail(config), findings)
         recorder = Recorder(journal)
     try:
         report = run_drift_audit(engine, corpus(engine, prompts=prompts, seed=seed),
@@ -401,7 +392,7 @@ def report(
     """Write a report from the stored findings and the last scan, timing and drift results."""
     if format not in REPORT_FORMATS:
         fail(f"--format {format!r}: use one of {', '.join(REPORT_FORMATS)}")
-    settings = _settings(config)
+    settings = load_settings_or_fail(config)
     journal = _journal(settings, findings)
     start = _parse_since(since)
     try:

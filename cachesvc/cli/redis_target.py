@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cachesvc.cli.errors import fail
+from cachesvc.cli.errors import fail, load_settings_or_fail
 from cachesvc.store import StoreConfigError, open_store
 from cachesvc.store.redis_store import RedisStore
 
@@ -17,12 +17,7 @@ def redis_target(redis_url: str | None, config: Path | None) -> tuple[str | None
     ``CACHESVC_REDIS__*`` environment)."""
     if redis_url:
         return redis_url, []
-    from cachesvc.settings import ConfigError, load_settings
-
-    try:
-        redis = load_settings(config).redis
-    except ConfigError as exc:
-        fail(str(exc))
+    redis = load_settings_or_fail(config).redis
     return redis.url, list(redis.nodes)
 
 
