@@ -50,14 +50,13 @@ FindingsOpt = Annotated[
 
 def _journal(settings: Settings, findings: str | None) -> Journal:
     """``--findings FILE``, else the journal beside the configured store."""
-    from cachesvc.auditing import default_findings_path, journal_for, open_journal
+    from cachesvc.auditing import findings_path_of, journal_for, open_journal
     from cachesvc.store import StoreConfigError
 
     try:
         if findings:
             return open_journal(redis_url=None, findings_path=findings)
-        return journal_for(settings.redis, settings.audit.findings_path
-                           or default_findings_path(settings.state_dir))
+        return journal_for(settings.redis, findings_path_of(settings))
     except (FindingsLogError, StoreConfigError) as exc:
         fail(str(exc))
 
