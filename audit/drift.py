@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from audit.finding import EntryRef, Finding
+from audit.finding import EntryRef, Finding, int8_off_where
 from audit.protocols import Journal
 from audit.recorder import Recorder
 from gpu_prefix.drift import DriftReport, DriftThresholds, guard
@@ -30,8 +30,7 @@ def drift_finding(report: DriftReport, *, epoch: int | None, at: float) -> Findi
         worst = max(report.layers, key=lambda e: max(e.k_rel_error, e.v_rel_error))
         evidence.update(worst_layer=worst.layer, worst_layer_k_rel_error=worst.k_rel_error,
                         worst_layer_v_rel_error=worst.v_rel_error)
-    where = "for layers " + report.action.removeprefix("layers:") if report.action.startswith(
-        "layers:") else ""
+    where = int8_off_where(report.action)
     via = " (background sampler)" if report.source == "sampler" else ""
     return Finding(kind="drift", source="drift", entry=EntryRef(model=report.model, epoch=epoch),
                    evidence=evidence,
