@@ -44,9 +44,14 @@ def trip_recorder(recorder: Recorder, engine: Any) -> Callable[[DriftReport], No
     """What the engine's drift sampler calls on a trip: record it as a ``drift`` finding."""
 
     def on_trip(report: DriftReport) -> None:
-        recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
+        _record(recorder, engine, report)
 
     return on_trip
+
+
+def _record(recorder: Recorder, engine: Any, report: DriftReport) -> None:
+    """Record ``report`` as a ``drift`` finding at ``engine``'s model epoch, now."""
+    recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
 
 
 def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens: int,
@@ -57,7 +62,7 @@ def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens
     report = guard(engine, prompts, max_tokens=max_tokens, thresholds=thresholds,
                    per_layer=per_layer)
     if report.exceeded and recorder is not None:
-        recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
+        _record(recorder, engine, report)
     if journal is not None:
         journal.save_result("drift", {**report.as_dict(), "at": time.time(),
                                       "int8_disabled": engine.kv_dtype != "int8",
