@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from audit.finding import EntryRef, Finding
+from audit.finding import EntryRef, Finding, int8_off_where
 from audit.protocols import Journal
 from audit.recorder import Recorder
 from gpu_prefix.drift import DriftReport, DriftThresholds, guard
@@ -30,8 +30,7 @@ def drift_finding(report: DriftReport, *, epoch: int | None, at: float) -> Findi
         worst = max(report.layers, key=lambda e: max(e.k_rel_error, e.v_rel_error))
         evidence.update(worst_layer=worst.layer, worst_layer_k_rel_error=worst.k_rel_error,
                         worst_layer_v_rel_error=worst.v_rel_error)
-    where = "for layers " + report.action.removeprefix("layers:") if report.action.startswith(
-        "layers:") else ""
+    where = int8_off_where(report.action)
     via = " (background sampler)" if report.source == "sampler" else ""
     return Finding(kind="drift", source="drift", entry=EntryRef(model=report.model, epoch=epoch),
                    evidence=evidence,
@@ -45,9 +44,14 @@ def trip_recorder(recorder: Recorder, engine: Any) -> Callable[[DriftReport], No
     """What the engine's drift sampler calls on a trip: record it as a ``drift`` finding."""
 
     def on_trip(report: DriftReport) -> None:
-        recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
+        _record(recorder, engine, report)
 
     return on_trip
+
+
+def _record(recorder: Recorder, engine: Any, report: DriftReport) -> None:
+    """Record ``report`` as a ``drift`` finding at ``engine``'s model epoch, now."""
+    recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
 
 
 def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens: int,
@@ -58,7 +62,7 @@ def run_drift_audit(engine: Any, prompts: Sequence[Sequence[int]], *, max_tokens
     report = guard(engine, prompts, max_tokens=max_tokens, thresholds=thresholds,
                    per_layer=per_layer)
     if report.exceeded and recorder is not None:
-        recorder.record(drift_finding(report, epoch=engine.model_epoch, at=time.time()))
+        _record(recorder, engine, report)
     if journal is not None:
         journal.save_result("drift", {**report.as_dict(), "at": time.time(),
                                       "int8_disabled": engine.kv_dtype != "int8",

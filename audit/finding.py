@@ -71,6 +71,12 @@ class EntryRef:
         )
 
 
+def int8_off_where(action: str) -> str:
+    """Where the drift guard turned INT8 off, from its action (``gpu_prefix.drift``): ``"for
+    layers 3,7"`` for ``"layers:3,7"``; empty for the whole model (``"model"``) or none."""
+    return "for layers " + action.removeprefix("layers:") if action.startswith("layers:") else ""
+
+
 def new_finding_id() -> str:
     """A random 128-bit id in hex; findings from many replicas never clash."""
     return os.urandom(16).hex()

@@ -53,5 +53,6 @@ M = TypeVar("M", bound=MetricWrapperBase)
 def child(metric: M, *labels: str) -> M:
     """``metric.labels(*labels)``, memoised: ``labels()`` takes a lock and builds a key on
     every call, which costs more than the increment. The one way this project caches labelled
-    children (the service's metrics use it too); bounded, as label values come from config."""
+    children (the service's metrics use it too); bounded, as label values come from config. The
+    shadow auditor's request path binds its children through it once, per event kind."""
     return metric.labels(*labels)

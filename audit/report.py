@@ -25,7 +25,7 @@ from typing import Any, Literal
 import jinja2
 
 from audit.assurance import assess
-from audit.finding import FINDING_KINDS, KIND_MEANING, Finding
+from audit.finding import FINDING_KINDS, KIND_MEANING, Finding, int8_off_where
 from audit.verdict import judge
 
 ReportFormat = Literal["json", "md", "html"]
@@ -171,7 +171,8 @@ def _drift_rows(drift: Mapping[str, Any]) -> list[tuple[str, ...]]:
 
 def _drift_summary(drift: Mapping[str, Any]) -> str:
     action = str(drift.get("action") or "model")
-    where = f" for layers {action.removeprefix('layers:')}" if action.startswith("layers:") else ""
+    where = int8_off_where(action)
+    where = f" {where}" if where else ""
     verdict = (f"over its thresholds, INT8 turned off{where}: " + "; ".join(drift["exceeded"])
                if drift.get("exceeded") else "within its thresholds")
     return (f"Model {drift.get('model')}, {drift.get('prompts')} prompts x "

@@ -92,12 +92,10 @@ async def scan(query: Annotated[ScanQuery, Query()], services: ServicesDep,
     """Scan every entry of the service's own store (embedded or Redis) as ``cachesvc audit
     scan`` does, record the findings in the service's journal and save the result for
     reports. Runs on the service's event loop: on a large store it competes with requests."""
-    from cachesvc.auditing import default_findings_path, journal_for, run_scan
+    from cachesvc.auditing import findings_path_of, journal_for, run_scan
 
     settings = services.settings
-    journal = journal_for(
-        settings.redis,
-        settings.audit.findings_path or default_findings_path(settings.state_dir))
+    journal = journal_for(settings.redis, findings_path_of(settings))
     target = "embedded store" if not settings.redis.store_url else "the service's Redis store"
     keys = services.cache.keys
     secret = keys.secret_for(keys.current_id)

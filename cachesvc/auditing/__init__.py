@@ -14,7 +14,12 @@
 """
 
 from cachesvc.auditing.entries import EntryReader, facts_from_entry, scan_items
-from cachesvc.auditing.journals import default_findings_path, journal_for, open_journal
+from cachesvc.auditing.journals import (
+    default_findings_path,
+    findings_path_of,
+    journal_for,
+    open_journal,
+)
 from cachesvc.auditing.observer import ShadowObserver
 from cachesvc.auditing.oracles import EngineOracle, UpstreamOracle
 from cachesvc.auditing.prober import HttpProber, discover_model
@@ -32,6 +37,7 @@ __all__ = [
     "build_shadow_auditor",
     "canaries_of",
     "default_findings_path",
+    "findings_path_of",
     "discover_model",
     "facts_from_entry",
     "journal_for",

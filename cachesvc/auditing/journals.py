@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from audit import FileJournal, FindingsLogError, Journal, Recorder, RedisJournal
-from cachesvc.settings import RedisSettings
+from cachesvc.settings import RedisSettings, Settings
 
 #: Timeouts of the journal's Redis client: it writes from the auditor's thread and the CLI,
 #: never on the request path, so it may wait longer than the store.
@@ -15,6 +15,12 @@ JOURNAL_TIMEOUT_S = 2.0
 
 def default_findings_path(state_dir: str) -> Path:
     return Path(state_dir).expanduser() / "audit" / "findings.jsonl"
+
+
+def findings_path_of(settings: Settings) -> str | Path:
+    """The findings file of ``settings``: ``[audit] findings_path``, else the one in
+    ``state_dir`` (the journal itself when ``[redis]`` names no store)."""
+    return settings.audit.findings_path or default_findings_path(settings.state_dir)
 
 
 def open_journal(*, redis_url: str | None, findings_path: str | Path,

@@ -7,7 +7,7 @@ import random
 from audit import FileJournal, Journal, ShadowAuditor, ShadowConfig
 from audit.protocols import Oracle, RegistryView
 from cachesvc.auditing.entries import EntryReader
-from cachesvc.auditing.journals import default_findings_path, journal_for, make_recorder
+from cachesvc.auditing.journals import findings_path_of, journal_for, make_recorder
 from cachesvc.events import CacheEvent
 from cachesvc.settings import Settings
 from cachesvc.store.mac import EntryKeys
@@ -28,7 +28,7 @@ def build_shadow_auditor(
 ) -> ShadowAuditor[CacheEvent]:
     """The shadow auditor the service runs, from its ``[audit]`` settings. Not started."""
     a = settings.audit
-    findings_path = a.findings_path or default_findings_path(settings.state_dir)
+    findings_path = findings_path_of(settings)
     if journal is None:
         journal = journal_for(settings.redis, findings_path)
     recorder = make_recorder(

@@ -28,7 +28,7 @@ from audit.finding import new_run_id
 from audit.report import REPORT_FORMATS, build_report, power_sentence, render
 from audit.timing import detectable_distance, summarize, trials_for
 from cachesvc.cli.admin_api import AdminKeyOpt, UrlOpt, admin_api
-from cachesvc.cli.errors import fail
+from cachesvc.cli.errors import fail, load_settings_or_fail
 
 if TYPE_CHECKING:  # pragma: no cover - loaded by the commands that need it
     from audit import Oracle, ScanResult
@@ -48,25 +48,15 @@ FindingsOpt = Annotated[
 ]
 
 
-def _settings(config: str | None) -> Settings:
-    from cachesvc.settings import ConfigError, load_settings
-
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        fail(str(exc))
-
-
 def _journal(settings: Settings, findings: str | None) -> Journal:
     """``--findings FILE``, else the journal beside the configured store."""
-    from cachesvc.auditing import default_findings_path, journal_for, open_journal
+    from cachesvc.auditing import findings_path_of, journal_for, open_journal
     from cachesvc.store import StoreConfigError
 
     try:
         if findings:
             return open_journal(redis_url=None, findings_path=findings)
-        return journal_for(settings.redis, settings.audit.findings_path
-                           or default_findings_path(settings.state_dir))
+        return journal_for(settings.redis, findings_path_of(settings))
     except (FindingsLogError, StoreConfigError) as exc:
         fail(str(exc))
 
@@ -102,7 +92,7 @@ def scan(
                    f"{out['findings']} findings{_counts(out['findings_by_kind'])}, "
                    f"{out['unreadable']} unreadable, {out['reclaimable']} reclaimable (old epochs)")
         raise typer.Exit(code=1 if out["findings"] else 0)
-    settings = _settings(config)
+    settings = load_settings_or_fail(config)
     if not settings.redis.store_url:
         fail("the embedded store lives inside the service process, so this process cannot "
              "open it: pass --url http://HOST:PORT (and the admin key) to have the service "
@@ -172,16 +162,15 @@ async def _scan(settings: Settings, journal: Journal, *, batch: int, quiet: bool
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cachesvc.auditing import material_secret, run_scan
-    from cachesvc.store import open_store
-    from cachesvc.store.redis_store import RedisStore
+    from cachesvc.cli.redis_target import open_redis_store_at
     from invalidation import RedisRegistry
 
     secret = material_secret(settings)
     if secret is None:
         fail("the scan verifies every entry's MAC, which needs the service secret: set "
              "[cache] secret (or run where the service's <state_dir>/secret is)")
-    store = open_store(settings.redis.url, nodes=settings.redis.nodes or None)
-    assert isinstance(store, RedisStore)  # the caller checked that [redis] names one
+    # The caller checked that [redis] names one; a scan is no request: admin timeouts.
+    store = open_redis_store_at(settings.redis.url, list(settings.redis.nodes))
     try:
         with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=quiet, transient=False) as progress:
@@ -250,7 +239,7 @@ def timing(
         fail(str(exc))
     typer.echo(f"timing: {n} trials per level at {', '.join(lv.name for lv in levels)}; "
                f"{power_sentence(detectable_distance(n, alpha))}", err=True)
-    journal = _journal(_settings(config), findings) if save else None
+    journal = _journal(load_settings_or_fail(config), findings) if save else None
     run_id = new_run_id()
     latest: list[Any] = []
 
@@ -336,7 +325,7 @@ def drift(
         fail(str(exc))
     journal = recorder = None
     if save:
-        journal = _journal(_settings(config), findings)
+        journal = _journal(load_settings_or_fail(config), findings)
         recorder = Recorder(journal)
     try:
         report = run_drift_audit(engine, corpus(engine, prompts=prompts, seed=seed),
@@ -402,7 +391,7 @@ def report(
     """Write a report from the stored findings and the last scan, timing and drift results."""
     if format not in REPORT_FORMATS:
         fail(f"--format {format!r}: use one of {', '.join(REPORT_FORMATS)}")
-    settings = _settings(config)
+    settings = load_settings_or_fail(config)
     journal = _journal(settings, findings)
     start = _parse_since(since)
     try:

@@ -10,7 +10,8 @@ from typing import Annotated
 import orjson
 import typer
 
-from cachesvc.settings import CONFIG_ENV, ConfigError, Settings, load_settings, with_demo_tenant
+from cachesvc.cli.errors import fail, load_settings_or_fail
+from cachesvc.settings import CONFIG_ENV, Settings, load_settings, with_demo_tenant
 
 #: Set by the parent for ``--workers N``: the settings each worker builds (demo keys included).
 _SETTINGS_ENV = "CACHESVC_SERVE_SETTINGS_JSON"
@@ -39,17 +40,11 @@ def register(app: typer.Typer) -> None:
             min=1, help="Worker processes; more than 1 needs [redis] (a shared store).")] = 1,
     ) -> None:
         """Run the cache service: the OpenAI-compatible proxy, the cache API and admin."""
-        try:
-            settings = load_settings(config)
-        except ConfigError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=2) from None
+        settings = load_settings_or_fail(config)
         if workers > 1 and not settings.redis.store_url:
-            typer.echo(
-                "error: --workers > 1 needs a shared store: set [redis] url (or nodes). With the "
-                "embedded store each worker would keep its own entries and its own model "
-                "registry, so a rollout on one worker would not reach the others.", err=True)
-            raise typer.Exit(code=2)
+            fail("--workers > 1 needs a shared store: set [redis] url (or nodes). With the "
+                 "embedded store each worker would keep its own entries and its own model "
+                 "registry, so a rollout on one worker would not reach the others.")
         settings, demo_key = with_demo_tenant(settings)
         admin_key = None
         if demo_key is not None and not settings.admin.api_key:
