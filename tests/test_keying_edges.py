@@ -291,6 +291,11 @@ class TestCacheability:
         assert (c.cacheable, c.reason) == (
             False, f"nondeterministic: best_of={best_of} > 1 and no seed")
 
+    def test_a_generic_request_s_best_of_without_n_bypasses_with_its_reason(self) -> None:
+        # A generic request has no n unless it sends one: it counts as 1.
+        c = assess(canonicalize({"model": "m", "input": "x", "temperature": 0, "best_of": 3}))
+        assert (c.cacheable, c.reason) == (False, "nondeterministic: best_of=3 > 1 and no seed")
+
     def test_a_generic_request_at_or_below_zero_temperature_without_a_seed_is_greedy(
             self) -> None:
         for temperature in (0, -1):
