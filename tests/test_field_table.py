@@ -15,7 +15,6 @@ from cachesvc.app import create_app
 from cachesvc.engine_request import EngineRequestError, check_fields, parse_request
 from gpu_prefix.engine import Engine
 from keying import UNKEYED_FIELDS, canonicalize
-from keying.canonical import CHAT_FIELDS, COMPLETION_FIELDS
 from keying.fields import (
     AS_SENT,
     FIELDS,
@@ -33,6 +32,7 @@ from keying.fields import (
     markdown_table,
     read_unkeyed,
 )
+from keying.normalisers import CHAT_FIELDS, COMPLETION_FIELDS
 from tests.service_helpers import auth, make_settings
 from tests.support.echo_upstream import EchoUpstream
 

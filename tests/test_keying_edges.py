@@ -34,7 +34,7 @@ from keying import (
     rebuild_key,
 )
 from keying.cacheability import Cacheability, assess, live_data
-from keying.canonical import canon_number, canon_value
+from keying.canonical_json import canon_number, canon_value
 from keying.escape import MAX_COMPONENT
 from keying.fields import Keyed
 from keying.material import MATERIAL_VERSION, encode_material
