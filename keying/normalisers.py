@@ -41,6 +41,10 @@ def _number_in(lo: float, hi: float) -> Normaliser:
     return norm
 
 
+#: A logit_bias value: a number in [-100, 100] (one normaliser for every token id).
+_BIAS = _number_in(-100, 100)
+
+
 def _int_in(lo: int, hi: int | None, *, nullable: bool = False) -> Normaliser:
     def norm(v: Any, path: str) -> int | None:
         if v is None and nullable:
@@ -107,7 +111,7 @@ def _logit_bias(v: Any, path: str) -> ExtType:
         if _TOKEN_ID.fullmatch(k) is None or not INT64_MIN <= int(k) <= UINT64_MAX:
             raise InvalidRequestError(f"{path}.{k}", "logit_bias keys are token ids",
                                       'write each id in ASCII decimal digits, e.g. "50256"')
-        out[k] = _number_in(-100, 100)(v[k], f"{path}.{k}")
+        out[k] = _BIAS(v[k], f"{path}.{k}")
     return _as_json(out, path)
 
 
