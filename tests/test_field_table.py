@@ -29,6 +29,7 @@ from keying.fields import (
     Transport,
     Unkeyed,
     check_valid,
+    field,
     markdown_table,
     read_unkeyed,
 )
@@ -146,7 +147,8 @@ class TestTheTable:
     def test_a_row_whose_engine_decision_does_not_fit_its_keying_fails_the_check(
         self, change, problem
     ):
-        temperature = next(f for f in FIELDS if f.name == "temperature")
+        temperature = field("chat", "temperature")
+        assert temperature is not None
         bad = dataclasses.replace(temperature, **change)
         with pytest.raises(AssertionError, match=problem):
             check_valid((*[f for f in FIELDS if f.name != "temperature"], bad))
