@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from msgpack import ExtType
 
@@ -104,18 +105,16 @@ def assess(request: CanonicalRequest, *, allow_nondeterministic: bool = False) -
                             reason=f"live data: {live} makes the answer depend on when it is "
                                    "asked")
     f = request.keyed
-    seed = f.get("seed")
-    if seed is None:
-        t = f.get("temperature")
-        # NOTE: False == 0 in Python; a boolean temperature is not a number (_nondeterminism).
-        if t == 0 and t is not False and f.get("n", 1) == 1 and f.get("best_of", 1) == 1:
-            return _GREEDY  # the common case, decided without building a reason
-    elif type(f.get("temperature", 1)) in (int, float):
-        return _seeded(seed)  # the other common case (what _nondeterminism decides for it)
-    reason = _nondeterminism(request)
-    if reason is None:
-        seed = request.keyed.get("seed")
-        return _GREEDY if seed is None else _seeded(seed)
+    t = f.get("temperature", 1)
+    # NOTE: exact types: a boolean temperature is not a number (and False == 0 in Python).
+    if type(t) in (int, float):
+        seed = f.get("seed")
+        if seed is not None:
+            return _seeded(seed)
+        # A negative temperature (only a generic request can send one) samples nothing either.
+        if t <= 0 and f.get("n", 1) == 1 and f.get("best_of", 1) == 1:
+            return _GREEDY
+    reason = _nondeterminism(f, t)
     if allow_nondeterministic:
         return Cacheability(cacheable=True, reason=f"opted in: {reason}")
     return Cacheability(cacheable=False, reason=reason)
@@ -127,20 +126,14 @@ def _seeded(seed: int) -> Cacheability:
     return Cacheability(cacheable=True, reason=f"seeded: seed={seed}", reproducible=True)
 
 
-def _nondeterminism(request: CanonicalRequest) -> str | None:
-    f = request.keyed
-    seed = f.get("seed")
-    temperature = f.get("temperature", 1)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+def _nondeterminism(f: dict[str, Any], temperature: Any) -> str:
+    """Why a request that :func:`assess` found neither seeded nor greedy is not reproducible."""
+    if type(temperature) not in (int, float):
         return "nondeterministic: temperature is not a number"
-    if seed is not None:
-        return None
     if temperature > 0:
         return f"nondeterministic: temperature={temperature} > 0 and no seed"
     n = f.get("n", 1)
     if n != 1:
         return f"nondeterministic: n={n} > 1 and no seed"
-    best_of = f.get("best_of", 1)
-    if best_of != 1:
-        return f"nondeterministic: best_of={best_of} > 1 and no seed"
-    return None
+    # Here best_of is present: absent, it is 1 and the request was greedy.
+    return f"nondeterministic: best_of={f['best_of']} > 1 and no seed"

@@ -28,15 +28,7 @@ from typing import Any, Literal, NamedTuple
 import orjson
 from msgpack import ExtType
 
-from keying.canonical_json import (
-    JSON_EXT,
-    MAX_DEPTH,
-    _check_text,
-    _tname,
-    canon_json,
-    canon_number,
-    canon_value,
-)
+from keying.canonical_json import _check_text, _tname
 from keying.errors import InvalidRequestError, RequestTooLargeError
 from keying.fields import unkeyed_names
 from keying.framing import frame_presorted
@@ -48,24 +40,15 @@ from keying.normalisers import (
     _REQUIRED,
     CHAT_FIELDS,
     COMPLETION_FIELDS,
-    Normaliser,
     _any,
 )
 
 __all__ = [
-    "CHAT_FIELDS",
     "CLIENT_TOOL_TYPES",
-    "COMPLETION_FIELDS",
-    "JSON_EXT",
-    "MAX_DEPTH",
     "UNKEYED_FIELDS",
     "CanonicalRequest",
     "KeyLimits",
-    "Normaliser",
     "RequestKind",
-    "canon_json",
-    "canon_number",
-    "canon_value",
     "canonicalize",
     "detect_kind",
     "hosted_tool",

@@ -17,9 +17,9 @@ import orjson
 from msgpack import ExtType
 
 from keying.errors import InvalidRequestError, RequestTooLargeError
+from keying.fields import INT64_MIN as _INT_MIN
+from keying.fields import UINT64_MAX as _INT_MAX
 
-_INT_MIN = -(2**63)
-_INT_MAX = 2**64 - 1
 _EXACT_FLOAT = 2**53
 #: Most containers nested inside one field's value (more is a RequestTooLargeError); the same as
 #: orjson's limit, so the fast and the checked paths accept exactly the same values.

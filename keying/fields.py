@@ -126,6 +126,14 @@ class Field:
 
 _NUMBER_PENALTY = Keyed(type="number", default=0, lo=-2, hi=2)
 _NOT_RUN = "the engine runs no tools; refused unless it asks for none"
+# The unkeyed rows: one value for both kinds (check_valid asserts the kinds agree).
+_USER = Unkeyed(type="string", problem="must be a string",
+                fix="send the end user's id as a string, or leave it out")
+_STREAM = Unkeyed(type="boolean", problem="must be true or false",
+                  fix="send stream: true for SSE, or leave it out")
+_STREAM_OPTIONS = Unkeyed(type="object", problem="must be an object",
+                          fix='send e.g. {"include_usage": true}, or leave it out')
+_NOT_READ = Unkeyed()
 
 # NOTE: the order is the order of the docs' table and of the checks the service makes on the
 # unkeyed fields it reads (user, then stream, then stream_options).
@@ -204,34 +212,21 @@ FIELDS: Final[tuple[Field, ...]] = (
           why="keyed as sent; a provider's cache-routing hint, nothing to the engine"),
     Field(name="safety_identifier", chat=AS_SENT, completion=AS_SENT, engine=Ignored(),
           why="keyed as sent; an end-user id for abuse tracking, nothing to the engine"),
-    Field(name="user",
-          chat=Unkeyed(type="string", problem="must be a string",
-                       fix="send the end user's id as a string, or leave it out"),
-          completion=Unkeyed(type="string", problem="must be a string",
-                             fix="send the end user's id as a string, or leave it out"),
-          engine=Ignored(),
+    Field(name="user", chat=_USER, completion=_USER, engine=Ignored(),
           why="end-user id; decides a per-user tenant's scope, which isolates users"),
-    Field(name="stream",
-          chat=Unkeyed(type="boolean", problem="must be true or false",
-                       fix="send stream: true for SSE, or leave it out"),
-          completion=Unkeyed(type="boolean", problem="must be true or false",
-                             fix="send stream: true for SSE, or leave it out"),
-          engine=Transport(), why="a hit replays as a stream or a body as asked"),
-    Field(name="stream_options",
-          chat=Unkeyed(type="object", problem="must be an object",
-                       fix='send e.g. {"include_usage": true}, or leave it out'),
-          completion=Unkeyed(type="object", problem="must be an object",
-                             fix='send e.g. {"include_usage": true}, or leave it out'),
+    Field(name="stream", chat=_STREAM, completion=_STREAM, engine=Transport(),
+          why="a hit replays as a stream or a body as asked"),
+    Field(name="stream_options", chat=_STREAM_OPTIONS, completion=_STREAM_OPTIONS,
           engine=Transport(), why="the stream's shape (a usage chunk), not its content"),
-    Field(name="metadata", chat=Unkeyed(), completion=Unkeyed(), engine=Ignored(),
+    Field(name="metadata", chat=_NOT_READ, completion=_NOT_READ, engine=Ignored(),
           why="stored-completion tags"),
-    Field(name="store", chat=Unkeyed(), completion=Unkeyed(), engine=Ignored(),
+    Field(name="store", chat=_NOT_READ, completion=_NOT_READ, engine=Ignored(),
           why="whether the provider keeps the completion"),
-    Field(name="request_id", chat=Unkeyed(), completion=Unkeyed(), engine=Ignored(),
+    Field(name="request_id", chat=_NOT_READ, completion=_NOT_READ, engine=Ignored(),
           why="a client's request id"),
-    Field(name="timeout", chat=Unkeyed(), completion=Unkeyed(), engine=Ignored(),
+    Field(name="timeout", chat=_NOT_READ, completion=_NOT_READ, engine=Ignored(),
           why="a client's time limit"),
-    Field(name="request_timeout", chat=Unkeyed(), completion=Unkeyed(), engine=Ignored(),
+    Field(name="request_timeout", chat=_NOT_READ, completion=_NOT_READ, engine=Ignored(),
           why="a client's time limit"),
 )
 

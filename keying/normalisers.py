@@ -17,8 +17,6 @@ from typing import Any
 from msgpack import ExtType
 
 from keying.canonical_json import (
-    _INT_MAX,
-    _INT_MIN,
     JSON_EXT,
     _as_json,
     _key_order,
@@ -28,7 +26,7 @@ from keying.canonical_json import (
     canon_value,
 )
 from keying.errors import InvalidRequestError
-from keying.fields import Keyed, keyed_specs
+from keying.fields import INT64_MIN, UINT64_MAX, Keyed, keyed_specs
 
 Normaliser = Callable[[Any, str], Any]
 
@@ -41,6 +39,10 @@ def _number_in(lo: float, hi: float) -> Normaliser:
         return n
 
     return norm
+
+
+#: A logit_bias value: a number in [-100, 100] (one normaliser for every token id).
+_BIAS = _number_in(-100, 100)
 
 
 def _int_in(lo: int, hi: int | None, *, nullable: bool = False) -> Normaliser:
@@ -106,10 +108,10 @@ def _logit_bias(v: Any, path: str) -> ExtType:
         # NOTE: only the canonical decimal spelling of a 64-bit id is accepted, and keyed as
         # sent. str.isdigit() also passes "²" and "٣" (int("٣") == 3), and folding " 3" or
         # "03" into "3" would key a request the model may read differently.
-        if _TOKEN_ID.fullmatch(k) is None or not _INT_MIN <= int(k) <= _INT_MAX:
+        if _TOKEN_ID.fullmatch(k) is None or not INT64_MIN <= int(k) <= UINT64_MAX:
             raise InvalidRequestError(f"{path}.{k}", "logit_bias keys are token ids",
                                       'write each id in ASCII decimal digits, e.g. "50256"')
-        out[k] = _number_in(-100, 100)(v[k], f"{path}.{k}")
+        out[k] = _BIAS(v[k], f"{path}.{k}")
     return _as_json(out, path)
 
 

@@ -15,7 +15,6 @@ from cachesvc.app import create_app
 from cachesvc.engine_request import EngineRequestError, check_fields, parse_request
 from gpu_prefix.engine import Engine
 from keying import UNKEYED_FIELDS, canonicalize
-from keying.canonical import CHAT_FIELDS, COMPLETION_FIELDS
 from keying.fields import (
     AS_SENT,
     FIELDS,
@@ -30,9 +29,11 @@ from keying.fields import (
     Transport,
     Unkeyed,
     check_valid,
+    field,
     markdown_table,
     read_unkeyed,
 )
+from keying.normalisers import CHAT_FIELDS, COMPLETION_FIELDS
 from tests.service_helpers import auth, make_settings
 from tests.support.echo_upstream import EchoUpstream
 
@@ -146,7 +147,8 @@ class TestTheTable:
     def test_a_row_whose_engine_decision_does_not_fit_its_keying_fails_the_check(
         self, change, problem
     ):
-        temperature = next(f for f in FIELDS if f.name == "temperature")
+        temperature = field("chat", "temperature")
+        assert temperature is not None
         bad = dataclasses.replace(temperature, **change)
         with pytest.raises(AssertionError, match=problem):
             check_valid((*[f for f in FIELDS if f.name != "temperature"], bad))

@@ -13,6 +13,7 @@ import fractions
 import hashlib
 import re
 import sys
+import threading
 from enum import IntEnum
 from types import MappingProxyType
 from typing import Any
@@ -23,6 +24,7 @@ import pytest
 from keying import (
     InvalidMaterialError,
     InvalidRequestError,
+    KeyLimits,
     KeyParams,
     RequestTooLargeError,
     Scope,
@@ -31,12 +33,16 @@ from keying import (
     decode_material,
     escape_component,
     frame,
+    hash_block_tokens,
+    material_digest,
     rebuild_key,
+    xxh3_128,
 )
 from keying.cacheability import Cacheability, assess, live_data
-from keying.canonical import canon_number, canon_value
+from keying.canonical_json import canon_number, canon_value
 from keying.escape import MAX_COMPONENT
 from keying.fields import Keyed
+from keying.framing import frame_presorted
 from keying.material import MATERIAL_VERSION, encode_material
 from keying.normalisers import _defaults, _int_in, _messages, _number_in, _Spec, _spec, _stop
 
@@ -291,6 +297,11 @@ class TestCacheability:
         assert (c.cacheable, c.reason) == (
             False, f"nondeterministic: best_of={best_of} > 1 and no seed")
 
+    def test_a_generic_request_s_best_of_without_n_bypasses_with_its_reason(self) -> None:
+        # A generic request has no n unless it sends one: it counts as 1.
+        c = assess(canonicalize({"model": "m", "input": "x", "temperature": 0, "best_of": 3}))
+        assert (c.cacheable, c.reason) == (False, "nondeterministic: best_of=3 > 1 and no seed")
+
     def test_a_generic_request_at_or_below_zero_temperature_without_a_seed_is_greedy(
             self) -> None:
         for temperature in (0, -1):
@@ -441,8 +452,6 @@ class TestEveryRefusalNamesFieldProblemAndFix:
         assert str(err.value) == f"{expected[0]}: {expected[1]}; {expected[2]}"
 
     def test_a_request_over_the_key_limit_names_its_largest_field(self) -> None:
-        from keying import KeyLimits, RequestTooLargeError
-
         with pytest.raises(RequestTooLargeError) as err:
             canonicalize({**C, "x": "a" * 5000, "y": "b" * 10}, None, KeyLimits(max_bytes=1000))
         assert err.value.field == "x"
@@ -542,14 +551,10 @@ class TestKeyedValues:
 
     def test_lists_nested_200_deep_around_a_read_only_map_key_like_the_plain_map(self) -> None:
         # a mapping that is not a dict takes the checked path, which counts the depth itself
-        def nest(leaf: Any) -> Any:
-            for _ in range(200):
-                leaf = [leaf]
-            return leaf
-
         body = {"model": "m", "input": "x"}
-        assert canonicalize({**body, "extra": nest(MappingProxyType({"a": "b"}))}).keyed == (
-            canonicalize({**body, "extra": nest({"a": "b"})}).keyed)
+        read_only = canonicalize({**body, "extra": nest_lists(MappingProxyType({"a": "b"}), 200)})
+        plain = canonicalize({**body, "extra": nest_lists({"a": "b"}, 200)})
+        assert read_only.keyed == plain.keyed
 
     def test_the_body_keeps_default_fields_unless_asked_for_the_minimal_one(self) -> None:
         request = canonicalize({**C, "temperature": 0})
@@ -642,8 +647,6 @@ class TestToolChoiceAndHostedTools:
 
 class TestKeyDigests:
     def test_the_material_digest_is_the_keyed_digest_of_this_request_s_material(self) -> None:
-        from keying import material_digest
-
         a = build_key(chat(temperature=0), KeyParams(scope=ACME, secret=b"s1"))
         b = build_key(chat(temperature=0, seed=1), KeyParams(scope=ACME, secret=b"s1"))
         assert a.material_digest == material_digest(a.material, b"s1")
@@ -653,15 +656,11 @@ class TestKeyDigests:
         assert other.material_digest != a.material_digest
 
     def test_the_key_limit_in_the_params_is_the_one_applied(self) -> None:
-        from keying import KeyLimits, RequestTooLargeError
-
         with pytest.raises(RequestTooLargeError, match="over the 100-byte key limit"):
             build_key(chat(x="a" * 200), KeyParams(scope=ACME, limits=KeyLimits(max_bytes=100)))
 
     def test_material_over_the_default_limit_rebuilds_when_it_was_built_under_a_raised_one(
             self) -> None:
-        from keying import KeyLimits
-
         big = chat(temperature=0, x="a" * (8 * 1024 * 1024 + 1))
         k = build_key(big, KeyParams(scope=ACME, limits=KeyLimits(max_bytes=16 * 1024 * 1024)))
         assert rebuild_key(k.material).digest == k.digest
@@ -671,8 +670,6 @@ class TestFramingInAFreshThread:
     """Each thread keeps its own packer; a new thread builds one (the service's worker threads)."""
 
     def in_thread(self, fn: Any) -> Any:
-        import threading
-
         out: list[Any] = []
         t = threading.Thread(target=lambda: out.append(fn()))
         t.start()
@@ -680,8 +677,6 @@ class TestFramingInAFreshThread:
         return out[0]
 
     def test_a_fresh_thread_frames_bytes_as_bin_and_each_value_alone(self) -> None:
-        from keying.framing import frame_presorted
-
         def two() -> tuple[bytes, bytes]:
             return frame_presorted([b"x", "y"]), frame_presorted(b"z")
 
@@ -690,8 +685,6 @@ class TestFramingInAFreshThread:
         assert second == msgpack.packb(b"z", use_bin_type=True)
 
     def test_a_value_that_cannot_be_packed_leaves_the_thread_s_packer_usable(self) -> None:
-        from keying.framing import frame_presorted
-
         def bad_then_good() -> bytes:
             with pytest.raises(TypeError):
                 frame_presorted([b"x", object()])
@@ -709,19 +702,15 @@ class TestFramingValues:
                                                              use_bin_type=True)
 
     def test_a_str_or_int_subclass_frames_as_its_plain_value(self) -> None:
-        import enum
-
         class Tag(str):
             pass
 
-        class Level(enum.IntEnum):
+        class Level(IntEnum):
             HIGH = 3
 
         assert frame([Tag("a"), Level.HIGH]) == frame(["a", 3])
 
     def test_a_block_hash_is_the_digest_of_its_framed_inputs(self) -> None:
-        from keying import hash_block_tokens, xxh3_128
-
         extra = (1, "", b"salt", "full")
         assert hash_block_tokens(xxh3_128, None, (1, 2), extra) == xxh3_128(
             msgpack.packb(["block/v1", None, [1, 2], [1, "", b"salt", "full"]], use_bin_type=True))
@@ -736,8 +725,6 @@ class TestTheRequestAsAWhole:
 
     def test_a_request_exactly_at_the_byte_limit_is_keyed_and_one_byte_over_is_refused(
             self) -> None:
-        from keying import KeyLimits, RequestTooLargeError
-
         size = len(canonicalize(chat()).encoded)
         assert canonicalize(chat(), limits=KeyLimits(max_bytes=size)).encoded
         with pytest.raises(RequestTooLargeError):
@@ -879,17 +866,6 @@ class TestCanonicalJsonValues:
         assert type(canon_number(F(1.5), "x")) is float
         assert canon_number(F(2.0**60), "x") == 2.0**60
         assert type(canon_number(F(2.0**60), "x")) is float
-
-    @pytest.mark.parametrize(("body", "message"), [
-        ({**C, "reasoning_effort": 1.5},
-         "reasoning_effort: expected a string, got number; send a string"),
-        ({**C, "messages": [None]},
-         "messages[0]: expected an object, got null; send each message as {role, content}"),
-    ])
-    def test_a_refusal_names_a_float_number_and_none_null(self, body: Any, message: str) -> None:
-        with pytest.raises(InvalidRequestError) as err:
-            canonicalize(body)
-        assert str(err.value) == message
 
     def test_a_fraction_inside_an_object_is_refused_not_kept(self) -> None:
         with pytest.raises(InvalidRequestError,
@@ -1065,6 +1041,11 @@ class TestNormaliserRefusalsAndEdges:
          "stop[0]: text is not valid Unicode (a lone surrogate); send valid UTF-8 text"),
         ({**C, "tools": [{"type": "function", "function": {"name": "f", "x": float("nan")}}]},
          "tools[0].function.x: nan is not a finite number; send a finite number"),
+        # a float is "number" and None "null" in the refusal's words
+        ({**C, "reasoning_effort": 1.5},
+         "reasoning_effort: expected a string, got number; send a string"),
+        ({**C, "messages": [None]},
+         "messages[0]: expected an object, got null; send each message as {role, content}"),
     ])
     def test_a_refusal_deep_in_a_field_names_its_path(self, body: Any, message: str) -> None:
         with pytest.raises(InvalidRequestError) as err:
