@@ -18,8 +18,9 @@ from typing import Any
 import orjson
 
 from cachesvc.errors import BadRequestError
+from keying.fields import INT64_MIN, UINT64_MAX
 
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_INT_MIN, _INT_MAX = INT64_MIN, UINT64_MAX  # the range orjson reads and keying accepts
 #: Maps every ASCII digit to "0": a run of 19 zeros afterwards is a run of 19 digits, the
 #: fewest an integer outside the range has (-9223372036854775809).
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")
