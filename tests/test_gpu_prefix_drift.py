@@ -132,6 +132,24 @@ class TestDriftGuard:
         assert again.exceeded == [] and again.action == "" and int8_engine.int8_full_layers == bad
         int8_engine.store.check_valid()
 
+    def test_a_second_trip_on_a_layer_already_in_full_precision_turns_int8_off_for_the_model(
+        self, int8_engine):
+        # a strict threshold trips on every measure; layer 0's zeroed K scales single it out
+        # each time (its error is measured as INT8 would store it, whatever the pool keeps now)
+        plant(int8_engine, zero_k=frozenset({0}))
+        strict = DriftThresholds(kld_mean=0.0, kld_p99=1.0, top1_agreement=0.0)
+        prompts = corpus(int8_engine, prompts=1, seed=0)
+        first = guard(int8_engine, prompts, max_tokens=64, thresholds=strict)
+        assert first.exceeded and attribute(first.layers) == {0}
+        assert first.action == "layers:0" and int8_engine.kv_dtype == "int8"
+        assert int8_engine.int8_full_layers == {0}
+        second = guard(int8_engine, prompts, max_tokens=64, thresholds=strict)
+        assert second.exceeded and attribute(second.layers) == {0}
+        # nothing left to turn off per layer: the model goes to full precision
+        assert second.action == "model" and int8_engine.kv_dtype == "full"
+        assert int8_engine.pool.quant is None and int8_engine.int8_disabled_reason
+        int8_engine.store.check_valid()
+
     def test_a_layer_stands_out_only_over_the_floor_and_the_others_by_an_order_of_magnitude(self):
         def errs(*values):
             return [LayerError(layer=i, k_rel_error=v,
