@@ -196,6 +196,8 @@ class DriftSampler:
         self._windows: dict[str,
                             deque[tuple[torch.Tensor, torch.Tensor]]] = {
                                 name: deque() for name, _, _ in BUCKETS}
+        #: The windows' figures as last computed (by ``_judge``, when they change), for ``stats``.
+        self._last_figures = self._figures()
         self._offered = self._chosen = self._sampled = 0
         self._skipped_budget = self._skipped_queue = 0
         self._dropped = self._trips = self._replay_tokens = self._busy_chunks = 0
@@ -264,7 +266,7 @@ class DriftSampler:
                 skipped_queue=self._skipped_queue, dropped=self._dropped, trips=self._trips,
                 queued=len(self._queue),
                 replay_tokens=self._replay_tokens, busy_chunks=self._busy_chunks,
-                figures=self._figures(),
+                figures=dict(self._last_figures),
                 exceeded=list(self._exceeded))
 
     # -- the sampler's thread -------------------------------------------------------------------
@@ -344,7 +346,7 @@ class DriftSampler:
                     while sum(len(k) for k, _ in window) - len(
                         window[0][0]) >= self.config.window_tokens:
                         window.popleft()
-            figures = self._figures()
+            figures = self._last_figures = self._figures()
             self._exceeded = check(figures, thresholds)
             if not self._exceeded:
                 return
@@ -353,6 +355,7 @@ class DriftSampler:
             # The storage changes now: figures measured on the old one no longer apply.
             for window in self._windows.values():
                 window.clear()
+            self._last_figures = self._figures()
             self._exceeded = []
         # NOTE: only a trip needs the per-layer errors (a quantize and dequantize of every
         # layer's K/V), so they are measured here, off the lock.
