@@ -4,7 +4,9 @@ its layers, and INT8 is turned off for those layers (or the model when no layer 
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -149,6 +151,20 @@ class TestDriftGuard:
         assert second.action == "model" and int8_engine.kv_dtype == "full"
         assert int8_engine.pool.quant is None and int8_engine.int8_disabled_reason
         int8_engine.store.check_valid()
+
+    def test_a_per_layer_switch_keeps_the_planted_scale_rules(self, int8_engine):
+        plant(int8_engine, zero_k=frozenset({1}))
+        int8_engine.disable_int8("test", layers={0})
+        quant = int8_engine.pool.quant
+        amax = torch.ones(1, 1, 1)
+        assert float(quant.k_scale_for(1, amax).sum()) == 0.0  # layer 1 stays zeroed
+        assert float(quant.v_scale_for(1, amax).sum()) == pytest.approx(1.0 / QMAX)
+
+    def test_a_per_layer_switch_lets_the_old_int8_storage_go(self, int8_engine):
+        old = weakref.ref(int8_engine.pool.quant)
+        int8_engine.disable_int8("test", layers={0})
+        gc.collect()
+        assert int8_engine.pool.quant is not None and old() is None
 
     def test_a_layer_stands_out_only_over_the_floor_and_the_others_by_an_order_of_magnitude(self):
         def errs(*values):
