@@ -202,7 +202,6 @@ class DriftSampler:
         self._skipped_budget = self._skipped_queue = 0
         self._dropped = self._trips = self._replay_tokens = self._busy_chunks = 0
         self._exceeded: list[str] = []
-        self.last_report: DriftReport | None = None
 
     # -- the scheduler's side -------------------------------------------------------------------
 
@@ -368,7 +367,6 @@ class DriftSampler:
             layers=errors.result(), thresholds=thresholds, exceeded=exceeded,
             source="sampler")
         report = enforce(engine, report)
-        self.last_report = report
         log.warning("drift_sampler.trip", model=engine.model_id, action=report.action,
                     exceeded=report.exceeded)
         if self.on_trip is not None:
