@@ -70,6 +70,8 @@ class QuantizedKV:
         self.block_size = block_size
         self.dtype = dtype
         self.full_layers = frozenset(full_layers)
+        #: What block hashes carry as the KV dtype (:func:`storage_key`); the layers never change.
+        self.key = storage_key(self.full_layers)
         #: Each layer's row in ``codes``/scales (INT8 layers) or in ``full`` (full-precision ones).
         self._row: dict[int, int] = {}
         for kind in (False, True):
@@ -82,11 +84,6 @@ class QuantizedKV:
         self.v_scale = torch.zeros((q, kv_heads, slots), dtype=dtype, device=device)
         self.full = torch.zeros((len(self.full_layers), 2, kv_heads, slots, head_dim), dtype=dtype,
                                 device=device)
-
-    @property
-    def key(self) -> str:
-        """What block hashes carry as the KV dtype (:func:`storage_key`)."""
-        return storage_key(self.full_layers)
 
     @property
     def nbytes(self) -> int:
