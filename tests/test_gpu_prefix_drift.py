@@ -166,6 +166,24 @@ class TestDriftGuard:
         gc.collect()
         assert int8_engine.pool.quant is not None and old() is None
 
+    @pytest.mark.parametrize("layers", [None, {0}])
+    def test_the_old_int8_storage_is_let_go_before_the_new_pool_is_allocated(
+        self, int8_engine, monkeypatch, layers):
+        import gpu_prefix.kv_switch as kv_switch
+
+        old = weakref.ref(int8_engine.pool.quant)
+        freed = []
+        real = kv_switch.KVPool
+
+        def pool(*args, **kwargs):
+            gc.collect()
+            freed.append(old() is None)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(kv_switch, "KVPool", pool)
+        int8_engine.disable_int8("test", layers=layers)
+        assert freed == [True]  # the two pools never hold the byte budget twice
+
     def test_a_layer_stands_out_only_over_the_floor_and_the_others_by_an_order_of_magnitude(self):
         def errs(*values):
             return [LayerError(layer=i, k_rel_error=v,
