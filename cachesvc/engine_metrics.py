@@ -68,20 +68,8 @@ class EngineCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
         drift = engine.last_drift
         if drift is not None:
-            figures = {"all": drift.overall, **drift.buckets}
-            for name, doc, attr in (
-                ("engine_kv_drift_kld_mean",
-                 "Last drift audit: mean KLD of INT8 against full precision.", "kld_mean"),
-                ("engine_kv_drift_kld_p99",
-                 "Last drift audit: p99 KLD of INT8 against full precision.", "kld_p99"),
-                ("engine_kv_drift_top1_agreement",
-                 "Last drift audit: share of positions where INT8 keeps the "
-                 "full-precision top token.", "top1_agreement"),
-            ):
-                family = GaugeMetricFamily(name, doc, labels=["positions"])
-                for bucket, f in figures.items():
-                    family.add_metric([bucket], getattr(f, attr))
-                yield family
+            yield from _figure_families("engine_kv_drift", "Last drift audit",
+                                        {"all": drift.overall, **drift.buckets})
         sampler = engine.drift_sampler
         if sampler is not None:
             yield from _sampler_metrics(sampler.stats())
@@ -149,20 +137,19 @@ def _sampler_metrics(st: Any) -> Iterator[Any]:
     yield GaugeMetricFamily("engine_kv_drift_sample_queued",
                             "Sampled requests waiting for their re-run.",
                             value=st.queued)
-    for name, doc, attr in (
-        ("engine_kv_drift_sample_kld_mean",
-         "Drift sampler, running: mean KLD of INT8 against full precision.",
-         "kld_mean"),
-        ("engine_kv_drift_sample_kld_p99",
-         "Drift sampler, running: p99 KLD of INT8 against full precision.",
-         "kld_p99"),
-        ("engine_kv_drift_sample_top1_agreement",
-         ("Drift sampler, running: share of positions where INT8 keeps "
-                                                   "the full-precision top token."),
-                                                   "top1_agreement"),
+    yield from _figure_families("engine_kv_drift_sample", "Drift sampler, running", st.figures)
+
+
+def _figure_families(prefix: str, what: str, figures: dict[str, Any]) -> Iterator[Any]:
+    """Drift figures (``gpu_prefix.drift.Figures`` by position bucket) as one gauge family per
+    figure, labelled by ``positions``: ``{prefix}_kld_mean``, ``_kld_p99``, ``_top1_agreement``."""
+    for attr, doc in (
+        ("kld_mean", "mean KLD of INT8 against full precision."),
+        ("kld_p99", "p99 KLD of INT8 against full precision."),
+        ("top1_agreement", "share of positions where INT8 keeps the full-precision top token."),
     ):
-        family = GaugeMetricFamily(name, doc, labels=["positions"])
-        for bucket, f in st.figures.items():
+        family = GaugeMetricFamily(f"{prefix}_{attr}", f"{what}: {doc}", labels=["positions"])
+        for bucket, f in figures.items():
             family.add_metric([bucket], getattr(f, attr))
         yield family
 

@@ -16,7 +16,16 @@ from typing import Any, Literal
 
 from gpu_prefix.engine import Engine, GenerationParams
 from gpu_prefix.errors import InvalidParamsError
-from keying.fields import Honoured, Keyed, NoopOnly, Transport, Unkeyed, field, fields_of, has_type
+from keying.fields import (
+    Honoured,
+    Keyed,
+    NoopOnly,
+    ReadField,
+    Transport,
+    Unkeyed,
+    field,
+    read_unkeyed,
+)
 
 Kind = Literal["chat", "completion"]
 
@@ -165,15 +174,25 @@ def _logprobs(body: Mapping[str, Any], kind: Kind) -> tuple[bool, int]:
     return n is not None, n or 0
 
 
+def _transport_read(kind: Kind) -> tuple[ReadField, ...]:
+    """``kind``'s delivery fields (engine decision :class:`Transport`) with a type rule: the
+    rows of :func:`keying.fields.read_unkeyed` the engine reads, in table order."""
+    return tuple(f for f in read_unkeyed()
+                 if (row := field(kind, f.name)) is not None
+                 and isinstance(row.engine, Transport) and isinstance(row.keying(kind), Unkeyed))
+
+
+#: Per kind, the delivery fields whose type is checked (the table never changes at run time).
+_TRANSPORT_READ: dict[Kind, tuple[ReadField, ...]] = {
+    "chat": _transport_read("chat"), "completion": _transport_read("completion")}
+
+
 def _delivery(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
     """The response options (stream, usage chunk), from the fields that shape only delivery."""
-    for row in fields_of(kind).values():
-        spec = row.keying(kind)
-        if (isinstance(row.engine, Transport) and isinstance(spec, Unkeyed)
-                and spec.type is not None):
-            v = body.get(row.name)
-            if v is not None and not has_type(v, spec.type):
-                raise _bad(row.name, f"{spec.problem}; {spec.fix}")
+    for f in _TRANSPORT_READ[kind]:
+        v = body.get(f.name)
+        if v is not None and not isinstance(v, f.pytype):
+            raise _bad(f.name, f"{f.problem}; {f.fix}")
     so = body.get("stream_options")
     return {"stream": bool(body.get("stream")),
             "include_usage": bool(so and so.get("include_usage"))}

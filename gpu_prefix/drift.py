@@ -248,19 +248,18 @@ def attribute(layers: Sequence[LayerError]) -> frozenset[int]:
 
 def enforce(engine: Engine, report: DriftReport, *, per_layer: bool = True) -> DriftReport:
     """The guard's action for ``report``: nothing within the thresholds; over them, INT8 off
-    for the layers :func:`attribute` singles out (``per_layer``), else for the whole model.
-    Returns the report with ``action`` saying which."""
+    for the layers :func:`attribute` singles out that are still INT8 (``per_layer``), else for
+    the whole model. Returns the report with ``action`` saying which."""
     if not report.exceeded or engine.kv_dtype != "int8":
         return report
     reason = "; ".join(report.exceeded)
-    bad = attribute(report.layers) if per_layer else frozenset()
-    if bad and not bad >= frozenset(range(engine.shape.num_layers)):
-        engine.disable_int8(reason, layers=bad)
-        if engine.kv_dtype == "int8":
-            return replace(report, action="layers:" + ",".join(map(str, sorted(bad))))
-    else:
-        engine.disable_int8(reason)
-    return replace(report, action="model")
+    # NOTE: layers already in full precision are no longer to blame; with none left (or every
+    # layer blamed: kv_switch widens that to the model) INT8 goes off for the whole model.
+    bad = (attribute(report.layers) - engine.int8_full_layers) if per_layer else frozenset()
+    engine.disable_int8(reason, layers=bad or None)
+    if engine.kv_dtype != "int8":
+        return replace(report, action="model")
+    return replace(report, action="layers:" + ",".join(map(str, sorted(bad))))
 
 
 def measure(reference: Engine, quantized: Engine, prompts: Sequence[Sequence[int]], *,

@@ -196,11 +196,12 @@ class DriftSampler:
         self._windows: dict[str,
                             deque[tuple[torch.Tensor, torch.Tensor]]] = {
                                 name: deque() for name, _, _ in BUCKETS}
+        #: The windows' figures as last computed (by ``_judge``, when they change), for ``stats``.
+        self._last_figures = self._figures()
         self._offered = self._chosen = self._sampled = 0
         self._skipped_budget = self._skipped_queue = 0
         self._dropped = self._trips = self._replay_tokens = self._busy_chunks = 0
         self._exceeded: list[str] = []
-        self.last_report: DriftReport | None = None
 
     # -- the scheduler's side -------------------------------------------------------------------
 
@@ -264,7 +265,7 @@ class DriftSampler:
                 skipped_queue=self._skipped_queue, dropped=self._dropped, trips=self._trips,
                 queued=len(self._queue),
                 replay_tokens=self._replay_tokens, busy_chunks=self._busy_chunks,
-                figures=self._figures(),
+                figures=dict(self._last_figures),
                 exceeded=list(self._exceeded))
 
     # -- the sampler's thread -------------------------------------------------------------------
@@ -311,9 +312,7 @@ class DriftSampler:
                 self._replay_tokens += n
                 self._busy_chunks += 0 if idle else 1
         kld, agree, kv = replay.result()
-        errors = LayerErrorSum(replay.quant)
-        errors.add(kv)
-        self._judge(kld, agree, errors, storage)
+        self._judge(kld, agree, kv, replay.quant, storage)
 
     def _figures(self) -> dict[str, Figures]:
         out = {}
@@ -326,8 +325,11 @@ class DriftSampler:
                  if parts else Figures.of(torch.empty(0), torch.empty(0)))
         return {"all": every, **out}
 
-    def _judge(self, kld: torch.Tensor, agree: torch.Tensor, errors: LayerErrorSum,
+    def _judge(self, kld: torch.Tensor, agree: torch.Tensor,
+               kv: list[tuple[torch.Tensor, torch.Tensor]], like: QuantizedKV,
                storage: str) -> None:
+        """Add a replay's figures to the windows and check them; on a trip, the per-layer errors
+        of its full-precision K/V (quantized by ``like``'s rules) go in the guard's report."""
         engine = self.engine
         thresholds = thresholds_for(engine.model_id, engine.drift_thresholds)
         with self._cond:
@@ -343,23 +345,28 @@ class DriftSampler:
                     while sum(len(k) for k, _ in window) - len(
                         window[0][0]) >= self.config.window_tokens:
                         window.popleft()
-            figures = self._figures()
+            figures = self._last_figures = self._figures()
             self._exceeded = check(figures, thresholds)
             if not self._exceeded:
                 return
             self._trips += 1
-            report = DriftReport(
-                model=engine.model_id, kv_dtype=storage, prompts=self._sampled, max_tokens=0,
-                overall=figures["all"], buckets={k: v for k, v in figures.items() if k != "all"},
-                first_divergence=[],
-                layers=errors.result(), thresholds=thresholds, exceeded=list(self._exceeded),
-                source="sampler")
+            sampled, exceeded = self._sampled, self._exceeded
             # The storage changes now: figures measured on the old one no longer apply.
             for window in self._windows.values():
                 window.clear()
+            self._last_figures = self._figures()
             self._exceeded = []
+        # NOTE: only a trip needs the per-layer errors (a quantize and dequantize of every
+        # layer's K/V), so they are measured here, off the lock.
+        errors = LayerErrorSum(like)
+        errors.add(kv)
+        report = DriftReport(
+            model=engine.model_id, kv_dtype=storage, prompts=sampled, max_tokens=0,
+            overall=figures["all"], buckets={k: v for k, v in figures.items() if k != "all"},
+            first_divergence=[],
+            layers=errors.result(), thresholds=thresholds, exceeded=exceeded,
+            source="sampler")
         report = enforce(engine, report)
-        self.last_report = report
         log.warning("drift_sampler.trip", model=engine.model_id, action=report.action,
                     exceeded=report.exceeded)
         if self.on_trip is not None:

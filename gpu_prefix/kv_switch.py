@@ -29,7 +29,10 @@ def disable_int8(engine: Engine, reason: str, layers: Iterable[int] | None) -> i
     if not whole and full == quant.full_layers:
         return 0
     dropped = old.pool.num_used
-    rules = (quant.k_scale_for, quant.v_scale_for)
+    # NOTE: only the planted scale rules go on (into a storage of no blocks), and this frame lets
+    # the old storage go, so new_store can free it before allocating the new pool.
+    rules = quant.like(0)
+    del quant
 
     def new_store() -> PrefixStore:
         # let the INT8 storage go before allocating (the old pool is never used again)
@@ -43,7 +46,7 @@ def disable_int8(engine: Engine, reason: str, layers: Iterable[int] | None) -> i
                                  device=engine.device, kv_dtype="int8", full_layers=full)
             assert engine.pool.quant is not None
             # NOTE: the layers left INT8 keep being quantized as before (the same scale rules).
-            engine.pool.quant.k_scale_for, engine.pool.quant.v_scale_for = rules  # type: ignore[method-assign]
+            engine.pool.quant.copy_rules_from(rules)
         engine.store = PrefixStore(engine.pool)
         return engine.store
 

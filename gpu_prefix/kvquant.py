@@ -70,6 +70,8 @@ class QuantizedKV:
         self.block_size = block_size
         self.dtype = dtype
         self.full_layers = frozenset(full_layers)
+        #: What block hashes carry as the KV dtype (:func:`storage_key`); the layers never change.
+        self.key = storage_key(self.full_layers)
         #: Each layer's row in ``codes``/scales (INT8 layers) or in ``full`` (full-precision ones).
         self._row: dict[int, int] = {}
         for kind in (False, True):
@@ -84,11 +86,6 @@ class QuantizedKV:
                                 device=device)
 
     @property
-    def key(self) -> str:
-        """What block hashes carry as the KV dtype (:func:`storage_key`)."""
-        return storage_key(self.full_layers)
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.k_scale, self.v_scale,
                                                           self.full))
@@ -101,8 +98,16 @@ class QuantizedKV:
                             head_dim=self.head_dim, num_blocks=num_blocks,
                             block_size=self.block_size, dtype=self.dtype, device=self.codes.device,
                             full_layers=self.full_layers if full_layers is None else full_layers)
-        other.k_scale_for, other.v_scale_for = self.k_scale_for, self.v_scale_for  # type: ignore[method-assign]
+        other.copy_rules_from(self)
         return other
+
+    def copy_rules_from(self, other: QuantizedKV) -> None:
+        """Quantize by ``other``'s scale rules: those planted on it (an instance's own
+        ``k_scale_for``/``v_scale_for``; the class's need no copy). Only planted rules are
+        copied: a bound method would keep ``other``, and all its storage, alive."""
+        for name in ("k_scale_for", "v_scale_for"):
+            if name in vars(other):
+                setattr(self, name, vars(other)[name])
 
     # The two scale rules, as methods so a fault can be planted per layer (the guard's tests).
     def k_scale_for(self, layer: int, amax: torch.Tensor) -> torch.Tensor:

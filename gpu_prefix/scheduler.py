@@ -307,11 +307,6 @@ class Scheduler:
                         "retry with a lower max_tokens"))
             self._cond.notify_all()
 
-    def idle(self) -> bool:
-        """No request runs or waits."""
-        with self._cond:
-            return not (self._running or self._waiting)
-
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for no request to run or wait (background work that
         should not compete with serving waits here); True when idle."""

@@ -87,6 +87,8 @@ class TestComplete:
             ({"messages": []}, 400, "messages"),
             ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
             ({"top_logprobs": 2}, 400, "top_logprobs"),
+            ({"stream": "yes"}, 400, "stream"),
+            ({"stream_options": [1]}, 400, "stream_options"),
         ],
     )
     async def test_bad_or_unsupported_input_is_refused_naming_the_field(self, tiny_engine, patch,

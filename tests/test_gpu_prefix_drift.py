@@ -4,7 +4,9 @@ its layers, and INT8 is turned off for those layers (or the model when no layer 
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -131,6 +133,56 @@ class TestDriftGuard:
         again = guard(int8_engine, prompts, max_tokens=TOKENS)
         assert again.exceeded == [] and again.action == "" and int8_engine.int8_full_layers == bad
         int8_engine.store.check_valid()
+
+    def test_a_second_trip_on_a_layer_already_in_full_precision_turns_int8_off_for_the_model(
+        self, int8_engine):
+        # a strict threshold trips on every measure; layer 0's zeroed K scales single it out
+        # each time (its error is measured as INT8 would store it, whatever the pool keeps now)
+        plant(int8_engine, zero_k=frozenset({0}))
+        strict = DriftThresholds(kld_mean=0.0, kld_p99=1.0, top1_agreement=0.0)
+        prompts = corpus(int8_engine, prompts=1, seed=0)
+        first = guard(int8_engine, prompts, max_tokens=64, thresholds=strict)
+        assert first.exceeded and attribute(first.layers) == {0}
+        assert first.action == "layers:0" and int8_engine.kv_dtype == "int8"
+        assert int8_engine.int8_full_layers == {0}
+        second = guard(int8_engine, prompts, max_tokens=64, thresholds=strict)
+        assert second.exceeded and attribute(second.layers) == {0}
+        # nothing left to turn off per layer: the model goes to full precision
+        assert second.action == "model" and int8_engine.kv_dtype == "full"
+        assert int8_engine.pool.quant is None and int8_engine.int8_disabled_reason
+        int8_engine.store.check_valid()
+
+    def test_a_per_layer_switch_keeps_the_planted_scale_rules(self, int8_engine):
+        plant(int8_engine, zero_k=frozenset({1}))
+        int8_engine.disable_int8("test", layers={0})
+        quant = int8_engine.pool.quant
+        amax = torch.ones(1, 1, 1)
+        assert float(quant.k_scale_for(1, amax).sum()) == 0.0  # layer 1 stays zeroed
+        assert float(quant.v_scale_for(1, amax).sum()) == pytest.approx(1.0 / QMAX)
+
+    def test_a_per_layer_switch_lets_the_old_int8_storage_go(self, int8_engine):
+        old = weakref.ref(int8_engine.pool.quant)
+        int8_engine.disable_int8("test", layers={0})
+        gc.collect()
+        assert int8_engine.pool.quant is not None and old() is None
+
+    @pytest.mark.parametrize("layers", [None, {0}])
+    def test_the_old_int8_storage_is_let_go_before_the_new_pool_is_allocated(
+        self, int8_engine, monkeypatch, layers):
+        import gpu_prefix.kv_switch as kv_switch
+
+        old = weakref.ref(int8_engine.pool.quant)
+        freed = []
+        real = kv_switch.KVPool
+
+        def pool(*args, **kwargs):
+            gc.collect()
+            freed.append(old() is None)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(kv_switch, "KVPool", pool)
+        int8_engine.disable_int8("test", layers=layers)
+        assert freed == [True]  # the two pools never hold the byte budget twice
 
     def test_a_layer_stands_out_only_over_the_floor_and_the_others_by_an_order_of_magnitude(self):
         def errs(*values):

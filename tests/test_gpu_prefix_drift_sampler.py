@@ -6,7 +6,6 @@ waits for the engine to be idle rather than slowing a request."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,8 @@ from gpu_prefix.drift import corpus
 from gpu_prefix.drift_sampler import DriftSampler, DriftSamplerConfig
 from gpu_prefix.engine import GenerationParams
 from gpu_prefix.errors import InvalidParamsError
+from tests.support.clock import FakeClock
+from tests.support.waiting import wait_for
 from tests.test_gpu_prefix_drift import plant
 
 LONG = GenerationParams(max_tokens=200, min_tokens=200)  # 128 positions in 0-128, 72 in 128-512
@@ -24,21 +25,6 @@ def sampling(**kw) -> DriftSamplerConfig:
     kw.setdefault("tokens_per_minute", 1_000_000)
     kw.setdefault("busy_wait_s", 0.05)
     return DriftSamplerConfig(**kw)
-
-
-def wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from gpu_prefix.attention import StepLayout, install, packed_forward, seq_slice
 from gpu_prefix.engine import Engine, FinalEvent, GenerationParams, TokenEvent
 from gpu_prefix.errors import AdmissionRefusedError, InvalidParamsError
 from gpu_prefix.models import LoadedModel
+from tests.support.waiting import wait_for
 
 BLOCK_BYTES = 16 * 512  # random-tiny: 16 tokens x 2 layers x K,V x 2 heads x 16 dims x 4 bytes
 
@@ -33,14 +34,6 @@ def greedy_reference(model, prompt: list[int], max_tokens: int, eos: frozenset[i
             out.append(tok)
             ids.append(tok)
     return out
-
-
-def wait_for(cond, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
 
 
 def run_arrivals(engine: Engine,
