@@ -129,13 +129,3 @@ def fake_openai_app(upstream: Any) -> Any:
         return await handle(request, "completion")
 
     return app
-
-
-def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return False
-
