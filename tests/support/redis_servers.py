@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-
-from cachesvc.store.redis_client import redis_client
-from cachesvc.store.targets import RedisTarget
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
@@ -142,10 +141,10 @@ class RedisServer:
         NOTE: one attempt per command. redis-py's default retries a failed connection ten
         times with backoff, which turns a ping of a dead or paused server into seconds of
         waiting (a restart then returns late, and fault tests lose their recovery window)."""
-        client = redis_client(RedisTarget(url=self.url), flavour="sync", socket_timeout=timeout,
-                              connect_timeout=timeout, retries=0)
-        assert isinstance(client, redis.Redis)
-        return client
+        # NOTE: plain redis-py, not cachesvc's client builder: this module is also imported by
+        # the LiteLLM tests' venv, where cachesvc is installed without its dependencies.
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=timeout,
+                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
     def ping(self, timeout: float = 0.5) -> bool:
         try:
